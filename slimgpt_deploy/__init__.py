@@ -1,0 +1,23 @@
+"""slimgpt-deploy: SlimGPT structured pruning and deployment of LLaMA-family models.
+
+Importing the package registers the slim model type with transformers, so
+slim checkpoints load with `AutoModelForCausalLM.from_pretrained(dir)`.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import modeling  # noqa: E402  (registers the `slimgpt` model type)
+from .config import PruneConfig  # noqa: E402
+
+
+def __getattr__(name):
+    # The API pulls in calibration and model loading; import it on first use.
+    if name in ("prune", "prune_to_checkpoint"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(name)
+
+
+__all__ = ["PruneConfig", "prune", "prune_to_checkpoint", "__version__"]

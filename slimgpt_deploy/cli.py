@@ -1,0 +1,194 @@
+"""The `slimgpt-deploy` command line: a thin layer over the library.
+
+Each command builds its options, calls one library function and reports.
+Human output goes to stderr (rich); `--json` puts a machine-readable summary
+on stdout. Errors: one line on stderr, exit code from errors.py.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+EXIT_INTERNAL = 1
+
+
+class Ratio(click.ParamType):
+    """A fraction in [0, 0.9]; "20%" is refused with a hint rather than a parse error."""
+
+    name = "ratio"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            return value
+        text = str(value).strip()
+        if text.endswith("%"):
+            self.fail(f"{text!r} is a percentage; give the fraction instead, e.g. {float(text[:-1]) / 100:g}"
+                      if text[:-1].replace(".", "", 1).isdigit() else f"{text!r} is not a number", param, ctx)
+        try:
+            return float(text)
+        except ValueError:
+            self.fail(f"{text!r} is not a number; give a fraction such as 0.2", param, ctx)
+
+
+def _float_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers, e.g. 0.1,0.2,0.3")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _run(fn):
+    """Call fn, turning our typed errors into a one-line message and their exit code."""
+    from .errors import SlimGPTError
+
+    try:
+        return fn()
+    except SlimGPTError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted; no output was written", err=True)
+        sys.exit(130)
+    except MemoryError:
+        click.echo("error: out of memory; lower --nsamples/--seqlen/--batch-size", err=True)
+        sys.exit(EXIT_INTERNAL)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.version_option(package_name="slimgpt-deploy")
+def main(verbose: int):
+    """Prune LLaMA-family models with SlimGPT and ship them to vLLM and ONNX Runtime."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+@main.command()
+@click.argument("model")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory for the slim checkpoint.")
+@click.option("--ratio", type=Ratio(), default=0.2, show_default=True, help="Share of decoder-layer parameters to remove, in [0, 0.9].")
+@click.option("--method", default="slimgpt", show_default=True, type=click.Choice(["slimgpt", "slimgpt-nocomp", "magnitude", "wanda-sp"]))
+@click.option("--schedule", default="log", show_default=True, type=click.Choice(["log", "uniform", "linear", "list"]), help="How the ratio spreads over depth.")
+@click.option("--layer-ratios", callback=_float_list, help="Explicit per-layer ratios, comma-separated (implies --schedule list).")
+@click.option("--gqa-mode", default=None, type=click.Choice(["kv-group", "per-group"]), help="GQA: prune whole KV groups, or the same number of query heads in every group.")
+@click.option("--calib", default="self", show_default=True, help="Calibration data: 'self', a .txt/.jsonl file, or a dataset name.")
+@click.option("--nsamples", type=int, default=64, show_default=True, help="Calibration samples (paper: 128).")
+@click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration sample (paper: 2048).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="Compute device for the layer being pruned: cpu or cuda[:N].")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON on stdout.")
+def prune(model, out, ratio, method, schedule, layer_ratios, gqa_mode, calib, nsamples, seqlen, seed, device, dtype, force, as_json):
+    """Prune MODEL (a directory, .gguf file, hub id or 'smollm2-135m') and save a slim checkpoint."""
+
+    def go():
+        from .config import PruneConfig
+
+        options = dict(
+            ratio=ratio, method=method, schedule=schedule, layer_ratios=layer_ratios, calib=calib,
+            nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, dtype=dtype,
+        )
+        if gqa_mode is not None:
+            options["gqa_mode"] = gqa_mode
+        config = PruneConfig(**options)
+        from .api import prune_to_checkpoint
+        from .atomic import check_output_dir
+
+        check_output_dir(out, force)
+        console = _console()
+        with _layer_progress(console) as on_layer:
+            result = prune_to_checkpoint(model, out, config, force=force, on_layer=on_layer)
+        r = result.record
+        console.print(
+            f"[bold green]saved[/] {out}: removed {r['ratio_achieved_decoder']:.2%} of decoder parameters "
+            f"(target {r['ratio_target']:.2%}), {r['ratio_achieved_model']:.2%} of the whole model; "
+            f"{r['params_dense']:,} -> {r['params_slim']:,} parameters in {r['seconds']['total']:.1f} s"
+        )
+        if as_json:
+            click.echo(json.dumps(r, indent=2))
+
+    _run(go)
+
+
+class _layer_progress:
+    """A rich progress bar over decoder layers, showing the last layer's reconstruction errors."""
+
+    def __init__(self, console):
+        self.console = console
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]pruning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+            console=self.console, transient=False,
+        )
+        self.progress.start()
+        self.task = None
+        return self.update
+
+    def update(self, i: int, n: int, rec: dict) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task("prune", total=n, info="")
+        info = (f"layer {i}: heads {rec['q_heads']}/{rec['kv_heads']} ffn {rec['ffn']} "
+                f"err attn {rec['attn_rel_error']:.3f} mlp {rec['mlp_rel_error']:.3f}")
+        self.progress.update(self.task, completed=i + 1, info=info)
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+        return False
+
+
+@main.command("eval")
+@click.argument("model")
+@click.option("--text", "text_path", type=click.Path(path_type=Path), help="Text file for perplexity (e.g. wikitext-2 test.txt).")
+@click.option("--seqlen", type=int, default=2048, show_default=True, help="Perplexity window (papers: 2048; LLM-Pruner/SlimGPT also 128).")
+@click.option("--max-tokens", type=int, default=None, help="Evaluate only the first N tokens of --text.")
+@click.option("--reference", help="Reference model for fidelity (KL divergence, top-1 agreement), e.g. the dense model.")
+@click.option("--fidelity-text", type=click.Path(path_type=Path), help="Text for fidelity; default: text sampled from the reference (seeded).")
+@click.option("--fidelity-seqlen", type=int, default=256, show_default=True)
+@click.option("--fidelity-samples", type=int, default=8, show_default=True, help="Samples of self-generated fidelity text.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON on stdout.")
+def eval_(model, text_path, seqlen, max_tokens, reference, fidelity_text, fidelity_seqlen, fidelity_samples, seed, as_json):
+    """Evaluate MODEL: perplexity on a text file and/or fidelity to a reference model."""
+
+    def go():
+        from .errors import BadInputError
+        from .api import evaluate_model
+
+        if text_path is None and reference is None:
+            raise BadInputError("nothing to evaluate; give --text FILE for perplexity and/or --reference MODEL for fidelity")
+        results = evaluate_model(
+            model, text=text_path, seqlen=seqlen, max_tokens=max_tokens, reference=reference,
+            fidelity_text=fidelity_text, fidelity_seqlen=fidelity_seqlen, fidelity_samples=fidelity_samples, seed=seed,
+        )
+        console = _console()
+        for key, value in results.items():
+            console.print(f"{key}: {value}")
+        if as_json:
+            click.echo(json.dumps(results, indent=2))
+
+    _run(go)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The pruning job's options: one frozen dataclass, validated once, built by the CLI or the API."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .errors import BadInputError
+from .prune.schedule import GQA_MODES, SCHEDULES
+
+METHODS = ("slimgpt", "slimgpt-nocomp", "magnitude", "wanda-sp")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+MAX_RATIO = 0.9
+
+
+def _choice(name: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise BadInputError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything that decides a pruning result (and so its fingerprint)."""
+
+    ratio: float = 0.2
+    method: str = "slimgpt"
+    schedule: str = "log"
+    layer_ratios: tuple[float, ...] | None = None
+    # Measured on SmolLM2-135M at 20% (benchmarks/results/quality.md): see README.
+    gqa_mode: str = "per-group"
+    calib: str = "self"
+    nsamples: int = 64
+    seqlen: int = 512
+    seed: int = 0
+    percdamp: float = 0.01
+    hessian_dtype: str = "float32"
+    ffn_group_fraction: float = 0.25
+    batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.layer_ratios is not None:
+            object.__setattr__(self, "layer_ratios", tuple(float(r) for r in self.layer_ratios))
+            if self.schedule != "list":
+                object.__setattr__(self, "schedule", "list")
+            bad = [r for r in self.layer_ratios if not 0.0 <= r <= MAX_RATIO]
+            if bad:
+                raise BadInputError(f"per-layer ratio {bad[0]} is outside [0, {MAX_RATIO}]; give values in that range")
+        elif not 0.0 <= self.ratio <= MAX_RATIO:
+            raise BadInputError(
+                f"ratio {self.ratio} is outside [0, {MAX_RATIO}]; give the share of decoder parameters "
+                "to remove as a fraction, e.g. --ratio 0.2"
+            )
+        elif self.schedule == "list":
+            raise BadInputError("--schedule list needs --layer-ratios with one ratio per layer")
+        _choice("method", self.method, METHODS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("GQA mode", self.gqa_mode, GQA_MODES)
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("Hessian dtype", self.hessian_dtype, HESSIAN_DTYPES)
+        if self.nsamples < 1:
+            raise BadInputError(f"--nsamples {self.nsamples} must be at least 1")
+        if self.seqlen < 8:
+            raise BadInputError(f"--seqlen {self.seqlen} must be at least 8")
+        if not 0.0 < self.percdamp < 1.0:
+            raise BadInputError(f"damping {self.percdamp} must be in (0, 1), e.g. 0.01")
+        if not 0.0 < self.ffn_group_fraction <= 1.0:
+            raise BadInputError(f"FFN group fraction {self.ffn_group_fraction} must be in (0, 1]")
+        if self.batch_size < 1:
+            raise BadInputError(f"batch size {self.batch_size} must be at least 1")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise BadInputError(f"unknown device {self.device!r}; use cpu or cuda[:N]")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise BadInputError(f"device {self.device} requested but CUDA is not available; use --device cpu")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def torch_hessian_dtype(self) -> torch.dtype:
+        return HESSIAN_DTYPES[self.hessian_dtype]
+
+    @property
+    def compensate(self) -> bool:
+        return self.method == "slimgpt"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layer_ratios"] = list(self.layer_ratios) if self.layer_ratios else None
+        return d

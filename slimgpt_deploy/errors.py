@@ -1,0 +1,52 @@
+"""Typed errors. Each carries the process exit code the CLI uses for it.
+
+Exit codes (documented in the README):
+  0  success
+  1  internal error (a bug: please report it)
+  2  bad input (the message says what to change)
+  3  verification failed (an exported artifact disagrees with PyTorch)
+  4  numerical failure (NaN/Inf in weights or activations, named by layer)
+"""
+from __future__ import annotations
+
+
+class SlimGPTError(Exception):
+    """Base class for errors a user can act on."""
+
+    exit_code = 1
+
+
+class BadInputError(SlimGPTError):
+    """The user asked for something we cannot do; the message says what to change."""
+
+    exit_code = 2
+
+
+class UnsupportedArchitectureError(BadInputError):
+    pass
+
+
+class ModelSourceError(BadInputError):
+    pass
+
+
+class CalibrationError(BadInputError):
+    pass
+
+
+class OutputExistsError(BadInputError):
+    pass
+
+
+class CheckpointError(BadInputError):
+    """A checkpoint on disk is malformed: per-layer lists disagree with weights, etc."""
+
+
+class VerificationError(SlimGPTError):
+    exit_code = 3
+
+
+class NumericalError(SlimGPTError):
+    """NaN/Inf found in weights or activations; the message names the layer."""
+
+    exit_code = 4

@@ -1,0 +1,220 @@
+"""The layer-wise pruning loop (SlimGPT Sec. 3, true-sequential).
+
+Per decoder layer, with the inputs produced by the already-pruned layers:
+  1. run the attention block over the calibration batches, accumulating H of
+     o_proj's inputs; prune heads (method + plan); shrink the attention;
+  2. run the *pruned* attention, keep the residual stream h, accumulate H of
+     down_proj's inputs under it; prune FFN channels; shrink the MLP;
+  3. the pruned layer's outputs h + mlp(h) are the next layer's inputs.
+Only one decoder layer is on the compute device at a time; calibration
+activations stay on the CPU between layers.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import PruneConfig
+from ..errors import NumericalError
+from ..families import layer_shapes
+from ..shrink import LayerCut, assemble, check_shapes, make_slim_config, shrink_layer
+from .methods import METHODS, HeadUnits, LayerStats
+from .obs import accumulate_hessian
+from .schedule import LayerPlan, LayerShape, achieved_share, layer_ratios, plan_layers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module  # the slim model (SlimGPTForCausalLM)
+    record: dict  # what was done: plans, achieved ratios, per-layer errors, times
+    tokenizer: object = None
+
+
+def _check_finite(tensors, what: str, layer_idx: int) -> None:
+    for name, t in tensors:
+        if not torch.isfinite(t).all():
+            raise NumericalError(
+                f"NaN/Inf in {what} of layer {layer_idx} ({name}); check the model weights and dtype "
+                "(float16 overflows: try --dtype float32)"
+            )
+
+
+def _causal_mask(seqlen: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Additive causal mask [1, 1, S, S]: works for eager and SDPA attention alike."""
+    mask = torch.full((seqlen, seqlen), torch.finfo(dtype).min, dtype=dtype, device=device)
+    return torch.triu(mask, diagonal=1)[None, None]
+
+
+def _attention(layer, x, pos, mask):
+    """Attention block of a decoder layer: self_attn(input_layernorm(x)) (no residual)."""
+    return layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=pos, attention_mask=mask)[0]
+
+
+def _ffn_inputs(mlp, y):
+    """down_proj's input: act(gate(y)) * up(y)."""
+    return mlp.act_fn(mlp.gate_proj(y)) * mlp.up_proj(y)
+
+
+def _reconstruction(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
+    """(tr(dW H dW^T), that / tr(W H W^T)): the layer-output error on the calibration data."""
+    dW = W_new - W
+    err = float(((dW @ H) * dW).sum())
+    ref = float(((W @ H) * W).sum())
+    return err, err / ref if ref > 0 else 0.0
+
+
+def _head_column_norms(attn, units: HeadUnits) -> torch.Tensor:
+    """Squared norm of q (and, for kv-group units, k/v) weights tied to each o_proj column."""
+    s = units.shape
+    q = attn.q_proj.weight.float().pow(2).sum(dim=1)  # [q_heads * d]
+    if units.mode == "per-group":
+        return q
+    kv = (attn.k_proj.weight.float().pow(2).sum(dim=1) + attn.v_proj.weight.float().pow(2).sum(dim=1))
+    kv = kv.reshape(s.kv_heads, 1, s.head_dim).expand(s.kv_heads, s.q_per_kv, s.head_dim).reshape(-1)
+    return q + kv / s.q_per_kv
+
+
+class LayerwisePruner:
+    """Owns the calibration activations and walks the decoder layers once."""
+
+    def __init__(self, model: nn.Module, config: PruneConfig):
+        self.model = model
+        self.cfg = config
+        self.device = torch.device(config.device)
+        self.hdtype = config.torch_hessian_dtype
+        self.method = METHODS[config.method]
+
+    def plans(self) -> tuple[list[LayerShape], list[LayerPlan]]:
+        shapes = layer_shapes(self.model.config)
+        ratios = layer_ratios(
+            self.cfg.schedule, self.cfg.ratio, [s.params() for s in shapes], self.cfg.layer_ratios
+        )
+        return shapes, plan_layers(shapes, ratios, self.cfg.gqa_mode)
+
+    @torch.no_grad()
+    def run(self, input_ids: torch.Tensor, on_layer: Callable[[int, int, dict], None] | None = None) -> PruneResult:
+        t0 = time.perf_counter()
+        model, cfg = self.model, self.cfg
+        shapes, plans = self.plans()
+        slim_config = make_slim_config(model.config, plans)
+        slim_config._attn_implementation = model.config._attn_implementation
+        inner = model.model
+        bs = cfg.batch_size
+        # Layer-0 inputs: token embeddings, kept on the CPU between layers.
+        embed = inner.embed_tokens
+        xs = [embed(input_ids[i : i + bs].to(embed.weight.device)).cpu() for i in range(0, len(input_ids), bs)]
+        seqlen = input_ids.shape[1]
+        position_ids = torch.arange(seqlen, device=self.device)[None]
+        pos = inner.rotary_emb(xs[0][:1].to(self.device), position_ids)
+        mask = _causal_mask(seqlen, xs[0].dtype, self.device)
+        new_layers, records = [], []
+        for i, (layer, shape, plan) in enumerate(zip(inner.layers, shapes, plans)):
+            ts = time.perf_counter()
+            layer.to(self.device)
+            _check_finite(layer.named_parameters(), "weights", i)
+            new_layer, xs, rec = self._prune_layer(i, layer, shape, plan, slim_config, xs, pos, mask)
+            layer.to("cpu")
+            new_layers.append(new_layer.to("cpu"))
+            rec["seconds"] = round(time.perf_counter() - ts, 3)
+            records.append(rec)
+            if on_layer is not None:
+                on_layer(i, len(plans), rec)
+        slim = assemble(model, new_layers, slim_config)
+        check_shapes(slim)
+        share = achieved_share(shapes, plans)
+        record = {
+            "ratio_target": cfg.ratio if cfg.layer_ratios is None else sum(cfg.layer_ratios) / len(cfg.layer_ratios),
+            "ratio_achieved_decoder": share,
+            "layer_ratios": [p.ratio for p in plans],
+            "prune_seconds": round(time.perf_counter() - t0, 3),
+            "layers": records,
+        }
+        return PruneResult(model=slim, record=record)
+
+    def _stats(self, W: torch.Tensor, H: torch.Tensor, tied: torch.Tensor) -> LayerStats:
+        return LayerStats(W=W.to(self.hdtype), H=H, percdamp=self.cfg.percdamp, unit_norms=tied.to(self.hdtype))
+
+    def _prune_layer(self, i, layer, shape: LayerShape, plan: LayerPlan, slim_config, xs, pos, mask):
+        dev, attn, mlp = self.device, layer.self_attn, layer.mlp
+        # 1. attention: H of o_proj's inputs under the (already pruned) previous layers.
+        H_o, n = torch.zeros(shape.q_heads * shape.head_dim, shape.q_heads * shape.head_dim, dtype=self.hdtype, device=dev), 0
+
+        def grab(_module, args):
+            nonlocal H_o, n
+            H_o, n = accumulate_hessian(H_o, n, args[0])
+
+        hook = attn.o_proj.register_forward_pre_hook(grab)
+        try:
+            for x in xs:
+                _attention(layer, x.to(dev), pos, mask)
+        finally:
+            hook.remove()
+        _check_finite([("o_proj inputs", H_o)], "activations", i)
+        units = HeadUnits.of(shape, self.cfg.gqa_mode)
+        W_o = attn.o_proj.weight.to(self.hdtype)
+        heads = self.method.heads(self._stats(W_o, H_o, _head_column_norms(attn, units)), units, units.steps(plan.q_heads, plan.kv_heads))
+        q_keep, kv_keep = units.kept_heads(heads.removed)
+        assert (len(q_keep), len(kv_keep)) == (plan.q_heads, plan.kv_heads), "head plan not met"
+        attn_err, attn_rel = _reconstruction(W_o, heads.W, H_o)
+        del H_o
+
+        # 2. MLP: H of down_proj's inputs under the pruned attention.
+        partial = LayerCut(q_heads=q_keep, kv_heads=kv_keep, ffn=list(range(shape.ffn)), o_proj=heads.W, down_proj=mlp.down_proj.weight)
+        half = shrink_layer(layer, partial, _with_ffn(slim_config, i, shape.ffn), i).to(dev)
+        H_d, n = torch.zeros(shape.ffn, shape.ffn, dtype=self.hdtype, device=dev), 0
+        hs = []
+        for x in xs:
+            x = x.to(dev)
+            h = x + _attention(half, x, pos, mask)
+            H_d, n = accumulate_hessian(H_d, n, _ffn_inputs(mlp, layer.post_attention_layernorm(h)))
+            hs.append(h.cpu())
+        _check_finite([("down_proj inputs", H_d)], "activations", i)
+        W_d = mlp.down_proj.weight.to(self.hdtype)
+        tied = mlp.gate_proj.weight.float().pow(2).sum(dim=1) + mlp.up_proj.weight.float().pow(2).sum(dim=1)
+        ffn = self.method.ffn(self._stats(W_d, H_d, tied), shape.ffn - plan.ffn, self.cfg.ffn_group_fraction)
+        gone = set(ffn.removed)
+        ffn_keep = [c for c in range(shape.ffn) if c not in gone]
+        mlp_err, mlp_rel = _reconstruction(W_d, ffn.W, H_d)
+        del H_d
+
+        # 3. the pruned layer, and its outputs as the next layer's inputs.
+        cut = LayerCut(q_heads=q_keep, kv_heads=kv_keep, ffn=ffn_keep, o_proj=heads.W, down_proj=ffn.W)
+        new = shrink_layer(layer, cut, slim_config, i).to(dev)
+        out = []
+        for h in hs:
+            h = h.to(dev)
+            y = h + new.mlp(new.post_attention_layernorm(h))
+            out.append(y.cpu())
+        _check_finite([("layer outputs", torch.stack([o.abs().amax() for o in out]))], "activations", i)
+        rec = {
+            "layer": i,
+            "ratio_target": round(plan.ratio, 6),
+            "q_heads": plan.q_heads,
+            "kv_heads": plan.kv_heads,
+            "ffn": plan.ffn,
+            "kept_q_heads": q_keep,
+            "kept_kv_heads": kv_keep,
+            "attn_error": attn_err,
+            "attn_rel_error": attn_rel,
+            "mlp_error": mlp_err,
+            "mlp_rel_error": mlp_rel,
+            "damping": max(heads.damping, ffn.damping),
+        }
+        return new, out, rec
+
+
+def _with_ffn(config, layer_idx: int, width: int):
+    """The slim config with one layer's FFN width overridden (the half-pruned layer of step 2)."""
+    c = copy.copy(config)
+    sizes = list(config.intermediate_size_per_layer)
+    sizes[layer_idx] = width
+    c.intermediate_size_per_layer = sizes
+    return c

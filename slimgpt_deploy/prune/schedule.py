@@ -1,0 +1,188 @@
+"""Per-layer pruning budgets: ratio schedules and integer layer plans.
+
+`--ratio` is the share of decoder-layer parameters (attention + MLP) removed.
+A schedule spreads it over depth (SlimGPT Sec. 3.4, Incremental Pruning Ratio:
+r_i = r_min + (r_max - r_min) * log(1 + i) / log(L), r_min = r_max / 4, with
+r_max solved so the share removed equals the target). A plan turns each
+layer's ratio into whole query heads, KV heads and FFN channels; the FFN, the
+fine-grained part, absorbs the rounding of the heads so every layer and the
+model as a whole land on target.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..errors import BadInputError
+
+MAX_LAYER_RATIO = 0.95
+R_MIN_OVER_R_MAX = 0.25
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One decoder layer's prunable shape (dense or already slim)."""
+
+    q_heads: int
+    kv_heads: int
+    ffn: int
+    head_dim: int
+    hidden: int
+    qkv_bias: bool = False
+    mlp_bias: bool = False
+
+    def __post_init__(self):
+        assert self.q_heads % self.kv_heads == 0, "query heads must be a multiple of KV heads"
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.q_heads // self.kv_heads
+
+    def attn_params(self, q: int, kv: int) -> int:
+        """q/k/v/o weights (+ q/k/v biases) that depend on the head counts."""
+        per_head = self.hidden * self.head_dim + (self.head_dim if self.qkv_bias else 0)
+        return (2 * q + 2 * kv) * per_head - (q * self.head_dim if self.qkv_bias else 0)
+
+    def mlp_params(self, f: int) -> int:
+        return 3 * self.hidden * f + (2 * f if self.mlp_bias else 0)
+
+    def params(self, q: int | None = None, kv: int | None = None, f: int | None = None) -> int:
+        return self.attn_params(self.q_heads if q is None else q, self.kv_heads if kv is None else kv) + (
+            self.mlp_params(self.ffn if f is None else f)
+        )
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Target shape of one layer after pruning."""
+
+    q_heads: int
+    kv_heads: int
+    ffn: int
+    ratio: float  # the schedule's ratio for this layer
+
+
+def _log_shape(i: int, L: int) -> float:
+    return math.log(1 + i) / math.log(L) if L > 1 else 1.0
+
+
+def _linear_shape(i: int, L: int) -> float:
+    return i / (L - 1) if L > 1 else 1.0
+
+
+INCREASING_SHAPES = {"log": _log_shape, "linear": _linear_shape}
+SCHEDULES = ("uniform", "log", "linear", "list")
+
+
+def layer_ratios(
+    schedule: str, ratio: float, weights: list[int], explicit: tuple[float, ...] | None = None
+) -> list[float]:
+    """Each layer's target ratio; `weights` are the layers' dense parameter counts.
+
+    For `log` and `linear`, r_i = r_max * (1/4 + 3/4 * shape(i)) capped at
+    MAX_LAYER_RATIO, with r_max found by bisection so the weighted mean is `ratio`.
+    """
+    L = len(weights)
+    if schedule == "list":
+        if explicit is None or len(explicit) != L:
+            got = 0 if explicit is None else len(explicit)
+            raise BadInputError(f"--layer-ratios has {got} values but the model has {L} layers; give one per layer")
+        return [float(r) for r in explicit]
+    if schedule == "uniform":
+        return [ratio] * L
+    if schedule not in INCREASING_SHAPES:
+        raise BadInputError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    shape = INCREASING_SHAPES[schedule]
+    base = [R_MIN_OVER_R_MAX + (1 - R_MIN_OVER_R_MAX) * shape(i, L) for i in range(L)]
+    total = sum(weights)
+
+    def mean_at(r_max: float) -> float:
+        return sum(min(r_max * b, MAX_LAYER_RATIO) * w for b, w in zip(base, weights)) / total
+
+    if ratio == 0:
+        return [0.0] * L
+    hi = ratio / min(base)
+    if mean_at(hi) < ratio - 1e-9:
+        raise BadInputError(f"ratio {ratio} is not reachable with the {schedule} schedule; use --schedule uniform")
+    lo = 0.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if mean_at(mid) < ratio else (lo, mid)
+    return [min(hi * b, MAX_LAYER_RATIO) for b in base]
+
+
+GQA_MODES = ("kv-group", "per-group")
+
+
+def head_units(shape: LayerShape, gqa_mode: str) -> tuple[int, int]:
+    """(units, query heads per unit) for a GQA mode.
+
+    kv-group: a unit is a KV head with its query heads (removes K/V too).
+    per-group: a unit is one query head *in every KV group* (K/V all kept).
+    Without GQA (one query head per KV head) both are whole heads with K/V.
+    """
+    if gqa_mode == "per-group" and shape.q_per_kv > 1:
+        return shape.q_per_kv, shape.kv_heads
+    return shape.kv_heads, shape.q_per_kv
+
+
+def effective_gqa_mode(shape: LayerShape, gqa_mode: str) -> str:
+    return "per-group" if gqa_mode == "per-group" and shape.q_per_kv > 1 else "kv-group"
+
+
+def _heads_after(shape: LayerShape, gqa_mode: str, removed_units: int) -> tuple[int, int]:
+    if effective_gqa_mode(shape, gqa_mode) == "per-group":
+        return shape.kv_heads * (shape.q_per_kv - removed_units), shape.kv_heads
+    kv = shape.kv_heads - removed_units
+    return kv * shape.q_per_kv, kv
+
+
+def plan_layers(shapes: list[LayerShape], ratios: list[float], gqa_mode: str) -> list[LayerPlan]:
+    """Whole heads and channels per layer, landing on the ratios in parameter count.
+
+    Heads: round(r_i * units) units removed, at least one unit kept. FFN: as
+    many channels as bring the layer to r_i of its parameters (at least one
+    kept). Then the leftover of the whole model's target, from rounding, is
+    spread over the layers' FFN channels.
+    """
+    if gqa_mode not in GQA_MODES:
+        raise BadInputError(f"unknown GQA mode {gqa_mode!r}; choose one of {', '.join(GQA_MODES)}")
+    plans: list[LayerPlan] = []
+    for shape, r in zip(shapes, ratios):
+        units, _ = head_units(shape, gqa_mode)
+        drop = min(round(r * units), units - 1)
+        q, kv = _heads_after(shape, gqa_mode, drop)
+        want_removed = r * shape.params()
+        attn_removed = shape.attn_params(shape.q_heads, shape.kv_heads) - shape.attn_params(q, kv)
+        per_channel = shape.mlp_params(1)
+        f_drop = round((want_removed - attn_removed) / per_channel)
+        f = min(max(shape.ffn - f_drop, 1), shape.ffn)
+        plans.append(LayerPlan(q_heads=q, kv_heads=kv, ffn=f, ratio=r))
+    # Spread the model-wide rounding leftover over the FFNs, one channel at a time.
+    target = sum(r * s.params() for s, r in zip(shapes, ratios))
+    removed = sum(s.params() - s.params(p.q_heads, p.kv_heads, p.ffn) for s, p in zip(shapes, plans))
+    per_channel = shapes[0].mlp_params(1) if shapes else 1
+    leftover = round((target - removed) / per_channel)
+    step = 1 if leftover > 0 else -1
+    order = list(range(len(plans)))[::-1]  # deeper layers first: they tolerate pruning best
+    while leftover != 0:
+        moved = False
+        for i in order:
+            if leftover == 0:
+                break
+            p, s = plans[i], shapes[i]
+            f = p.ffn - step
+            if 1 <= f <= s.ffn and p.ratio > 0:
+                plans[i] = LayerPlan(p.q_heads, p.kv_heads, f, p.ratio)
+                leftover -= step
+                moved = True
+        if not moved:
+            break
+    return plans
+
+
+def achieved_share(shapes: list[LayerShape], plans: list[LayerPlan]) -> float:
+    """Share of decoder-layer parameters the plans remove."""
+    dense = sum(s.params() for s in shapes)
+    kept = sum(s.params(p.q_heads, p.kv_heads, p.ffn) for s, p in zip(shapes, plans))
+    return 1.0 - kept / dense

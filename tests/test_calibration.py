@@ -1,0 +1,306 @@
+"""Calibration sources on a tiny random LLaMA and a word-level tokenizer (CPU, no network)."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from slimgpt_deploy import calibration
+from slimgpt_deploy.calibration import CalibrationSet, get_calibration, sample_top_p
+from slimgpt_deploy.errors import BadInputError, CalibrationError
+
+SPECIALS = ["<s>", "</s>", "<unk>"]
+WORDS = [f"w{i}" for i in range(125)]  # ids 3..127
+BOS, EOS = 0, 1
+
+
+def tiny_tokenizer(words=WORDS, bos: bool = True) -> PreTrainedTokenizerFast:
+    vocab = {t: i for i, t in enumerate(SPECIALS + list(words))}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    kwargs = {"bos_token": "<s>"} if bos else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", unk_token="<unk>", **kwargs)
+
+
+def tiny_model(seed: int = 0, vocab_size: int = 128) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=256,
+        bos_token_id=BOS, eos_token_id=EOS,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def words_text(n: int) -> str:
+    """n words whose token ids are 3 + i % 125: position i is recognisable."""
+    return " ".join(WORDS[i % len(WORDS)] for i in range(n))
+
+
+# ---------------------------------------------------------------------------- self
+
+def test_self_shape_determinism_and_global_rng(model, tok, monkeypatch):
+    monkeypatch.setattr(calibration, "SELF_MAX_BATCH_SIZE", 2)  # 5 samples -> batches of 2, 2, 1
+    rng_before = torch.get_rng_state()
+    a = get_calibration("self", model, tok, nsamples=5, seqlen=12, seed=1)
+    assert torch.equal(torch.get_rng_state(), rng_before), "self-sampling must not touch the global RNG"
+    b = get_calibration("self", model, tok, nsamples=5, seqlen=12, seed=1)
+    c = get_calibration("self", model, tok, nsamples=5, seqlen=12, seed=2)
+
+    assert isinstance(a, CalibrationSet)
+    assert a.input_ids.shape == (5, 12) and a.input_ids.dtype == torch.int64
+    assert torch.equal(a.input_ids, b.input_ids)
+    assert not torch.equal(a.input_ids, c.input_ids)
+    assert (a.input_ids[:, 0] == BOS).all()
+    assert not set(a.input_ids[:, 1].tolist()) & set(tok.all_special_ids)
+    assert int(a.input_ids.max()) < 128
+    d = a.describe()
+    assert d == {"source": "self", "nsamples": 5, "seqlen": 12, "seed": 1, "tokens": 60}
+    json.dumps(d)
+
+
+def test_self_without_bos_starts_with_random_token(model):
+    tok = tiny_tokenizer(bos=False)
+    cal = get_calibration("self", model, tok, nsamples=6, seqlen=8, seed=0)
+    assert cal.input_ids.shape == (6, 8)
+    assert not set(cal.input_ids[:, 0].tolist()) & set(tok.all_special_ids)
+    assert len(set(cal.input_ids[:, 0].tolist())) > 1, "seeded first tokens should make samples diverge"
+
+
+def test_self_cached_sampling_matches_full_forward(model, tok, monkeypatch):
+    """With top_p = 0 sampling is greedy: each token must be the uncached argmax of its prefix."""
+    monkeypatch.setattr(calibration, "SELF_TOP_P", 0.0)
+    ids = get_calibration("self", model, tok, nsamples=3, seqlen=10, seed=0).input_ids
+    with torch.no_grad():
+        for t in range(2, 10):
+            expect = model(input_ids=ids[:, :t]).logits[:, -1].argmax(-1)
+            assert torch.equal(expect, ids[:, t]), t
+
+
+def test_self_keeps_sampling_past_eos(tok):
+    m = tiny_model(seed=3)
+    with torch.no_grad():
+        m.lm_head.weight.zero_()  # uniform next-token distribution: EOS comes up often
+    ids = get_calibration("self", m, tok, nsamples=4, seqlen=64, seed=0).input_ids
+    assert ids.shape == (4, 64)
+    assert (ids[:, 2:-1] == EOS).any(), "expected an EOS mid-sequence with this seed"
+
+
+def test_self_samples_do_not_depend_on_batch_size(model, tok, monkeypatch):
+    monkeypatch.setattr(calibration, "SELF_MAX_BATCH_SIZE", 2)
+    small = get_calibration("self", model, tok, nsamples=5, seqlen=16, seed=7).input_ids
+    monkeypatch.setattr(calibration, "SELF_MAX_BATCH_SIZE", 8)
+    whole = get_calibration("self", model, tok, nsamples=5, seqlen=16, seed=7).input_ids
+    assert torch.equal(small, whole)
+
+
+def test_self_batch_size_respects_kv_budget(model, monkeypatch):
+    # tiny model fp32: 2 layers x 2 KV heads x 16 dims x (K, V) x 4 bytes = 512 bytes per token
+    assert calibration._self_batch_size(model, 100) == calibration.SELF_MAX_BATCH_SIZE
+    monkeypatch.setattr(calibration, "SELF_KV_BUDGET_BYTES", 512 * 100 * 3)
+    assert calibration._self_batch_size(model, 100) == 3
+    monkeypatch.setattr(calibration, "SELF_KV_BUDGET_BYTES", 10)
+    assert calibration._self_batch_size(model, 100) == 1
+
+
+def test_sample_top_p_keeps_only_the_nucleus():
+    probs = torch.tensor([0.6, 0.3, 0.06, 0.04])
+    logits = torch.log(probs).repeat(3000, 1)
+    u = torch.rand(3000, generator=torch.Generator().manual_seed(0))
+    picks = sample_top_p(logits, u, top_p=0.8, temperature=1.0)
+    assert set(picks.tolist()) == {0, 1}  # 0.6 < 0.8 <= 0.6 + 0.3
+    assert (picks == 0).float().mean().item() == pytest.approx(2 / 3, abs=0.03)
+    # inverse CDF at the edges; top_p <= 0 is greedy; top_p >= 1 keeps everything
+    edge = sample_top_p(logits[:3], torch.tensor([0.0, 0.6665, 0.9999999]), top_p=0.8, temperature=1.0)
+    assert edge.tolist() == [0, 0, 1]
+    assert sample_top_p(logits[:2], torch.tensor([0.1, 0.99]), top_p=0.0, temperature=1.0).tolist() == [0, 0]
+    assert sample_top_p(logits[:1], torch.tensor([0.999]), top_p=1.0, temperature=1.0).tolist() == [3]
+
+
+def test_sample_top_p_grows_k_for_flat_distributions(monkeypatch):
+    monkeypatch.setattr(calibration, "SELF_TOPK_START", 4)
+    logits = torch.zeros(2, 100)  # uniform: the nucleus holds 95 tokens
+    picks = sample_top_p(logits, torch.tensor([0.0, 0.999]), top_p=0.95, temperature=1.0)
+    assert picks[0] < 100 and picks[1] < 100
+    # the last kept token (rank 95) is reachable, rank 96+ never
+    ranks = sample_top_p(torch.linspace(1, 0, 100).repeat(1, 1) * 1e-3, torch.tensor([0.9999]), top_p=0.95, temperature=1.0)
+    assert 90 <= ranks.item() < 96
+
+
+# ---------------------------------------------------------------------------- files
+
+def test_text_file_non_overlapping_windows(model, tok, tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(words_text(105), encoding="utf-8")  # 10 windows of 10, 5 tokens dropped
+    all_ids = torch.tensor(tok(path.read_text(), add_special_tokens=False)["input_ids"])
+    windows = [all_ids[j * 10:(j + 1) * 10] for j in range(10)]
+
+    cal = get_calibration(str(path), model, tok, nsamples=4, seqlen=10, seed=0)
+    assert cal.input_ids.shape == (4, 10)
+    starts = []
+    for row in cal.input_ids:
+        match = [j for j, w in enumerate(windows) if torch.equal(row, w)]
+        assert len(match) == 1, "each sample must be one aligned window"
+        starts.append(match[0])
+    assert len(set(starts)) == 4, "samples must be distinct windows"
+    assert cal.source == f"file:{path.resolve()}"
+
+    again = get_calibration(f"file:{path}", model, tok, nsamples=4, seqlen=10, seed=0)
+    assert torch.equal(cal.input_ids, again.input_ids)
+    other = get_calibration(str(path), model, tok, nsamples=4, seqlen=10, seed=5)
+    assert not torch.equal(cal.input_ids, other.input_ids)
+
+
+def test_text_file_exactly_enough_tokens_uses_every_window(model, tok, tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(words_text(40), encoding="utf-8")
+    cal = get_calibration(str(path), model, tok, nsamples=4, seqlen=10, seed=0)
+    assert sorted(int(r[0]) for r in cal.input_ids) == [3, 13, 23, 33]
+
+
+def test_text_too_short_names_the_numbers(model, tok, tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text(words_text(30), encoding="utf-8")
+    with pytest.raises(CalibrationError) as e:
+        get_calibration(str(path), model, tok, nsamples=4, seqlen=10)
+    msg = str(e.value)
+    assert "30 tokens" in msg and "4 x 10 = 40" in msg and "--nsamples/--seqlen" in msg
+    assert "\n" not in msg
+    assert isinstance(e.value, BadInputError)
+
+
+def test_empty_file(model, tok, tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text("  \n", encoding="utf-8")
+    with pytest.raises(CalibrationError, match="empty"):
+        get_calibration(str(path), model, tok, nsamples=1, seqlen=8)
+
+
+def test_non_utf8_file(model, tok, tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("w1 w2 café w3".encode("latin-1"))
+    with pytest.raises(CalibrationError) as e:
+        get_calibration(str(path), model, tok, nsamples=1, seqlen=8)
+    assert "latin1.txt" in str(e.value) and "convert it to UTF-8" in str(e.value)
+
+
+def test_jsonl_file(model, tok, tmp_path):
+    path = tmp_path / "calib.jsonl"
+    lines = [json.dumps({"text": words_text(30), "id": i}) for i in range(3)]
+    path.write_text("\n".join(lines[:2]) + "\n\n" + lines[2] + "\n", encoding="utf-8")
+    cal = get_calibration(str(path), model, tok, nsamples=9, seqlen=10, seed=0)
+    assert cal.input_ids.shape == (9, 10)
+
+
+@pytest.mark.parametrize(
+    "bad, needle",
+    [("{not json", "line 2 is not valid JSON"), ('{"txt": "w1"}', 'line 2 has no "text"'), ("[1, 2]", 'line 2 has no "text"')],
+)
+def test_jsonl_bad_line_is_named(model, tok, tmp_path, bad, needle):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"text": "w1 w2"}) + "\n" + bad + "\n", encoding="utf-8")
+    with pytest.raises(CalibrationError, match=needle):
+        get_calibration(str(path), model, tok, nsamples=1, seqlen=8)
+
+
+@pytest.mark.parametrize("spec", ["missing.txt", "data/missing.jsonl", "./nowhere/data", "a/b/c"])
+def test_nonexistent_path(model, tok, tmp_path, monkeypatch, spec):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CalibrationError, match="does not exist"):
+        get_calibration(spec, model, tok, nsamples=1, seqlen=8)
+
+
+def test_unsupported_suffix(model, tok, tmp_path):
+    path = tmp_path / "calib.csv"
+    path.write_text("text\nw1 w2\n", encoding="utf-8")
+    with pytest.raises(CalibrationError, match=r"\.txt or \.jsonl"):
+        get_calibration(str(path), model, tok, nsamples=1, seqlen=8)
+
+
+def test_token_ids_outside_model_vocab(tok, tmp_path):
+    small = tiny_model(vocab_size=64)
+    path = tmp_path / "calib.txt"
+    path.write_text(words_text(100), encoding="utf-8")  # ids up to 102
+    with pytest.raises(CalibrationError, match="vocabulary of 64"):
+        get_calibration(str(path), small, tok, nsamples=2, seqlen=10)
+
+
+# ---------------------------------------------------------------------------- validation
+
+def test_seqlen_above_model_max(model, tok):
+    with pytest.raises(CalibrationError) as e:
+        get_calibration("self", model, tok, nsamples=1, seqlen=257)
+    assert "256" in str(e.value)
+
+
+@pytest.mark.parametrize("nsamples, seqlen, needle", [(0, 16, "nsamples"), (1, 7, ">= 8")])
+def test_bad_shape(model, tok, nsamples, seqlen, needle):
+    with pytest.raises(CalibrationError, match=needle):
+        get_calibration("self", model, tok, nsamples=nsamples, seqlen=seqlen)
+
+
+# ---------------------------------------------------------------------------- hub
+
+def test_hub_without_datasets_package(model, tok, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(CalibrationError) as e:
+        get_calibration("allenai/c4", model, tok, nsamples=1, seqlen=8)
+    assert "pip install 'slimgpt-deploy[datasets]'" in str(e.value)
+
+
+def _fake_datasets(load_dataset) -> types.ModuleType:
+    mod = types.ModuleType("datasets")
+    mod.load_dataset = load_dataset
+    return mod
+
+
+def test_hub_unreachable(model, tok, monkeypatch):
+    def load_dataset(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'allenai/c4' on the Hub (LocalEntryNotFoundError)\nmore")
+
+    monkeypatch.setitem(sys.modules, "datasets", _fake_datasets(load_dataset))
+    with pytest.raises(CalibrationError) as e:
+        get_calibration("allenai/c4", model, tok, nsamples=1, seqlen=8)
+    msg = str(e.value)
+    assert "unreachable" in msg and ".txt/.jsonl" in msg and "'self'" in msg and "\n" not in msg
+
+
+def test_hub_streams_text_column(model, tok, monkeypatch):
+    calls, served = {}, []
+
+    def load_dataset(path, name=None, *, split, streaming):
+        calls.update(path=path, name=name, split=split, streaming=streaming)
+
+        def rows():
+            for i in range(1000):
+                served.append(i)
+                yield {"text": words_text(20), "url": f"u{i}"}
+
+        return rows()
+
+    monkeypatch.setitem(sys.modules, "datasets", _fake_datasets(load_dataset))
+    cal = get_calibration("wikitext:wikitext-2-raw-v1", model, tok, nsamples=3, seqlen=10, seed=0)
+    assert calls == {"path": "wikitext", "name": "wikitext-2-raw-v1", "split": "train", "streaming": True}
+    assert cal.input_ids.shape == (3, 10) and cal.source == "hf:wikitext:wikitext-2-raw-v1"
+    assert len(served) == calibration.HF_POOL_FACTOR * 3 * 10 // 20, "streaming should stop once the pool is full"
+
+
+def test_hub_without_text_column(model, tok, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", _fake_datasets(lambda *a, **k: iter([{"content": "w1"}])))
+    with pytest.raises(CalibrationError, match='no "text" column'):
+        get_calibration("owner/name", model, tok, nsamples=1, seqlen=8)

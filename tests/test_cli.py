@@ -1,0 +1,110 @@
+"""The command line: --help everywhere, a prune end to end, and every bad input the engine issue names.
+
+Each bad input must give a one-line error, a non-zero exit code and no output.
+"""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from slimgpt_deploy.cli import main
+
+GQA = dict(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, intermediate_size=128)
+CALIB_TEXT = "the big red cat sat on a small blue mat and ran to the park " * 200
+
+
+@pytest.fixture(scope="module")
+def work(tiny_model_dir_factory, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    (root / "calib.txt").write_text(CALIB_TEXT)
+    return root, tiny_model_dir_factory("llama", **GQA)
+
+
+def _invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _prune_args(model, out, calib, *extra):
+    return ["prune", model, "--out", out, "--calib", calib, "--nsamples", 8, "--seqlen", 32, *extra]
+
+
+@pytest.mark.parametrize("command", [[], ["prune"], ["eval"]])
+def test_help(command):
+    result = _invoke(*command, "--help")
+    assert result.exit_code == 0
+    assert "Usage" in result.output
+
+
+def test_prune_then_eval(work):
+    root, model = work
+    out = root / "slim"
+    result = _invoke(*_prune_args(model, out, root / "calib.txt", "--ratio", "0.25", "--json"))
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout[result.stdout.index("{"):])
+    assert abs(record["ratio_achieved_decoder"] - 0.25) < 0.01
+    assert (out / "model.safetensors").exists()
+    result = _invoke("eval", out, "--text", root / "calib.txt", "--seqlen", 32, "--reference", model,
+                     "--fidelity-text", root / "calib.txt", "--fidelity-seqlen", 32, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert report["perplexity"]["ppl"] > 1
+    assert 0 <= report["fidelity"]["top1"] <= 1 and report["fidelity"]["kl"] >= 0
+
+
+def _nan_model(tiny_model_dir_factory):
+    path = tiny_model_dir_factory("llama", seed=5, **GQA)
+    weights = load_file(path / "model.safetensors")
+    weights["model.layers.1.self_attn.q_proj.weight"][0, 0] = float("nan")
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def _gpt2_dir(tmp_path_factory):
+    from transformers import GPT2Config
+
+    path = tmp_path_factory.mktemp("gpt2")
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(path)
+    return path
+
+
+BAD = {
+    "nonexistent model path": (lambda w, f, t: _prune_args("/no/such/model", "{out}", w[0] / "calib.txt"), 2, "does not exist"),
+    "unsupported architecture": (lambda w, f, t: _prune_args(_gpt2_dir(t), "{out}", w[0] / "calib.txt"), 2, "gpt2"),
+    "ratio above 0.9": (lambda w, f, t: _prune_args(w[1], "{out}", w[0] / "calib.txt", "--ratio", "0.95"), 2, "outside [0, 0.9]"),
+    "negative ratio": (lambda w, f, t: _prune_args(w[1], "{out}", w[0] / "calib.txt", "--ratio", "-0.1"), 2, "outside [0, 0.9]"),
+    "ratio as a percentage": (lambda w, f, t: _prune_args(w[1], "{out}", w[0] / "calib.txt", "--ratio", "20%"), 2, "fraction"),
+    "seqlen above the model maximum": (lambda w, f, t: ["prune", w[1], "--out", "{out}", "--calib", w[0] / "calib.txt", "--nsamples", 1, "--seqlen", 4096], 2, "maximum"),
+    "calibration text too short": (lambda w, f, t: ["prune", w[1], "--out", "{out}", "--calib", w[0] / "calib.txt", "--nsamples", 500, "--seqlen", 64], 2, "fewer than"),
+    "layer ratio list of the wrong length": (lambda w, f, t: _prune_args(w[1], "{out}", w[0] / "calib.txt", "--layer-ratios", "0.1,0.2"), 2, "one per layer"),
+    "NaN in the weights": (lambda w, f, t: _prune_args(_nan_model(f), "{out}", w[0] / "calib.txt"), 4, "layer 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input(case, work, tiny_model_dir_factory, tmp_path_factory, tmp_path):
+    make_args, code, words = BAD[case]
+    out = tmp_path / "out"
+    args = [str(a).replace("{out}", str(out)) for a in make_args(work, tiny_model_dir_factory, tmp_path_factory)]
+    result = _invoke(*args)
+    assert result.exit_code == code, result.output
+    message = result.stderr.strip().splitlines()
+    assert len([line for line in message if line.startswith("error") or "Error" in line]) == 1, result.stderr
+    assert words in result.stderr
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_existing_output_is_refused_without_force(work, tmp_path):
+    root, model = work
+    out = tmp_path / "slim"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = _invoke(*_prune_args(model, out, root / "calib.txt"))
+    assert result.exit_code == 2
+    assert "already exists" in result.stderr and "--force" in result.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    result = _invoke(*_prune_args(model, out, root / "calib.txt", "--force"))
+    assert result.exit_code == 0, result.output
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()

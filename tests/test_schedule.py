@@ -1,0 +1,47 @@
+"""Ratio schedules and integer layer plans."""
+import pytest
+
+from slimgpt_deploy.errors import BadInputError
+from slimgpt_deploy.prune.schedule import LayerShape, achieved_share, layer_ratios, plan_layers
+
+SMOLLM2 = [LayerShape(q_heads=9, kv_heads=3, ffn=1536, head_dim=64, hidden=576)] * 30
+LLAMA7B = [LayerShape(q_heads=32, kv_heads=32, ffn=11008, head_dim=128, hidden=4096)] * 32
+
+
+def test_log_schedule_is_incremental_and_hits_the_mean():
+    r = layer_ratios("log", 0.2, [s.params() for s in LLAMA7B])
+    assert r == sorted(r)
+    assert r[0] == pytest.approx(r[-1] / 4)
+    assert sum(r) / len(r) == pytest.approx(0.2)
+    # DESIGN.md: LLaMA-7B's 32 layers average 20% at r_min = 6.25%, r_max = 25%
+    assert r[-1] == pytest.approx(0.25, abs=0.003)
+
+
+@pytest.mark.parametrize("schedule", ["uniform", "log", "linear"])
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.2, 0.3, 0.5, 0.7])
+@pytest.mark.parametrize("mode", ["kv-group", "per-group"])
+def test_plans_land_within_one_point(schedule, ratio, mode):
+    for shapes in (SMOLLM2, LLAMA7B):
+        plans = plan_layers(shapes, layer_ratios(schedule, ratio, [s.params() for s in shapes]), mode)
+        assert abs(achieved_share(shapes, plans) - ratio) < 0.01
+        for s, p in zip(shapes, plans):
+            assert p.q_heads >= 1 and p.kv_heads >= 1 and p.ffn >= 1
+            assert p.q_heads % p.kv_heads == 0
+            if mode == "per-group" and s.q_per_kv > 1:
+                assert p.kv_heads == s.kv_heads
+
+
+def test_kv_group_mode_removes_whole_groups():
+    plans = plan_layers(SMOLLM2, [0.5] * 30, "kv-group")
+    assert all(p.q_heads == 3 * p.kv_heads for p in plans)
+
+
+def test_explicit_list_must_match_depth():
+    with pytest.raises(BadInputError, match="3 values but the model has 30 layers"):
+        layer_ratios("list", 0.2, [1] * 30, (0.1, 0.2, 0.3))
+    assert layer_ratios("list", 0.0, [1] * 3, (0.1, 0.2, 0.3)) == [0.1, 0.2, 0.3]
+
+
+def test_ratio_zero_keeps_everything():
+    plans = plan_layers(SMOLLM2, layer_ratios("log", 0.0, [1] * 30), "per-group")
+    assert all((p.q_heads, p.kv_heads, p.ffn) == (9, 3, 1536) for p in plans)
