@@ -12,7 +12,15 @@ from slimgpt_deploy.prune.obs import (
     obs_remove,
 )
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """The closed forms are checked in float64; restore the default afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _problem(out=6, inp=12, n=200, seed=0):

@@ -1,0 +1,50 @@
+"""SmolLM2-135M (the embedded model) at 20%: SlimGPT against the baselines, by fidelity to the dense model.
+
+Calibration and evaluation text are sampled from the model itself, so no dataset is needed.
+"""
+import pytest
+import torch
+
+from slimgpt_deploy.calibration import get_calibration
+from slimgpt_deploy.config import PruneConfig
+from slimgpt_deploy.evaluate import fidelity
+from slimgpt_deploy.prune.engine import LayerwisePruner
+from slimgpt_deploy.sources import load_model
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def kl_by_method(smollm2):
+    model, tok = smollm2.model, smollm2.tokenizer
+    calib = get_calibration("self", model, tok, nsamples=16, seqlen=128, seed=0).input_ids
+    held_out = get_calibration("self", model, tok, nsamples=4, seqlen=128, seed=1).input_ids.flatten()
+    kl = {}
+    for method in ("slimgpt", "slimgpt-nocomp", "magnitude", "wanda-sp"):
+        config = PruneConfig(ratio=0.2, method=method, nsamples=16, seqlen=128)
+        slim = LayerwisePruner(model, config).run(calib).model
+        kl[method] = fidelity(slim, model, held_out, seqlen=128).kl
+    return kl
+
+
+def test_slimgpt_is_closer_to_dense_than_baselines(kl_by_method):
+    kl = kl_by_method
+    assert kl["slimgpt"] < kl["magnitude"], kl
+    assert kl["slimgpt"] < kl["wanda-sp"], kl
+
+
+def test_compensation_helps(kl_by_method):
+    assert kl_by_method["slimgpt"] < kl_by_method["slimgpt-nocomp"], kl_by_method
+
+
+def test_smollm2_shapes_under_gqa(smollm2):
+    calib = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
+    for mode in ("per-group", "kv-group"):
+        slim = LayerwisePruner(smollm2.model, PruneConfig(ratio=0.2, gqa_mode=mode, nsamples=4, seqlen=32)).run(calib).model
+        c = slim.config
+        assert all(q % kv == 0 for q, kv in zip(c.num_attention_heads_per_layer, c.num_key_value_heads_per_layer))
+        if mode == "per-group":
+            assert set(c.num_key_value_heads_per_layer) == {3}
