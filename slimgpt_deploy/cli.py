@@ -93,9 +93,10 @@ def main(verbose: int):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="Compute device for the layer being pruned: cpu or cuda[:N].")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--hessian-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]), help="Precision of H and its factorizations.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON on stdout.")
-def prune(model, out, ratio, method, schedule, layer_ratios, gqa_mode, calib, nsamples, seqlen, seed, device, dtype, force, as_json):
+def prune(model, out, ratio, method, schedule, layer_ratios, gqa_mode, calib, nsamples, seqlen, seed, device, dtype, hessian_dtype, force, as_json):
     """Prune MODEL (a directory, .gguf file, hub id or 'smollm2-135m') and save a slim checkpoint."""
 
     def go():
@@ -103,7 +104,7 @@ def prune(model, out, ratio, method, schedule, layer_ratios, gqa_mode, calib, ns
 
         options = dict(
             ratio=ratio, method=method, schedule=schedule, layer_ratios=layer_ratios, calib=calib,
-            nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, dtype=dtype,
+            nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, dtype=dtype, hessian_dtype=hessian_dtype,
         )
         if gqa_mode is not None:
             options["gqa_mode"] = gqa_mode

@@ -8,7 +8,7 @@ mlp(gate, up, down), which is what the pruner and the slim model rely on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from .errors import UnsupportedArchitectureError
 from .prune.schedule import LayerShape
@@ -85,17 +85,32 @@ FAMILIES: dict[str, Callable[[object], dict]] = {
 }
 
 
-def check_family(config) -> None:
-    if config.model_type not in FAMILIES:
+SUPPORTED_MODEL_TYPES: dict[str, str] = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "slimgpt": "SlimGPT checkpoint",
+}
+assert set(SUPPORTED_MODEL_TYPES) == set(FAMILIES)
+
+
+def check_architecture(config) -> None:
+    """Raise UnsupportedArchitectureError unless the model type is a supported family.
+
+    `config` is a transformers config or a config.json dict.
+    """
+    model_type = config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items())
         raise UnsupportedArchitectureError(
-            f"architecture {config.model_type!r} is not supported; supported: {', '.join(sorted(FAMILIES))} "
-            "(LLaMA-family decoders)"
+            f"unsupported architecture: model_type {model_type!r}; "
+            f"slimgpt-deploy supports {supported}: pass a model of one of these families"
         )
 
 
 def slim_config_fields(config) -> dict:
     """Keyword arguments for SlimGPTConfig describing a dense (or slim) model, without per-layer lists."""
-    check_family(config)
+    check_architecture(config)
     fields = {name: getattr(config, name) for name in SHARED_FIELDS if hasattr(config, name)}
     fields["head_dim"] = _head_dim(config)
     fields["source_model_type"] = config.model_type
@@ -105,7 +120,7 @@ def slim_config_fields(config) -> dict:
 
 def layer_shapes(config) -> list[LayerShape]:
     """Every decoder layer's current shape (per-layer lists for slim models)."""
-    check_family(config)
+    check_architecture(config)
     n = config.num_hidden_layers
     q = getattr(config, "num_attention_heads_per_layer", None) or [config.num_attention_heads] * n
     kv = getattr(config, "num_key_value_heads_per_layer", None) or [config.num_key_value_heads or config.num_attention_heads] * n

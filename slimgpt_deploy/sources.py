@@ -35,16 +35,11 @@ from transformers import (
 )
 
 from . import modeling  # noqa: F401  (registers the `slimgpt` model type with the Auto classes)
-from .errors import ModelSourceError, UnsupportedArchitectureError
+from .errors import ModelSourceError
+from .families import SUPPORTED_MODEL_TYPES, check_architecture
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES: dict[str, str] = {
-    "llama": "Llama",
-    "mistral": "Mistral",
-    "qwen2": "Qwen2",
-    "slimgpt": "SlimGPT checkpoint",
-}
 ATTN_IMPLEMENTATION = "sdpa"
 CACHE_ENV = "SLIMGPT_DEPLOY_CACHE"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -110,20 +105,6 @@ class _Plan:
     path: str  # a directory or a hub id
     kwargs: Mapping[str, str]  # extra from_pretrained arguments (gguf_file)
     local_dir: Path | None
-
-
-def check_architecture(config) -> None:
-    """Raise UnsupportedArchitectureError unless `config.model_type` is in SUPPORTED_MODEL_TYPES.
-
-    `config` is a transformers config or a config.json dict.
-    """
-    model_type = config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items())
-        raise UnsupportedArchitectureError(
-            f"unsupported architecture: model_type {model_type!r}; "
-            f"slimgpt-deploy supports {supported}: pass a model of one of these families"
-        )
 
 
 def cache_root() -> Path:

@@ -1,0 +1,1 @@
+"""SlimGPT pruning: OBS math (obs), budgets (schedule), methods and the layer-wise engine."""
