@@ -22,7 +22,6 @@ from .atomic import check_output_dir
 from .calibration import get_calibration
 from .checkpoint import save_checkpoint
 from .config import PruneConfig
-from .errors import BadInputError
 from .prune.engine import LayerwisePruner, PruneResult
 from .sources import LoadedModel, load_model
 
@@ -53,10 +52,6 @@ def prune(
     config = config or PruneConfig()
     t0 = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=config.torch_dtype)
-    max_len = loaded.model.config.max_position_embeddings
-    if config.seqlen > max_len:
-        raise BadInputError(f"--seqlen {config.seqlen} exceeds the model's maximum of {max_len} tokens; lower --seqlen")
-    torch.manual_seed(config.seed)
     calib = get_calibration(
         config.calib, loaded.model, loaded.tokenizer, nsamples=config.nsamples, seqlen=config.seqlen, seed=config.seed
     )
