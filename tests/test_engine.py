@@ -125,3 +125,27 @@ def test_other_families_prune_and_keep_their_biases(tiny_model_dir_factory, fami
     has_bias = family == "qwen2"
     assert (slim.model.layers[0].self_attn.q_proj.bias is not None) == has_bias
     assert slim.model.layers[0].self_attn.o_proj.bias is None
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(GQA, num_key_value_heads=8),  # MHA: every head its own KV group
+        dict(GQA, tie_word_embeddings=False),
+    ],
+    ids=["mha", "untied"],
+)
+def test_mha_and_untied_models_prune_save_and_reload(tiny_model_dir_factory, tmp_path, overrides):
+    from slimgpt_deploy.checkpoint import save_checkpoint
+
+    model = _load(tiny_model_dir_factory("llama", **overrides))
+    result = _prune(model, ratio=0.3)
+    c = result.model.config
+    assert c.tie_word_embeddings == overrides.get("tie_word_embeddings", True)
+    if overrides["num_key_value_heads"] == 8:
+        assert c.num_attention_heads_per_layer == c.num_key_value_heads_per_layer  # MHA stays MHA
+    save_checkpoint(result.model, None, result.record, tmp_path / "slim")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "slim").eval()
+    x = _calib(2, 16, seed=4)
+    torch.testing.assert_close(loaded(x).logits, result.model(x).logits)
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == c.tie_word_embeddings
