@@ -136,6 +136,9 @@ def markdown(results: dict) -> str:
             f"{r.get('ratio_achieved_model', 0):.2%} | {r['ppl_2048']:.2f} | {r['ppl_128']:.2f} | "
             f"{r.get('prune_s', 0):.0f} | {r['peak_rss_mib']:.0f} |"
         )
+    missing = [spec["name"] for spec in RUNS if spec["name"] not in by]
+    if missing:
+        lines += ["", f"Not run yet: {', '.join(missing)} (run `benchmarks/quality.py --resume`)."]
     if dense and "slimgpt-log-pg-20" in by:
         base = dense["ppl_2048"]
         s = by["slimgpt-log-pg-20"]
@@ -168,10 +171,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", help="run only these names (repeatable)")
     parser.add_argument("--resume", action="store_true", help="keep finished runs from the JSON, run the rest")
+    parser.add_argument("--markdown", action="store_true", help="only rewrite quality.md from quality.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one(json.loads(args.one))))
+        return
+    if args.markdown:
+        (RESULTS / "quality.md").write_text(markdown(json.loads((RESULTS / "quality.json").read_text())))
         return
     if not (DATA / "test.txt").exists():
         sys.exit(f"WikiText-2 not found at {DATA}; this benchmark needs ../shared/data/wikitext-2")
