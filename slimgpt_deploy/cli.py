@@ -191,5 +191,72 @@ def eval_(model, text_path, seqlen, max_tokens, reference, fidelity_text, fideli
     _run(go)
 
 
+@main.command("export")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", required=True, type=click.Choice(["vllm", "onnx"]), help="Target runtime.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--dtype", default=None, help="Weight dtype: vllm float32|bfloat16|float16 (default: the checkpoint's); onnx fp32|fp16 (default fp32).")
+@click.option("--quantize", default=None, type=click.Choice(["int8"]), help="ONNX only: 8-bit weights for the MatMuls.")
+@click.option("--no-verify", is_flag=True, help="Skip the comparison with PyTorch (not recommended).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON on stdout.")
+def export_(checkpoint, fmt, out, dtype, quantize, no_verify, force, as_json):
+    """Export a slim (or dense) CHECKPOINT for vLLM or ONNX Runtime, verified against PyTorch."""
+
+    def go():
+        from .atomic import check_output_dir
+        from slimgpt_deploy.exporters import get_exporter
+
+        check_output_dir(out, force)
+        console = _console()
+        summary = get_exporter(fmt)(
+            checkpoint, out, dtype=dtype, quantize=quantize, force=force, verify=not no_verify,
+            log=lambda msg: console.print(msg, highlight=False),
+        )
+        verdict = summary.get("verification", {}).get("passed")
+        tail = "verified" if verdict else "not verified (--no-verify)"
+        console.print(f"[bold green]exported[/] {out} ({fmt}, {tail})")
+        if as_json:
+            click.echo(json.dumps(summary, indent=2))
+
+    _run(go)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "vllm", "onnx"]))
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text (repeat for a batch).")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the completions as JSON on stdout.")
+def generate(model, backend, prompts, max_new_tokens, temperature, top_p, seed, as_json):
+    """Complete --prompt with MODEL (a checkpoint dir, a vLLM export, or an ONNX export) on one back end."""
+
+    def go():
+        from .errors import BadInputError
+        from slimgpt_deploy.serving import get_backend
+
+        if max_new_tokens < 1:
+            raise BadInputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise BadInputError("--temperature must be >= 0 and --top-p in (0, 1]")
+        stream = None if as_json or len(prompts) > 1 else (lambda i, delta: click.echo(delta, nl=False))
+        texts = get_backend(backend)(
+            model, list(prompts), max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, seed=seed, on_text=stream,
+        )
+        if as_json:
+            click.echo(json.dumps([{"prompt": p, "completion": t} for p, t in zip(prompts, texts)], indent=2))
+        elif stream is not None:
+            click.echo()
+        else:
+            for p, t in zip(prompts, texts):
+                click.echo(f"{p}{t}\n")
+
+    _run(go)
+
+
 if __name__ == "__main__":
     main()

@@ -73,3 +73,50 @@ def tiny_llama_dir(tiny_model_dir_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return build_tiny_tokenizer()
+
+
+def save_uneven_slim(directory: Path, seed: int = 0) -> Path:
+    """A tiny random *slim* checkpoint with deliberately uneven layers, saved like `prune` saves.
+
+    3 layers of the tiny Llama (4 query / 2 KV heads, FFN 128) cut to:
+    layer 0 dense; layer 1 one KV group left (2 query / 1 KV heads), FFN 96;
+    layer 2 4 query / 2 KV heads but a much narrower FFN (8).
+    """
+    from slimgpt_deploy.checkpoint import save_checkpoint
+    from slimgpt_deploy.prune.schedule import LayerPlan
+    from slimgpt_deploy.shrink import LayerCut, assemble, make_slim_config, shrink_layer
+
+    fields = dict(TINY_SIZES, num_hidden_layers=3, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    dense = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **fields), dtype=torch.float32).eval()
+    kept = [  # (query heads, KV heads, FFN channels) per layer
+        ([0, 1, 2, 3], [0, 1], list(range(128))),
+        ([2, 3], [1], list(range(0, 128, 4)) + list(range(1, 128, 4)) + list(range(2, 128, 4))),
+        ([0, 1, 2, 3], [0, 1], list(range(3, 128, 16))),
+    ]
+    config = make_slim_config(dense.config, [LayerPlan(q_heads=len(q), kv_heads=len(kv), ffn=len(f), ratio=0.0) for q, kv, f in kept])
+    layers = []
+    for i, (layer, (q, kv, f)) in enumerate(zip(dense.model.layers, kept)):
+        cut = LayerCut(q_heads=q, kv_heads=kv, ffn=sorted(f), o_proj=layer.self_attn.o_proj.weight, down_proj=layer.mlp.down_proj.weight)
+        layers.append(shrink_layer(layer, cut, config, i))
+    slim = assemble(dense, layers, config)
+    record = {"format": "slimgpt-deploy/1", "source": {"source": "tiny-random", "kind": "test"}}
+    save_checkpoint(slim, build_tiny_tokenizer(), record, Path(directory))
+    return Path(directory)
+
+
+@pytest.fixture(scope="session")
+def uneven_slim_dir(tmp_path_factory) -> Path:
+    """A tiny slim checkpoint whose layers differ in query heads, KV heads and FFN width; do not modify."""
+    return save_uneven_slim(tmp_path_factory.mktemp("uneven") / "slim")
+
+
+@pytest.fixture(scope="session")
+def smollm2_slim_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M pruned by 20% (log schedule, per-group GQA; quick self-calibration 8x128); do not modify."""
+    from slimgpt_deploy.api import prune_to_checkpoint
+    from slimgpt_deploy.config import PruneConfig
+
+    out = tmp_path_factory.mktemp("smollm2") / "slim-20"
+    prune_to_checkpoint("smollm2-135m", out, PruneConfig(ratio=0.2, nsamples=8, seqlen=128))
+    return out

