@@ -1,0 +1,558 @@
+"""Slim (or dense) checkpoint -> ONNX decoder with a KV cache, verified against PyTorch.
+
+What the export produces (see `serving/onnx_runner.py` for the JSON it is described by):
+
+    OUT/model.onnx           one graph: prefill, cached decode and chunked prefill
+                             (inputs/outputs in `exporters/onnx_model.py`), opset 18,
+                             dynamic batch / sequence / past; weights in
+                             OUT/model.onnx.data when they pass 2 GB
+    OUT/slimgpt_onnx.json    per-layer cache shape, dtype and I/O names
+    OUT/tokenizer files, generation_config.json
+    OUT/export.json          this summary, with every verification check
+
+Exporter: `torch.onnx.export(dynamo=True)` over `ExportDecoder`. Measured here
+(torch 2.13, SmolLM2-135M): ~90 s vs ~14 s for the TorchScript exporter, but the
+TorchScript one is deprecated and writes a transposed copy of the tied embedding
+(652 MB vs 540 MB file); both match transformers to ~5e-5.
+
+int8 (`--quantize int8`): weight-only 8-bit blocks (MatMulNBits, symmetric, block 32,
+accuracy_level 4), lm_head untied first. ONNX Runtime's dynamic quantization
+(int8 weights *and* activations) is available as `quantize_dynamic_int8` for
+measurement only; on SmolLM2 it ruins the outputs (benchmarks/results/onnx.md).
+
+Verification (each check recorded; all mismatches collected, then VerificationError):
+  fp32/fp16  batch of 2 left-padded prompts: prefill + 8 cached decode steps, max |logits
+             difference| vs transformers within TOLERANCES[dtype].logits_atol; greedy
+             tokens for 32 steps on each prompt identical to transformers' (cached).
+  int8       the same run; KL(P_torch || P_onnx) per position <= kl_max and top-1
+             agreement >= top1_min instead of a logits bound and exact tokens.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slimgpt_deploy.atomic import atomic_output_dir, check_output_dir
+from slimgpt_deploy.errors import BadInputError, CheckpointError, VerificationError
+from slimgpt_deploy.extras import require
+from slimgpt_deploy.serving.onnx_runner import (
+    MODEL_FILE,
+    SPEC_FILE,
+    CacheLayer,
+    OnnxDecoder,
+    OnnxSpec,
+    left_pad,
+    positions,
+)
+
+from .onnx_model import ExportDecoder
+
+logger = logging.getLogger(__name__)
+
+OPSET = 18
+SUMMARY_FILE = "export.json"
+EXTERNAL_DATA_FILE = MODEL_FILE + ".data"
+PROTOBUF_LIMIT = 2 * 1024**3  # ONNX protobuf files cannot exceed 2 GB; weights go to external data beyond ~1.8 GB
+EXTERNAL_DATA_THRESHOLD = int(PROTOBUF_LIMIT * 0.9)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+NP_NAMES = {torch.float32: "float32", torch.float16: "float16"}
+
+# Verification inputs: fixed text, so results are reproducible; any tokenizer encodes them.
+VERIFY_PROMPTS = (
+    "The capital of France is",
+    "the cat sat on the mat and the dog ran to the park",
+    "def fibonacci(n):",
+)
+DECODE_STEPS = 8
+GREEDY_STEPS = 32
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What an export of one kind must meet against PyTorch (float32 reference)."""
+
+    logits_atol: float | None  # max |logits difference| over real positions; None: not checked
+    exact_greedy: bool  # greedy tokens identical for GREEDY_STEPS
+    kl_max: float | None = None  # mean KL(P_torch || P_onnx) per position, nats
+    top1_min: float | None = None  # share of positions with the same argmax
+
+
+# Measured on SmolLM2-135M dense and pruned 20% (benchmarks/results/onnx.md): fp32 max diff
+# ~1e-4 (bound leaves ~20x room); fp16 ~0.06 on logits of magnitude ~20; int8 KL ~0.02, top-1 ~0.95.
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(logits_atol=2e-3, exact_greedy=True),
+    "fp16": Tolerance(logits_atol=0.25, exact_greedy=False, kl_max=0.01, top1_min=0.95),
+    "int8": Tolerance(logits_atol=None, exact_greedy=False, kl_max=0.1, top1_min=0.85),
+}
+
+
+def _validate(dtype: str | None, quantize: str | None) -> tuple[str, str | None]:
+    dtype = dtype or "fp32"
+    if dtype not in DTYPES:
+        raise BadInputError(f"unsupported ONNX --dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    if quantize is not None and quantize not in QUANTIZERS:
+        raise BadInputError(f"unsupported --quantize {quantize!r}; choose one of: {', '.join(QUANTIZERS)}")
+    if quantize is not None and dtype != "fp32":
+        raise BadInputError(f"--quantize {quantize} keeps fp32 activations; drop --dtype {dtype} (or use --dtype fp32)")
+    return dtype, quantize
+
+
+def export(
+    checkpoint: Path,
+    out: Path,
+    *,
+    dtype: str | None = None,
+    quantize: str | None = None,
+    force: bool = False,
+    verify: bool = True,
+    log: Callable[[str], None] = logger.info,
+) -> dict:
+    """Export `checkpoint` to an ONNX directory `out` (atomically), verified unless `verify=False`."""
+    from slimgpt_deploy.sources import load_model
+
+    dtype, quantize = _validate(dtype, quantize)
+    out = Path(out)
+    check_output_dir(out, force)
+    start = time.perf_counter()
+    loaded = load_model(str(checkpoint), dtype=torch.float32)
+    kind = quantize or dtype
+    with atomic_output_dir(out, force) as tmp:
+        log(f"exporting {checkpoint} to ONNX ({kind}, opset {OPSET}) with torch.onnx dynamo exporter")
+        spec, model_bytes = write_onnx(loaded.model, tmp, dtype=DTYPES[dtype])
+        if quantize is not None:
+            log(f"quantizing MatMul weights: {QUANTIZERS[quantize].weights}")
+            QUANTIZERS[quantize].fn(tmp, tmp)
+            spec = replace(spec, weights=QUANTIZERS[quantize].weights)
+        write_side_files(loaded, spec, tmp)
+        summary = {
+            "format": "onnx",
+            "checkpoint": str(checkpoint),
+            "model_file": spec.model_file,
+            "dtype": dtype,
+            "quantize": quantize,
+            "weights": spec.weights,
+            "opset": OPSET,
+            "file_bytes": dir_model_bytes(tmp),
+            "export_seconds": None,
+            "verification": {"passed": None, "skipped": True},
+        }
+        if verify:
+            log(f"verifying against PyTorch: prefill + {DECODE_STEPS} cached steps, {GREEDY_STEPS} greedy tokens")
+            summary["verification"] = verify_against(tmp, loaded.model, loaded.tokenizer, kind)
+        summary["export_seconds"] = round(time.perf_counter() - start, 1)
+        (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        if verify and not summary["verification"]["passed"]:
+            raise VerificationError(
+                f"ONNX export of {checkpoint} disagrees with PyTorch: {'; '.join(summary['verification']['failures'])}"
+            )
+    log(f"wrote {out} ({summary['file_bytes'] / 1e6:.0f} MB)")
+    return summary
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    layers = [CacheLayer(i, 0, 0) for i in range(num_layers)]
+    inputs = ["input_ids", "attention_mask", "position_ids"] + [n for la in layers for n in la.past_names]
+    outputs = ["logits"] + [n for la in layers for n in la.present_names]
+    return inputs, outputs
+
+
+def write_onnx(model: torch.nn.Module, directory: Path, *, dtype: torch.dtype, untie_lm_head: bool = False) -> tuple[OnnxSpec, int]:
+    """Export `model` as `directory/model.onnx` (+ external data when large); return its spec and weight bytes."""
+    from torch.export import Dim
+
+    decoder = ExportDecoder(model, untie_lm_head=untie_lm_head).eval().to(dtype)
+    L = len(decoder.layers)
+    # Example inputs: batch 2, 3 new tokens on a past of 4 (sizes > 1 so no axis specializes).
+    B, S, P = 2, 3, 4
+    ids = torch.randint(0, model.config.vocab_size, (B, S))
+    mask = torch.ones(B, P + S, dtype=torch.int64)
+    pos = torch.arange(P, P + S).expand(B, S).contiguous()
+    past = tuple(torch.zeros(B, kv, P, decoder.head_dim, dtype=dtype) for kv in decoder.kv_heads for _ in range(2))
+    batch, seq, past_seq, total = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
+    dynamic = (
+        {0: batch, 1: seq},
+        {0: batch, 1: total},  # its own dim: `past + seq` is not expressible (DESIGN.md)
+        {0: batch, 1: seq},
+        tuple({0: batch, 2: past_seq} for _ in past),
+    )
+    inputs, outputs = io_names(L)
+    weight_bytes = sum(p.numel() * p.element_size() for p in decoder.parameters())
+    with torch.no_grad(), _quiet_exporter():
+        program = torch.onnx.export(
+            decoder, (ids, mask, pos, *past), None, input_names=inputs, output_names=outputs,
+            dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True, verbose=False,
+        )
+    program.save(directory / MODEL_FILE, external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD)
+    config = model.config
+    spec = OnnxSpec(
+        model_file=MODEL_FILE,
+        dtype=NP_NAMES[dtype],
+        weights={torch.float32: "fp32", torch.float16: "fp16"}[dtype],
+        head_dim=decoder.head_dim,
+        vocab_size=int(config.vocab_size),
+        max_positions=_max_positions(config),
+        layers=tuple(CacheLayer(i, q, kv) for i, (q, kv) in enumerate(zip(decoder.q_heads, decoder.kv_heads))),
+        eos_token_ids=tuple(_eos_ids(model)),
+        pad_token_id=_pad_id(model),
+        opset=OPSET,
+    )
+    return spec, weight_bytes
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Keep the exporter's progress prints off stdout (the CLI's --json) and its known warnings quiet."""
+    noisy = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
+    level = noisy.level
+    noisy.setLevel(logging.ERROR)
+    captured = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(captured):
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
+    finally:
+        noisy.setLevel(level)
+        for line in captured.getvalue().splitlines():
+            logger.debug("torch.onnx: %s", line)
+
+
+def _max_positions(config) -> int:
+    limit = int(config.max_position_embeddings)
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        limit = min(limit, int(window))  # the graph attends over the whole cache: no sliding window
+    return limit
+
+
+def _eos_ids(model) -> list[int]:
+    ids: list[int] = []
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        for t in value if isinstance(value, (list, tuple)) else [value]:
+            if t is not None and int(t) not in ids:
+                ids.append(int(t))
+    return ids
+
+
+def _pad_id(model) -> int:
+    """Any valid id: padded positions are masked out. pad, else the first EOS, else 0."""
+    pad = getattr(model.config, "pad_token_id", None)
+    if pad is not None:
+        return int(pad)
+    eos = _eos_ids(model)
+    return eos[0] if eos else 0
+
+
+def write_side_files(loaded, spec: OnnxSpec, directory: Path) -> None:
+    """Tokenizer, generation config and the cache description beside the graph."""
+    loaded.tokenizer.save_pretrained(directory)
+    generation = getattr(loaded.model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(directory)
+    (directory / SPEC_FILE).write_text(json.dumps(spec.to_json(), indent=2) + "\n")
+
+
+def dir_model_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in Path(directory).glob(MODEL_FILE + "*"))
+
+
+# --- int8 ------------------------------------------------------------------------------------
+
+
+def _load_onnx(directory: Path):
+    onnx = require("onnx")
+    return onnx.load(str(Path(directory) / MODEL_FILE), load_external_data=True)
+
+
+def _save_onnx(model, directory: Path) -> None:
+    onnx = require("onnx")
+    path = Path(directory) / MODEL_FILE
+    external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if model.ByteSize() >= 0 else True
+    for stale in (path, path.with_name(EXTERNAL_DATA_FILE)):
+        stale.unlink(missing_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=EXTERNAL_DATA_FILE, size_threshold=1024)
+
+
+def untie_transposed_weights(model) -> list[str]:
+    """Replace `MatMul(x, Transpose(W))` with a stored W^T, for initializers W (the tied lm_head).
+
+    Quantizers only quantize MatMuls whose B is an initializer; a tied embedding reaches
+    the lm_head MatMul through a run-time Transpose, so it would stay float. Returns the
+    names of the new initializers.
+    """
+    numpy_helper = require("onnx.numpy_helper")
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    created = []
+    for node in list(model.graph.node):
+        if node.op_type != "MatMul":
+            continue
+        t = producers.get(node.input[1])
+        if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[t.input[0]])  # [V, H]
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
+        if w.ndim != 2 or perm not in (None, [1, 0]):
+            continue
+        name = f"{t.input[0]}.T"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))  # [H, V]
+        node.input[1] = name
+        if all(c is node for c in consumers.get(t.output[0], [])):
+            model.graph.node.remove(t)
+        created.append(name)
+    return created
+
+
+def quantize_matmul_nbits_int8(src: Path, dst: Path, *, block_size: int = 32, accuracy_level: int = 4) -> None:
+    """Weight-only 8-bit: every MatMul with a constant weight becomes MatMulNBits (fp32 activations)."""
+    require("onnxruntime")
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = _load_onnx(src)
+    untied = untie_transposed_weights(model)
+    quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level)
+    quantizer.process()
+    _save_onnx(quantizer.model.model, dst)
+    logger.info("MatMulNBits int8 written to %s (untied %s)", dst, untied)
+
+
+def quantize_dynamic_int8(src: Path, dst: Path) -> None:
+    """Dynamic quantization: int8 weights and per-batch int8 activations (MatMulInteger). For measurement."""
+    onnx = require("onnx")
+    require("onnxruntime")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = _load_onnx(src)
+    untie_transposed_weights(model)
+    scratch = Path(dst) / ".quantize-dynamic"
+    scratch.mkdir()
+    try:
+        onnx.save_model(model, str(scratch / "in.onnx"), save_as_external_data=True, location="in.onnx.data")
+        quantize_dynamic(str(scratch / "in.onnx"), str(scratch / "out.onnx"), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul"], use_external_data_format=True)
+        _save_onnx(onnx.load(str(scratch / "out.onnx"), load_external_data=True), dst)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    fn: Callable[[Path, Path], None]  # (directory holding an fp32 model.onnx, directory to write model.onnx into)
+    weights: str  # the label recorded in the JSON
+
+
+QUANTIZERS: dict[str, Quantizer] = {
+    "int8": Quantizer(quantize_matmul_nbits_int8, "int8 weight-only (MatMulNBits bits=8, block 32, accuracy_level 4)"),
+}
+# Measured alternatives, not offered by the CLI (benchmarks/onnx_bench.py compares them).
+EXTRA_QUANTIZERS: dict[str, Quantizer] = {
+    "int8-dynamic": Quantizer(quantize_dynamic_int8, "int8 dynamic (weights and activations, MatMulInteger)"),
+}
+
+
+def quantize_dir(src: Path, out: Path, *, method: str = "int8", force: bool = False) -> dict:
+    """Quantize an existing fp32 ONNX export into a new directory `out` (tokenizer, JSON copied).
+
+    Runs no verification; call `verify(out, checkpoint)` for that. `method`: a key of
+    QUANTIZERS or EXTRA_QUANTIZERS.
+    """
+    from slimgpt_deploy.serving.onnx_runner import load_spec, resolve_dir
+
+    src = resolve_dir(Path(src))
+    spec = load_spec(src)
+    choices = {**QUANTIZERS, **EXTRA_QUANTIZERS}
+    if method not in choices:
+        raise BadInputError(f"unknown quantization {method!r}; choose one of: {', '.join(choices)}")
+    if spec.weights != "fp32":
+        raise BadInputError(f"{src} holds {spec.weights} weights; quantize an fp32 export")
+    quantizer = choices[method]
+    with atomic_output_dir(Path(out), force) as tmp:
+        for p in src.iterdir():
+            if p.is_file() and not p.name.startswith(MODEL_FILE) and p.name != SUMMARY_FILE:
+                shutil.copyfile(p, tmp / p.name)
+        quantizer.fn(src, tmp)
+        spec = replace(spec, weights=quantizer.weights)
+        (tmp / SPEC_FILE).write_text(json.dumps(spec.to_json(), indent=2) + "\n")
+        summary = {"format": "onnx", "source": str(src), "quantize": method, "weights": spec.weights,
+                   "file_bytes": dir_model_bytes(tmp), "verification": {"passed": None, "skipped": True}}
+        (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+# --- verification ----------------------------------------------------------------------------
+
+
+def verify(onnx_dir: Path, checkpoint: Path | str, *, log: Callable[[str], None] = logger.info) -> dict:
+    """Verify an existing ONNX export against its checkpoint; returns the results (see `verify_against`).
+
+    Does not raise on a mismatch: check `result["passed"]` (and `result["failures"]`).
+    """
+    from slimgpt_deploy.serving.onnx_runner import load_spec, resolve_dir
+    from slimgpt_deploy.sources import load_model
+
+    onnx_dir = resolve_dir(Path(onnx_dir))
+    spec = load_spec(onnx_dir)
+    kind = "int8" if spec.weights.startswith("int8") else spec.weights
+    loaded = load_model(str(checkpoint), dtype=torch.float32)
+    log(f"verifying {onnx_dir} ({spec.weights}) against {checkpoint}")
+    return verify_against(onnx_dir, loaded.model, loaded.tokenizer, kind)
+
+
+def verify_against(onnx_dir: Path, model: torch.nn.Module, tokenizer, kind: str) -> dict:
+    """Compare the export in `onnx_dir` with `model` (float32 PyTorch); collect every failure.
+
+    Returns {"passed", "failures": [...], "tolerance": {...}, "checks": {...}} where checks hold
+    the measured values: logits max abs diff (prefill and decode), KL, top-1, greedy agreement.
+    """
+    tol = TOLERANCES[kind]
+    decoder = _open_for_verification(onnx_dir, kind)
+    prompts = [_encode(tokenizer, p) for p in VERIFY_PROMPTS]
+    failures: list[str] = []
+    checks: dict = {}
+
+    # 1. Batch of two left-padded prompts: prefill + DECODE_STEPS cached steps (teacher-forced).
+    batch = prompts[:2]
+    ref_logits, ref_tokens, mask_all = _torch_reference(model, batch, decoder.spec.pad_token_id, DECODE_STEPS)
+    onnx_logits = _onnx_teacher_forced(decoder, batch, ref_tokens, DECODE_STEPS)
+    real = mask_all.astype(bool)  # [B, T] positions that are real tokens
+    diff = np.abs(onnx_logits - ref_logits)  # [B, T, V]
+    width = max(len(p) for p in batch)
+    checks["prefill_max_abs_diff"] = float(diff[:, :width][real[:, :width]].max())
+    checks["decode_max_abs_diff"] = float(diff[:, width:].max())
+    checks["max_abs_diff"] = max(checks["prefill_max_abs_diff"], checks["decode_max_abs_diff"])
+    kl, top1 = _kl_top1(ref_logits[real], onnx_logits[real])
+    checks["kl"], checks["top1"] = kl, top1
+    checks["positions"] = int(real.sum())
+    if tol.logits_atol is not None and not checks["max_abs_diff"] <= tol.logits_atol:
+        failures.append(
+            f"max |logits diff| {checks['max_abs_diff']:.3g} > {tol.logits_atol:g} "
+            f"(prefill {checks['prefill_max_abs_diff']:.3g}, decode {checks['decode_max_abs_diff']:.3g})"
+        )
+    if tol.kl_max is not None and not kl <= tol.kl_max:
+        failures.append(f"KL {kl:.4g} nats > {tol.kl_max:g}")
+    if tol.top1_min is not None and not top1 >= tol.top1_min:
+        failures.append(f"top-1 agreement {top1:.3f} < {tol.top1_min:g}")
+
+    # 2. Greedy tokens, one prompt at a time, through the runner's generation loop.
+    greedy = []
+    for i, prompt in enumerate(prompts):
+        want = _torch_greedy(model, prompt, GREEDY_STEPS)
+        got = decoder.generate_ids([prompt], max_new_tokens=GREEDY_STEPS, eos_token_ids=())[0]
+        same = next((j for j, (a, b) in enumerate(zip(want, got)) if a != b), len(want))
+        greedy.append({"prompt": i, "identical_prefix": same, "agreement": float(np.mean(np.array(want) == np.array(got)))})
+        if tol.exact_greedy and same < len(want):
+            failures.append(f"greedy tokens for prompt {i} differ from step {same} of {GREEDY_STEPS}")
+    checks["greedy"] = greedy
+    result = {
+        "passed": not failures,
+        "failures": failures,
+        "tolerance": asdict(tol),
+        "checks": checks,
+        "decode_steps": DECODE_STEPS,
+        "greedy_steps": GREEDY_STEPS,
+    }
+    logger.info("verification %s: %s", "passed" if not failures else "FAILED", checks)
+    return result
+
+
+def _open_for_verification(onnx_dir: Path, kind: str) -> OnnxDecoder:
+    """A CPU session; fp16 that this runtime cannot run becomes a BadInputError saying what works."""
+    try:
+        return OnnxDecoder(onnx_dir, providers=["CPUExecutionProvider"])
+    except (CheckpointError, BadInputError):
+        raise
+    except Exception as err:  # onnxruntime raises its own types (NotImplemented, Fail)
+        if kind == "fp16" and "NOT_IMPLEMENTED" in str(err).upper().replace(" ", "_"):
+            raise BadInputError(
+                f"this onnxruntime (CPU) cannot run an fp16 graph ({str(err).splitlines()[0]}); "
+                "export with --dtype fp32 or --quantize int8, or install onnxruntime-gpu"
+            ) from err
+        raise
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    ids = tokenizer(text)["input_ids"]
+    if not ids:
+        raise BadInputError(f"the tokenizer encodes {text!r} to no tokens; cannot verify")
+    return list(ids)
+
+
+@torch.no_grad()
+def _torch_reference(model, prompts: list[list[int]], pad_id: int, steps: int):
+    """transformers, no cache: logits [B, T, V] over prompt + `steps` greedy tokens, those tokens [B, steps], mask [B, T]."""
+    ids, mask = left_pad(prompts, pad_id)
+    tokens = []
+    for _ in range(steps + 1):
+        logits = model(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+            position_ids=torch.from_numpy(positions(mask)), use_cache=False,
+        ).logits.float().numpy()  # [B, T, V]
+        nxt = logits[:, -1].argmax(-1)  # [B]
+        if len(tokens) == steps:
+            break
+        tokens.append(nxt)
+        ids = np.concatenate([ids, nxt[:, None]], 1)
+        mask = np.concatenate([mask, np.ones_like(nxt)[:, None]], 1)
+    return logits, np.stack(tokens, 1), mask
+
+
+def _onnx_teacher_forced(decoder: OnnxDecoder, prompts, tokens: np.ndarray, steps: int) -> np.ndarray:
+    """ONNX logits [B, T, V] over the same sequence: prefill, then `steps` cached single-token steps."""
+    ids, mask = left_pad(prompts, decoder.spec.pad_token_id)
+    logits, past = decoder.forward(ids, mask, positions(mask), decoder.empty_past(len(prompts)))
+    out = [logits.astype(np.float32)]
+    lengths = mask.sum(-1)
+    for step in range(steps):
+        mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], 1)
+        logits, past = decoder.forward(tokens[:, step : step + 1].astype(np.int64), mask, (lengths + step)[:, None], past)
+        out.append(logits.astype(np.float32))
+    return np.concatenate(out, 1)
+
+
+def _kl_top1(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
+    """Mean KL(P_ref || P_got) in nats and top-1 agreement over rows of [N, V] logits."""
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(ref), log_softmax(got)
+    kl = float(np.maximum((np.exp(lp) * (lp - lq)).sum(-1).mean(), 0.0))
+    top1 = float((ref.argmax(-1) == got.argmax(-1)).mean())
+    return kl, top1
+
+
+@torch.no_grad()
+def _torch_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    """transformers' own cached decoding (DynamicCache), greedy, no EOS stop."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    ids = torch.tensor([prompt])
+    out = []
+    for _ in range(steps):
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits  # [1, S, V]
+        nxt = int(logits[0, -1].argmax())
+        out.append(nxt)
+        ids = torch.tensor([[nxt]])
+    return out

@@ -1,0 +1,227 @@
+"""ONNX export of a tiny slim checkpoint with uneven layers, checked in ONNX Runtime against transformers."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from click.testing import CliRunner  # noqa: E402
+from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
+
+import slimgpt_deploy  # noqa: E402,F401  (registers the slimgpt model type)
+from slimgpt_deploy.cli import main  # noqa: E402
+from slimgpt_deploy.errors import BadInputError, VerificationError  # noqa: E402
+from slimgpt_deploy.exporters import onnx as onnx_export  # noqa: E402
+from slimgpt_deploy.exporters.onnx_model import ExportDecoder, empty_past  # noqa: E402
+from slimgpt_deploy.serving.onnx_runner import SPEC_FILE, OnnxDecoder, left_pad, positions  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def uneven_onnx(uneven_slim_dir, tmp_path_factory) -> Path:
+    """The uneven tiny checkpoint exported (fp32) and verified; do not modify."""
+    out = tmp_path_factory.mktemp("onnx") / "uneven-onnx"
+    onnx_export.export(uneven_slim_dir, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(uneven_slim_dir):
+    return AutoModelForCausalLM.from_pretrained(uneven_slim_dir, dtype=torch.float32).eval()
+
+
+def test_export_module_matches_transformers_with_padding_and_chunks(reference):
+    decoder = ExportDecoder(reference).eval()
+    ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22, 23, 24]], pad_id=0)  # [2, 8]
+    pos = torch.from_numpy(positions(mask))
+    ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
+    with torch.no_grad():
+        want = reference(input_ids=ids, attention_mask=mask, position_ids=pos).logits  # [2, 8, V]
+        first = decoder(ids[:, :5], mask[:, :5], pos[:, :5], *empty_past(decoder, 2, torch.float32))
+        second = decoder(ids[:, 5:], mask, pos[:, 5:], *first[1:])  # chunked prefill on a cache
+    got = torch.cat([first[0], second[0]], dim=1)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
+    assert [t.shape[1] for t in second[1::2]] == [2, 1, 2]  # per-layer KV heads
+
+
+def test_export_writes_graph_cache_json_and_tokenizer(uneven_onnx, uneven_slim_dir):
+    import onnx
+
+    files = {p.name for p in uneven_onnx.iterdir()}
+    assert {"model.onnx", SPEC_FILE, "export.json", "tokenizer.json", "generation_config.json"} <= files
+    assert not any(n.startswith(".") for n in files)
+    spec = json.loads((uneven_onnx / SPEC_FILE).read_text())
+    config = json.loads((uneven_slim_dir / "config.json").read_text())
+    layers = spec["cache"]["layers"]
+    D = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    assert spec["head_dim"] == D
+    assert [e["num_key_value_heads"] for e in layers] == config["num_key_value_heads_per_layer"] == [2, 1, 2]
+    assert [e["num_attention_heads"] for e in layers] == config["num_attention_heads_per_layer"] == [4, 2, 4]
+    assert layers[1]["past_shape"] == ["batch", 1, "past_sequence", D]
+    assert layers[1]["inputs"] == ["past_key_values.1.key", "past_key_values.1.value"]
+    assert spec["eos_token_ids"] == [2]
+
+    model = onnx.load(uneven_onnx / "model.onnx", load_external_data=False)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    graph_in = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    graph_out = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
+    assert graph_in["input_ids"] == ["batch", "sequence"]
+    assert graph_in["attention_mask"] == ["batch", "total_sequence"]
+    assert graph_in["past_key_values.1.value"] == ["batch", 1, "past_sequence", D]
+    assert graph_out["logits"] == ["batch", "sequence", 128]
+    assert set(graph_out) == {"logits"} | {f"present.{i}.{t}" for i in range(3) for t in ("key", "value")}
+
+    summary = json.loads((uneven_onnx / "export.json").read_text())
+    assert summary["verification"]["passed"] is True
+    assert summary["verification"]["checks"]["max_abs_diff"] < 1e-4
+
+
+def test_onnx_logits_match_pytorch_prefill_and_8_cached_steps(uneven_onnx, reference):
+    """ONNX Runtime with its own cache vs transformers with DynamicCache, step by step."""
+    decoder = OnnxDecoder(uneven_onnx)
+    prompt = [1, 3, 4, 5, 6, 7, 8, 9, 10]
+    ids = np.array([prompt], dtype=np.int64)
+    mask = np.ones_like(ids)
+    logits, past = decoder.forward(ids, mask, positions(mask), decoder.empty_past(1))
+    cache = DynamicCache(config=reference.config)
+    with torch.no_grad():
+        want = reference(input_ids=torch.from_numpy(ids), past_key_values=cache, use_cache=True).logits.numpy()
+        np.testing.assert_allclose(logits, want, atol=1e-5, rtol=0)
+        for step in range(8):
+            token = np.array([[int(want[0, -1].argmax())]], dtype=np.int64)
+            mask = np.ones((1, len(prompt) + step + 1), dtype=np.int64)
+            logits, past = decoder.forward(token, mask, np.array([[len(prompt) + step]]), past)
+            want = reference(input_ids=torch.from_numpy(token), past_key_values=cache, use_cache=True).logits.numpy()
+            np.testing.assert_allclose(logits, want, atol=1e-5, rtol=0, err_msg=f"decode step {step}")
+    assert [p.shape[1] for p in past[::2]] == [2, 1, 2]
+
+
+def test_onnx_greedy_tokens_identical_to_transformers(uneven_onnx, reference):
+    decoder = OnnxDecoder(uneven_onnx)
+    for prompt in ([1, 3, 4, 5], [1, 9, 10, 11, 12, 13, 14], [7]):
+        with torch.no_grad():
+            want = reference.generate(
+                torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0,
+            )[0, len(prompt):].tolist()
+        got = decoder.generate_ids([prompt], max_new_tokens=32, eos_token_ids=())[0]
+        assert got == want
+
+
+def test_verify_existing_export(uneven_onnx, uneven_slim_dir):
+    result = onnx_export.verify(uneven_onnx, uneven_slim_dir)
+    assert result["passed"], result["failures"]
+    assert result["checks"]["prefill_max_abs_diff"] < 1e-4 and result["checks"]["decode_max_abs_diff"] < 1e-4
+    assert all(g["identical_prefix"] == 32 for g in result["checks"]["greedy"])
+
+
+def test_int8_quantization_of_an_export(uneven_onnx, uneven_slim_dir, tmp_path):
+    import onnx
+
+    summary = onnx_export.quantize_dir(uneven_onnx, tmp_path / "int8")
+    assert summary["weights"].startswith("int8 weight-only")
+    model = onnx.load(tmp_path / "int8" / "model.onnx", load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MatMulNBits") == 3 * 7 + 1  # every projection and the untied lm_head
+    result = onnx_export.verify(tmp_path / "int8", uneven_slim_dir)
+    assert result["passed"], result["failures"]
+    assert result["checks"]["kl"] < 1e-3 and result["checks"]["top1"] >= 0.95
+
+
+def test_untie_transposed_weights_makes_lm_head_quantizable():
+    import onnx
+    from onnx import helper, numpy_helper
+
+    w = np.arange(12, dtype=np.float32).reshape(4, 3)  # an embedding [V=4, H=3]
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]), helper.make_node("MatMul", ["x", "Et"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], [numpy_helper.from_array(w, "E")],
+    )
+    model = helper.make_model(graph)
+    assert onnx_export.untie_transposed_weights(model) == ["E.T"]
+    assert [n.op_type for n in model.graph.node] == ["MatMul"]
+    stored = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    np.testing.assert_array_equal(stored["E.T"], w.T)
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def test_cli_refuses_existing_out_and_leaves_it_unchanged(uneven_slim_dir, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["export", str(uneven_slim_dir), "--format", "onnx", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "--force" in result.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
+
+
+@pytest.mark.parametrize("make_bad", ["missing", "no-config", "corrupt-weights"])
+def test_cli_checkpoint_that_fails_to_load(make_bad, uneven_slim_dir, tmp_path):
+    bad = tmp_path / "ckpt"
+    if make_bad != "missing":
+        shutil.copytree(uneven_slim_dir, bad)
+    if make_bad == "no-config":
+        (bad / "config.json").unlink()
+    if make_bad == "corrupt-weights":
+        for f in bad.glob("*.safetensors"):
+            f.write_bytes(b"not safetensors")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["export", str(bad), "--format", "onnx", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(dtype="int4"), "fp32, fp16"),
+    (dict(quantize="int4"), "int8"),
+    (dict(dtype="fp16", quantize="int8"), "--dtype fp32"),
+])
+def test_bad_dtype_or_quantize_is_refused_before_any_work(kwargs, words, uneven_slim_dir, tmp_path):
+    with pytest.raises(BadInputError, match=words):
+        onnx_export.export(uneven_slim_dir, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_verification_raises_and_leaves_nothing(uneven_slim_dir, tmp_path, monkeypatch):
+    strict = onnx_export.Tolerance(logits_atol=0.0, exact_greedy=True)  # no float graph meets 0.0
+    monkeypatch.setitem(onnx_export.TOLERANCES, "fp32", strict)
+    with pytest.raises(VerificationError, match=r"max \|logits diff\|") as err:
+        onnx_export.export(uneven_slim_dir, tmp_path / "out")
+    assert err.value.exit_code == 3
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fp16_runtime_without_kernels_is_a_bad_input(monkeypatch, tmp_path):
+    """ORT 1.32's CPU provider runs our fp16 graph (measured); a runtime that cannot gets a clear error."""
+    class NotImplementedRuntime(Exception):
+        pass
+
+    def refuse(*args, **kwargs):
+        raise NotImplementedRuntime("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for MatMul(13)")
+
+    monkeypatch.setattr(onnx_export, "OnnxDecoder", refuse)
+    with pytest.raises(BadInputError, match="--dtype fp32 or --quantize int8"):
+        onnx_export._open_for_verification(tmp_path, "fp16")
+    with pytest.raises(NotImplementedRuntime):
+        onnx_export._open_for_verification(tmp_path, "fp32")
+
+
+def test_cli_fp16_export_runs_on_cpu(uneven_slim_dir, tmp_path):
+    out = tmp_path / "fp16"
+    result = CliRunner().invoke(main, ["export", str(uneven_slim_dir), "--format", "onnx", "--out", str(out), "--dtype", "fp16", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "export.json").read_text())
+    assert summary["dtype"] == "fp16" and summary["verification"]["passed"]
+    assert json.loads((out / SPEC_FILE).read_text())["cache"]["dtype"] == "float16"
