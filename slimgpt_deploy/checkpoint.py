@@ -85,3 +85,43 @@ model = AutoModelForCausalLM.from_pretrained("PATH")
 |---|---|---|---|
 {rows}
 """
+
+
+def validate_checkpoint(path: Path) -> None:
+    """Check a slim checkpoint's weights against its config without loading them.
+
+    Reads only the safetensors headers. Raises CheckpointError naming the first
+    layer whose tensors disagree with the per-layer lists (or that is missing).
+    """
+    from safetensors import safe_open
+
+    from .errors import CheckpointError
+    from .modeling import SlimGPTConfig
+    from .modeling.shapes import layer_weight_shapes, shape_mismatch
+
+    path = Path(path)
+    try:
+        config = SlimGPTConfig.from_pretrained(path)
+    except Exception as e:  # transformers' strict validation wraps the ValueError in its own error type
+        reason = str(e).strip().splitlines()[-1].strip().removeprefix("ValueError: ")
+        raise CheckpointError(f"{path}/config.json is inconsistent: {reason}") from None
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} has no .safetensors weights; export from a slim checkpoint written by `slimgpt-deploy prune`")
+    seen = set()
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    problem = shape_mismatch(config, name, tuple(f.get_slice(name).get_shape()))
+                    if problem:
+                        raise CheckpointError(f"{file.name}: {problem}")
+                    seen.add(name)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for truncated headers
+            raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from None
+    for i in range(config.num_hidden_layers):
+        missing = [k for k in layer_weight_shapes(config, i) if f"model.layers.{i}.{k}" not in seen]
+        if missing:
+            raise CheckpointError(f"layer {i}: weights missing from the checkpoint: {', '.join(missing)}")

@@ -87,6 +87,9 @@ def main(verbose: int):
 @click.option("--schedule", default="log", show_default=True, type=click.Choice(["log", "uniform", "linear", "list"]), help="How the ratio spreads over depth.")
 @click.option("--layer-ratios", callback=_float_list, help="Explicit per-layer ratios, comma-separated (implies --schedule list).")
 @click.option("--gqa-mode", default=None, type=click.Choice(["kv-group", "per-group"]), help="GQA: prune whole KV groups, or the same number of query heads in every group.")
+@click.option("--head-multiple", type=click.IntRange(min=1), default=None, help="Every layer keeps query and KV heads in multiples of N (KV heads may instead divide N, as vLLM replicates them).")
+@click.option("--ffn-multiple", type=click.IntRange(min=1), default=None, help="Every layer keeps FFN channels in multiples of M (e.g. 64 for GPU kernels).")
+@click.option("--tp-size", type=click.IntRange(min=1), default=None, help="Shorthand: shapes that vLLM --tensor-parallel-size T shards (heads and FFN multiples of T).")
 @click.option("--calib", default="self", show_default=True, help="Calibration data: 'self', a .txt/.jsonl file, or a dataset name.")
 @click.option("--nsamples", type=int, default=64, show_default=True, help="Calibration samples (paper: 128).")
 @click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration sample (paper: 2048).")
@@ -96,7 +99,7 @@ def main(verbose: int):
 @click.option("--hessian-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]), help="Precision of H and its factorizations.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON on stdout.")
-def prune(model, out, ratio, method, schedule, layer_ratios, gqa_mode, calib, nsamples, seqlen, seed, device, dtype, hessian_dtype, force, as_json):
+def prune(model, out, ratio, method, schedule, layer_ratios, gqa_mode, head_multiple, ffn_multiple, tp_size, calib, nsamples, seqlen, seed, device, dtype, hessian_dtype, force, as_json):
     """Prune MODEL (a directory, .gguf file, hub id or 'smollm2-135m') and save a slim checkpoint."""
 
     def go():
@@ -108,6 +111,7 @@ def prune(model, out, ratio, method, schedule, layer_ratios, gqa_mode, calib, ns
         )
         if gqa_mode is not None:
             options["gqa_mode"] = gqa_mode
+        options.update(_alignment(head_multiple, ffn_multiple, tp_size))
         config = PruneConfig(**options)
         from .api import prune_to_checkpoint
         from .atomic import check_output_dir
@@ -126,6 +130,14 @@ def prune(model, out, ratio, method, schedule, layer_ratios, gqa_mode, calib, ns
             click.echo(json.dumps(r, indent=2))
 
     _run(go)
+
+
+def _alignment(head_multiple: int | None, ffn_multiple: int | None, tp_size: int | None) -> dict:
+    """Head/FFN multiples from the flags; --tp-size T folds T into both (least common multiple)."""
+    import math
+
+    heads, ffn, tp = head_multiple or 1, ffn_multiple or 1, tp_size or 1
+    return {"head_multiple": math.lcm(heads, tp), "ffn_multiple": math.lcm(ffn, tp)}
 
 
 class _layer_progress:
@@ -254,6 +266,49 @@ def generate(model, backend, prompts, max_new_tokens, temperature, top_p, seed, 
         else:
             for p, t in zip(prompts, texts):
                 click.echo(f"{p}{t}\n")
+
+    _run(go)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0 for all).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="VLLM_API_KEY", default=None, help="Require this bearer token (or set VLLM_API_KEY).")
+@click.option("--served-model-name", default=None, help="Model name in the API (default: the directory path).")
+@click.option("--max-model-len", type=click.IntRange(min=16), default=None, help="Context length (default: the model's).")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--tensor-parallel-size", "-tp", type=click.IntRange(min=1), default=1, show_default=True, help="GPUs to shard over; the per-layer shapes must divide (prune --tp-size).")
+@click.option("--kv-cache-gb", type=click.FloatRange(min=0.01), default=None, help="KV-cache budget in GiB (default on CPU: 1; on GPU: vLLM's memory share).")
+@click.option("--dry-run", is_flag=True, help="Check the model and print the vLLM command instead of running it.")
+def serve(model, host, port, api_key, served_model_name, max_model_len, dtype, tensor_parallel_size, kv_cache_gb, dry_run):
+    """Serve MODEL (a slim checkpoint or a vLLM export) with vLLM's OpenAI-compatible server."""
+
+    def go():
+        import os
+        import shlex
+
+        from slimgpt_deploy.serving.vllm_backend import CHILD_ENV, EngineOptions, check_servable, serve_command
+
+        check_servable(model, tensor_parallel_size)
+        options = EngineOptions(
+            dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+            kv_cache_bytes=int(kv_cache_gb * (1 << 30)) if kv_cache_gb else None, enforce_eager=False,
+        )
+        cmd = serve_command(model, host=host, port=port, options=options, served_model_name=served_model_name)
+        if dry_run:
+            click.echo(shlex.join(cmd))
+            return
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": CHILD_ENV["TOKENIZERS_PARALLELISM"]}
+        if api_key:
+            env["VLLM_API_KEY"] = api_key
+        shown = "0.0.0.0" if host in ("", "0.0.0.0") else host
+        _console().print(
+            f"[bold]serving[/] {model} with vLLM at [bold]http://{shown}:{port}/v1[/] "
+            f"(model name {served_model_name or str(model)!r}{', API key required' if api_key else ''}); Ctrl-C stops it"
+        )
+        sys.stderr.flush()
+        os.execve(cmd[0], cmd, env)
 
     _run(go)
 

@@ -29,6 +29,9 @@ class PruneConfig:
     layer_ratios: tuple[float, ...] | None = None
     # Measured on SmolLM2-135M at 20% (benchmarks/results/quality.md): see README.
     gqa_mode: str = "per-group"
+    # Every layer's query/KV head counts (tensor-parallel rule) and FFN width are multiples of these.
+    head_multiple: int = 1
+    ffn_multiple: int = 1
     calib: str = "self"
     nsamples: int = 64
     seqlen: int = 512
@@ -60,6 +63,8 @@ class PruneConfig:
         _choice("GQA mode", self.gqa_mode, GQA_MODES)
         _choice("dtype", self.dtype, DTYPES)
         _choice("Hessian dtype", self.hessian_dtype, HESSIAN_DTYPES)
+        if self.head_multiple < 1 or self.ffn_multiple < 1:
+            raise BadInputError(f"--head-multiple {self.head_multiple} and --ffn-multiple {self.ffn_multiple} must be at least 1")
         if self.nsamples < 1:
             raise BadInputError(f"--nsamples {self.nsamples} must be at least 1")
         if self.seqlen < 8:

@@ -78,7 +78,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def save_uneven_slim(directory: Path, seed: int = 0) -> Path:
     """A tiny random *slim* checkpoint with deliberately uneven layers, saved like `prune` saves.
 
-    3 layers of the tiny Llama (4 query / 2 KV heads, FFN 128) cut to:
+    3 layers of a tiny Llama (hidden 128, head_dim 32 -- the smallest vLLM's CPU attention
+    supports -- 4 query / 2 KV heads, FFN 128) cut to:
     layer 0 dense; layer 1 one KV group left (2 query / 1 KV heads), FFN 96;
     layer 2 4 query / 2 KV heads but a much narrower FFN (8).
     """
@@ -86,7 +87,7 @@ def save_uneven_slim(directory: Path, seed: int = 0) -> Path:
     from slimgpt_deploy.prune.schedule import LayerPlan
     from slimgpt_deploy.shrink import LayerCut, assemble, make_slim_config, shrink_layer
 
-    fields = dict(TINY_SIZES, num_hidden_layers=3, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    fields = dict(TINY_SIZES, hidden_size=128, num_hidden_layers=3, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
     torch.manual_seed(seed)
     dense = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **fields), dtype=torch.float32).eval()
     kept = [  # (query heads, KV heads, FFN channels) per layer

@@ -30,7 +30,7 @@ def _prune_args(model, out, calib, *extra):
     return ["prune", model, "--out", out, "--calib", calib, "--nsamples", 8, "--seqlen", 32, *extra]
 
 
-@pytest.mark.parametrize("command", [[], ["prune"], ["eval"]])
+@pytest.mark.parametrize("command", [[], ["prune"], ["eval"], ["export"], ["generate"], ["serve"]])
 def test_help(command):
     result = _invoke(*command, "--help")
     assert result.exit_code == 0
@@ -108,3 +108,28 @@ def test_existing_output_is_refused_without_force(work, tmp_path):
     result = _invoke(*_prune_args(model, out, root / "calib.txt", "--force"))
     assert result.exit_code == 0, result.output
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+
+
+def test_tp_aligned_prune_divides_and_serves_with_tensor_parallel(work):
+    """--tp-size 2 (8 query / 2 KV heads, FFN 128): every layer's counts divide by 2; serve accepts -tp 2."""
+    root, model = work
+    out = root / "tp2"
+    result = _invoke(*_prune_args(model, out, root / "calib.txt", "--ratio", "0.5", "--tp-size", 2, "--json"))
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    for q, kv, f in zip(config["num_attention_heads_per_layer"], config["num_key_value_heads_per_layer"], config["intermediate_size_per_layer"]):
+        assert q % 2 == 0 and kv % 2 == 0 and f % 2 == 0, (q, kv, f)
+    assert config["num_attention_heads_per_layer"] != [8] * 4  # heads were pruned, not only FFN
+    record = json.loads((out / "slimgpt.json").read_text())
+    assert record["prune"]["head_multiple"] == 2 and record["prune"]["ffn_multiple"] == 2
+    assert abs(record["ratio_achieved_decoder"] - 0.5) < 0.02
+    served = _invoke("serve", out, "--tensor-parallel-size", 2, "--dry-run")
+    assert served.exit_code == 0 and "--tensor-parallel-size 2" in served.output
+
+
+def test_tp_size_folds_into_the_multiples(work):
+    root, model = work
+    result = _invoke(*_prune_args(model, root / "tp-bad", root / "calib.txt", "--tp-size", 3))
+    assert result.exit_code == 2
+    assert "no head count that is a multiple of 3" in result.output
+    assert not (root / "tp-bad").exists()

@@ -45,3 +45,45 @@ def test_explicit_list_must_match_depth():
 def test_ratio_zero_keeps_everything():
     plans = plan_layers(SMOLLM2, layer_ratios("log", 0.0, [1] * 30), "per-group")
     assert all((p.q_heads, p.kv_heads, p.ffn) == (9, 3, 1536) for p in plans)
+
+
+LLAMA3_8B = [LayerShape(q_heads=32, kv_heads=8, ffn=14336, head_dim=128, hidden=4096)] * 32
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.2, 0.3, 0.5])
+@pytest.mark.parametrize("shapes, mode, heads, ffn", [
+    (LLAMA7B, "kv-group", 8, 128),  # TP 8 on GPUs, FFN in 128-channel tiles
+    (LLAMA3_8B, "per-group", 4, 64),  # GQA: query heads in every group, 8 KV heads kept
+    (LLAMA3_8B, "kv-group", 2, 2),  # whole KV groups, TP 2
+    (SMOLLM2, "per-group", 3, 64),
+    (SMOLLM2, "kv-group", 2, 2),  # 3 KV heads: TP 2 needs 2 (or 1) KV heads
+])
+def test_aligned_plans_divide_and_still_land_on_target(ratio, shapes, mode, heads, ffn):
+    plans = plan_layers(shapes, layer_ratios("log", ratio, [s.params() for s in shapes]), mode, heads, ffn)
+    for p in plans:
+        assert p.q_heads % heads == 0, p
+        assert p.kv_heads % heads == 0 or heads % p.kv_heads == 0, p
+        assert p.ffn % ffn == 0 and p.ffn >= ffn, p
+        assert p.q_heads % p.kv_heads == 0
+    assert abs(achieved_share(shapes, plans) - ratio) < 0.01
+
+
+def test_alignment_that_no_head_count_meets_is_refused():
+    with pytest.raises(BadInputError, match="no head count that is a multiple of 2.*--gqa-mode kv-group"):
+        plan_layers(SMOLLM2, [0.2] * 30, "per-group", head_multiple=2)
+    with pytest.raises(BadInputError, match="less than --ffn-multiple 2048"):
+        plan_layers(SMOLLM2, [0.2] * 30, "per-group", ffn_multiple=2048)
+    # A width the dense FFN is not a multiple of is fine: the plan keeps a multiple of it.
+    assert all(p.ffn % 100 == 0 for p in plan_layers(SMOLLM2, [0.2] * 30, "per-group", ffn_multiple=100))
+
+
+def test_no_layer_ends_with_zero_heads_or_channels_even_at_the_extremes():
+    """vLLM cannot build a layer with 0 heads or 0 FFN channels, so no plan ever asks for one."""
+    for shapes in (SMOLLM2, LLAMA7B, LLAMA3_8B):
+        for mode in ("kv-group", "per-group"):
+            for multiple in (1, 2):
+                try:
+                    plans = plan_layers(shapes, [0.95] * len(shapes), mode, multiple, multiple)
+                except BadInputError:
+                    continue
+                assert all(p.q_heads >= 1 and p.kv_heads >= 1 and p.ffn >= multiple for p in plans)

@@ -97,7 +97,7 @@ class LayerwisePruner:
         ratios = layer_ratios(
             self.cfg.schedule, self.cfg.ratio, [s.params() for s in shapes], self.cfg.layer_ratios
         )
-        return shapes, plan_layers(shapes, ratios, self.cfg.gqa_mode)
+        return shapes, plan_layers(shapes, ratios, self.cfg.gqa_mode, self.cfg.head_multiple, self.cfg.ffn_multiple)
 
     @torch.no_grad()
     def run(self, input_ids: torch.Tensor, on_layer: Callable[[int, int, dict], None] | None = None) -> PruneResult:

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import BadInputError
+from ..modeling.shapes import heads_aligned
 
 MAX_LAYER_RATIO = 0.95
 R_MIN_OVER_R_MAX = 0.25
@@ -137,33 +138,53 @@ def _heads_after(shape: LayerShape, gqa_mode: str, removed_units: int) -> tuple[
     return kv * shape.q_per_kv, kv
 
 
-def plan_layers(shapes: list[LayerShape], ratios: list[float], gqa_mode: str) -> list[LayerPlan]:
+def _head_drop(shape: LayerShape, gqa_mode: str, r: float, multiple: int, layer: int) -> int:
+    """Units to remove: nearest to r * units among those leaving aligned head counts (one unit kept)."""
+    units, _ = head_units(shape, gqa_mode)
+    allowed = [d for d in range(units) if heads_aligned(*_heads_after(shape, gqa_mode, d), multiple)]
+    if not allowed:
+        raise BadInputError(
+            f"layer {layer} ({shape.q_heads} query / {shape.kv_heads} KV heads, GQA mode {effective_gqa_mode(shape, gqa_mode)}) "
+            f"has no head count that is a multiple of {multiple}; lower --head-multiple/--tp-size"
+            + (" or try --gqa-mode kv-group" if gqa_mode == "per-group" else "")
+        )
+    return min(allowed, key=lambda d: (abs(d - r * units), d))
+
+
+def plan_layers(
+    shapes: list[LayerShape], ratios: list[float], gqa_mode: str, head_multiple: int = 1, ffn_multiple: int = 1
+) -> list[LayerPlan]:
     """Whole heads and channels per layer, landing on the ratios in parameter count.
 
-    Heads: round(r_i * units) units removed, at least one unit kept. FFN: as
-    many channels as bring the layer to r_i of its parameters (at least one
-    kept). Then the leftover of the whole model's target, from rounding, is
-    spread over the layers' FFN channels.
+    Heads: the number of units removed nearest to r_i * units whose query and KV
+    head counts are multiples of `head_multiple` (see `heads_aligned`), at least
+    one unit kept. FFN: as many channels, in steps of `ffn_multiple`, as bring the
+    layer to r_i of its parameters (at least one step kept). Then the leftover of
+    the whole model's target, from rounding, is spread over the layers' FFNs one
+    step at a time -- alignment is part of the decision, never padding afterwards.
     """
     if gqa_mode not in GQA_MODES:
         raise BadInputError(f"unknown GQA mode {gqa_mode!r}; choose one of {', '.join(GQA_MODES)}")
+    if head_multiple < 1 or ffn_multiple < 1:
+        raise BadInputError("--head-multiple and --ffn-multiple must be at least 1")
     plans: list[LayerPlan] = []
-    for shape, r in zip(shapes, ratios):
-        units, _ = head_units(shape, gqa_mode)
-        drop = min(round(r * units), units - 1)
-        q, kv = _heads_after(shape, gqa_mode, drop)
+    for i, (shape, r) in enumerate(zip(shapes, ratios)):
+        cap = shape.ffn // ffn_multiple * ffn_multiple  # the widest aligned FFN
+        if cap < ffn_multiple:
+            raise BadInputError(f"layer {i} has FFN width {shape.ffn}, less than --ffn-multiple {ffn_multiple}; lower it")
+        q, kv = _heads_after(shape, gqa_mode, _head_drop(shape, gqa_mode, r, head_multiple, i))
         want_removed = r * shape.params()
         attn_removed = shape.attn_params(shape.q_heads, shape.kv_heads) - shape.attn_params(q, kv)
-        per_channel = shape.mlp_params(1)
-        f_drop = round((want_removed - attn_removed) / per_channel)
-        f = min(max(shape.ffn - f_drop, 1), shape.ffn)
+        keep = shape.ffn - (want_removed - attn_removed) / shape.mlp_params(1)  # exact channels to keep
+        f = min(max(round(keep / ffn_multiple) * ffn_multiple, ffn_multiple), cap)
         plans.append(LayerPlan(q_heads=q, kv_heads=kv, ffn=f, ratio=r))
-    # Spread the model-wide rounding leftover over the FFNs, one channel at a time.
+    # Spread the model-wide rounding leftover over the FFNs, one step at a time.
     target = sum(r * s.params() for s, r in zip(shapes, ratios))
     removed = sum(s.params() - s.params(p.q_heads, p.kv_heads, p.ffn) for s, p in zip(shapes, plans))
-    per_channel = shapes[0].mlp_params(1) if shapes else 1
-    leftover = round((target - removed) / per_channel)
-    step = 1 if leftover > 0 else -1
+    per_step = shapes[0].mlp_params(ffn_multiple) if shapes else 1
+    leftover = round((target - removed) / per_step)
+    step = ffn_multiple if leftover > 0 else -ffn_multiple
+    leftover *= ffn_multiple
     order = list(range(len(plans)))[::-1]  # deeper layers first: they tolerate pruning best
     while leftover != 0:
         moved = False
@@ -172,7 +193,7 @@ def plan_layers(shapes: list[LayerShape], ratios: list[float], gqa_mode: str) ->
                 break
             p, s = plans[i], shapes[i]
             f = p.ffn - step
-            if 1 <= f <= s.ffn and p.ratio > 0:
+            if ffn_multiple <= f <= s.ffn // ffn_multiple * ffn_multiple and p.ratio > 0:
                 plans[i] = LayerPlan(p.q_heads, p.kv_heads, f, p.ratio)
                 leftover -= step
                 moved = True

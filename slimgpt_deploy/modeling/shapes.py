@@ -1,0 +1,83 @@
+"""The weight shapes a slim config promises, tensor by tensor (HF names, unsharded).
+
+One source of truth for everything that checks weights against a config before
+computing with them: the checkpoint validator, the vLLM plugin's weight loader,
+the exporters.
+"""
+from __future__ import annotations
+
+import re
+
+from .configuration_slimgpt import SlimGPTConfig
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
+
+
+def layer_weight_shapes(config: SlimGPTConfig, i: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of decoder layer i's tensors, keyed by the name inside the layer."""
+    q, kv, f = config.layer_shape(i)
+    h, d = config.hidden_size, config.head_dim
+    shapes = {
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q * d, h),
+        "self_attn.k_proj.weight": (kv * d, h),
+        "self_attn.v_proj.weight": (kv * d, h),
+        "self_attn.o_proj.weight": (h, q * d),
+        "mlp.gate_proj.weight": (f, h),
+        "mlp.up_proj.weight": (f, h),
+        "mlp.down_proj.weight": (h, f),
+    }
+    if config.attention_bias:
+        shapes.update({"self_attn.q_proj.bias": (q * d,), "self_attn.k_proj.bias": (kv * d,), "self_attn.v_proj.bias": (kv * d,)})
+    if config.o_proj_bias:
+        shapes["self_attn.o_proj.bias"] = (h,)
+    if getattr(config, "mlp_bias", False):
+        shapes.update({"mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,), "mlp.down_proj.bias": (h,)})
+    return shapes
+
+
+def shape_mismatch(config: SlimGPTConfig, name: str, shape: tuple[int, ...]) -> str | None:
+    """Why tensor `name` of `shape` disagrees with the config, or None if it fits (or is not a layer tensor).
+
+    Names may carry a prefix (`model.layers.3.mlp.up_proj.weight`).
+    """
+    m = _LAYER.search(name)
+    if m is None:
+        return None
+    i, local = int(m.group(1)), m.group(2)
+    n = config.num_hidden_layers
+    if i >= n:
+        return f"weight {name} belongs to layer {i} but the config has num_hidden_layers={n}"
+    expected = layer_weight_shapes(config, i).get(local)
+    if expected is None:
+        return f"layer {i}: unexpected weight {name}"
+    if tuple(shape) != expected:
+        q, kv, f = config.layer_shape(i)
+        return (
+            f"layer {i}: {name} has shape {list(shape)} but the config's per-layer lists "
+            f"(q_heads={q}, kv_heads={kv}, ffn={f}) imply {list(expected)}"
+        )
+    return None
+
+
+def heads_aligned(q: int, kv: int, multiple: int) -> bool:
+    """Whether q query and kv KV heads shard over `multiple` ranks (vLLM's tensor-parallel rule).
+
+    Query heads split evenly; KV heads split evenly or, when fewer than the
+    ranks, each is replicated on a whole number of ranks.
+    """
+    kv_ok = kv % multiple == 0 if kv >= multiple else multiple % kv == 0
+    return q % multiple == 0 and kv_ok
+
+
+def tp_problem(config: SlimGPTConfig, tp: int) -> str | None:
+    """Why tensor-parallel size `tp` cannot shard this model's per-layer shapes, or None."""
+    for i in range(config.num_hidden_layers):
+        q, kv, ffn = config.layer_shape(i)
+        if not heads_aligned(q, kv, tp) or ffn % tp:
+            return (
+                f"layer {i} has {q} query heads, {kv} KV heads and FFN width {ffn}, which tensor-parallel size {tp} "
+                f"does not divide; prune with `slimgpt-deploy prune --tp-size {tp}` to align the shapes"
+            )
+    return None
