@@ -88,12 +88,15 @@ class Tolerance:
     top1_min: float | None = None  # share of positions with the same argmax
 
 
-# Measured on SmolLM2-135M dense and pruned 20% (benchmarks/results/onnx.md): fp32 max diff
-# ~1e-4 (bound leaves ~20x room); fp16 ~0.06 on logits of magnitude ~20; int8 KL ~0.02, top-1 ~0.95.
+# Measured here (export.json of each benchmark export): fp32 max |diff| 5.6e-5..7.2e-5 on SmolLM2-135M
+# dense and pruned 20/30/50% (logits of magnitude ~20), 2e-7 on the tiny test model: ~30x room.
+# int8 weight-only vs PyTorch on the 34 verification positions of pruned-20% SmolLM2: KL 0.0057,
+# top-1 0.94 (0.004 / 0.95 over 1,024 WikiText-2 positions, benchmarks/results/onnx.md); dynamic
+# int8 gives KL 0.47, top-1 0.62 and fails these bounds. fp16: see the README / report.
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(logits_atol=2e-3, exact_greedy=True),
     "fp16": Tolerance(logits_atol=0.25, exact_greedy=False, kl_max=0.01, top1_min=0.95),
-    "int8": Tolerance(logits_atol=None, exact_greedy=False, kl_max=0.1, top1_min=0.85),
+    "int8": Tolerance(logits_atol=None, exact_greedy=False, kl_max=0.05, top1_min=0.85),
 }
 
 
@@ -323,6 +326,21 @@ def untie_transposed_weights(model) -> list[str]:
     return created
 
 
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """onnxruntime's quantizers log one INFO line per node, some through the root logger."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization"),
+               logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def quantize_matmul_nbits_int8(src: Path, dst: Path, *, block_size: int = 32, accuracy_level: int = 4) -> None:
     """Weight-only 8-bit: every MatMul with a constant weight becomes MatMulNBits (fp32 activations)."""
     require("onnxruntime")
@@ -331,7 +349,8 @@ def quantize_matmul_nbits_int8(src: Path, dst: Path, *, block_size: int = 32, ac
     model = _load_onnx(src)
     untied = untie_transposed_weights(model)
     quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level)
-    quantizer.process()
+    with _quiet_quantizer():
+        quantizer.process()
     _save_onnx(quantizer.model.model, dst)
     logger.info("MatMulNBits int8 written to %s (untied %s)", dst, untied)
 
@@ -348,8 +367,9 @@ def quantize_dynamic_int8(src: Path, dst: Path) -> None:
     scratch.mkdir()
     try:
         onnx.save_model(model, str(scratch / "in.onnx"), save_as_external_data=True, location="in.onnx.data")
-        quantize_dynamic(str(scratch / "in.onnx"), str(scratch / "out.onnx"), weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul"], use_external_data_format=True)
+        with _quiet_quantizer():
+            quantize_dynamic(str(scratch / "in.onnx"), str(scratch / "out.onnx"), weight_type=QuantType.QInt8,
+                             op_types_to_quantize=["MatMul"], use_external_data_format=True)
         _save_onnx(onnx.load(str(scratch / "out.onnx"), load_external_data=True), dst)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -476,18 +496,12 @@ def verify_against(onnx_dir: Path, model: torch.nn.Module, tokenizer, kind: str)
 
 
 def _open_for_verification(onnx_dir: Path, kind: str) -> OnnxDecoder:
-    """A CPU session; fp16 that this runtime cannot run becomes a BadInputError saying what works."""
-    try:
-        return OnnxDecoder(onnx_dir, providers=["CPUExecutionProvider"])
-    except (CheckpointError, BadInputError):
-        raise
-    except Exception as err:  # onnxruntime raises its own types (NotImplemented, Fail)
-        if kind == "fp16" and "NOT_IMPLEMENTED" in str(err).upper().replace(" ", "_"):
-            raise BadInputError(
-                f"this onnxruntime (CPU) cannot run an fp16 graph ({str(err).splitlines()[0]}); "
-                "export with --dtype fp32 or --quantize int8, or install onnxruntime-gpu"
-            ) from err
-        raise
+    """A CPU session: the verification compares on the machine that exported.
+
+    ONNX Runtime 1.32's CPU provider runs the fp16 graph (measured); a runtime that
+    cannot raises BadInputError from OnnxDecoder, suggesting fp32 or int8.
+    """
+    return OnnxDecoder(onnx_dir, providers=["CPUExecutionProvider"])
 
 
 def _encode(tokenizer, text: str) -> list[int]:

@@ -283,7 +283,10 @@ class OnnxDecoder:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers or default_providers()))
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers or default_providers()))
+        except Exception as err:  # onnxruntime raises its own types (Fail, InvalidGraph, NotImplemented, ...)
+            raise _load_error(path, self.spec, err) from err
         problems = check_spec(self.spec, self.session)
         if problems:
             raise CheckpointError(
@@ -357,6 +360,17 @@ class OnnxDecoder:
             lengths = lengths + 1
             mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)  # [B, T+1]
         return out
+
+
+def _load_error(path: Path, spec: OnnxSpec, err: Exception) -> BadInputError:
+    """A runtime that lacks fp16 kernels is a wrong choice of dtype; anything else, a broken file."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if spec.dtype == "float16" and "NOT_IMPLEMENTED" in first.upper().replace(" ", "_"):
+        return BadInputError(
+            f"this onnxruntime ({', '.join(default_providers())}) cannot run the fp16 graph {path} ({first}); "
+            "export with --dtype fp32 or --quantize int8, or install onnxruntime-gpu"
+        )
+    return CheckpointError(f"ONNX Runtime cannot load {path}: {first}; re-export it with --force")
 
 
 class _PingPongCache:

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
 
 import slimgpt_deploy  # noqa: E402,F401  (registers the slimgpt model type)
 from slimgpt_deploy.cli import main  # noqa: E402
-from slimgpt_deploy.errors import BadInputError, VerificationError  # noqa: E402
+from slimgpt_deploy.errors import BadInputError, CheckpointError, VerificationError  # noqa: E402
 from slimgpt_deploy.exporters import onnx as onnx_export  # noqa: E402
 from slimgpt_deploy.exporters.onnx_model import ExportDecoder, empty_past  # noqa: E402
 from slimgpt_deploy.serving.onnx_runner import SPEC_FILE, OnnxDecoder, left_pad, positions  # noqa: E402
@@ -135,6 +135,22 @@ def test_int8_quantization_of_an_export(uneven_onnx, uneven_slim_dir, tmp_path):
     assert result["checks"]["kl"] < 1e-3 and result["checks"]["top1"] >= 0.95
 
 
+def test_int8_export_with_external_data(uneven_slim_dir, tmp_path, monkeypatch):
+    """`export --quantize int8` end to end, with weights forced into external data (as for models > 2 GB)."""
+    import onnx
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    summary = onnx_export.export(uneven_slim_dir, tmp_path / "int8", quantize="int8")
+    files = sorted(p.name for p in (tmp_path / "int8").glob("model.onnx*"))
+    assert files == ["model.onnx", "model.onnx.data"]
+    graph = onnx.load(tmp_path / "int8" / "model.onnx", load_external_data=False).graph
+    external = {i.name for i in graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL}
+    quantized = {n.input[1] for n in graph.node if n.op_type == "MatMulNBits"}
+    assert quantized and quantized <= external  # every weight lives in model.onnx.data
+    assert summary["verification"]["passed"] and summary["quantize"] == "int8"
+    assert OnnxDecoder(tmp_path / "int8").generate_ids([[1, 3, 4]], max_new_tokens=4, eos_token_ids=())
+
+
 def test_untie_transposed_weights_makes_lm_head_quantizable():
     import onnx
     from onnx import helper, numpy_helper
@@ -203,25 +219,22 @@ def test_failed_verification_raises_and_leaves_nothing(uneven_slim_dir, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
-def test_fp16_runtime_without_kernels_is_a_bad_input(monkeypatch, tmp_path):
+def test_cli_fp16_export_runs_on_cpu_and_a_runtime_without_fp16_is_a_bad_input(uneven_slim_dir, uneven_onnx, tmp_path, monkeypatch):
     """ORT 1.32's CPU provider runs our fp16 graph (measured); a runtime that cannot gets a clear error."""
-    class NotImplementedRuntime(Exception):
-        pass
+    import onnxruntime
 
-    def refuse(*args, **kwargs):
-        raise NotImplementedRuntime("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for MatMul(13)")
-
-    monkeypatch.setattr(onnx_export, "OnnxDecoder", refuse)
-    with pytest.raises(BadInputError, match="--dtype fp32 or --quantize int8"):
-        onnx_export._open_for_verification(tmp_path, "fp16")
-    with pytest.raises(NotImplementedRuntime):
-        onnx_export._open_for_verification(tmp_path, "fp32")
-
-
-def test_cli_fp16_export_runs_on_cpu(uneven_slim_dir, tmp_path):
     out = tmp_path / "fp16"
     result = CliRunner().invoke(main, ["export", str(uneven_slim_dir), "--format", "onnx", "--out", str(out), "--dtype", "fp16", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "export.json").read_text())
     assert summary["dtype"] == "fp16" and summary["verification"]["passed"]
     assert json.loads((out / SPEC_FILE).read_text())["cache"]["dtype"] == "float16"
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for MatMul(13)")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
+    with pytest.raises(BadInputError, match="--dtype fp32 or --quantize int8"):
+        OnnxDecoder(out)
+    with pytest.raises(CheckpointError, match="cannot load"):  # fp32: a broken file, not a dtype choice
+        OnnxDecoder(uneven_onnx)
