@@ -21,11 +21,12 @@ accuracy_level 4), lm_head untied first. ONNX Runtime's dynamic quantization
 measurement only; on SmolLM2 it ruins the outputs (benchmarks/results/onnx.md).
 
 Verification (each check recorded; all mismatches collected, then VerificationError):
-  fp32/fp16  batch of 2 left-padded prompts: prefill + 8 cached decode steps, max |logits
-             difference| vs transformers within TOLERANCES[dtype].logits_atol; greedy
-             tokens for 32 steps on each prompt identical to transformers' (cached).
-  int8       the same run; KL(P_torch || P_onnx) per position <= kl_max and top-1
-             agreement >= top1_min instead of a logits bound and exact tokens.
+  fp32  batch of 2 left-padded prompts: prefill + 8 cached decode steps, max |logits
+        difference| vs transformers (float32) within TOLERANCES["fp32"].logits_atol; greedy
+        tokens for 32 steps on 3 prompts identical to transformers' own cached decoding.
+  fp16  the same logits bound (looser) plus KL / top-1 bounds; greedy agreement recorded.
+  int8  KL(P_torch || P_onnx) per position <= kl_max and top-1 agreement >= top1_min
+        instead of a logits bound and exact tokens; greedy agreement recorded.
 """
 from __future__ import annotations
 
@@ -92,10 +93,11 @@ class Tolerance:
 # dense and pruned 20/30/50% (logits of magnitude ~20), 2e-7 on the tiny test model: ~30x room.
 # int8 weight-only vs PyTorch on the 34 verification positions of pruned-20% SmolLM2: KL 0.0057,
 # top-1 0.94 (0.004 / 0.95 over 1,024 WikiText-2 positions, benchmarks/results/onnx.md); dynamic
-# int8 gives KL 0.47, top-1 0.62 and fails these bounds. fp16: see the README / report.
+# int8 gives KL 0.47, top-1 0.62 and fails these bounds. fp16 (pruned-20% SmolLM2, ORT CPU): max |diff|
+# 0.24 (prefill; 0.06 decode), KL 2.7e-5, top-1 1.0, greedy tokens identical on all 3 prompts.
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(logits_atol=2e-3, exact_greedy=True),
-    "fp16": Tolerance(logits_atol=0.25, exact_greedy=False, kl_max=0.01, top1_min=0.95),
+    "fp16": Tolerance(logits_atol=1.0, exact_greedy=False, kl_max=0.01, top1_min=0.95),
     "int8": Tolerance(logits_atol=None, exact_greedy=False, kl_max=0.05, top1_min=0.85),
 }
 
