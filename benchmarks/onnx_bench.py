@@ -288,7 +288,9 @@ def markdown(results: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads; onnxruntime {m['onnxruntime']}, "
         f"torch {m['torch']}, Python {m['python']}; {m['platform']}. Date: {results['date']}. "
         f"Load average at start/end: {m['load_average_start']:.1f}/{m.get('load_average_end', float('nan')):.1f} "
-        "(another job shared these cores: absolute times are noisy; models ran one after another).",
+        + ("(another job shared these cores: absolute times are noisy; models ran one after another)."
+           if m["load_average_start"] > 1.0
+           else "(no other job on the machine; models ran one after another)."),
         f"Command: `.venv/bin/python benchmarks/onnx_bench.py --threads {m['threads']}` (prunes and exports what is missing under build/bench; {results.get('seconds', '?')} s).",
         f"Protocol: prefill = one forward over N tokens, batch 1, median of 3; decode = ms per token after a "
         f"{DECODE_CONTEXT}-token prompt, median of {DECODE_STEPS} steps; peak RSS of the measuring subprocess. "
