@@ -73,6 +73,8 @@ def export(
     dtype = DTYPE_ALIASES.get(dtype, dtype) if dtype else source_dtype
     if dtype not in DTYPES:
         raise BadInputError(f"--dtype {dtype!r} is not supported for vLLM; choose one of: {', '.join(DTYPES)}")
+    if not any(checkpoint.glob("*.safetensors")):
+        raise CheckpointError(f"{checkpoint} has no .safetensors weights; only safetensors checkpoints are exported (no pickle)")
     if config.get("model_type") == "slimgpt":
         from slimgpt_deploy.checkpoint import validate_checkpoint
 

@@ -325,3 +325,17 @@ def test_partial_conversions_are_not_taken_for_the_cache(tmp_path, monkeypatch):
     (tmp_path / "smollm2-135m").mkdir()
     with pytest.raises(ModelSourceError, match="incomplete; delete it"):
         embedded_model_dir()
+
+
+def test_pickle_weights_are_refused_with_a_conversion_hint(tiny_llama_dir, tmp_path):
+    """Safetensors only: a directory holding pytorch_model.bin is refused before anything is unpickled."""
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    for f in tiny_llama_dir.iterdir():
+        if f.suffix != ".safetensors":
+            (pickled / f.name).write_bytes(f.read_bytes())
+    torch.save(load_file(tiny_llama_dir / "model.safetensors"), pickled / "pytorch_model.bin")
+    with pytest.raises(ModelSourceError, match=r"pickle weights \(pytorch_model\.bin\); slimgpt-deploy loads safetensors only.*save_pretrained"):
+        load_model(str(pickled))
