@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from slimgpt_deploy.checkpoint import weight_bytes_per_token
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -207,24 +209,6 @@ def ensure_quantized(fp32: Path, name: str, method: str) -> Path:
     if not (out / "export.json").is_file():
         quantize_dir(fp32, out, method=method, force=True)
     return out
-
-
-def weight_bytes_per_token(checkpoint: Path) -> int:
-    """Parameters read per decoded token, float32: all but the embedding (one row), lm_head counted once."""
-    from safetensors import safe_open
-
-    total = 0
-    tied = json.loads((checkpoint / "config.json").read_text()).get("tie_word_embeddings", False)
-    for f in checkpoint.glob("*.safetensors"):
-        with safe_open(str(f), "pt") as st:
-            for key in st.keys():
-                n = 1
-                for d in st.get_slice(key).get_shape():
-                    n *= d
-                if key.endswith("embed_tokens.weight") and not tied:
-                    continue  # a gather reads one row; an untied lm_head is counted by its own key
-                total += 4 * n
-    return total
 
 
 def machine(threads: int) -> dict:

@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from slimgpt_deploy.checkpoint import weight_bytes_per_token
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BENCH_DIR = ROOT / "build" / "bench"
@@ -48,24 +50,6 @@ def pruned_checkpoint(ratio: float) -> Path:
         subprocess.run([str(ROOT / ".venv" / "bin" / "slimgpt-deploy"), "prune", "smollm2-135m", "--ratio", str(ratio),
                         "--out", str(out), "--force", *calib], check=True)
     return out
-
-
-def weight_bytes(model_dir: Path) -> int:
-    from safetensors import safe_open
-
-    seen, total = set(), 0
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as st:
-            for name in st.keys():
-                if name == "lm_head.weight" and "model.embed_tokens.weight" in seen:
-                    continue  # a tied head stored twice is still read once
-                seen.add(name)
-                t = st.get_slice(name)
-                n = 1
-                for d in t.get_shape():
-                    n *= d
-                total += n * {"F32": 4, "BF16": 2, "F16": 2}[t.get_dtype()]
-    return total
 
 
 def kv_bytes_per_token(model_dir: Path, dtype_bytes: int = 4) -> int:
@@ -129,7 +113,7 @@ def measure(name: str, model_dir: Path) -> dict:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     r = json.loads(out.read_text())
     out.unlink()
-    r.update(model=name, path=str(model_dir), weight_bytes=weight_bytes(model_dir),
+    r.update(model=name, path=str(model_dir), weight_bytes=weight_bytes_per_token(model_dir),
              kv_bytes_per_token=kv_bytes_per_token(model_dir), wall_s=round(time.perf_counter() - t0, 1))
     print(f"{name}: decode b1 {r['decode_tok_s']['1']['median']:.1f} tok/s, b8 {r['decode_tok_s']['8']['median']:.1f} tok/s", flush=True)
     return r

@@ -13,7 +13,6 @@ at `out`. The returned summary is also written to `out/export.json`.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 EXPORTERS: dict[str, str] = {
@@ -23,9 +22,6 @@ EXPORTERS: dict[str, str] = {
 
 
 def get_exporter(fmt: str) -> Callable[..., dict]:
-    from ..errors import BadInputError
+    from ..extras import resolve
 
-    if fmt not in EXPORTERS:
-        raise BadInputError(f"unknown export format {fmt!r}; choose one of: {', '.join(EXPORTERS)}")
-    module, _, name = EXPORTERS[fmt].partition(":")
-    return getattr(importlib.import_module(module), name)
+    return resolve(EXPORTERS, fmt, "export format")

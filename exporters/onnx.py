@@ -57,6 +57,8 @@ from slimgpt_deploy.serving.onnx_runner import (
     positions,
 )
 
+from slimgpt_deploy.reference import greedy_reference
+
 from .onnx_model import ExportDecoder
 
 logger = logging.getLogger(__name__)
@@ -478,7 +480,7 @@ def verify_against(onnx_dir: Path, model: torch.nn.Module, tokenizer, kind: str)
     # 2. Greedy tokens, one prompt at a time, through the runner's generation loop.
     greedy = []
     for i, prompt in enumerate(prompts):
-        want = _torch_greedy(model, prompt, GREEDY_STEPS)
+        want = greedy_reference(model, [prompt], GREEDY_STEPS)[0].token_ids
         got = decoder.generate_ids([prompt], max_new_tokens=GREEDY_STEPS, eos_token_ids=())[0]
         same = next((j for j, (a, b) in enumerate(zip(want, got)) if a != b), len(want))
         greedy.append({"prompt": i, "identical_prefix": same, "agreement": float(np.mean(np.array(want) == np.array(got)))})
@@ -556,19 +558,3 @@ def _kl_top1(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
     kl = float(np.maximum((np.exp(lp) * (lp - lq)).sum(-1).mean(), 0.0))
     top1 = float((ref.argmax(-1) == got.argmax(-1)).mean())
     return kl, top1
-
-
-@torch.no_grad()
-def _torch_greedy(model, prompt: list[int], steps: int) -> list[int]:
-    """transformers' own cached decoding (DynamicCache), greedy, no EOS stop."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    ids = torch.tensor([prompt])
-    out = []
-    for _ in range(steps):
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits  # [1, S, V]
-        nxt = int(logits[0, -1].argmax())
-        out.append(nxt)
-        ids = torch.tensor([[nxt]])
-    return out

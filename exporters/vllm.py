@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from slimgpt_deploy.atomic import atomic_output_dir, check_output_dir
-from slimgpt_deploy.errors import BadInputError, CheckpointError, VerificationError
+from slimgpt_deploy.checkpoint import read_config, safetensors_files, validate_checkpoint
+from slimgpt_deploy.errors import BadInputError, VerificationError
 
 FORMAT = "vllm"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,16 +69,13 @@ def export(
     checkpoint, out = Path(checkpoint), Path(out)
     if quantize is not None:
         raise BadInputError(f"--quantize {quantize} applies to ONNX exports; vLLM quantizes at load (see `vllm serve --quantization`)")
-    config = _read_config(checkpoint)
+    config = read_config(checkpoint)
     source_dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
     dtype = DTYPE_ALIASES.get(dtype, dtype) if dtype else source_dtype
     if dtype not in DTYPES:
         raise BadInputError(f"--dtype {dtype!r} is not supported for vLLM; choose one of: {', '.join(DTYPES)}")
-    if not any(checkpoint.glob("*.safetensors")):
-        raise CheckpointError(f"{checkpoint} has no .safetensors weights; only safetensors checkpoints are exported (no pickle)")
+    safetensors_files(checkpoint)
     if config.get("model_type") == "slimgpt":
-        from slimgpt_deploy.checkpoint import validate_checkpoint
-
         validate_checkpoint(checkpoint)
     check_output_dir(out, force)
     if verify:
@@ -108,16 +106,6 @@ def export(
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _read_config(checkpoint: Path) -> dict:
-    path = checkpoint / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{checkpoint} is not a checkpoint directory (no config.json); give the --out of `slimgpt-deploy prune`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
 
 
 def _copy_checkpoint(src: Path, dst: Path, dtype: str | None) -> None:

@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 BACKENDS: dict[str, str] = {
@@ -23,9 +22,6 @@ BACKENDS: dict[str, str] = {
 
 
 def get_backend(name: str) -> Callable[..., list[str]]:
-    from ..errors import BadInputError
+    from ..extras import resolve
 
-    if name not in BACKENDS:
-        raise BadInputError(f"unknown back end {name!r}; choose one of: {', '.join(BACKENDS)}")
-    module, _, attr = BACKENDS[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
+    return resolve(BACKENDS, name, "back end")

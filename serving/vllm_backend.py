@@ -48,15 +48,19 @@ class EngineOptions:
     seed: int = 0
     enforce_eager: bool = True  # no CUDA graphs / torch.compile warm-up: fast start for checks and CLI runs
 
+    @property
+    def kv_budget(self) -> int | None:
+        """KV-cache bytes to ask vLLM for: the explicit budget, CPU_KV_CACHE_BYTES on CPU, else vLLM's default."""
+        return self.kv_cache_bytes or (CPU_KV_CACHE_BYTES if on_cpu() else None)
+
     def llm_kwargs(self, model: Path) -> dict:
         """Keyword arguments for `vllm.LLM`."""
         kw = dict(model=str(model), dtype=self.dtype, tensor_parallel_size=self.tensor_parallel_size,
                   seed=self.seed, enforce_eager=self.enforce_eager)
         if self.max_model_len:
             kw["max_model_len"] = self.max_model_len
-        kv = self.kv_cache_bytes or (CPU_KV_CACHE_BYTES if on_cpu() else None)
-        if kv:
-            kw["kv_cache_memory_bytes"] = kv
+        if self.kv_budget:
+            kw["kv_cache_memory_bytes"] = self.kv_budget
         return kw
 
     def serve_args(self) -> list[str]:
@@ -64,9 +68,8 @@ class EngineOptions:
         args = ["--dtype", self.dtype, "--tensor-parallel-size", str(self.tensor_parallel_size), "--seed", str(self.seed)]
         if self.max_model_len:
             args += ["--max-model-len", str(self.max_model_len)]
-        kv = self.kv_cache_bytes or (CPU_KV_CACHE_BYTES if on_cpu() else None)
-        if kv:
-            args += ["--kv-cache-memory-bytes", str(kv)]
+        if self.kv_budget:
+            args += ["--kv-cache-memory-bytes", str(self.kv_budget)]
         if self.enforce_eager:
             args.append("--enforce-eager")
         return args
@@ -161,20 +164,17 @@ def check_servable(model: Path, tensor_parallel_size: int = 1) -> dict:
     Checks: a checkpoint directory; a slim checkpoint's weights agree with its
     per-layer lists; the per-layer shapes shard over `tensor_parallel_size`; vLLM installed.
     """
-    from slimgpt_deploy.errors import BadInputError, CheckpointError
+    from slimgpt_deploy.checkpoint import read_config, safetensors_files, validate_checkpoint
+    from slimgpt_deploy.errors import BadInputError
 
-    model = Path(model)
-    path = model / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{model} is not a checkpoint directory (no config.json); give the --out of `slimgpt-deploy prune` or `export --format vllm`")
-    config = json.loads(path.read_text())
+    config = read_config(model)
+    safetensors_files(model)
     if config.get("model_type") == "slimgpt":
-        from slimgpt_deploy.checkpoint import validate_checkpoint
         from slimgpt_deploy.modeling import SlimGPTConfig
         from slimgpt_deploy.modeling.shapes import tp_problem
 
         validate_checkpoint(model)
-        problem = tp_problem(SlimGPTConfig.from_pretrained(model), tensor_parallel_size) if tensor_parallel_size > 1 else None
+        problem = tp_problem(SlimGPTConfig.from_pretrained(model), tensor_parallel_size)
         if problem:
             raise BadInputError(problem)
     require_vllm()

@@ -55,9 +55,9 @@ class SlimGPTDecoderLayer(LlamaDecoderLayer):
 
 class SlimGPTForCausalLM(LlamaForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        config = vllm_config.model_config.hf_config
-        tp = vllm_config.parallel_config.tensor_parallel_size
-        _check_tp(config, tp)
+        problem = tp_problem(vllm_config.model_config.hf_config, vllm_config.parallel_config.tensor_parallel_size)
+        if problem:
+            raise ValueError(problem)
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=SlimGPTDecoderLayer)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -73,9 +73,3 @@ class SlimGPTForCausalLM(LlamaForCausalLM):
 
         return super().load_weights(checked())
 
-
-def _check_tp(config, tp: int) -> None:
-    """Refuse a tensor-parallel size the per-layer shapes do not divide, naming the layer."""
-    problem = tp_problem(config, tp) if tp > 1 else None
-    if problem:
-        raise ValueError(problem)

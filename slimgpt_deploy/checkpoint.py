@@ -87,6 +87,72 @@ model = AutoModelForCausalLM.from_pretrained("PATH")
 """
 
 
+# Weight files that torch.load unpickles; refused everywhere (DESIGN.md: safetensors only).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def read_config(path: Path) -> dict:
+    """config.json of a checkpoint directory as a dict; CheckpointError if it is missing or not JSON."""
+    from .errors import CheckpointError
+
+    path = Path(path)
+    file = path / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint directory (no config.json); give the --out of `slimgpt-deploy prune`")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e})") from None
+
+
+def safetensors_files(path: Path, error: type[Exception] | None = None) -> list[Path]:
+    """The directory's .safetensors files; `error` (CheckpointError by default) if there are none.
+
+    Pickle weights are named in the message with a conversion hint: unpickling can run code.
+    """
+    from .errors import CheckpointError
+
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        what = f"pickle weights ({', '.join(pickles)})" if pickles else "no .safetensors weights"
+        raise (error or CheckpointError)(
+            f"{path} has {what}; slimgpt-deploy loads safetensors only (pickle files can run code). "
+            "Convert once where you trust the file: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir)"
+        )
+    return files
+
+
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def weight_bytes_per_token(path: Path) -> int:
+    """Weight bytes a decode step reads, from the safetensors headers (nothing is loaded).
+
+    Every tensor once, except an untied input embedding (a gather reads one row);
+    a tied embedding is read once, as the lm_head. The memory-bound ideal speed-up of
+    pruning is the ratio of this for dense and pruned.
+    """
+    from safetensors import safe_open
+
+    tied = read_config(path).get("tie_word_embeddings", False)
+    total = 0
+    for file in safetensors_files(path):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                if name.endswith("embed_tokens.weight") and not tied:
+                    continue
+                if name == "lm_head.weight" and tied:
+                    continue  # a tied head written out anyway is the embedding, counted already
+                t = f.get_slice(name)
+                n = 1
+                for d in t.get_shape():
+                    n *= d
+                total += n * _DTYPE_BYTES[t.get_dtype()]
+    return total
+
+
 def validate_checkpoint(path: Path) -> None:
     """Check a slim checkpoint's weights against its config without loading them.
 
@@ -105,9 +171,7 @@ def validate_checkpoint(path: Path) -> None:
     except Exception as e:  # transformers' strict validation wraps the ValueError in its own error type
         reason = str(e).strip().splitlines()[-1].strip().removeprefix("ValueError: ")
         raise CheckpointError(f"{path}/config.json is inconsistent: {reason}") from None
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path} has no .safetensors weights; export from a slim checkpoint written by `slimgpt-deploy prune`")
+    files = safetensors_files(path)
     seen = set()
     for file in files:
         try:

@@ -16,6 +16,14 @@ EXTRAS = {
 }
 
 
+def resolve(registry: dict[str, str], name: str, what: str):
+    """The object behind `registry[name]`, a lazy "module:attr" string; BadInputError listing the choices."""
+    if name not in registry:
+        raise BadInputError(f"unknown {what} {name!r}; choose one of: {', '.join(registry)}")
+    module, _, attr = registry[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 class MissingExtraError(BadInputError):
     pass
 

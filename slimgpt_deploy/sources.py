@@ -35,14 +35,13 @@ from transformers import (
 )
 
 from . import modeling  # noqa: F401  (registers the `slimgpt` model type with the Auto classes)
+from .checkpoint import safetensors_files
 from .errors import ModelSourceError
 from .families import SUPPORTED_MODEL_TYPES, check_architecture
 
 logger = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATION = "sdpa"
-# Weight files that torch.load unpickles; refused (DESIGN.md: safetensors only).
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 CACHE_ENV = "SLIMGPT_DEPLOY_CACHE"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
@@ -214,13 +213,7 @@ def _hf_dir_source(source: str) -> _Plan | None:
         check_architecture(json.loads(config_file.read_text()))
     except (OSError, ValueError) as err:
         raise ModelSourceError(f"cannot read {config_file}: {_first_line(err)}; fix or re-download the model") from err
-    if not any(path.glob("*.safetensors")):
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        what = f"pickle weights ({', '.join(pickles)})" if pickles else "no .safetensors weights"
-        raise ModelSourceError(
-            f"{source} has {what}; slimgpt-deploy loads safetensors only (pickle files can run code). "
-            "Convert once where you trust the file: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir)"
-        )
+    safetensors_files(path, error=ModelSourceError)
     path = path.resolve()
     return _Plan("hf-dir", str(path), {}, path)
 
