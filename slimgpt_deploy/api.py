@@ -4,7 +4,7 @@
     result = prune("smollm2-135m", PruneConfig(ratio=0.2))
     result.model, result.record
 
-`prune_to_checkpoint` adds the atomic save; the CLI's `prune` calls it.
+`prune_to_checkpoint` adds the atomic save and resumable state; the CLI's `prune` calls it.
 """
 from __future__ import annotations
 
@@ -18,12 +18,15 @@ import torch
 import transformers
 
 from . import __version__
-from .atomic import check_output_dir
+from .atomic import check_output_dir, existing_parent
 from .calibration import get_calibration
 from .checkpoint import save_checkpoint
 from .config import PruneConfig
-from .prune.engine import LayerwisePruner, PruneResult
-from .sources import LoadedModel, load_model
+from .errors import Interrupted, ResourceError, SlimGPTError
+from .guards import Estimate, available_ram, check_fits, estimate_prune, free_disk, job_size
+from .prune.engine import LayerwisePruner, PruneResult, check_weights
+from .resume import ResumeState, calibration_identity, default_state_dir
+from .sources import LoadedModel, load_model, model_config, source_identity
 
 log = logging.getLogger(__name__)
 
@@ -47,25 +50,127 @@ def prune(
     config: PruneConfig | None = None,
     *,
     on_layer: Callable[[int, int, dict], None] | None = None,
+    max_memory: int | None = None,
 ) -> PruneResult:
-    """Load (if given a source), calibrate and prune; returns the slim model, its tokenizer and record."""
+    """Load (if given a source), calibrate and prune; returns the slim model, its tokenizer and record.
+
+    Refuses (ResourceError) a job whose estimated peak memory exceeds what is
+    available; `max_memory` (bytes) caps the calibration activations kept in
+    memory (beyond it they live on disk; the result is the same).
+    """
     config = config or PruneConfig()
+    estimate = check_resources(model, config, out=None, max_memory=max_memory)
+    return _prune(model, config, on_layer=on_layer, state=None, offload=estimate.activations_on_disk)
+
+
+def prune_to_checkpoint(
+    model: str | LoadedModel,
+    out: Path,
+    config: PruneConfig | None = None,
+    *,
+    force: bool = False,
+    on_layer: Callable[[int, int, dict], None] | None = None,
+    resume: bool = False,
+    state_dir: Path | None = None,
+    max_memory: int | None = None,
+) -> PruneResult:
+    """`prune`, then save the slim checkpoint atomically to `out` (refused early if it exists without `force`).
+
+    Every finished layer is committed to `state_dir` (default
+    `resume.default_state_dir(out)`, a hidden sibling of `out`), removed once the
+    checkpoint is saved. `resume=True` continues from the last finished layer
+    (a fresh start when there is no state; BadInputError when the state is from
+    another source or options); without it, old state is cleared. Ctrl-C or
+    SIGTERM raise `Interrupted` whose message says where the state is.
+    Memory and disk are estimated first (guards.py) and a job that cannot fit is refused.
+    """
+    out = Path(out)
+    config = config or PruneConfig()
+    check_output_dir(out, force)
+    t0 = time.perf_counter()
+    model_cfg = model.model.config if isinstance(model, LoadedModel) else model_config(model)
+    estimate = check_resources(model, config, out=out, max_memory=max_memory, model_cfg=model_cfg)
+    identity = {
+        "source": source_identity(model),
+        "calibration": calibration_identity(config.calib),
+        "options": config.to_dict(),
+    }
+    state = ResumeState.open(Path(state_dir) if state_dir else default_state_dir(out), identity,
+                             model_cfg.num_hidden_layers, resume=resume)
+    try:
+        result = _prune(model, config, on_layer=on_layer, state=state, offload=estimate.activations_on_disk)
+        result.record["seconds"]["total"] = round(time.perf_counter() - t0, 3)
+        save_checkpoint(result.model, result.tokenizer, result.record, out, force=force)
+    except KeyboardInterrupt as err:
+        code = getattr(err, "exit_code", 130)
+        if state.finished == 0 and state.calibration is None:
+            state.remove()
+            raise Interrupted("interrupted; no output was written", code) from None
+        raise Interrupted(f"interrupted; {state.describe()}; rerun with --resume", code) from None
+    except BaseException as err:
+        worthless = state.finished == 0 and (state.calibration is None or
+                                             isinstance(err, SlimGPTError) and not isinstance(err, ResourceError))
+        if worthless:
+            state.remove()
+            raise
+        log.info("kept %s", state.describe())
+        if isinstance(err, ResourceError):  # e.g. the disk filled up: worth resuming once there is room
+            raise ResourceError(f"{err}; {state.describe()}: rerun with --resume") from err
+        raise
+    state.remove()
+    return result
+
+
+def check_resources(
+    model: str | LoadedModel, config: PruneConfig, *, out: Path | None, max_memory: int | None, model_cfg=None
+) -> Estimate:
+    """Estimate the prune's peak memory (and disk under `out`) and refuse it if it cannot fit."""
+    if model_cfg is None:
+        model_cfg = model.model.config if isinstance(model, LoadedModel) else model_config(model)
+    estimate = estimate_prune(job_size(model_cfg, config), weights_loaded=isinstance(model, LoadedModel),
+                              max_memory=max_memory)
+    where = existing_parent(out) if out is not None else None
+    check_fits(estimate, available_ram=available_ram(), free_disk=free_disk(where) if where else None, where=where)
+    log.info(
+        "estimated peak memory %.2f GiB, disk %.2f GiB; activations %s",
+        estimate.ram_bytes / 2**30, estimate.disk_bytes / 2**30, "on disk" if estimate.activations_on_disk else "in memory",
+    )
+    return estimate
+
+
+def _prune(
+    model: str | LoadedModel,
+    config: PruneConfig,
+    *,
+    on_layer: Callable[[int, int, dict], None] | None,
+    state: ResumeState | None,
+    offload: bool,
+) -> PruneResult:
     t0 = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=config.torch_dtype)
-    calib = get_calibration(
-        config.calib, loaded.model, loaded.tokenizer, nsamples=config.nsamples, seqlen=config.seqlen, seed=config.seed
-    )
-    t_calib = time.perf_counter() - t0
+    check_weights(loaded.model)  # every layer, before minutes of calibration
+    input_ids = state.calibration_ids() if state is not None else None
+    if input_ids is None:
+        calib = get_calibration(
+            config.calib, loaded.model, loaded.tokenizer, nsamples=config.nsamples, seqlen=config.seqlen, seed=config.seed
+        )
+        input_ids, calib_record = calib.input_ids, calib.describe()
+        t_calib = time.perf_counter() - t0
+        if state is not None:
+            state.save_calibration(input_ids, {**calib_record, "seconds": round(t_calib, 3)})
+    else:
+        calib_record = dict(state.calibration)
+        t_calib = calib_record.pop("seconds", 0.0)
     dense_params = _params(loaded.model)
     dense_decoder = sum(_params(layer) for layer in loaded.model.model.layers)
-    result = LayerwisePruner(loaded.model, config).run(calib.input_ids, on_layer=on_layer)
+    result = LayerwisePruner(loaded.model, config).run(input_ids, on_layer=on_layer, state=state, offload=offload)
     slim_params = _params(result.model)
     slim_decoder = sum(_params(layer) for layer in result.model.model.layers)
     result.record = {
         "format": "slimgpt-deploy/1",
         "source": {"source": loaded.source, "kind": loaded.kind, "model_type": loaded.model.config.model_type},
         "prune": config.to_dict(),
-        "calibration": calib.describe(),
+        "calibration": calib_record,
         "ratio_target": result.record.pop("ratio_target"),
         "ratio_achieved_decoder": 1.0 - slim_decoder / dense_decoder,
         "ratio_achieved_model": 1.0 - slim_params / dense_params,
@@ -82,23 +187,6 @@ def prune(
         100 * result.record["ratio_achieved_decoder"],
         100 * result.record["ratio_target"],
     )
-    return result
-
-
-def prune_to_checkpoint(
-    model: str | LoadedModel,
-    out: Path,
-    config: PruneConfig | None = None,
-    *,
-    force: bool = False,
-    on_layer: Callable[[int, int, dict], None] | None = None,
-) -> PruneResult:
-    """`prune`, then save the slim checkpoint atomically to `out` (refused early if it exists without `force`)."""
-    check_output_dir(Path(out), force)
-    t0 = time.perf_counter()
-    result = prune(model, config, on_layer=on_layer)
-    result.record["seconds"]["total"] = round(time.perf_counter() - t0, 3)
-    save_checkpoint(result.model, result.tokenizer, result.record, Path(out), force=force)
     return result
 
 

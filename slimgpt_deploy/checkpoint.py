@@ -124,7 +124,137 @@ def safetensors_files(path: Path, error: type[Exception] | None = None) -> list[
     return files
 
 
-_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
+# Bytes per element of every safetensors dtype; the floating ones are what model weights may be.
+_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+
+
+def read_safetensors_header(file: Path, error: type[Exception] | None = None) -> dict[str, dict]:
+    """A safetensors file's tensors, {name: {"dtype", "shape", "data_offsets"}}, from its header alone.
+
+    Checks what a reader would trip over later: the 8-byte length, the JSON
+    header, every tensor's byte range against its shape and dtype, and that the
+    data the header promises is all in the file. Raises `error`
+    (CheckpointError by default) naming the file, with what to do.
+    """
+    from .errors import CheckpointError
+
+    file = Path(file)
+
+    def bad(why: str) -> Exception:
+        return (error or CheckpointError)(f"{file} is truncated or corrupt ({why}); re-download or re-export it")
+
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"{size} bytes, shorter than the 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > size - 8 or n > _MAX_HEADER:
+            raise bad(f"header length {n} runs past the end of the file ({size} bytes)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise bad("the header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    header.pop("__metadata__", None)
+    data, end = size - 8 - n, 0
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, stop) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+            numel = 1
+            for d in shape:
+                numel *= d
+            ok = dtype in _DTYPE_BYTES and 0 <= begin <= stop and stop - begin == numel * _DTYPE_BYTES[dtype]
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise bad(f"tensor {name}'s entry {info!r:.120} is malformed")
+        end = max(end, stop)
+    if end > data:
+        raise bad(f"the header describes {end} bytes of data but the file holds {data}")
+    return header
+
+
+def expected_tensor_shapes(config) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """(required, optional) tensor shapes a model config implies, by HF name (unsharded).
+
+    Slim configs use their per-layer lists (modeling/shapes.py); dense llama,
+    mistral and qwen2 configs their uniform sizes. Optional: a tied lm_head,
+    o_proj's bias on dense models (families differ; the loader decides) and the
+    rotary inv_freq buffers older checkpoints carry.
+    """
+    from .families import layer_shapes
+    from .modeling.shapes import layer_weight_shapes
+
+    h, vocab = config.hidden_size, config.vocab_size
+    required = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)}
+    optional: dict[str, tuple[int, ...]] = {}
+    (optional if config.tie_word_embeddings else required)["lm_head.weight"] = (vocab, h)
+    for i, s in enumerate(layer_shapes(config)):
+        prefix = f"model.layers.{i}."
+        if config.model_type == "slimgpt":
+            layer = layer_weight_shapes(config, i)
+        else:
+            q, kv = s.q_heads * s.head_dim, s.kv_heads * s.head_dim
+            layer = {
+                "input_layernorm.weight": (h,),
+                "post_attention_layernorm.weight": (h,),
+                "self_attn.q_proj.weight": (q, h),
+                "self_attn.k_proj.weight": (kv, h),
+                "self_attn.v_proj.weight": (kv, h),
+                "self_attn.o_proj.weight": (h, q),
+                "mlp.gate_proj.weight": (s.ffn, h),
+                "mlp.up_proj.weight": (s.ffn, h),
+                "mlp.down_proj.weight": (h, s.ffn),
+            }
+            if s.qkv_bias:
+                layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
+            if s.mlp_bias:
+                layer |= {"mlp.gate_proj.bias": (s.ffn,), "mlp.up_proj.bias": (s.ffn,), "mlp.down_proj.bias": (h,)}
+            optional[prefix + "self_attn.o_proj.bias"] = (h,)
+        required |= {prefix + k: v for k, v in layer.items()}
+        optional[prefix + "self_attn.rotary_emb.inv_freq"] = (s.head_dim // 2,)
+    return required, optional
+
+
+def check_tensors(path: Path, config, error: type[Exception] | None = None) -> None:
+    """Check every tensor's shape and dtype in `path`'s safetensors headers against `config`.
+
+    Reads headers only (no tensor data): a truncated or corrupt shard, a
+    tensor the config does not describe or of another shape, a non-floating
+    dtype, or a missing tensor raises `error` (CheckpointError by default).
+    """
+    from .errors import CheckpointError
+
+    err = error or CheckpointError
+    required, optional = expected_tensor_shapes(config)
+    seen: set[str] = set()
+    for file in safetensors_files(path, error=err):
+        for name, info in read_safetensors_header(file, error=err).items():
+            expected = required.get(name, optional.get(name))
+            if expected is None:
+                raise err(f"{file.name}: tensor {name} is not part of a {config.model_type} model with this config.json; "
+                          "re-export the checkpoint or fix config.json")
+            if tuple(info["shape"]) != expected:
+                raise err(f"{file.name}: {name} has shape {info['shape']} but config.json implies {list(expected)}; "
+                          "re-export the checkpoint or fix config.json")
+            if name.endswith("inv_freq"):
+                continue
+            if info["dtype"] not in FLOAT_DTYPES:
+                raise err(f"{file.name}: {name} has dtype {info['dtype']}; slimgpt-deploy needs floating-point weights "
+                          f"({', '.join(FLOAT_DTYPES)}), not a quantized checkpoint")
+            seen.add(name)
+    missing = [n for n in required if n not in seen]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise err(f"{path}: tensor {missing[0]}{more} missing from the safetensors files; re-download or re-export it")
 
 
 def weight_bytes_per_token(path: Path) -> int:
@@ -157,10 +287,9 @@ def validate_checkpoint(path: Path) -> None:
     """Check a slim checkpoint's weights against its config without loading them.
 
     Reads only the safetensors headers. Raises CheckpointError naming the first
-    layer whose tensors disagree with the per-layer lists (or that is missing).
+    layer whose tensors disagree with the per-layer lists (or that is missing),
+    or the file that is truncated or corrupt.
     """
-    from safetensors import safe_open
-
     from .errors import CheckpointError
     from .modeling import SlimGPTConfig
     from .modeling.shapes import layer_weight_shapes, shape_mismatch
@@ -171,20 +300,13 @@ def validate_checkpoint(path: Path) -> None:
     except Exception as e:  # transformers' strict validation wraps the ValueError in its own error type
         reason = str(e).strip().splitlines()[-1].strip().removeprefix("ValueError: ")
         raise CheckpointError(f"{path}/config.json is inconsistent: {reason}") from None
-    files = safetensors_files(path)
     seen = set()
-    for file in files:
-        try:
-            with safe_open(file, framework="pt") as f:
-                for name in f.keys():
-                    problem = shape_mismatch(config, name, tuple(f.get_slice(name).get_shape()))
-                    if problem:
-                        raise CheckpointError(f"{file.name}: {problem}")
-                    seen.add(name)
-        except CheckpointError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for truncated headers
-            raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from None
+    for file in safetensors_files(path):
+        for name, info in read_safetensors_header(file).items():
+            problem = shape_mismatch(config, name, tuple(info["shape"]))
+            if problem:
+                raise CheckpointError(f"{file.name}: {problem}")
+            seen.add(name)
     for i in range(config.num_hidden_layers):
         missing = [k for k in layer_weight_shapes(config, i) if f"model.layers.{i}.{k}" not in seen]
         if missing:

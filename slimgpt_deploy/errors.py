@@ -6,6 +6,7 @@ Exit codes (documented in the README):
   2  bad input (the message says what to change)
   3  verification failed (an exported artifact disagrees with PyTorch)
   4  numerical failure (NaN/Inf in weights or activations, named by layer)
+  130 interrupted (Ctrl-C), 143 terminated (SIGTERM); the message says where resume state is
 """
 from __future__ import annotations
 
@@ -42,6 +43,10 @@ class CheckpointError(BadInputError):
     """A checkpoint on disk is malformed: per-layer lists disagree with weights, etc."""
 
 
+class ResourceError(BadInputError):
+    """The job does not fit: not enough memory or disk (estimated up front, or a write hit ENOSPC)."""
+
+
 class VerificationError(SlimGPTError):
     exit_code = 3
 
@@ -50,3 +55,15 @@ class NumericalError(SlimGPTError):
     """NaN/Inf found in weights or activations; the message names the layer."""
 
     exit_code = 4
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, with a one-line message for the user (e.g. where the resume state is).
+
+    A KeyboardInterrupt, so code that cleans up on interrupts treats it as one;
+    the CLI prints the message and exits with `exit_code`.
+    """
+
+    def __init__(self, message: str = "interrupted; no output was written", exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code

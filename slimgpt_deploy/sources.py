@@ -6,10 +6,15 @@ A source is, in this order of resolution (`SOURCE_KINDS`):
   gguf      a path ending in `.gguf`;
   hf-dir    an existing Hugging Face-style directory (config.json, weights, tokenizer);
   hub       a Hugging Face Hub id `org/name` (needs the network or the HF cache).
-The architecture is checked before any weights are read.
+The architecture is checked before any weights are read; for local directories
+every tensor's shape and dtype is checked against config.json from the
+safetensors headers too (a truncated shard is named). Weights load through
+safetensors only, and no code shipped with a model is executed
+(`trust_remote_code=False` throughout: the `slimgpt` type is registered locally).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -35,13 +40,14 @@ from transformers import (
 )
 
 from . import modeling  # noqa: F401  (registers the `slimgpt` model type with the Auto classes)
-from .checkpoint import safetensors_files
+from .checkpoint import check_tensors, safetensors_files
 from .errors import ModelSourceError
 from .families import SUPPORTED_MODEL_TYPES, check_architecture
 
 logger = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATION = "sdpa"
+TRUST_REMOTE_CODE = False  # never run code shipped with a model
 CACHE_ENV = "SLIMGPT_DEPLOY_CACHE"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
@@ -157,7 +163,7 @@ def load_model(source: str, *, dtype: torch.dtype = torch.float32, device: str =
     """
     plan = _resolve(source)
     try:
-        config = AutoConfig.from_pretrained(plan.path, **plan.kwargs)
+        config = AutoConfig.from_pretrained(plan.path, trust_remote_code=TRUST_REMOTE_CODE, **plan.kwargs)
         check_architecture(config)
         if "gguf_file" not in plan.kwargs and getattr(config, "quantization_config", None) is not None:
             raise ModelSourceError(f"{source} is a quantized model; pass a full-precision or GGUF model")
@@ -167,10 +173,11 @@ def load_model(source: str, *, dtype: torch.dtype = torch.float32, device: str =
             dtype=dtype,
             attn_implementation=ATTN_IMPLEMENTATION,
             use_safetensors=None if "gguf_file" in plan.kwargs else True,  # never unpickle weights
+            trust_remote_code=TRUST_REMOTE_CODE,
             **plan.kwargs,
             **_dense_gguf(plan.kwargs),
         )
-        tokenizer = AutoTokenizer.from_pretrained(plan.path, **plan.kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(plan.path, trust_remote_code=TRUST_REMOTE_CODE, **plan.kwargs)
     except (OSError, ValueError, SafetensorError) as err:  # missing, unreadable or corrupt files; no network
         raise (_hub_error(source, err) if plan.kind == "hub" else _load_error(plan, err)) from err
     _drop_quantization(model)  # GGUF weights are dequantized on load
@@ -187,6 +194,7 @@ def _embedded_source(source: str) -> _Plan | None:
     if source not in EMBEDDED_MODELS:
         return None
     directory = embedded_model_dir(source)
+    _check_local_dir(directory)
     return _Plan("embedded", str(directory), {}, directory)
 
 
@@ -213,9 +221,20 @@ def _hf_dir_source(source: str) -> _Plan | None:
         check_architecture(json.loads(config_file.read_text()))
     except (OSError, ValueError) as err:
         raise ModelSourceError(f"cannot read {config_file}: {_first_line(err)}; fix or re-download the model") from err
-    safetensors_files(path, error=ModelSourceError)
+    _check_local_dir(path)
     path = path.resolve()
     return _Plan("hf-dir", str(path), {}, path)
+
+
+def _check_local_dir(path: Path) -> None:
+    """Before any weights are read: safetensors present, every tensor's shape and dtype as config.json implies."""
+    safetensors_files(path, error=ModelSourceError)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=TRUST_REMOTE_CODE)
+    except Exception as err:  # transformers wraps a config's own validation errors in its own types
+        reason = str(err).strip().splitlines()[-1].strip().removeprefix("ValueError: ") if str(err).strip() else type(err).__name__
+        raise ModelSourceError(f"{path / 'config.json'} is inconsistent: {reason}; fix or re-download the model") from None
+    check_tensors(path, config, error=ModelSourceError)
 
 
 def _hub_source(source: str) -> _Plan | None:
@@ -242,6 +261,49 @@ def _resolve(source: str) -> _Plan:
         f"model path {source} {what}; pass a Hugging Face-style model directory, a .gguf file, "
         f"a hub id (org/name) or an embedded model ({', '.join(EMBEDDED_MODELS)})"
     )
+
+
+def model_config(source: str):
+    """The transformers config of `source`, architecture checked, without reading any weights."""
+    plan = _resolve(source)
+    try:
+        config = AutoConfig.from_pretrained(plan.path, trust_remote_code=TRUST_REMOTE_CODE, **plan.kwargs)
+    except (OSError, ValueError) as err:
+        raise (_hub_error(source, err) if plan.kind == "hub" else _load_error(plan, err)) from err
+    check_architecture(config)
+    return config
+
+
+def source_identity(source: str | LoadedModel) -> dict:
+    """What identifies a model source's contents, cheaply (for resume fingerprints).
+
+    Local directories: the resolved path, the sha256 of config.json, and each
+    weight file's name, size and modification time (hashing hundreds of GB of
+    weights would cost more than it protects; a rewritten file changes its
+    mtime). GGUF files: path, size, mtime. Hub ids: the id.
+    """
+    if isinstance(source, LoadedModel):
+        name, kind, directory = source.source, source.kind, source.local_dir
+        gguf = None
+    else:
+        plan = _resolve(source)
+        name, kind, directory = source, plan.kind, plan.local_dir
+        gguf = Path(plan.path) / plan.kwargs["gguf_file"] if "gguf_file" in plan.kwargs else None
+    identity: dict = {"source": name, "kind": kind}
+    if directory is not None:
+        directory = Path(directory).resolve()
+        identity["path"] = str(directory)
+        identity["config_sha256"] = hashlib.sha256((directory / "config.json").read_bytes()).hexdigest()
+        identity["files"] = {p.name: _file_stamp(p) for p in sorted(directory.glob("*.safetensors"))}
+    elif gguf is not None:
+        identity["path"] = str(gguf)
+        identity["files"] = {gguf.name: _file_stamp(gguf)}
+    return identity
+
+
+def _file_stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
 
 
 # --- helpers ------------------------------------------------------------------------------

@@ -149,3 +149,30 @@ def test_mha_and_untied_models_prune_save_and_reload(tiny_model_dir_factory, tmp
     x = _calib(2, 16, seed=4)
     torch.testing.assert_close(loaded(x).logits, result.model(x).logits)
     assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == c.tie_word_embeddings
+
+
+def test_activations_on_disk_give_the_same_model(gqa_model):
+    config = PruneConfig(ratio=0.3, nsamples=16, seqlen=32, batch_size=4)
+    in_memory = LayerwisePruner(gqa_model, config).run(_calib(16, 32)).model.state_dict()
+    on_disk = LayerwisePruner(gqa_model, config).run(_calib(16, 32), offload=True).model.state_dict()
+    assert in_memory.keys() == on_disk.keys()
+    assert all(torch.equal(in_memory[k], on_disk[k]) for k in in_memory)
+
+
+def test_nan_weights_are_caught_before_calibration(tiny_model_dir_factory, monkeypatch):
+    """The up-front check of every layer: no minutes of calibration before a NaN in the last layer is found."""
+    from safetensors.torch import load_file, save_file
+
+    from slimgpt_deploy import api
+
+    path = tiny_model_dir_factory("llama", seed=11, **GQA)
+    weights = load_file(path / "model.safetensors")
+    weights["model.layers.3.mlp.down_proj.weight"][0, 1] = float("inf")
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration ran before the weights were checked")
+
+    monkeypatch.setattr(api, "get_calibration", no_calibration)
+    with pytest.raises(NumericalError, match=r"layer 3 \(mlp.down_proj.weight\)"):
+        api.prune(str(path), PruneConfig(nsamples=4, seqlen=16))

@@ -118,7 +118,7 @@ def test_corrupt_weights_become_model_source_error(tiny_model_dir_factory):
     directory = tiny_model_dir_factory("llama")
     for weights in directory.glob("*.safetensors"):
         weights.write_bytes(b"truncated")
-    with pytest.raises(ModelSourceError, match="cannot load the model") as info:
+    with pytest.raises(ModelSourceError, match="model.safetensors is truncated or corrupt.*re-download") as info:
         load_model(str(directory))
     assert "\n" not in str(info.value)
 
@@ -339,3 +339,25 @@ def test_pickle_weights_are_refused_with_a_conversion_hint(tiny_llama_dir, tmp_p
     torch.save(load_file(tiny_llama_dir / "model.safetensors"), pickled / "pytorch_model.bin")
     with pytest.raises(ModelSourceError, match=r"pickle weights \(pytorch_model\.bin\); slimgpt-deploy loads safetensors only.*save_pretrained"):
         load_model(str(pickled))
+
+
+def test_source_identity_tracks_config_and_weight_files(tiny_model_dir_factory):
+    import os
+
+    from slimgpt_deploy.sources import source_identity
+
+    directory = tiny_model_dir_factory("llama")
+    first = source_identity(str(directory))
+    assert first["kind"] == "hf-dir" and first["path"] == str(directory.resolve())
+    assert set(first["files"]) == {"model.safetensors"}
+    assert source_identity(str(directory)) == first
+    loaded = load_model(str(directory))
+    assert source_identity(loaded)["files"] == first["files"]
+    weights = directory / "model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten in place
+    assert source_identity(str(directory))["files"] != first["files"]
+    config = json.loads((directory / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-5
+    (directory / "config.json").write_text(json.dumps(config))
+    assert source_identity(str(directory))["config_sha256"] != first["config_sha256"]

@@ -7,15 +7,21 @@ Per decoder layer, with the inputs produced by the already-pruned layers:
      down_proj's inputs under it; prune FFN channels; shrink the MLP;
   3. the pruned layer's outputs h + mlp(h) are the next layer's inputs.
 Only one decoder layer is on the compute device at a time; calibration
-activations stay on the CPU between layers.
+activations stay on the CPU between layers (or on disk, `offload=True`).
+With a `ResumeState`, every finished layer is committed to disk and a later
+run continues after the last one, giving the same weights bit for bit.
 """
 from __future__ import annotations
 
 import copy
 import logging
+import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,6 +29,8 @@ from torch import nn
 from ..config import PruneConfig
 from ..errors import NumericalError
 from ..families import layer_shapes
+from ..modeling import LayerConfigView, SlimGPTDecoderLayer
+from ..resume import Batches, ResumeState
 from ..shrink import LayerCut, assemble, check_shapes, make_slim_config, shrink_layer
 from .methods import METHODS, HeadUnits, LayerStats
 from .obs import accumulate_hessian
@@ -45,6 +53,26 @@ def _check_finite(tensors, what: str, layer_idx: int) -> None:
                 f"NaN/Inf in {what} of layer {layer_idx} ({name}); check the model weights and dtype "
                 "(float16 overflows: try --dtype float32)"
             )
+
+
+def check_weights(model: nn.Module) -> None:
+    """NaN/Inf anywhere in the weights -> NumericalError naming the layer; run before any compute."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            m = re.search(r"layers\.(\d+)\.(.+)$", name)
+            where = f"layer {m.group(1)} ({m.group(2)})" if m else name
+            raise NumericalError(
+                f"NaN/Inf in the weights of {where}; check or re-download the model files "
+                "(or the dtype: float16 overflows, try --dtype float32)"
+            )
+
+
+def restore_layer(weights: dict[str, torch.Tensor], slim_config, layer_idx: int) -> nn.Module:
+    """A finished slim decoder layer rebuilt from its saved weights (resume)."""
+    with torch.device("meta"):
+        new = SlimGPTDecoderLayer(LayerConfigView(slim_config, layer_idx), layer_idx)
+    new.load_state_dict(weights, strict=True, assign=True)
+    return new.eval().requires_grad_(False)
 
 
 def _causal_mask(seqlen: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -100,33 +128,75 @@ class LayerwisePruner:
         return shapes, plan_layers(shapes, ratios, self.cfg.gqa_mode, self.cfg.head_multiple, self.cfg.ffn_multiple)
 
     @torch.no_grad()
-    def run(self, input_ids: torch.Tensor, on_layer: Callable[[int, int, dict], None] | None = None) -> PruneResult:
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        on_layer: Callable[[int, int, dict], None] | None = None,
+        *,
+        state: ResumeState | None = None,
+        offload: bool = False,
+    ) -> PruneResult:
+        """Prune every decoder layer in order; returns the slim model and the record.
+
+        `state`: commit each finished layer there and start after the layers it
+        already holds. `offload`: keep the calibration activations on disk (in
+        `state`'s directory, else a temporary one), one batch in memory at a time.
+        """
         t0 = time.perf_counter()
         model, cfg = self.model, self.cfg
         shapes, plans = self.plans()
         slim_config = make_slim_config(model.config, plans)
         slim_config._attn_implementation = model.config._attn_implementation
         inner = model.model
-        bs = cfg.batch_size
-        # Layer-0 inputs: token embeddings, kept on the CPU between layers.
-        embed = inner.embed_tokens
-        xs = [embed(input_ids[i : i + bs].to(embed.weight.device)).cpu() for i in range(0, len(input_ids), bs)]
-        seqlen = input_ids.shape[1]
-        position_ids = torch.arange(seqlen, device=self.device)[None]
-        pos = inner.rotary_emb(xs[0][:1].to(self.device), position_ids)
-        mask = _causal_mask(seqlen, xs[0].dtype, self.device)
-        new_layers, records = [], []
-        for i, (layer, shape, plan) in enumerate(zip(inner.layers, shapes, plans)):
-            ts = time.perf_counter()
-            layer.to(self.device)
-            _check_finite(layer.named_parameters(), "weights", i)
-            new_layer, xs, rec = self._prune_layer(i, layer, shape, plan, slim_config, xs, pos, mask)
-            layer.to("cpu")
-            new_layers.append(new_layer.to("cpu"))
-            rec["seconds"] = round(time.perf_counter() - ts, 3)
-            records.append(rec)
-            if on_layer is not None:
-                on_layer(i, len(plans), rec)
+        start = state.finished if state is not None else 0
+        work = tempfile.TemporaryDirectory(prefix="slimgpt-activations-") if offload and state is None else None
+        root = state.directory if state is not None else Path(work.name) if work is not None else None
+
+        def batches(name: str) -> Batches:
+            if root is None:
+                return Batches()
+            path = root / name
+            if path.exists():
+                shutil.rmtree(path)
+            path.mkdir()
+            return Batches(path)
+
+        try:
+            new_layers = [restore_layer(state.layer_weights(j), slim_config, j) for j in range(start)]
+            records = list(state.records[:start]) if state is not None else []
+            dtype = inner.embed_tokens.weight.dtype
+            seqlen = input_ids.shape[1]
+            position_ids = torch.arange(seqlen, device=self.device)[None]
+            pos = inner.rotary_emb(torch.empty(0, dtype=dtype, device=self.device), position_ids)
+            mask = _causal_mask(seqlen, dtype, self.device)
+            if start == len(plans):
+                xs = None
+            elif start > 0:
+                xs = state.inputs(in_memory=not offload)
+            else:
+                xs = self._embed(input_ids, batches(f"xs-{0:05d}"))
+            for i in range(start, len(plans)):
+                layer, shape, plan = inner.layers[i], shapes[i], plans[i]
+                ts = time.perf_counter()
+                layer.to(self.device)
+                _check_finite(layer.named_parameters(), "weights", i)
+                new_layer, out, rec = self._prune_layer(i, layer, shape, plan, slim_config, xs, pos, mask, batches)
+                layer.to("cpu")
+                new_layers.append(new_layer.to("cpu"))
+                rec["seconds"] = round(time.perf_counter() - ts, 3)
+                records.append(rec)
+                last = i == len(plans) - 1
+                if state is not None:
+                    state.commit_layer(i, new_layer.state_dict(), rec, None if last else out)
+                xs.drop()
+                xs = out
+                if on_layer is not None:
+                    on_layer(i, len(plans), rec)
+            if xs is not None:
+                xs.drop()
+        finally:
+            if work is not None:
+                work.cleanup()
         slim = assemble(model, new_layers, slim_config)
         check_shapes(slim)
         share = achieved_share(shapes, plans)
@@ -139,10 +209,17 @@ class LayerwisePruner:
         }
         return PruneResult(model=slim, record=record)
 
+    def _embed(self, input_ids: torch.Tensor, xs: Batches) -> Batches:
+        """Layer-0 inputs: the token embeddings of the calibration batches, on the CPU."""
+        embed, bs = self.model.model.embed_tokens, self.cfg.batch_size
+        for i in range(0, len(input_ids), bs):
+            xs.append(embed(input_ids[i : i + bs].to(embed.weight.device)).cpu())
+        return xs
+
     def _stats(self, W: torch.Tensor, H: torch.Tensor, tied: torch.Tensor) -> LayerStats:
         return LayerStats(W=W.to(self.hdtype), H=H, percdamp=self.cfg.percdamp, unit_norms=tied.to(self.hdtype))
 
-    def _prune_layer(self, i, layer, shape: LayerShape, plan: LayerPlan, slim_config, xs, pos, mask):
+    def _prune_layer(self, i, layer, shape: LayerShape, plan: LayerPlan, slim_config, xs: Batches, pos, mask, batches):
         dev, attn, mlp = self.device, layer.self_attn, layer.mlp
         # 1. attention: H of o_proj's inputs under the (already pruned) previous layers.
         H_o, n = torch.zeros(shape.q_heads * shape.head_dim, shape.q_heads * shape.head_dim, dtype=self.hdtype, device=dev), 0
@@ -170,7 +247,7 @@ class LayerwisePruner:
         partial = LayerCut(q_heads=q_keep, kv_heads=kv_keep, ffn=list(range(shape.ffn)), o_proj=heads.W, down_proj=mlp.down_proj.weight)
         half = shrink_layer(layer, partial, _with_ffn(slim_config, i, shape.ffn), i).to(dev)
         H_d, n = torch.zeros(shape.ffn, shape.ffn, dtype=self.hdtype, device=dev), 0
-        hs = []
+        hs = batches("h-scratch")
         for x in xs:
             x = x.to(dev)
             h = x + _attention(half, x, pos, mask)
@@ -188,12 +265,14 @@ class LayerwisePruner:
         # 3. the pruned layer, and its outputs as the next layer's inputs.
         cut = LayerCut(q_heads=q_keep, kv_heads=kv_keep, ffn=ffn_keep, o_proj=heads.W, down_proj=ffn.W)
         new = shrink_layer(layer, cut, slim_config, i).to(dev)
-        out = []
+        out, peaks = batches(f"xs-{i + 1:05d}.partial"), []
         for h in hs:
             h = h.to(dev)
             y = h + new.mlp(new.post_attention_layernorm(h))
+            peaks.append(y.abs().amax())
             out.append(y.cpu())
-        _check_finite([("layer outputs", torch.stack([o.abs().amax() for o in out]))], "activations", i)
+        hs.drop()
+        _check_finite([("layer outputs", torch.stack(peaks))], "activations", i)
         rec = {
             "layer": i,
             "ratio_target": round(plan.ratio, 6),

@@ -1,0 +1,163 @@
+"""Resource guards: estimate a prune's peak memory and disk before starting, refuse if it cannot fit.
+
+The estimate is one pure function (`estimate_prune`) of the job's sizes; the
+check compares it with what the machine has (psutil's available memory,
+shutil.disk_usage of the output's directory) and raises ResourceError with
+the numbers and what to lower.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import BadInputError, ResourceError
+
+GiB = 2**30
+# Activation copies alive at once in a layer (engine._prune_layer): the inputs xs, the
+# post-attention residual h, and the outputs being built.
+ACTIVATION_COPIES = 3
+# Each Hessian is held with its dampened copy and inverse / Cholesky factor.
+HESSIAN_COPIES = 3
+# One batch's MLP intermediates (gate, up, act(gate) * up) in float32.
+MLP_TEMPORARIES = 3
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "8GiB", "512MB", "1.5G", "1000000"; BadInputError otherwise."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise BadInputError(f"--max-memory {text!r} is not a size; give e.g. 8GiB, 512MB or 2G")
+    size = int(float(m.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise BadInputError(f"--max-memory {text!r} must be more than 0 bytes")
+    return size
+
+
+@dataclass(frozen=True)
+class JobSize:
+    """The sizes that decide a prune's memory and disk."""
+
+    params: int  # all parameters of the dense model (tied embeddings once)
+    decoder_params: int  # the decoder layers' share
+    dtype_bytes: int  # model dtype (activations have it too)
+    hessian_bytes: int
+    nsamples: int
+    seqlen: int
+    batch_size: int
+    hidden: int
+    max_attn_width: int  # largest q_heads * head_dim over the layers (o_proj's inputs)
+    max_ffn: int
+    ratio: float  # share of decoder parameters removed
+
+
+@dataclass(frozen=True)
+class Estimate:
+    ram_bytes: int  # peak resident memory of the job (model, activations, slim copy, Hessians)
+    disk_bytes: int  # slim checkpoint + resume state at its largest
+    activation_bytes: int  # one copy of the calibration activations
+    activations_on_disk: bool  # --max-memory moved the activation cache to disk
+    parts: dict  # the RAM terms, for the message
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def estimate_prune(job: JobSize, *, weights_loaded: bool = False, max_memory: int | None = None) -> Estimate:
+    """Peak RAM and disk of a layer-wise prune (pure).
+
+    RAM = dense weights (unless already loaded) + slim decoder copy
+        + ACTIVATION_COPIES x activations (nsamples * seqlen * hidden * dtype bytes)
+          -- or two batches' worth when they live on disk
+        + HESSIAN_COPIES x (H of o_proj + H of down_proj)
+        + MLP_TEMPORARIES x one batch's FFN activations (float32).
+    Disk = slim checkpoint (dense minus the removed decoder share)
+         + resume state: slim decoder layers + two activation copies (the old and new
+           boundary, at a commit) + calibration ids, + one more copy (h) when on disk.
+    """
+    weights = job.params * job.dtype_bytes
+    slim_decoder = int(job.decoder_params * (1 - job.ratio)) * job.dtype_bytes
+    acts = job.nsamples * job.seqlen * job.hidden * job.dtype_bytes
+    on_disk = max_memory is not None and ACTIVATION_COPIES * acts > max_memory
+    batch_tokens = min(job.batch_size, job.nsamples) * job.seqlen
+    batch_acts = batch_tokens * job.hidden * job.dtype_bytes
+    parts = {
+        "weights": 0 if weights_loaded else weights,
+        "slim copy": slim_decoder,
+        "activations": ACTIVATION_COPIES * (2 * batch_acts if on_disk else acts),
+        "Hessians": HESSIAN_COPIES * (job.max_attn_width**2 + job.max_ffn**2) * job.hessian_bytes,
+        "MLP temporaries": MLP_TEMPORARIES * batch_tokens * job.max_ffn * 4,
+    }
+    checkpoint = weights - int(job.decoder_params * job.ratio) * job.dtype_bytes
+    state = slim_decoder + (3 if on_disk else 2) * acts + job.nsamples * job.seqlen * 8
+    return Estimate(
+        ram_bytes=sum(parts.values()),
+        disk_bytes=checkpoint + state,
+        activation_bytes=acts,
+        activations_on_disk=on_disk,
+        parts=parts,
+    )
+
+
+def job_size(model_config, prune_config) -> JobSize:
+    """The JobSize of pruning a model of `model_config` with `prune_config` (nothing loaded)."""
+    from .families import layer_shapes
+
+    shapes = layer_shapes(model_config)
+    decoder = sum(s.params() for s in shapes)
+    h, vocab = model_config.hidden_size, model_config.vocab_size
+    embeddings = vocab * h * (1 if getattr(model_config, "tie_word_embeddings", False) else 2)
+    ratio = (sum(prune_config.layer_ratios) / len(prune_config.layer_ratios)) if prune_config.layer_ratios else prune_config.ratio
+    return JobSize(
+        params=decoder + embeddings + h,
+        decoder_params=decoder,
+        dtype_bytes=prune_config.torch_dtype.itemsize,
+        hessian_bytes=prune_config.torch_hessian_dtype.itemsize,
+        nsamples=prune_config.nsamples,
+        seqlen=prune_config.seqlen,
+        batch_size=prune_config.batch_size,
+        hidden=h,
+        max_attn_width=max(s.q_heads * s.head_dim for s in shapes),
+        max_ffn=max(s.ffn for s in shapes),
+        ratio=ratio,
+    )
+
+
+def human(n: int) -> str:
+    """Bytes as a short size: 1.50 GiB, 12.0 MiB, 3.0 KiB."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}" if unit in ("TiB", "GiB") else f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def check_fits(estimate: Estimate, *, available_ram: int, free_disk: int | None, where: Path | None = None) -> None:
+    """Raise ResourceError (with the estimate, the available amount and what to lower) unless it fits."""
+    if estimate.ram_bytes > available_ram:
+        parts = ", ".join(f"{k} {human(v)}" for k, v in estimate.parts.items())
+        hint = "lower --nsamples/--seqlen, choose a smaller --dtype"
+        if not estimate.activations_on_disk:
+            hint += ", or pass --max-memory to keep the calibration activations on disk"
+        raise ResourceError(
+            f"this prune needs about {human(estimate.ram_bytes)} of memory ({parts}) but "
+            f"{human(available_ram)} is available; {hint}"
+        )
+    if free_disk is not None and estimate.disk_bytes > free_disk:
+        raise ResourceError(
+            f"this prune needs about {human(estimate.disk_bytes)} of disk in {where} (checkpoint and resume state) but "
+            f"{human(free_disk)} is free; free some space, choose another --out, or lower --nsamples/--seqlen"
+        )
+
+
+def available_ram() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def free_disk(path: Path) -> int:
+    return int(shutil.disk_usage(path).free)
