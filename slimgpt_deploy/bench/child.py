@@ -1,0 +1,70 @@
+"""One benchmark job in its own process: `python -m slimgpt_deploy.bench.child JOB.json`.
+
+JOB: {"task": "backend", "backend": NAME, "entry": "module:function", "model": DIR, "options": {...}, "out": FILE}
+  or {"task": "quality", "entry": "module:function", "dense": DIR, "pruned": DIR, "options": {...}, "out": FILE}.
+"entry" is the parent's registry entry (BACKENDS[NAME] or QUALITY), resolved here.
+Writes FILE: the measurement plus this process's peak RSS (and CUDA peak), or
+{"error": message, "exit_code": code} for a typed error. Anything else is a crash:
+a traceback on stderr and a non-zero exit, which the parent reports by its last line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..errors import SlimGPTError
+from ..extras import resolve
+from . import BACKENDS, QUALITY, BenchOptions
+from .measure import peak_rss_bytes
+
+
+def _backend(job: dict, options: BenchOptions) -> dict:
+    registry = {job["backend"]: job.get("entry") or BACKENDS[job["backend"]]}
+    return resolve(registry, job["backend"], "bench back end")(Path(job["model"]), options)
+
+
+def _quality(job: dict, options: BenchOptions) -> dict:
+    registry = {"quality": job.get("entry") or QUALITY}
+    return resolve(registry, "quality", "bench task")(Path(job["dense"]), Path(job["pruned"]), options)
+
+
+TASKS = {"backend": _backend, "quality": _quality}
+
+
+def peak_gpu_bytes() -> int | None:
+    """torch's CUDA peak in this process, when torch used CUDA here; else None (not measured)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return int(torch.cuda.max_memory_allocated())
+
+
+def _write(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def main(job_path: str) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    job = json.loads(Path(job_path).read_text())
+    out = Path(job["out"])
+    try:
+        options = BenchOptions.from_dict(job["options"])
+        result = TASKS[job["task"]](job, options)
+    except SlimGPTError as err:
+        _write(out, {"error": str(err), "exit_code": err.exit_code})
+        print(f"{type(err).__name__}: {err}", file=sys.stderr)
+        return err.exit_code
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    result["peak_gpu_bytes"] = peak_gpu_bytes()
+    _write(out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,244 @@
+"""What a build does: one validated options object from defaults < a YAML file < CLI flags.
+
+The file mirrors the stages (every key optional):
+
+    model: smollm2-135m
+    stages: [prune, export-vllm, export-onnx, verify-vllm, verify-onnx, bench, report]
+    prune:  {ratio: 0.2, schedule: log, calib: self, nsamples: 64, seqlen: 512, seed: 0, ...}
+    vllm:   {dtype: float32}
+    onnx:   {dtype: fp32, quantize: null}
+    bench:  {backends: [torch, onnx, vllm], repeats: 3, decode_tokens: 32, ...}
+
+Internally every option has a dotted name ("prune.ratio"); the schema below is the one
+list of them, with the type each accepts. A key that does not exist is refused with the
+closest valid name; a value of the wrong type is refused naming the key and the type.
+"""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..config import PruneConfig
+from ..errors import BadInputError
+
+STAGES = ("prune", "export-vllm", "export-onnx", "verify-vllm", "verify-onnx", "bench", "report")
+BENCH_BACKENDS = ("torch", "onnx", "vllm")
+DEFAULT_MODEL = "smollm2-135m"
+
+# dotted key -> (expected type, element type for lists, None allowed)
+_PRUNE_TYPES = {
+    "ratio": float, "method": str, "schedule": str, "layer_ratios": list, "gqa_mode": str,
+    "head_multiple": int, "ffn_multiple": int, "tp_size": int, "calib": str, "nsamples": int,
+    "seqlen": int, "seed": int, "device": str, "dtype": str, "hessian_dtype": str,
+}
+SCHEMA: dict[str, tuple[type, type | None, bool]] = {
+    "model": (str, None, False),
+    "stages": (list, str, False),
+    **{f"prune.{k}": (t, float if t is list else None, k in ("layer_ratios", "gqa_mode", "tp_size")) for k, t in _PRUNE_TYPES.items()},
+    "vllm.dtype": (str, None, True),
+    "onnx.dtype": (str, None, False),
+    "onnx.quantize": (str, None, True),
+    "bench.backends": (list, str, False),
+    "bench.repeats": (int, None, False),
+    "bench.warmups": (int, None, False),
+    "bench.decode_tokens": (int, None, False),
+    "bench.prompt_lens": (list, int, False),
+    "bench.batch_sizes": (list, int, False),
+    "bench.threads": (int, None, True),
+    "bench.text": (str, None, True),
+    "bench.quality_tokens": (int, None, False),
+    "bench.quality_seqlen": (int, None, False),
+}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list"}
+_PLURAL = {str: "strings", int: "integers", float: "numbers"}
+
+
+@dataclass(frozen=True)
+class BenchSection:
+    backends: tuple[str, ...] = BENCH_BACKENDS
+    explicit: bool = False  # back ends named by the user: a missing one fails instead of being skipped
+    repeats: int = 3
+    warmups: int = 1
+    decode_tokens: int = 32
+    prompt_lens: tuple[int, ...] = (128, 512)
+    batch_sizes: tuple[int, ...] = (1, 8)
+    threads: int | None = None
+    text: str | None = None
+    quality_tokens: int = 4096
+    quality_seqlen: int = 512
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    model: str = DEFAULT_MODEL
+    stages: tuple[str, ...] = STAGES
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    vllm_dtype: str | None = None
+    onnx_dtype: str = "fp32"
+    onnx_quantize: str | None = None
+    bench: BenchSection = field(default_factory=BenchSection)
+
+    def stage_options(self, stage: str) -> dict:
+        """The options a stage's result depends on (its fingerprint's own part)."""
+        by_stage = {
+            "prune": {"model": self.model, "prune": self.prune.to_dict()},
+            "export-vllm": {"dtype": self.vllm_dtype},
+            "export-onnx": {"dtype": self.onnx_dtype, "quantize": self.onnx_quantize},
+            "verify-vllm": {},
+            "verify-onnx": {},
+            "bench": {"model": self.model, **{f.name: getattr(self.bench, f.name) for f in fields(BenchSection)}},
+            "report": {},
+        }
+        return by_stage[stage]
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "stages": list(self.stages),
+            "prune": self.prune.to_dict(),
+            "vllm": {"dtype": self.vllm_dtype},
+            "onnx": {"dtype": self.onnx_dtype, "quantize": self.onnx_quantize},
+            "bench": {f.name: _plain(getattr(self.bench, f.name)) for f in fields(BenchSection)},
+        }
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A YAML build file as dotted keys; refuses unknown keys (naming the closest) and wrong types."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"config file {path} does not exist; pass the path of a YAML build file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInputError(f"config file {path} is not valid YAML ({first}); fix the syntax") from e
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise BadInputError(f"config file {path} must hold a mapping of options (model:, prune:, ...), not {type(data).__name__}")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        key = str(key)
+        if isinstance(value, Mapping) and key in {k.split(".")[0] for k in SCHEMA if "." in k}:
+            for sub, v in value.items():
+                flat[f"{key}.{sub}"] = v
+        else:
+            flat[key] = value
+    for key, value in flat.items():
+        check_value(key, value, where=f"in {path}")
+    return flat
+
+
+def check_value(key: str, value: Any, where: str = "") -> None:
+    """Refuse an unknown dotted key (suggesting the closest) or a value of the wrong type."""
+    where = f" {where}" if where else ""
+    if key not in SCHEMA:
+        leaf = key.split(".")[-1]
+        close = difflib.get_close_matches(key, SCHEMA, n=1, cutoff=0.6) or [k for k in SCHEMA if k.split(".")[-1] == leaf]
+        close = close or difflib.get_close_matches(leaf, [k.split(".")[-1] for k in SCHEMA], n=1, cutoff=0.6)
+        hint = ""
+        if close:
+            match = close[0] if close[0] in SCHEMA else next(k for k in SCHEMA if k.endswith("." + close[0]))
+            hint = f"; did you mean {match!r}?"
+        raise BadInputError(f"unknown build option {key!r}{where}{hint} (valid: {', '.join(sorted(SCHEMA))})")
+    kind, element, nullable = SCHEMA[key]
+    if value is None:
+        if nullable:
+            return
+        raise BadInputError(f"build option {key!r}{where} must be {_TYPE_NAMES[kind]}, not empty")
+    if not _is(value, kind):
+        raise BadInputError(f"build option {key!r}{where} must be {_TYPE_NAMES[kind]}, got {value!r} ({type(value).__name__})")
+    if element is not None and not all(_is(v, element) for v in value):
+        bad = next(v for v in value if not _is(v, element))
+        raise BadInputError(f"build option {key!r}{where} must be a list of {_PLURAL[element]}, got {bad!r} ({type(bad).__name__})")
+
+
+def _is(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
+def parse_stages(text: str | list[str]) -> tuple[str, ...]:
+    """`prune,export-onnx` -> validated, in pipeline order."""
+    names = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if str(s).strip()]
+    if not names:
+        raise BadInputError(f"no stages given; choose from: {', '.join(STAGES)}")
+    for name in names:
+        if name not in STAGES:
+            close = difflib.get_close_matches(name, STAGES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise BadInputError(f"unknown stage {name!r}{hint} (stages: {', '.join(STAGES)})")
+    return tuple(s for s in STAGES if s in names)
+
+
+def parse_backends(text: str | list[str]) -> tuple[str, ...]:
+    names = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if str(s).strip()]
+    for name in names:
+        if name not in BENCH_BACKENDS:
+            raise BadInputError(f"unknown back end {name!r} for bench; choose from: {', '.join(BENCH_BACKENDS)}")
+    if not names:
+        raise BadInputError(f"no back ends given; choose from: {', '.join(BENCH_BACKENDS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def build_options(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]) -> BuildOptions:
+    """Merge defaults < file < flags (flags given as dotted keys; None means not given) and validate."""
+    merged: dict[str, Any] = dict(file_values)
+    for key, value in flag_values.items():
+        if value is not None:
+            check_value(key, value, where="(command line)")
+            merged[key] = value
+    prune = {k.split(".", 1)[1]: v for k, v in merged.items() if k.startswith("prune.")}
+    tp = prune.pop("tp_size", None)
+    if tp is not None:
+        import math
+
+        prune["head_multiple"] = math.lcm(prune.get("head_multiple", 1), tp)
+        prune["ffn_multiple"] = math.lcm(prune.get("ffn_multiple", 1), tp)
+    if prune.get("gqa_mode", "") is None:
+        prune.pop("gqa_mode")
+    if "layer_ratios" in prune and prune["layer_ratios"] is not None:
+        prune["layer_ratios"] = tuple(prune["layer_ratios"])
+    bench = {k.split(".", 1)[1]: v for k, v in merged.items() if k.startswith("bench.")}
+    if "backends" in bench:
+        bench["backends"] = parse_backends(bench["backends"])
+        bench["explicit"] = True
+    for key in ("prompt_lens", "batch_sizes"):
+        if key in bench:
+            bench[key] = tuple(bench[key])
+    for key in ("repeats", "decode_tokens", "quality_tokens", "quality_seqlen"):
+        if key in bench and bench[key] < 1:
+            raise BadInputError(f"build option 'bench.{key}' must be at least 1, got {bench[key]}")
+    for key in ("prompt_lens", "batch_sizes"):
+        if key in bench and (not bench[key] or min(bench[key]) < 1):
+            raise BadInputError(f"build option 'bench.{key}' must be a non-empty list of positive integers")
+    onnx_dtype = merged.get("onnx.dtype", "fp32")
+    if onnx_dtype not in ("fp32", "fp16"):
+        raise BadInputError(f"unsupported onnx.dtype {onnx_dtype!r}; choose one of: fp32, fp16")
+    quantize = merged.get("onnx.quantize")
+    if quantize not in (None, "int8"):
+        raise BadInputError(f"unsupported onnx.quantize {quantize!r}; choose int8 or leave it empty")
+    vllm_dtype = merged.get("vllm.dtype")
+    if vllm_dtype not in (None, "float32", "bfloat16", "float16"):
+        raise BadInputError(f"unsupported vllm.dtype {vllm_dtype!r}; choose one of: float32, bfloat16, float16")
+    return BuildOptions(
+        model=merged.get("model", DEFAULT_MODEL),
+        stages=parse_stages(merged["stages"]) if "stages" in merged else STAGES,
+        prune=PruneConfig(**prune),
+        vllm_dtype=vllm_dtype,
+        onnx_dtype=onnx_dtype,
+        onnx_quantize=quantize,
+        bench=BenchSection(**bench),
+    )

@@ -1,0 +1,251 @@
+"""Run the build's stages in order, skipping those whose inputs and outputs have not changed.
+
+A stage's fingerprint is a hash of its own options, the tool's version and the current
+fingerprints of the outputs it reads (upstream directories as they are on disk now). After a
+stage finishes, DIR/build.json records its fingerprint, its output's fingerprint, its status,
+time and summary (written atomically after every stage). A rerun skips a stage when its
+fingerprint matches and its output is still what it wrote; `force` redoes every selected stage.
+A changed option therefore reruns exactly the stages that read it and those downstream.
+
+Directory fingerprints are over relative paths, sizes and modification times (no hashing of
+gigabytes); the slim checkpoint's README.md and slimgpt.json are left out, since the report
+stage adds the build's numbers to them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import __version__
+from ..errors import BadInputError, OutputExistsError
+from .options import STAGES, BuildOptions
+from .stages import INPUTS, OUTPUTS, STAGE_FUNCTIONS, VERIFY_STAGES, WORK_DIR, BuildContext, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "build.json"
+STATE_FORMAT = "slimgpt-deploy-build/1"
+FINGERPRINT_EXCLUDES = {"prune": {"README.md", "slimgpt.json"}}
+OWNED = {STATE_FILE, WORK_DIR, "verify", "bench", *(p.split("/")[0] for p in OUTPUTS.values())}
+
+
+@dataclass
+class StageRun:
+    name: str
+    status: str  # "ok" | "cached" | "failed" | "skipped"
+    seconds: float = 0.0
+    summary: dict = field(default_factory=dict)
+    reason: str | None = None
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    stages: list[StageRun]
+    state: dict
+
+    @property
+    def verification_failed(self) -> list[str]:
+        return [s.name for s in self.stages if s.name in VERIFY_STAGES and s.status == "failed"]
+
+    @property
+    def exit_code(self) -> int:
+        return 3 if self.verification_failed else 0
+
+    def to_dict(self) -> dict:
+        """The machine-readable summary `build --json` prints."""
+        stages = {s.name: {"status": s.status, "seconds": round(s.seconds, 2), **({"reason": s.reason} if s.reason else {})} for s in self.stages}
+        verification = {
+            name.split("-", 1)[1]: {"passed": rec["summary"].get("passed"), "failures": rec["summary"].get("failures", [])}
+            for name, rec in self.state["stages"].items() if name in VERIFY_STAGES
+        }
+        artifacts = {name: str(self.out / OUTPUTS[name]) for name in ("prune", "export-vllm", "export-onnx", "report")
+                     if (self.out / OUTPUTS[name]).exists()}
+        return {
+            "out": str(self.out),
+            "exit_code": self.exit_code,
+            "passed": self.exit_code == 0,
+            "stages": stages,
+            "verification": verification,
+            "artifacts": artifacts,
+            "report": str(self.out / "report" / "report.md") if (self.out / "report" / "report.md").exists() else None,
+        }
+
+
+# --- fingerprints ------------------------------------------------------------------------
+
+
+def path_fingerprint(path: Path, exclude: set[str] = frozenset()) -> str | None:
+    """Hash of a file's or directory's (relative path, size, mtime) entries; None if it does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for p in files:
+        rel = p.relative_to(path).as_posix() if p != path else p.name
+        if rel in exclude:
+            continue
+        st = p.stat()
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def source_fingerprint(source: str) -> str:
+    """Identity of a model source: its files when local, the package version when embedded, else the name."""
+    from ..sources import EMBEDDED_MODELS
+
+    path = Path(source).expanduser()
+    if path.exists():
+        return path_fingerprint(path)
+    if source in EMBEDDED_MODELS:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"embedded:{source}:{version(EMBEDDED_MODELS[source].pip_name)}"
+        except (PackageNotFoundError, AttributeError):
+            return f"embedded:{source}"
+    return f"name:{source}"
+
+
+def _hash(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def output_fingerprint(out: Path, stage: str) -> str | None:
+    return path_fingerprint(out / OUTPUTS[stage], FINGERPRINT_EXCLUDES.get(stage, set()))
+
+
+def stage_fingerprint(out: Path, stage: str, options: BuildOptions) -> str:
+    needs, uses = INPUTS[stage]
+    upstream = {name: output_fingerprint(out, name) for name in (*needs, *uses)}
+    own = options.stage_options(stage)
+    if stage in ("prune", "bench"):
+        own = {**own, "source": source_fingerprint(options.model)}
+    return _hash({"stage": stage, "version": __version__, "options": own, "upstream": upstream})
+
+
+# --- the build directory -----------------------------------------------------------------
+
+
+def check_build_dir(out: Path, force: bool) -> dict:
+    """The build state of `out` ({} for a new build); refuses a directory that is not a build without `force`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output {out} exists and is not a directory; choose another --out")
+    state_path = out / STATE_FILE
+    if state_path.exists():
+        try:
+            state = json.loads(state_path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            state = None
+        if isinstance(state, dict) and state.get("format") == STATE_FORMAT:
+            return state
+        if not force:
+            raise OutputExistsError(f"{state_path} is not a slimgpt-deploy build record; choose a new --out, or pass --force to rebuild there")
+        return {}
+    if out.exists():
+        foreign = sorted(p.name for p in out.iterdir())
+        if foreign and not force:
+            raise OutputExistsError(
+                f"output {out} holds files that are not a slimgpt-deploy build ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new --out, or pass --force to build there"
+            )
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise BadInputError(f"cannot write to {parent}; choose an --out in a writable directory")
+    return {}
+
+
+def run_build(
+    out: Path,
+    options: BuildOptions,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    max_memory: int | None = None,
+    log_fn: Callable[[str], None] = log.info,
+    on_stage: Callable[[str, str, float], None] | None = None,
+    on_layer: Callable[[int, int, dict], None] | None = None,
+) -> BuildResult:
+    """Run the selected stages of a build in `out`; see the module docstring.
+
+    `on_stage(name, status, seconds)` is called when a stage starts ("running") and ends.
+    Raises the stage's typed error on bad input or numerical failure (the state is saved
+    first); a failed verification does not raise: see `BuildResult.exit_code`.
+    """
+    out = Path(out)
+    state = check_build_dir(out, force)
+    for stage in options.stages:
+        _check_inputs(out, stage, options.stages)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {"format": STATE_FORMAT, "stages": {}, **state}
+    state["options"] = options.to_dict()
+    ctx = BuildContext(out=out, options=options, resume=resume, max_memory=max_memory, log=log_fn, on_layer=on_layer, state=state)
+    notify = on_stage or (lambda name, status, seconds: None)
+    runs: list[StageRun] = []
+    for stage in STAGES:
+        if stage not in options.stages:
+            continue
+        failed_checks = [r.name for r in runs if r.name in VERIFY_STAGES and r.status == "failed"]
+        if stage == "bench" and failed_checks:
+            runs.append(StageRun(stage, "skipped", reason=f"{', '.join(failed_checks)} failed; not benchmarking an artifact that disagrees with PyTorch"))
+            notify(stage, "skipped", 0.0)
+            continue
+        fingerprint = stage_fingerprint(out, stage, options)
+        rec = state["stages"].get(stage)
+        if (not force and rec and rec.get("status") == "ok" and rec.get("fingerprint") == fingerprint
+                and rec.get("output_fingerprint") == output_fingerprint(out, stage)):
+            runs.append(StageRun(stage, "cached", summary=rec.get("summary", {})))
+            notify(stage, "cached", 0.0)
+            continue
+        notify(stage, "running", 0.0)
+        t0 = time.perf_counter()
+        try:
+            summary = STAGE_FUNCTIONS[stage](ctx)
+        except BaseException as e:
+            seconds = time.perf_counter() - t0
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            state["stages"][stage] = {"status": "failed", "fingerprint": fingerprint, "seconds": round(seconds, 2),
+                                      "reason": reason, "error": type(e).__name__, "finished_at": _now()}
+            _save_state(out, state)
+            notify(stage, "failed", seconds)
+            raise
+        seconds = time.perf_counter() - t0
+        status = "failed" if stage in VERIFY_STAGES and not summary.get("passed") else "ok"
+        reason = "; ".join(summary.get("failures", [])) or None if status == "failed" else None
+        state["stages"][stage] = {
+            "status": status, "fingerprint": fingerprint, "output_fingerprint": output_fingerprint(out, stage),
+            "seconds": round(seconds, 2), "finished_at": _now(), "summary": summary, **({"reason": reason} if reason else {}),
+        }
+        _save_state(out, state)
+        runs.append(StageRun(stage, status, seconds, summary, reason))
+        notify(stage, status, seconds)
+    return BuildResult(out=out, stages=runs, state=state)
+
+
+def _check_inputs(out: Path, stage: str, selected: tuple[str, ...]) -> None:
+    """Refuse, before any work, a stage whose required input is neither on disk nor made in this run."""
+    needs, _ = INPUTS[stage]
+    for need in needs:
+        if need not in selected and not (out / OUTPUTS[need]).exists():
+            raise BadInputError(
+                f"stage {stage} needs the output of stage {need} ({out / OUTPUTS[need]}), which does not exist; "
+                f"add {need} to --stages or run the full build first"
+            )
+
+
+def _save_state(out: Path, state: dict) -> None:
+    write_json_atomic(out / STATE_FILE, state)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -1,0 +1,173 @@
+"""The build's stages: each a function of the build context that writes its output atomically.
+
+    prune        model source -> DIR/slim (SlimGPT prune, shrink, save the slim checkpoint)
+    export-vllm  DIR/slim -> DIR/vllm          (exporters.vllm, unverified here)
+    export-onnx  DIR/slim -> DIR/onnx          (exporters.onnx, unverified here)
+    verify-vllm  DIR/vllm vs DIR/slim -> DIR/verify/vllm.json
+    verify-onnx  DIR/onnx vs DIR/slim -> DIR/verify/onnx.json
+    bench        dense vs DIR/slim on torch/onnx/vllm -> DIR/bench/bench.json
+    report       everything above -> DIR/report/ (report.json, report.md, plots)
+
+Exports run unverified and verification is its own stage, so a failed check is recorded
+(and reported) rather than leaving no artifact to look at; a failed verification makes the
+build exit with the verification code. Each function returns a JSON-able summary that the
+runner stores in DIR/build.json.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .options import BuildOptions
+
+# stage -> its output, relative to the build directory
+OUTPUTS = {
+    "prune": "slim",
+    "export-vllm": "vllm",
+    "export-onnx": "onnx",
+    "verify-vllm": "verify/vllm.json",
+    "verify-onnx": "verify/onnx.json",
+    "bench": "bench/bench.json",
+    "report": "report",
+}
+# stage -> (stages whose outputs it needs, stages whose outputs it uses when present)
+INPUTS = {
+    "prune": ((), ()),
+    "export-vllm": (("prune",), ()),
+    "export-onnx": (("prune",), ()),
+    "verify-vllm": (("prune", "export-vllm"), ()),
+    "verify-onnx": (("prune", "export-onnx"), ()),
+    "bench": (("prune",), ("export-onnx",)),
+    "report": ((), ("prune", "export-vllm", "export-onnx", "verify-vllm", "verify-onnx", "bench")),
+}
+WORK_DIR = ".work"  # caches owned by the build: prune resume state, bench's model copies and dense ONNX
+
+
+@dataclass
+class BuildContext:
+    out: Path
+    options: BuildOptions
+    resume: bool = False
+    max_memory: int | None = None  # cap on cached activations while pruning (same result, so not in fingerprints)
+    log: Callable[[str], None] = lambda msg: None
+    on_layer: Callable[[int, int, dict], None] | None = None
+    state: dict | None = None  # the runner's build.json, read by the report
+
+    def path(self, stage: str) -> Path:
+        return self.out / OUTPUTS[stage]
+
+    @property
+    def work(self) -> Path:
+        return self.out / WORK_DIR
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON next to `path` and rename it into place, so a reader never sees half a file."""
+    from ..atomic import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def prune(ctx: BuildContext) -> dict:
+    from ..api import prune_to_checkpoint
+    from ..resume import default_state_dir
+
+    out = ctx.path("prune")
+    ctx.log(f"pruning {ctx.options.model} by {ctx.options.prune.ratio:.0%} ({ctx.options.prune.schedule} schedule, calibration {ctx.options.prune.calib})")
+    result = prune_to_checkpoint(
+        ctx.options.model, out, ctx.options.prune, force=True, on_layer=ctx.on_layer,
+        resume=ctx.resume, state_dir=default_state_dir(out), max_memory=ctx.max_memory,
+    )
+    r = result.record
+    return {
+        "checkpoint": str(out),
+        "ratio_target": r["ratio_target"],
+        "ratio_achieved_decoder": r["ratio_achieved_decoder"],
+        "ratio_achieved_model": r["ratio_achieved_model"],
+        "params_dense": r["params_dense"],
+        "params_slim": r["params_slim"],
+        "seconds": r["seconds"],
+    }
+
+
+def _export(fmt: str, ctx: BuildContext, **kwargs) -> dict:
+    from ..exporters import get_exporter
+
+    summary = get_exporter(fmt)(ctx.path("prune"), ctx.path(f"export-{fmt}"), force=True, verify=False, log=ctx.log, **kwargs)
+    summary.pop("verification", None)  # verified by its own stage
+    return summary
+
+
+def export_vllm(ctx: BuildContext) -> dict:
+    return _export("vllm", ctx, dtype=ctx.options.vllm_dtype, quantize=None)
+
+
+def export_onnx(ctx: BuildContext) -> dict:
+    return _export("onnx", ctx, dtype=ctx.options.onnx_dtype, quantize=ctx.options.onnx_quantize)
+
+
+def _verify(fmt: str, ctx: BuildContext) -> dict:
+    """Run the format's verifier; an artifact that cannot even be loaded is a failed check, not a crash."""
+    from ..exporters import get_verifier
+    from ..extras import MissingExtraError
+
+    try:
+        result = get_verifier(fmt)(ctx.path(f"export-{fmt}"), ctx.path("prune"), log=ctx.log)
+    except MissingExtraError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- a broken artifact must be reported, whatever the runtime raised
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        result = {"passed": False, "failures": [f"{fmt} could not run the export: {type(e).__name__}: {first}"]}
+    write_json_atomic(ctx.path(f"verify-{fmt}"), result)
+    return result
+
+
+def verify_vllm(ctx: BuildContext) -> dict:
+    return _verify("vllm", ctx)
+
+
+def verify_onnx(ctx: BuildContext) -> dict:
+    return _verify("onnx", ctx)
+
+
+def bench(ctx: BuildContext) -> dict:
+    from ..bench import BenchOptions, run_bench
+
+    b = ctx.options.bench
+    options = BenchOptions(
+        prompt_lens=b.prompt_lens, batch_sizes=b.batch_sizes, decode_tokens=b.decode_tokens, repeats=b.repeats,
+        warmups=b.warmups, threads=b.threads, text=Path(b.text) if b.text else None,
+        quality_tokens=b.quality_tokens, quality_seqlen=b.quality_seqlen,
+    )
+    # The build's own ONNX export is reused when it is what bench measures (fp32, not quantized).
+    onnx_dir, o = ctx.path("export-onnx"), ctx.options
+    reuse = (onnx_dir / "export.json").exists() and o.onnx_dtype == "fp32" and o.onnx_quantize is None
+    onnx_dirs = {"pruned": onnx_dir} if reuse else None
+    result = run_bench(
+        ctx.options.model, ctx.path("prune"), list(b.backends), options=options, explicit=b.explicit,
+        work_dir=ctx.work / "bench", onnx_dirs=onnx_dirs, log=ctx.log,
+    )
+    write_json_atomic(ctx.path("bench"), result)
+    return {name: {"status": r["status"], "reason": r.get("reason")} for name, r in result["backends"].items()}
+
+
+def report(ctx: BuildContext) -> dict:
+    from .report import write_report
+
+    return write_report(ctx)
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[BuildContext], dict]] = {
+    "prune": prune,
+    "export-vllm": export_vllm,
+    "export-onnx": export_onnx,
+    "verify-vllm": verify_vllm,
+    "verify-onnx": verify_onnx,
+    "bench": bench,
+    "report": report,
+}
+VERIFY_STAGES = ("verify-vllm", "verify-onnx")

@@ -1,0 +1,238 @@
+"""`slimgpt-deploy bench`: dense vs pruned on torch / ONNX Runtime / vLLM, each model in its own child process.
+
+Tiny models (the uneven slim checkpoint and a dense model of its shapes) and tiny options, so
+the numbers are noise; the tests check the schema, the arithmetic and the error paths.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from slimgpt_deploy import bench
+from slimgpt_deploy.bench import BACKENDS, BenchOptions, run_bench
+from slimgpt_deploy.bench.measure import ratios, stats
+from slimgpt_deploy.bench.tables import markdown
+from slimgpt_deploy.cli import main
+from slimgpt_deploy.errors import BadInputError
+from slimgpt_deploy.extras import MissingExtraError
+
+from conftest import TINY_WORDS, save_tiny_model
+
+M_KEYS = {"prefill_ms", "decode_ms_per_token", "decode_tokens_per_s", "peak_rss_bytes", "peak_gpu_bytes",
+          "weight_bytes", "kv_bytes_per_token", "seconds"}
+R_KEYS = {"ideal_decode_speedup", "decode_speedup", "of_ideal", "prefill_speedup", "weight_bytes", "peak_rss", "kv_bytes_per_token"}
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory):
+    """A dense tiny Llama with the uneven slim checkpoint's dense shapes (hidden 128, 3 layers, head_dim 32)."""
+    return save_tiny_model(tmp_path_factory.mktemp("bench") / "dense", "llama", hidden_size=128, num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(" ".join(rng.choice(TINY_WORDS) for _ in range(400)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_options(text_file) -> BenchOptions:
+    # one thread: on a shared 2-core machine two OpenMP threads can wait ~100x longer than they compute
+    return BenchOptions(prompt_lens=(16, 32), batch_sizes=(1, 2), decode_tokens=4, repeats=2, threads=1,
+                        quality_tokens=256, quality_seqlen=32, text=text_file)
+
+
+TINY_CLI = ["--prompt-lens", "16,32", "--batch-sizes", "1,2", "--decode-tokens", "4", "--repeats", "2",
+            "--quality-tokens", "256", "--quality-seqlen", "32", "--threads", "1"]
+
+
+def _vllm_missing(mp: pytest.MonkeyPatch) -> None:
+    """Make vLLM look uninstalled: the availability check finds no spec, `import vllm` fails."""
+    real = bench._find_spec
+    mp.setattr(bench, "_find_spec", lambda module: None if module.split(".")[0] == "vllm" else real(module))
+    mp.setitem(sys.modules, "vllm", None)
+
+
+@pytest.fixture(scope="module")
+def torch_onnx_result(dense_dir, uneven_slim_dir, tiny_options, tmp_path_factory):
+    """torch + onnx measured, vllm asked for non-explicitly while 'missing' (so skipped)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    with pytest.MonkeyPatch.context() as mp:
+        _vllm_missing(mp)
+        return run_bench(dense_dir, uneven_slim_dir, ["torch", "onnx", "vllm"], options=tiny_options, explicit=False,
+                         work_dir=tmp_path_factory.mktemp("work"))
+
+
+def _check_s(s: dict) -> None:
+    assert set(s) == {"median", "min", "max", "n"}
+    assert s["min"] <= s["median"] <= s["max"] and s["n"] == 2
+
+
+def _check_m(m: dict, options: BenchOptions) -> None:
+    assert set(m) >= M_KEYS
+    assert set(m["prefill_ms"]) == {str(n) for n in options.prompt_lens}
+    for key in ("decode_ms_per_token", "decode_tokens_per_s"):
+        assert set(m[key]) == {str(b) for b in options.batch_sizes}
+    for group in ("prefill_ms", "decode_ms_per_token", "decode_tokens_per_s"):
+        for s in m[group].values():
+            _check_s(s)
+            assert s["min"] > 0
+    assert m["peak_rss_bytes"] > 50 * 2**20  # a child that imported torch
+    assert m["weight_bytes"] > 0 and m["kv_bytes_per_token"] > 0 and m["seconds"] > 0
+
+
+def test_torch_and_onnx_give_the_whole_schema_with_consistent_ratios(torch_onnx_result, tiny_options, dense_dir, uneven_slim_dir):
+    r = torch_onnx_result
+    json.dumps(r, allow_nan=False)  # JSON-able
+    assert set(r) == {"machine", "versions", "options", "models", "backends", "quality"}
+    assert set(r["machine"]) == {"cpu", "cores", "ram_gib", "gpu", "platform"}
+    assert {"slimgpt_deploy", "torch", "transformers", "onnxruntime"} <= set(r["versions"])
+    assert r["options"]["backends"] == ["torch", "onnx", "vllm"] and r["options"]["decode_tokens"] == 4
+    models = r["models"]
+    assert models["dense"]["source"] == str(dense_dir) and models["pruned"]["source"] == str(uneven_slim_dir)
+    assert models["pruned"]["params"] < models["dense"]["params"]
+    assert models["pruned"]["weight_bytes"] < models["dense"]["weight_bytes"]
+    # 3 layers x 2 (K, V) x head_dim 32 x 4 B x KV heads: dense 2+2+2, the uneven slim 2+1+2
+    assert models["dense"]["kv_bytes_per_token"] == 3 * 2 * 2 * 32 * 4
+    assert models["pruned"]["kv_bytes_per_token"] == 5 * 2 * 32 * 4
+    for name in ("torch", "onnx"):
+        e = r["backends"][name]
+        assert e["status"] == "ok" and e["reason"] is None, e
+        for role in ("dense", "pruned"):
+            _check_m(e[role], tiny_options)
+        d, p, R = e["dense"], e["pruned"], e["ratios"]
+        assert set(R) == R_KEYS
+        assert p["weight_bytes"] < d["weight_bytes"]
+        assert R["ideal_decode_speedup"] == pytest.approx(d["weight_bytes"] / p["weight_bytes"]) and R["ideal_decode_speedup"] > 1
+        for b in ("1", "2"):
+            speedup = d["decode_ms_per_token"][b]["median"] / p["decode_ms_per_token"][b]["median"]
+            assert R["decode_speedup"][b] == pytest.approx(speedup)
+            assert R["of_ideal"][b] == pytest.approx(speedup / R["ideal_decode_speedup"])
+        for n in ("16", "32"):
+            assert R["prefill_speedup"][n] == pytest.approx(d["prefill_ms"][n]["median"] / p["prefill_ms"][n]["median"])
+        assert R["weight_bytes"] == pytest.approx(1 / R["ideal_decode_speedup"])
+        assert R["peak_rss"] == pytest.approx(p["peak_rss_bytes"] / d["peak_rss_bytes"])
+        assert R["kv_bytes_per_token"] == pytest.approx(5 / 6)
+    assert r["backends"]["torch"]["dense"]["weight_bytes"] == models["dense"]["weight_bytes"]
+    vllm = r["backends"]["vllm"]
+    assert vllm["status"] == "skipped" and "slimgpt-deploy[vllm" in vllm["reason"] and "dense" not in vllm
+    q = r["quality"]
+    assert q["text"] == str(tiny_options.text) and q["seqlen"] == 32 and q["tokens"] == 256
+    assert math.isfinite(q["dense"]["perplexity"]) and math.isfinite(q["pruned"]["perplexity"])
+    assert q["kl"] > 0 and 0 <= q["top1"] <= 1
+
+
+def test_markdown_tables_show_both_models_per_back_end(torch_onnx_result):
+    md = markdown(torch_onnx_result)
+    for name in ("torch", "onnx"):
+        for role in ("dense", "pruned"):
+            assert f"| {name} | {role} |" in md
+    assert "| dense |" in md and "| pruned |" in md and "prefill 16 ms" in md and "decode b2 ms/step" in md
+    assert "- vllm: skipped" in md
+    assert "perplexity" in md
+
+
+def test_explicit_missing_back_end_raises_before_any_work(dense_dir, uneven_slim_dir, tiny_options, tmp_path, monkeypatch):
+    _vllm_missing(monkeypatch)
+    with pytest.raises(MissingExtraError, match=r"slimgpt-deploy\[vllm") as info:
+        run_bench(dense_dir, uneven_slim_dir, ["torch", "vllm"], options=tiny_options, work_dir=tmp_path / "w")
+    assert info.value.exit_code == 2
+    assert not (tmp_path / "w").exists()  # refused before any child ran
+    result = CliRunner().invoke(main, ["bench", str(dense_dir), str(uneven_slim_dir), "--backends", "torch,vllm"])
+    assert result.exit_code == 2, result.output
+    assert "slimgpt-deploy[vllm" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_unknown_back_end_is_bad_input_naming_it(dense_dir, uneven_slim_dir, tmp_path):
+    with pytest.raises(BadInputError, match="'tpu'.*torch, onnx, vllm"):
+        run_bench(dense_dir, uneven_slim_dir, ["tpu"], work_dir=tmp_path)
+    result = CliRunner().invoke(main, ["bench", str(dense_dir), str(uneven_slim_dir), "--backends", "torch,tpu"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "'tpu'" in lines[0] and "vllm" in lines[0]
+
+
+def _no_quality(monkeypatch) -> None:
+    """Skip the quality child where a test is about something else (the torch + onnx run checks it)."""
+    monkeypatch.setattr(bench, "_quality", lambda *a, **k: {"status": "skipped", "reason": "not measured in this test"})
+
+
+def test_cli_bench_torch_prints_json_and_writes_out(dense_dir, uneven_slim_dir, text_file, tmp_path, monkeypatch):
+    _no_quality(monkeypatch)
+    out = tmp_path / "res" / "bench.json"
+    result = CliRunner().invoke(main, ["bench", str(dense_dir), str(uneven_slim_dir), "--backends", "torch", "--json",
+                                       "--text", str(text_file), "--out", str(out), *TINY_CLI])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert printed == json.loads(out.read_text())
+    assert list(printed["backends"]) == ["torch"] and printed["backends"]["torch"]["status"] == "ok"
+    assert printed["options"]["prompt_lens"] == [16, 32]
+    assert "| torch | pruned |" in result.stderr
+    assert not list(out.parent.glob(".*partial*"))
+
+
+def test_options_validate_themselves(text_file, tmp_path):
+    for bad, words in [
+        (dict(prompt_lens=()), "prompt lengths"),
+        (dict(batch_sizes=(0,)), "batch sizes"),
+        (dict(decode_tokens=0), "decode_tokens"),
+        (dict(repeats=0), "repeats"),
+        (dict(threads=0), "threads"),
+        (dict(quality_tokens=100, quality_seqlen=512), "quality_tokens"),
+        (dict(text=tmp_path / "missing.txt"), "does not exist"),
+    ]:
+        with pytest.raises(BadInputError, match=words):
+            BenchOptions(**bad)
+    options = BenchOptions(prompt_lens=[16, 8], text=text_file)
+    assert options.decode_context == 8 and BenchOptions.from_dict(options.to_dict()) == options
+    assert BenchOptions().text_file == bench.SAMPLE_TEXT and len(bench.SAMPLE_TEXT.read_text().split()) > 1000
+
+
+def test_lengths_beyond_the_model_are_refused(dense_dir, uneven_slim_dir, tmp_path):
+    with pytest.raises(BadInputError, match="positions"):  # tiny models have 256 positions
+        run_bench(dense_dir, uneven_slim_dir, ["torch"], options=BenchOptions(prompt_lens=(512,), quality_seqlen=32, quality_tokens=64),
+                  work_dir=tmp_path)
+
+
+def test_ratios_and_stats_arithmetic():
+    def m(ms: float, wb: int) -> dict:
+        s = stats([ms, ms * 2, ms * 3])
+        return {"prefill_ms": {"8": s}, "decode_ms_per_token": {"1": s}, "weight_bytes": wb,
+                "peak_rss_bytes": wb * 10, "kv_bytes_per_token": 100}
+
+    assert stats([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    r = ratios(m(10.0, 1000), m(8.0, 800))
+    assert r["ideal_decode_speedup"] == pytest.approx(1.25)
+    assert r["decode_speedup"] == {"1": pytest.approx(1.25)} and r["of_ideal"] == {"1": pytest.approx(1.0)}
+    assert r["prefill_speedup"]["8"] == pytest.approx(1.25)
+    assert r["weight_bytes"] == pytest.approx(0.8) and r["peak_rss"] == pytest.approx(0.8) and r["kv_bytes_per_token"] == 1.0
+
+
+def test_a_failing_back_end_is_reported_not_raised(dense_dir, uneven_slim_dir, tiny_options, tmp_path, monkeypatch):
+    monkeypatch.setitem(BACKENDS, "torch", "slimgpt_deploy.bench.no_such_module:measure")  # the child crashes
+    _no_quality(monkeypatch)
+    r = run_bench(dense_dir, uneven_slim_dir, ["torch"], options=tiny_options, work_dir=tmp_path)
+    e = r["backends"]["torch"]
+    assert e["status"] == "failed" and "ModuleNotFoundError" in e["reason"] and "dense" not in e
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_vllm_back_end_on_the_tiny_models(dense_dir, uneven_slim_dir, text_file, tmp_path, monkeypatch):
+    _no_quality(monkeypatch)
+    options = BenchOptions(prompt_lens=(16, 32), batch_sizes=(1, 2), decode_tokens=16, repeats=2, threads=1,
+                           quality_tokens=256, quality_seqlen=32, text=text_file)
+    r = run_bench(dense_dir, uneven_slim_dir, ["vllm"], options=options, work_dir=tmp_path)
+    e = r["backends"]["vllm"]
+    assert e["status"] == "ok", e
+    for role in ("dense", "pruned"):
+        _check_m(e[role], options)
+    assert e["ratios"]["ideal_decode_speedup"] > 1 and r["versions"].get("vllm")
