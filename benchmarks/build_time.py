@@ -1,9 +1,9 @@
 """End-to-end build time: `slimgpt-deploy build` on the embedded default model, stage by stage.
 
     .venv/bin/python benchmarks/build_time.py            # writes benchmarks/results/build.{json,md}
-    .venv/bin/python benchmarks/build_time.py -- --ratio 0.3   # extra flags go to `build`
+    .venv/bin/python benchmarks/build_time.py -- --ratio 0.3   # other flags for `build`
 
-Runs the same command as `make demo` (a fresh build directory, so no stage is skipped),
+Runs the same command as `make demo` (DEMO_FLAGS; a fresh build directory, so no stage is skipped),
 measures the wall time of the whole process, and takes each stage's time from the build's
 own build.json. The headline numbers of the report (verification, decode speed-ups,
 perplexity) are copied beside the times. Run it on an otherwise idle machine.
@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 OUT = ROOT / "build" / "bench" / "build-time"
 TARGET_S = 600
+DEMO_FLAGS = ["--nsamples", "32", "--seqlen", "256"]  # as in the Makefile's demo target
 
 
 def machine() -> dict:
@@ -42,7 +43,7 @@ def machine() -> dict:
 
 def run(extra: list[str]) -> dict:
     shutil.rmtree(OUT, ignore_errors=True)
-    cmd = [str(ROOT / ".venv" / "bin" / "slimgpt-deploy"), "build", "--out", str(OUT), "--json", *extra]
+    cmd = [str(ROOT / ".venv" / "bin" / "slimgpt-deploy"), "build", "--out", str(OUT), "--json", *(extra or DEMO_FLAGS)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
@@ -51,7 +52,7 @@ def run(extra: list[str]) -> dict:
     report = json.loads((OUT / "report" / "report.json").read_text()) if (OUT / "report" / "report.json").exists() else {}
     bench = report.get("bench") or {}
     return {
-        "command": " ".join(["slimgpt-deploy", *cmd[2:]]),
+        "command": " ".join(["slimgpt-deploy", *cmd[1:]]),
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
         "exit_code": proc.returncode,

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from slimgpt_deploy.atomic import atomic_output_dir, check_output_dir
-from slimgpt_deploy.errors import BadInputError, CheckpointError, VerificationError
+from slimgpt_deploy.errors import BadInputError, VerificationError
 from slimgpt_deploy.extras import require
 from slimgpt_deploy.serving.onnx_runner import (
     MODEL_FILE,

@@ -42,7 +42,7 @@ from transformers import (
 from . import modeling  # noqa: F401  (registers the `slimgpt` model type with the Auto classes)
 from .checkpoint import check_tensors, safetensors_files
 from .errors import ModelSourceError
-from .families import SUPPORTED_MODEL_TYPES, check_architecture
+from .families import check_architecture
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,6 @@ Each bad input must give a one-line error, a non-zero exit code and no output.
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 

@@ -25,14 +25,13 @@ from pathlib import Path
 from .. import __version__
 from ..errors import BadInputError, OutputExistsError
 from .options import STAGES, BuildOptions
-from .stages import INPUTS, OUTPUTS, STAGE_FUNCTIONS, VERIFY_STAGES, WORK_DIR, BuildContext, write_json_atomic
+from .stages import INPUTS, OUTPUTS, STAGE_FUNCTIONS, VERIFY_STAGES, BuildContext, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "build.json"
 STATE_FORMAT = "slimgpt-deploy-build/1"
 FINGERPRINT_EXCLUDES = {"prune": {"README.md", "slimgpt.json"}}
-OWNED = {STATE_FILE, WORK_DIR, "verify", "bench", *(p.split("/")[0] for p in OUTPUTS.values())}
 
 
 @dataclass
