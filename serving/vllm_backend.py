@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -95,7 +94,7 @@ def run(model: Path, requests: Sequence[Request], options: EngineOptions = Engin
     `logprobs`: per generated token a {token_id: logprob} dict of the top k.
     Raises BadInputError if vLLM is missing, SlimGPTError with vLLM's last error line otherwise.
     """
-    from slimgpt_deploy.errors import SlimGPTError
+    from slimgpt_deploy.errors import SlimGPTError, last_error_line
 
     require_vllm()
     with tempfile.TemporaryDirectory(prefix="slimgpt-vllm-") as tmp:
@@ -108,7 +107,7 @@ def run(model: Path, requests: Sequence[Request], options: EngineOptions = Engin
         env = {**os.environ, **CHILD_ENV}
         proc = subprocess.run([sys.executable, "-m", __name__, str(job)], env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not out.exists():
-            raise SlimGPTError(f"vLLM failed on {model}: {_last_error(proc.stderr)}")
+            raise SlimGPTError(f"vLLM failed on {model}: {last_error_line(proc.stderr)}")
         return json.loads(out.read_text())
 
 
@@ -126,17 +125,6 @@ def _vllm_spec():
     return importlib.util.find_spec("vllm")
 
 
-_EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$")
-
-
-def _last_error(stderr: str) -> str:
-    """The most telling line of a child's stderr: the last exception message in it."""
-    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        m = _EXCEPTION_LINE.match(ln)
-        if m:
-            return f"{m.group(1)}: {m.group(2)}"
-    return lines[-1] if lines else "no output"
 
 
 def generate(

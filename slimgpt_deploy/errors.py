@@ -67,3 +67,16 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, message: str = "interrupted; no output was written", exit_code: int = 130):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def last_error_line(output: str) -> str:
+    """The most telling line of a child process's output: its last exception line, else its last line."""
+    import re
+
+    exception = re.compile(r"^(?:\[rank\d+\]:\s*)?(?:[\w.]+\.)?(\w+(?:Error|Exception|Exit)): (.+)$")
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        m = exception.match(ln)
+        if m:
+            return f"{m.group(1)}: {m.group(2)}"
+    return lines[-1] if lines else "no output"

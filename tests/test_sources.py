@@ -15,10 +15,10 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from slimgpt_deploy import sources
 from slimgpt_deploy.errors import BadInputError, ModelSourceError, UnsupportedArchitectureError
+from slimgpt_deploy.families import SUPPORTED_MODEL_TYPES
 from slimgpt_deploy.modeling import SlimGPTConfig, SlimGPTForCausalLM
 from slimgpt_deploy.sources import (
     EMBEDDED_MODELS,
-    SUPPORTED_MODEL_TYPES,
     LoadedModel,
     check_architecture,
     embedded_model_dir,

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..errors import BadInputError, SlimGPTError
+from ..errors import BadInputError, SlimGPTError, last_error_line
 
 logger = logging.getLogger(__name__)
 
@@ -403,19 +403,6 @@ def run_child(job: dict, stem: Path, timeout: float = CHILD_TIMEOUT_S) -> tuple[
         return False, f"{last_error_line(log_file.read_text(errors='replace'))} (exit code {proc.returncode}; log: {log_file})"
     result["seconds"] = round(seconds, 2)
     return True, result
-
-
-def last_error_line(output: str) -> str:
-    """The most telling line of a child's output: its last exception line, else its last line."""
-    import re
-
-    exception = re.compile(r"^(?:\[rank\d+\]:\s*)?(?:[\w.]+\.)?(\w+(?:Error|Exception|Exit)): (.+)$")
-    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        m = exception.match(ln)
-        if m:
-            return f"{m.group(1)}: {m.group(2)}"
-    return lines[-1] if lines else "no output"
 
 
 def _first_line(text: str) -> str:

@@ -44,6 +44,25 @@ def decode_samples(decode_s: Sequence[float], batch: int, tokens: int) -> tuple[
     return ms, rate
 
 
+def latency(options, vocab: int, prefill_s: Callable[[list[list[int]]], float], decode_s: Callable[[int], float]) -> dict:
+    """The latency part of M, the same protocol on every back end.
+
+    prefill_s(prompts) -> seconds to the first token for one batch-1 prompt of each length in
+    `options.prompt_lens`; decode_s(batch) -> seconds of `options.decode_tokens` decode steps.
+    """
+    result = {"prefill_ms": {}, "decode_ms_per_token": {}, "decode_tokens_per_s": {}}
+    for n in options.prompt_lens:
+        prompts = random_prompt_ids(1, n, vocab)  # [1, n]
+        s = repeat(lambda: prefill_s(prompts), options.repeats, options.warmups)
+        result["prefill_ms"][str(n)] = stats([1000.0 * x for x in s])
+    for b in options.batch_sizes:
+        s = repeat(lambda: decode_s(b), options.repeats, options.warmups)
+        ms, rate = decode_samples(s, b, options.decode_tokens)
+        result["decode_ms_per_token"][str(b)] = stats(ms)
+        result["decode_tokens_per_s"][str(b)] = stats(rate)
+    return result
+
+
 def random_prompt_ids(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     """`batch` prompts of `length` random token ids (seeded), avoiding the lowest ids (special tokens)."""
     import numpy as np

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .measure import decode_samples, random_prompt_ids, repeat, seconds, stats
+from .measure import latency, random_prompt_ids, seconds
 
 
 def measure(model: Path, options) -> dict:
@@ -34,14 +34,4 @@ def measure(model: Path, options) -> dict:
         assert len(stamps) == 1 + options.decode_tokens, len(stamps)
         return stamps[-1] - stamps[0]
 
-    result = {"prefill_ms": {}, "decode_ms_per_token": {}, "decode_tokens_per_s": {}}
-    for n in options.prompt_lens:
-        prompts = random_prompt_ids(1, n, vocab)
-        s = repeat(lambda: seconds(lambda: prefill(prompts)), options.repeats, options.warmups)
-        result["prefill_ms"][str(n)] = stats([1000.0 * x for x in s])
-    for b in options.batch_sizes:
-        s = repeat(lambda: decode_sample(b), options.repeats, options.warmups)
-        ms, rate = decode_samples(s, b, options.decode_tokens)
-        result["decode_ms_per_token"][str(b)] = stats(ms)
-        result["decode_tokens_per_s"][str(b)] = stats(rate)
-    return result
+    return latency(options, vocab, lambda prompts: seconds(lambda: prefill(prompts)), decode_sample)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .measure import decode_samples, random_prompt_ids, repeat, seconds, stats
+from .measure import latency, random_prompt_ids, seconds
 
 
 def measure(model: Path, options) -> dict:
@@ -44,15 +44,9 @@ def measure(model: Path, options) -> dict:
         token, cache = prefill(prompt(batch, options.decode_context))
         return seconds(lambda: decode(token, cache, options.decode_tokens), sync)
 
-    result = {"prefill_ms": {}, "decode_ms_per_token": {}, "decode_tokens_per_s": {}}
+    def prefill_s(ids: list[list[int]]) -> float:
+        tokens = torch.tensor(ids, device=device)  # [1, n]
+        return seconds(lambda: prefill(tokens), sync)
+
     with torch.inference_mode():
-        for n in options.prompt_lens:
-            ids = prompt(1, n)
-            s = repeat(lambda: seconds(lambda: prefill(ids), sync), options.repeats, options.warmups)
-            result["prefill_ms"][str(n)] = stats([1000.0 * x for x in s])
-        for b in options.batch_sizes:
-            s = repeat(lambda: decode_sample(b), options.repeats, options.warmups)
-            ms, rate = decode_samples(s, b, options.decode_tokens)
-            result["decode_ms_per_token"][str(b)] = stats(ms)
-            result["decode_tokens_per_s"][str(b)] = stats(rate)
-    return result
+        return latency(options, vocab, prefill_s, decode_sample)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .measure import decode_samples, random_prompt_ids, repeat, stats
+from .measure import latency, random_prompt_ids
 
 MAX_LEN_MARGIN = 8  # positions beyond the longest prompt + decode tokens
 
@@ -44,17 +44,7 @@ def measure(model: Path, options) -> dict:
         prompts = random_prompt_ids(batch, options.decode_context, vocab)
         return timed(prompts, 1 + options.decode_tokens) - timed(prompts, 1)
 
-    result = {"prefill_ms": {}, "decode_ms_per_token": {}, "decode_tokens_per_s": {}}
-    for n in options.prompt_lens:
-        prompts = random_prompt_ids(1, n, vocab)
-        s = repeat(lambda: timed(prompts, 1), options.repeats, options.warmups)
-        result["prefill_ms"][str(n)] = stats([1000.0 * x for x in s])
-    for b in options.batch_sizes:
-        s = repeat(lambda: decode_sample(b), options.repeats, options.warmups)
-        ms, rate = decode_samples(s, b, options.decode_tokens)
-        result["decode_ms_per_token"][str(b)] = stats(ms)
-        result["decode_tokens_per_s"][str(b)] = stats(rate)
-    return result
+    return latency(options, vocab, lambda prompts: timed(prompts, 1), decode_sample)
 
 
 def _bind_threads(threads: int) -> None:
