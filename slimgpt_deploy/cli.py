@@ -269,11 +269,6 @@ def build(model, out, config_file, stages, force, resume, max_memory, as_json, *
         flag_values = {_BUILD_FLAGS[k]: v for k, v in flags.items()}
         flag_values["model"] = model
         flag_values["stages"] = stages.split(",") if stages else None
-        if flag_values["prune.layer_ratios"] is not None:
-            flag_values["prune.layer_ratios"] = list(flag_values["prune.layer_ratios"])
-        for key in ("bench.prompt_lens", "bench.batch_sizes"):
-            if flag_values[key] is not None:
-                flag_values[key] = list(flag_values[key])
         if flag_values["bench.backends"] is not None:
             flag_values["bench.backends"] = flag_values["bench.backends"].split(",")
         options = build_options(file_values, flag_values)

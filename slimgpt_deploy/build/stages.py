@@ -42,6 +42,8 @@ INPUTS = {
     "bench": (("prune",), ("export-onnx",)),
     "report": ((), ("prune", "export-vllm", "export-onnx", "verify-vllm", "verify-onnx", "bench")),
 }
+# stage -> the modules it needs, checked (without importing them) before any stage runs
+REQUIRES = {"export-onnx": ("onnx", "onnxscript"), "verify-vllm": ("vllm",), "verify-onnx": ("onnxruntime",)}
 WORK_DIR = ".work"  # caches owned by the build: prune resume state, bench's model copies and dense ONNX
 
 
