@@ -125,7 +125,8 @@ def _on_sigterm_interrupt() -> None:
 @click.option("--nsamples", type=int, default=64, show_default=True, help="Calibration samples (paper: 128).")
 @click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration sample (paper: 2048).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="Compute device for the layer being pruned: cpu or cuda[:N].")
+@click.option("--device", default="auto", show_default=True,
+              help="Compute device for the layer being pruned: auto (the GPU when CUDA is available), cpu or cuda[:N].")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--hessian-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]), help="Precision of H and its factorizations.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
@@ -240,7 +241,7 @@ _BUILD_FLAGS = {
 @click.option("--nsamples", type=int, help="Calibration samples [64].")
 @click.option("--seqlen", type=int, help="Tokens per calibration sample [512].")
 @click.option("--seed", type=int, help="[0]")
-@click.option("--device", help="cpu or cuda[:N] [cpu].")
+@click.option("--device", help="auto, cpu or cuda[:N] [auto: the GPU when CUDA is available].")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Model dtype while pruning [float32].")
 @click.option("--hessian-dtype", type=click.Choice(["float32", "float64"]), help="[float32]")
 @click.option("--vllm-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="vLLM export dtype [the checkpoint's].")

@@ -40,7 +40,8 @@ class PruneConfig:
     hessian_dtype: str = "float32"
     ffn_group_fraction: float = 0.25
     batch_size: int = 8
-    device: str = "cpu"
+    # "auto": the GPU when CUDA is available, else the CPU (resolved when the config is built).
+    device: str = "auto"
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -75,8 +76,10 @@ class PruneConfig:
             raise BadInputError(f"FFN group fraction {self.ffn_group_fraction} must be in (0, 1]")
         if self.batch_size < 1:
             raise BadInputError(f"batch size {self.batch_size} must be at least 1")
+        if self.device == "auto":
+            object.__setattr__(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise BadInputError(f"unknown device {self.device!r}; use cpu or cuda[:N]")
+            raise BadInputError(f"unknown device {self.device!r}; use auto, cpu or cuda[:N]")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise BadInputError(f"device {self.device} requested but CUDA is not available; use --device cpu")
 
@@ -87,10 +90,6 @@ class PruneConfig:
     @property
     def torch_hessian_dtype(self) -> torch.dtype:
         return HESSIAN_DTYPES[self.hessian_dtype]
-
-    @property
-    def compensate(self) -> bool:
-        return self.method == "slimgpt"
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -22,6 +22,14 @@ ACTIVATION_COPIES = 3
 HESSIAN_COPIES = 3
 # One batch's MLP intermediates (gate, up, act(gate) * up) in float32.
 MLP_TEMPORARIES = 3
+# Device memory of one OBS step (prune/obs.py, methods._hinv), in units of the step's H
+# [w, w] (w = o_proj's or down_proj's input width): the caller's H, its dampened copy and the
+# Cholesky factor while factoring; H, the factor and Hinv while inverting (the copy is freed);
+# H and Hinv (updated in place) in the greedy loop. One more for cholesky_inverse's workspace.
+OBS_HESSIAN_COPIES = 4
+# ... and in units of the projection W [hidden, w] in the Hessian dtype: the method's working
+# copy, the original (kept for the reconstruction error), dW and dW @ H.
+OBS_WEIGHT_COPIES = 4
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -101,6 +109,29 @@ def estimate_prune(job: JobSize, *, weights_loaded: bool = False, max_memory: in
         activations_on_disk=on_disk,
         parts=parts,
     )
+
+
+def obs_step_peak(hidden: int, width: int, hessian_bytes: int) -> int:
+    """Peak device bytes of pruning one projection's `width` input columns (heads or FFN channels).
+
+    = OBS_HESSIAN_COPIES * width^2 * hessian_bytes + OBS_WEIGHT_COPIES * hidden * width * hessian_bytes
+    (the per-step temporaries, [s, width] and [s, hidden] for s columns removed at once, are
+    smaller than one W). E.g. the FFN step of a 70B model (hidden 8192, FFN 28672, float32):
+    4 * 3.29 GB + 4 * 0.94 GB = 16.9 GB (before in-place updates: about 6 H + 4 W = 23.5 GB).
+    """
+    return (OBS_HESSIAN_COPIES * width * width + OBS_WEIGHT_COPIES * hidden * width) * hessian_bytes
+
+
+def layer_device_peak(hidden: int, q_width: int, kv_width: int, ffn: int, dtype_bytes: int, hessian_bytes: int,
+                      batch_tokens: int) -> int:
+    """Peak device bytes of pruning one decoder layer, activations between layers not counted.
+
+    The dense layer, the half-pruned and the new layer (at most 3 layers' weights), the larger
+    of the attention and FFN OBS steps (`obs_step_peak`), and one batch's MLP temporaries.
+    """
+    layer = (2 * hidden * q_width + 2 * hidden * kv_width + 3 * hidden * ffn) * dtype_bytes
+    obs = max(obs_step_peak(hidden, q_width, hessian_bytes), obs_step_peak(hidden, ffn, hessian_bytes))
+    return 3 * layer + obs + MLP_TEMPORARIES * batch_tokens * ffn * 4
 
 
 def job_size(model_config, prune_config) -> JobSize:

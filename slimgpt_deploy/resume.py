@@ -27,6 +27,7 @@ import json
 import logging
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -78,7 +79,7 @@ def describe_difference(old: dict, new: dict) -> str:
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
@@ -86,15 +87,33 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in load_file(str(path)).items()}
 
 
+@dataclass(frozen=True)
+class Home:
+    """Where in-memory activation batches live: a device, pinned on the host when `pin`."""
+
+    device: torch.device
+    pin: bool = False
+
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device)  # an explicit copy when x is elsewhere, a no-op when it is here
+        return x.pin_memory() if self.pin else x
+
+
 class Batches:
     """Activation batches [B, S, hidden] at one layer boundary, in order.
 
     In memory (a list), or, to cap memory (--max-memory), one safetensors file
-    per batch in `directory`, read back one batch at a time.
+    per batch in `directory`, read back one batch at a time. In memory, `home`
+    says where batches are kept: `Home(device)` on the compute device, or on the
+    host, pinned (`pin=True`) so copies to a GPU are fast; None keeps them where
+    they come from. Batches are handed out where they are kept; the reader moves
+    them to its compute device.
     """
 
-    def __init__(self, directory: Path | None = None, tensors: list[torch.Tensor] | None = None):
+    def __init__(self, directory: Path | None = None, tensors: list[torch.Tensor] | None = None,
+                 home: Home | None = None):
         self.directory = directory
+        self.home = home
         self._tensors = tensors if tensors is not None else []
         self._n = len(list(directory.glob("*.safetensors"))) if directory is not None else 0
 
@@ -103,7 +122,7 @@ class Batches:
 
     def append(self, x: torch.Tensor) -> None:
         if self.directory is None:
-            self._tensors.append(x)
+            self._tensors.append(self.home.keep(x) if self.home is not None else x)
         else:
             atomic_write(self._file(self._n), lambda tmp: _save({"x": x}, tmp))
             self._n += 1
@@ -208,10 +227,15 @@ class ResumeState:
         assert i < self.finished, (i, self.finished)
         return _load(self.directory / f"layer-{i:05d}.safetensors")
 
-    def inputs(self, in_memory: bool) -> Batches:
+    def inputs(self, in_memory: bool, home: Home | None = None) -> Batches:
         """The input activations of the first unfinished layer (finished > 0)."""
         stored = Batches(self.directory / f"xs-{self.finished:05d}")
-        return Batches(tensors=list(stored)) if in_memory else stored
+        if not in_memory:
+            return stored
+        kept = Batches(home=home)
+        for x in stored:
+            kept.append(x)
+        return kept
 
     def describe(self) -> str:
         return f"resume state in {self.directory} (finished layers {self.finished}/{self.total})"

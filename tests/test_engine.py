@@ -176,3 +176,59 @@ def test_nan_weights_are_caught_before_calibration(tiny_model_dir_factory, monke
     monkeypatch.setattr(api, "get_calibration", no_calibration)
     with pytest.raises(NumericalError, match=r"layer 3 \(mlp.down_proj.weight\)"):
         api.prune(str(path), PruneConfig(nsamples=4, seqlen=16))
+
+
+def test_engine_weights_equal_the_closed_form_from_independently_captured_inputs(tiny_model_dir_factory):
+    """Layer 1's o_proj inputs come from the *pruned* layer 0, the MLP's from the *pruned* attention.
+
+    The inputs are captured here with our own hooks on the dense layers fed by the slim model; the
+    engine's new o_proj/down_proj must equal W Hd[:, K] Hd[K, K]^-1 for its kept columns K (Hd the
+    dampened H), so a Hessian collected in the wrong place fails.
+    """
+    model = _load(tiny_model_dir_factory("llama", seed=5, **dict(GQA, num_hidden_layers=2)))
+    ids = _calib(16, 32)  # what _prune calibrates on
+    result = _prune(model, ratio=0.5, schedule="uniform", hessian_dtype="float64")
+    slim, rec = result.model, result.record
+    d, S = model.config.head_dim, ids.shape[1]
+    mask = torch.full((S, S), float("-inf")).triu(1)[None, None]
+    layer_inputs = []
+    hooks = [l.register_forward_pre_hook(lambda m, a, k: layer_inputs.append(k.get("hidden_states", a[0] if a else None)),
+                                         with_kwargs=True) for l in slim.model.layers]
+    slim(ids)
+    for h in hooks:
+        h.remove()
+    pos = model.model.rotary_emb(layer_inputs[0], torch.arange(S)[None])
+    for i, (dense, new, x) in enumerate(zip(model.model.layers, slim.model.layers, layer_inputs)):
+        captured = {}
+        hook = dense.self_attn.o_proj.register_forward_pre_hook(lambda m, a: captured.__setitem__("o", a[0]))
+        dense.self_attn(hidden_states=dense.input_layernorm(x), position_embeddings=pos, attention_mask=mask)
+        hook.remove()
+        h = x + new.self_attn(hidden_states=new.input_layernorm(x), position_embeddings=pos, attention_mask=mask)[0]
+        y = dense.post_attention_layernorm(h)
+        checks = [
+            (dense.self_attn.o_proj.weight, captured["o"], [q * d + t for q in rec["layers"][i]["kept_q_heads"] for t in range(d)],
+             new.self_attn.o_proj.weight),
+            (dense.mlp.down_proj.weight, dense.mlp.act_fn(dense.mlp.gate_proj(y)) * dense.mlp.up_proj(y),
+             [int((dense.mlp.gate_proj.weight == row).all(dim=1).nonzero()) for row in new.mlp.gate_proj.weight],
+             new.mlp.down_proj.weight),
+        ]
+        assert len(checks[0][2]) < dense.self_attn.o_proj.in_features and len(checks[1][2]) < dense.mlp.down_proj.in_features
+        for W, X, K, W_new in checks:
+            X = X.reshape(-1, X.shape[-1]).double()
+            H = 2 / X.shape[0] * X.T @ X
+            Hd = H + 0.01 * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)
+            expected = W.double() @ Hd[:, K] @ torch.linalg.inv(Hd[K][:, K])
+            torch.testing.assert_close(W_new.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_dead_ffn_channels_are_pruned_first_by_the_engine(tiny_model_dir_factory):
+    """A channel whose gate and up rows are zero never fires; however large its down_proj column, it goes first."""
+    model = _load(tiny_model_dir_factory("llama", seed=7, **dict(GQA, num_hidden_layers=2)))
+    for layer in model.model.layers:
+        layer.mlp.gate_proj.weight[5] = 0.0
+        layer.mlp.up_proj.weight[5] = 0.0
+        layer.mlp.down_proj.weight[:, 5] *= 1000.0  # its OBS score would be the largest without the dead-input rule
+    slim = _prune(model, ratio=0.05, schedule="uniform").model
+    for dense, new in zip(model.model.layers, slim.model.layers):
+        assert new.mlp.down_proj.in_features < dense.mlp.down_proj.in_features  # some channels went
+        assert (new.mlp.gate_proj.weight.abs().sum(dim=1) > 0).all()  # ... the dead one among them

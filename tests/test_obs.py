@@ -140,3 +140,35 @@ def test_removal_order_does_not_change_the_result():
     a, _, _ = obs_remove(a, Ha, torch.tensor([9]))
     b, _, _ = obs_remove(W, Hinv, torch.tensor([9, 1, 5]))
     torch.testing.assert_close(a, b)
+
+
+def _loss(W, H, K):
+    """Least-squares reconstruction loss of keeping only the columns K: tr(W H W^T) - tr(W H_:K H_KK^-1 H_K: W^T)."""
+    return float(torch.trace(W @ H @ W.T) - torch.trace(W @ H[:, K] @ torch.linalg.inv(H[K][:, K]) @ H[K, :] @ W.T))
+
+
+def test_every_greedy_head_step_is_the_exhaustive_best_and_errors_add_up():
+    """4 heads of 3 columns, 2 steps: each step's choice minimises the true joint loss over the alive heads."""
+    W, H, _ = _problem(inp=12, seed=9)
+    Hd, _ = dampen(H, 0.01)
+    Hinv, _, _ = inverse_hessian(H, 0.01)
+    units = torch.arange(12).reshape(4, 3)
+    out = batched_greedy_pruning(W, Hinv, units, [list(range(4))], steps=2)
+    gone: list[int] = []
+    for chosen in out.removed:
+        alive = [u for u in range(4) if u not in gone]
+        losses = {u: _loss(W, Hd, [c for v in alive if v != u for c in units[v].tolist()]) for u in alive}
+        assert chosen == min(losses, key=losses.get)
+        gone.append(chosen)
+    K = [c for v in range(4) if v not in gone for c in units[v].tolist()]
+    assert out.error == pytest.approx(_loss(W, Hd, K), rel=1e-8)  # sum of OBS errors == loss of the final kept set
+
+
+@pytest.mark.parametrize("n_remove", [1, 2, 5, 9, 11])
+def test_dynamic_group_sizes_never_grow_and_end_at_one(n_remove):
+    W, H, _ = _problem(inp=12, seed=10)
+    Hinv, _, _ = inverse_hessian(H, 0.01)
+    sizes = dynamic_group_pruning(W, Hinv, n_remove).group_sizes
+    assert sum(sizes) == n_remove
+    assert all(a >= b for a, b in zip(sizes, sizes[1:]))
+    assert sizes[-1] == 1

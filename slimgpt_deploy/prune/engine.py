@@ -6,13 +6,17 @@ Per decoder layer, with the inputs produced by the already-pruned layers:
   2. run the *pruned* attention, keep the residual stream h, accumulate H of
      down_proj's inputs under it; prune FFN channels; shrink the MLP;
   3. the pruned layer's outputs h + mlp(h) are the next layer's inputs.
-Only one decoder layer is on the compute device at a time; calibration
-activations stay on the CPU between layers (or on disk, `offload=True`).
+Only one decoder layer is on the compute device at a time. Calibration
+activations stay on the compute device between layers when they fit in its free
+memory beside one layer's pruning peak (guards.layer_device_peak), else in pinned
+host memory (on a GPU) or host memory (on the CPU), or on disk (`offload=True`).
+While pruning, float32 matmuls run in full precision (no TF32), restored after.
 With a `ResumeState`, every finished layer is committed to disk and a later
 run continues after the last one, giving the same weights bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import re
@@ -29,8 +33,9 @@ from torch import nn
 from ..config import PruneConfig
 from ..errors import NumericalError
 from ..families import layer_shapes
+from ..guards import ACTIVATION_COPIES, layer_device_peak
 from ..modeling import LayerConfigView, SlimGPTDecoderLayer
-from ..resume import Batches, ResumeState
+from ..resume import Batches, Home, ResumeState
 from ..shrink import LayerCut, assemble, check_shapes, make_slim_config, shrink_layer
 from .methods import METHODS, HeadUnits, LayerStats
 from .obs import accumulate_hessian
@@ -73,6 +78,33 @@ def restore_layer(weights: dict[str, torch.Tensor], slim_config, layer_idx: int)
         new = SlimGPTDecoderLayer(LayerConfigView(slim_config, layer_idx), layer_idx)
     new.load_state_dict(weights, strict=True, assign=True)
     return new.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def full_precision_matmul():
+    """float32 matmuls in IEEE precision (TF32 off on GPUs) inside; the caller's setting restored after."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+def activation_home(device: torch.device, activation_bytes: int, layer_peak: int) -> Home:
+    """Where calibration activations live between layers.
+
+    On a GPU: on the device when ACTIVATION_COPIES copies fit in its free memory beside one
+    layer's pruning peak, else pinned host memory. On the CPU: host memory.
+    """
+    if device.type != "cuda":
+        return Home(torch.device("cpu"))
+    free, _total = torch.cuda.mem_get_info(device)
+    if ACTIVATION_COPIES * activation_bytes + layer_peak <= free:
+        return Home(device)
+    log.info("calibration activations (%.2f GiB x %d) do not fit beside the layer's peak in %.2f GiB free on %s; "
+             "keeping them in pinned host memory", activation_bytes / 2**30, ACTIVATION_COPIES, free / 2**30, device)
+    return Home(torch.device("cpu"), pin=True)
 
 
 def _causal_mask(seqlen: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -128,6 +160,7 @@ class LayerwisePruner:
         return shapes, plan_layers(shapes, ratios, self.cfg.gqa_mode, self.cfg.head_multiple, self.cfg.ffn_multiple)
 
     @torch.no_grad()
+    @full_precision_matmul()
     def run(
         self,
         input_ids: torch.Tensor,
@@ -152,9 +185,11 @@ class LayerwisePruner:
         work = tempfile.TemporaryDirectory(prefix="slimgpt-activations-") if offload and state is None else None
         root = state.directory if state is not None else Path(work.name) if work is not None else None
 
+        home = self._home(input_ids)
+
         def batches(name: str) -> Batches:
             if root is None:
-                return Batches()
+                return Batches(home=home)
             path = root / name
             if path.exists():
                 shutil.rmtree(path)
@@ -172,7 +207,7 @@ class LayerwisePruner:
             if start == len(plans):
                 xs = None
             elif start > 0:
-                xs = state.inputs(in_memory=not offload)
+                xs = state.inputs(in_memory=not offload, home=home)
             else:
                 xs = self._embed(input_ids, batches(f"xs-{0:05d}"))
             for i in range(start, len(plans)):
@@ -209,11 +244,20 @@ class LayerwisePruner:
         }
         return PruneResult(model=slim, record=record)
 
+    def _home(self, input_ids: torch.Tensor) -> Home:
+        c = self.model.config
+        dtype_bytes = self.model.model.embed_tokens.weight.element_size()
+        shapes = layer_shapes(c)
+        peak = max(layer_device_peak(c.hidden_size, s.q_heads * s.head_dim, s.kv_heads * s.head_dim, s.ffn, dtype_bytes,
+                                     self.hdtype.itemsize, min(self.cfg.batch_size, len(input_ids)) * input_ids.shape[1])
+                   for s in shapes)
+        return activation_home(self.device, input_ids.numel() * c.hidden_size * dtype_bytes, peak)
+
     def _embed(self, input_ids: torch.Tensor, xs: Batches) -> Batches:
-        """Layer-0 inputs: the token embeddings of the calibration batches, on the CPU."""
+        """Layer-0 inputs: the token embeddings of the calibration batches (kept where `xs` keeps batches)."""
         embed, bs = self.model.model.embed_tokens, self.cfg.batch_size
         for i in range(0, len(input_ids), bs):
-            xs.append(embed(input_ids[i : i + bs].to(embed.weight.device)).cpu())
+            xs.append(embed(input_ids[i : i + bs].to(embed.weight.device)))
         return xs
 
     def _stats(self, W: torch.Tensor, H: torch.Tensor, tied: torch.Tensor) -> LayerStats:
@@ -237,7 +281,9 @@ class LayerwisePruner:
         _check_finite([("o_proj inputs", H_o)], "activations", i)
         units = HeadUnits.of(shape, self.cfg.gqa_mode)
         W_o = attn.o_proj.weight.to(self.hdtype)
-        heads = self.method.heads(self._stats(W_o, H_o, _head_column_norms(attn, units)), units, units.steps(plan.q_heads, plan.kv_heads))
+        with _naming_layer(i, "attention heads"):
+            heads = self.method.heads(self._stats(W_o, H_o, _head_column_norms(attn, units)), units,
+                                      units.steps(plan.q_heads, plan.kv_heads))
         q_keep, kv_keep = units.kept_heads(heads.removed)
         assert (len(q_keep), len(kv_keep)) == (plan.q_heads, plan.kv_heads), "head plan not met"
         attn_err, attn_rel = _reconstruction(W_o, heads.W, H_o)
@@ -252,11 +298,12 @@ class LayerwisePruner:
             x = x.to(dev)
             h = x + _attention(half, x, pos, mask)
             H_d, n = accumulate_hessian(H_d, n, _ffn_inputs(mlp, layer.post_attention_layernorm(h)))
-            hs.append(h.cpu())
+            hs.append(h)
         _check_finite([("down_proj inputs", H_d)], "activations", i)
         W_d = mlp.down_proj.weight.to(self.hdtype)
         tied = mlp.gate_proj.weight.float().pow(2).sum(dim=1) + mlp.up_proj.weight.float().pow(2).sum(dim=1)
-        ffn = self.method.ffn(self._stats(W_d, H_d, tied), shape.ffn - plan.ffn, self.cfg.ffn_group_fraction)
+        with _naming_layer(i, "FFN channels"):
+            ffn = self.method.ffn(self._stats(W_d, H_d, tied), shape.ffn - plan.ffn, self.cfg.ffn_group_fraction)
         gone = set(ffn.removed)
         ffn_keep = [c for c in range(shape.ffn) if c not in gone]
         mlp_err, mlp_rel = _reconstruction(W_d, ffn.W, H_d)
@@ -270,7 +317,7 @@ class LayerwisePruner:
             h = h.to(dev)
             y = h + new.mlp(new.post_attention_layernorm(h))
             peaks.append(y.abs().amax())
-            out.append(y.cpu())
+            out.append(y)
         hs.drop()
         _check_finite([("layer outputs", torch.stack(peaks))], "activations", i)
         rec = {
@@ -288,6 +335,18 @@ class LayerwisePruner:
             "damping": max(heads.damping, ffn.damping),
         }
         return new, out, rec
+
+
+@contextlib.contextmanager
+def _naming_layer(layer_idx: int, what: str):
+    """A factorization that fails even after the damping retries ends as a NumericalError naming the layer."""
+    try:
+        yield
+    except torch.linalg.LinAlgError as e:
+        raise NumericalError(
+            f"layer {layer_idx} ({what}): {e}; give more calibration samples (--nsamples/--seqlen) "
+            "or --hessian-dtype float64"
+        ) from e
 
 
 def _with_ffn(config, layer_idx: int, width: int):

@@ -82,7 +82,7 @@ def _hinv(stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor, float]:
 def _obs_heads(compensate: bool):
     def heads(stats: LayerStats, units: HeadUnits, steps: int) -> Decision:
         W, Hinv, damp = _hinv(stats)
-        out = batched_greedy_pruning(W, Hinv, units.columns, units.buckets, steps, compensate=compensate)
+        out = batched_greedy_pruning(W, Hinv, units.columns, units.buckets, steps, compensate=compensate, inplace=True)
         return Decision(out.removed, out.W, damp)
 
     return heads
@@ -91,7 +91,9 @@ def _obs_heads(compensate: bool):
 def _obs_ffn(compensate: bool):
     def ffn(stats: LayerStats, n_remove: int, group_fraction: float) -> Decision:
         W, Hinv, damp = _hinv(stats)
-        out = dynamic_group_pruning(W, Hinv, n_remove, group_fraction=group_fraction, compensate=compensate)
+        out = dynamic_group_pruning(
+            W, Hinv, n_remove, group_fraction=group_fraction, compensate=compensate, inplace=True
+        )
         return Decision(out.removed, out.W, damp)
 
     return ffn
@@ -132,12 +134,11 @@ def wanda_score(stats: LayerStats) -> torch.Tensor:
 class Method:
     heads: Callable[[LayerStats, HeadUnits, int], Decision]
     ffn: Callable[[LayerStats, int, float], Decision]
-    needs_hessian: bool = True
 
 
 METHODS: dict[str, Method] = {
     "slimgpt": Method(_obs_heads(True), _obs_ffn(True)),
     "slimgpt-nocomp": Method(_obs_heads(False), _obs_ffn(False)),
-    "magnitude": Method(_score_heads(magnitude_score), _score_ffn(magnitude_score), needs_hessian=False),
+    "magnitude": Method(_score_heads(magnitude_score), _score_ffn(magnitude_score)),
     "wanda-sp": Method(_score_heads(wanda_score), _score_ffn(wanda_score)),
 }
