@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_check.sh [MODEL_DIR]
 #
 # On a CUDA host, in order (each step with a timeout, its log in $OUT/logs/STEP.log):
-#   1. device-tests   pytest -k "device or distributed or cuda" (the engine's device and torch.distributed tests)
+#   1. device-tests   pytest tests/test_device*.py tests/test_distributed*.py (engine device + torch.distributed)
 #   2. model          MODEL_DIR (a local Hugging Face directory), or a random-init model with Llama-3.2-1B's
 #                     decoder shapes (16 layers, hidden 2048, 32/8 heads, FFN 8192) and SmolLM2's tokenizer
 #                     (vocabulary 49,152 instead of 128,256: 1.07B parameters), made by this script
@@ -24,7 +24,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then
-    sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 if (($# > 1)); then
@@ -82,8 +82,16 @@ step() {
 skip() { printf '%s\tskipped (%s)\t0\n' "$1" "$2" >>"$steps"; }
 
 cd "$here"
-# 1. the device and distributed tests (exit 5 = none collected counts as a failure: they must exist)
-step device-tests "$PY" -m pytest -q -k "device or distributed or cuda" tests || true
+# 1. the device and distributed tests (tests/test_device*.py, tests/test_distributed*.py); none found is a failure
+shopt -s nullglob
+device_tests=(tests/test_device*.py tests/test_distributed*.py)
+shopt -u nullglob
+if ((${#device_tests[@]})); then
+    step device-tests "$PY" -m pytest -q -rs "${device_tests[@]}" || true
+else
+    printf 'device-tests\tfailed (no tests/test_device*.py or tests/test_distributed*.py)\t0\n' >>"$steps"
+    failed=1
+fi
 
 # 2. the model
 if [[ -n $model_arg ]]; then
