@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import subprocess
@@ -208,10 +207,12 @@ def removed_per_layer(shape: dict, ratio: float = RATIO) -> list[tuple[int, int,
 
 
 def dgs_steps(n_remove: int, fraction: float = 0.25) -> int:
-    """Dynamic Group Size steps to remove n_remove channels (groups of ceil(fraction * remaining))."""
+    """Dynamic Group Size steps to remove n_remove channels (the engine's own group-size rule)."""
+    from slimgpt_deploy.prune.obs import dgs_group_size
+
     steps = 0
     while n_remove > 0:
-        n_remove -= max(1, min(n_remove, math.ceil(fraction * n_remove)))
+        n_remove -= dgs_group_size(n_remove, fraction)
         steps += 1
     return steps
 
