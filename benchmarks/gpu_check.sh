@@ -191,13 +191,6 @@ def load(p):
         return json.loads(p.read_text())
     except (OSError, ValueError):
         return None
-def last_json(log):  # the commands print their --json summary last on stdout
-    try:
-        text = (out / "logs" / log).read_text()
-    except OSError:
-        return None
-    start = text.rfind("\n{")
-    return load_text(text[start + 1:] if start >= 0 else text)
 def load_text(t):
     try:
         return json.loads(t)
