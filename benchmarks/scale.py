@@ -106,6 +106,7 @@ A100 = {"fp32_gemm_flops": 0.75 * 19.5e12, "fp32_factor_flops": 0.37 * 19.5e12, 
         "hbm_bytes_per_s": 0.9 * 2.0e12, "host_link_bytes_per_s": 20e9}
 OBS_PASSES_PER_STEP = 8
 OBS_FLOPS_PER_WIDTH3 = 2.0  # FLOPs of the OBS phase per (w_a^3 + f^3), roughly (see the report's note)  # full reads/writes of Hinv [d, d] per OBS step (subtract, symmetrize, diag, index)
+BEFORE, BEFORE_COMMIT = "scale-engine-1aa62bf.json", "1aa62bf"  # the same runs on the engine before 0947da6
 PAPER_CLAIM = "SlimGPT (Ling et al., NeurIPS 2024): LLaMA-7B pruned by 20% in about 10 minutes on one A100 (128 x 2048 C4 tokens)"
 
 # The engine's functions wrapped by timers: (module, attribute, bucket). Missing ones are reported, not fatal.
@@ -563,6 +564,24 @@ def report(data: dict) -> str:
         "`guards.estimate_prune` for that run and for the full model (weights + slim copy + activations + 3 copies of "
         "both Hessians), i.e. what the full model needs on the host.",
     ]
+    before = RESULTS / BEFORE
+    if before.exists():
+        old = {r["name"]: r for r in json.loads(before.read_text())["runs"]}
+        out += [
+            "",
+            f"### Against the engine before in-place OBS (main at {BEFORE_COMMIT}, same script, same day: `{BEFORE}`)",
+            "",
+            "| run | CPU s per layer: before / now | OBS CPU s per layer: before / now | peak RSS GiB: before / now |",
+            "|---|---|---|---|",
+        ]
+        for r in rows:
+            o = old.get(r["name"])
+            if o is None or r["axis"] != "size":
+                continue
+            k, ko = len(r["layer_seconds"]), len(o["layer_seconds"])
+            out.append(f"| {r['name']} | {sum(o['layer_cpu_seconds']) / ko:.1f} / {sum(r['layer_cpu_seconds']) / k:.1f} | "
+                       f"{o['cpu_buckets_s']['obs'] / ko:.1f} / {r['cpu_buckets_s']['obs'] / k:.1f} | "
+                       f"{o['peak_rss_bytes'] / GiB:.2f} / {r['peak_rss_bytes'] / GiB:.2f} |")
     if sampling:
         out += [
             "",
@@ -649,6 +668,8 @@ def report(data: dict) -> str:
     # OBS ran far below GEMM speed here; if it does on the GPU too, its share grows. Effective FLOPs per (w_a^3 + f^3):
     # inverse ~1, Schur updates 2 * 0.2 = 0.4, error diagnostic 4 * h / f ~ 0.7-1.5 -> about 2.
     rho = (OBS_FLOPS_PER_WIDTH3 / model.b) / (2 / model.a)
+    shares = [100 * r["cpu_buckets_s"]["obs"] / sum(r["layer_cpu_seconds"]) for r in rows if r["axis"] == "size"]
+    obs_lo, obs_hi = min(shares), max(shares)
     slow = {p["model"]: p for p in preds if p["nsamples"] == PREDICT_CALIBS[0][0]}
     obs_flops = {k: OBS_FLOPS_PER_WIDTH3 * PREDICT_SHAPES[k]["num_hidden_layers"] * LayerGeometry.of(PREDICT_SHAPES[k]).attn_width ** 3
                  + OBS_FLOPS_PER_WIDTH3 * PREDICT_SHAPES[k]["num_hidden_layers"] * PREDICT_SHAPES[k]["intermediate_size"] ** 3
@@ -656,12 +677,13 @@ def report(data: dict) -> str:
     data["cost_model"]["obs_vs_gemm_efficiency_cpu"] = rho
     out += [
         "",
-        f"- Here the OBS phase ran at about {100 * rho:.0f}% of the Hessian GEMM's FLOP rate (many small, memory-bound "
-        "steps: indexing, the Schur update, symmetrizing). Should it do as badly on the GPU, its H200 time would be "
+        f"- Here the OBS phase ran at about {100 * rho:.0f}% of the Hessian GEMM's FLOP rate (its steps are smaller and "
+        "partly memory-bound). At that same share of an H200's fp32 GEMM rate, its H200 time would be "
         + ", ".join(f"{_fmt_s(obs_flops[k] / (rho * H200['fp32_gemm_flops']))} for {k}" for k in slow)
         + " instead of the table's figures (compare with the Hessian column).",
         "- Where the time goes depends on n / d: a * n * d^2 = b * d^3 at n = (b / a) * d = "
-        f"{model.b / model.a:.1f} * d tokens. At this benchmark's 1,024 tokens OBS dominates (76-95%); at the paper's "
+        f"{model.b / model.a:.1f} * d tokens. At this benchmark's {SIZE_CALIB[0] * SIZE_CALIB[1]:,} tokens OBS dominates "
+        f"({obs_lo:.0f}-{obs_hi:.0f}% of the layers' time); at the paper's "
         "262,144 tokens the Hessians do for every size up to 70B (d = 28,672 crosses over at "
         f"{model.b / model.a * 28672 / 1e3:.0f}k tokens).",
     ]
