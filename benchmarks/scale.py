@@ -524,8 +524,8 @@ def report(data: dict) -> str:
         "64 x 512). `LayerwisePruner` as shipped, 20% of every layer (uniform schedule), per-group GQA, each run in its "
         "own subprocess. **Depth**: every layer of a model has the same shapes and cost, and a full 1.5B prune takes "
         "hours on these shared cores, so each run has the checkpoint's embeddings, head and layer shapes but only the "
-        "first 1-3 decoder layers; `full model` = measured per-layer time x layer count + the measured rest (a "
-        "projection, marked as such). Time split by timers wrapped around the engine's functions from outside: "
+        "first 1-3 decoder layers; `full model` = measured per-layer time x layer count (a projection, marked "
+        "as such; embedding the calibration batches and saving are left out). Time split by timers wrapped around the engine's functions from outside: "
         "`hessian` = `accumulate_hessian`; `obs` = `inverse_hessian` + batched greedy heads + Dynamic Group Size FFN + "
         "the reconstruction-error diagnostic; `forward` = the rest of the per-layer time (the layer's forward passes "
         "over the calibration batches, moves); `shrink` = building the slim layers.",
@@ -557,7 +557,7 @@ def report(data: dict) -> str:
     out += [
         "",
         "- Times are CPU seconds of the run's one thread (`torch.set_num_threads(1)`): under this machine's load a "
-        "2-thread run spent most of its wall time waiting for its second thread (a 135M layer: 11 CPU s in 56 wall s), "
+        "2-thread run spent most of its wall time waiting for its second thread (a 3-layer 135M run: 11 CPU s in 56 wall s), "
         "so one thread's CPU time, what one idle core of this CPU would take, is the figure that means something here. "
         "Wall seconds of each run are beside it. Shares are of the layers' CPU time.",
         "- Peak RSS is the run's VmHWM (the model as built, with its few layers); `engine estimate` is "
