@@ -192,7 +192,7 @@ def write_onnx(model: torch.nn.Module, directory: Path, *, dtype: torch.dtype, u
     batch, seq, past_seq, total = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
     dynamic = (
         {0: batch, 1: seq},
-        {0: batch, 1: total},  # its own dim: `past + seq` is not expressible (DESIGN.md)
+        {0: batch, 1: total},  # own dim: `past + seq` is not expressible (docs/DESIGN.md, "Environment facts")
         {0: batch, 1: seq},
         tuple({0: batch, 2: past_seq} for _ in past),
     )

@@ -1,4 +1,4 @@
-"""The slim checkpoint on disk (DESIGN.md, "The slim checkpoint").
+"""The slim checkpoint on disk (docs/DESIGN.md, "The slim checkpoint").
 
 A Hugging Face directory: safetensors weights, config.json with per-layer
 lists, the modeling code (for trust_remote_code loading without this
@@ -87,7 +87,8 @@ model = AutoModelForCausalLM.from_pretrained("PATH")
 """
 
 
-# Weight files that torch.load unpickles; refused everywhere (DESIGN.md: safetensors only).
+# Weight files that torch.load unpickles; refused everywhere
+# (docs/DESIGN.md, "Resources, resume, safe loading").
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 

@@ -3,7 +3,7 @@
     from slimgpt_deploy.bench import BenchOptions, run_bench
     result = run_bench("smollm2-135m", "out/slim", ["torch", "onnx"], work_dir=Path("build/bench-cache"))
 
-Method (DESIGN.md, "Performance method"): every back end x model measurement runs
+Method (docs/DESIGN.md, "Benchmark method"): every back end x model measurement runs
 in its own child process (`python -m slimgpt_deploy.bench.child JOB.json`), dense
 first, then pruned, one at a time, so each child's peak RSS (and CUDA peak) is its
 own. Per model: prefill / time to first token at batch 1 for each prompt length,

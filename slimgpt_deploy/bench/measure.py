@@ -1,6 +1,6 @@
 """Timing and memory helpers shared by every back end (pure functions, no heavy imports).
 
-Protocol (DESIGN.md, "Performance method"): `warmups` untimed runs, then `repeats`
+Protocol (docs/DESIGN.md, "Benchmark method"): `warmups` untimed runs, then `repeats`
 timed ones; a measurement is reported as its median, min and max (`stats`).
 """
 from __future__ import annotations
