@@ -78,7 +78,7 @@ def _run(fn):
         click.echo(f"error: no space left on the device ({e.filename or 'while writing'}); free some space and rerun", err=True)
         sys.exit(2)
     except MemoryError:
-        click.echo("error: out of memory; lower --nsamples/--seqlen/--batch-size", err=True)
+        click.echo("error: out of memory; lower --nsamples/--seqlen, or pass --max-memory to keep activations on disk", err=True)
         sys.exit(EXIT_INTERNAL)
 
 

@@ -16,7 +16,10 @@ after which the inverse Hessian of the kept columns is the Schur complement
 so greedy steps chain exactly: for any final kept set K the result equals the
 least-squares optimum W H[:, K] H[K, K]^-1.
 
-Every function here is pure: tensors in, new tensors out.
+Every function here is a function of its tensor arguments, with no module state. The greedy
+loops (`obs_remove_`, and the loops with `inplace=True`) overwrite the W and Hinv they are
+handed, to keep the device peak at about 4 H (guards.obs_step_peak); the other entry points
+return new tensors. All work stays on W's device.
 """
 from __future__ import annotations
 
