@@ -152,7 +152,8 @@ def _prune(
     input_ids = state.calibration_ids() if state is not None else None
     if input_ids is None:
         calib = get_calibration(
-            config.calib, loaded.model, loaded.tokenizer, nsamples=config.nsamples, seqlen=config.seqlen, seed=config.seed
+            config.calib, loaded.model, loaded.tokenizer, nsamples=config.nsamples, seqlen=config.seqlen, seed=config.seed,
+            device=config.device,
         )
         input_ids, calib_record = calib.input_ids, calib.describe()
         t_calib = time.perf_counter() - t0

@@ -26,8 +26,10 @@ the same spec, model, tokenizer and seed give an identical tensor.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +42,13 @@ from slimgpt_deploy.evaluate import eval_mode, load_text, model_device, text_to_
 logger = logging.getLogger(__name__)
 
 MIN_SEQLEN = 8
-# self-sampling: up to 32 sequences decode together (on CPU a step of 32 costs ~1.6x less per
-# sequence than one of 16), fewer when their KV cache would pass the budget (e.g. 7B x 2048).
-SELF_MAX_BATCH_SIZE = 32
-SELF_KV_BUDGET_BYTES = 2 * 2**30
+# self-sampling: up to 32 sequences decode together on CPU (a step of 32 costs ~1.6x less per
+# sequence than one of 16), more on CUDA; fewer when the device's free memory is short.
+SELF_MAX_BATCH_SIZE = {"cpu": 32, "cuda": 256}
+SELF_MEMORY_FRACTION = 0.5  # of the sampling device's free memory, for KV caches and logits
+SELF_LOGIT_COPIES = 4   # float32 [vocab] temporaries per sequence and step (see self_sequence_bytes)
 SELF_TOPK_START = 256   # first k tried when searching the top-p nucleus
-SELF_TEMPERATURE = 1.0
-SELF_TOP_P = 0.95
+SELF_MIN_DISTINCT = 0.5  # a sample with fewer distinct 4-grams than this share is a degenerate repeat
 HF_POOL_FACTOR = 4      # stream this many times nsamples * seqlen tokens of a hub dataset
 TEXT_JOINER = "\n\n"    # between documents of a .jsonl file or a dataset
 
@@ -88,6 +90,8 @@ class _Request:
     nsamples: int
     seqlen: int
     seed: int
+    device: torch.device | None = None  # where `self` samples (the prune's compute device)
+    sampling: SelfSampling | None = None  # `self` only; None: SELF_SAMPLING
 
     def generator(self) -> torch.Generator:
         return torch.Generator(device="cpu").manual_seed(self.seed)
@@ -99,6 +103,33 @@ Loader = Callable[[str, _Request], tuple[torch.Tensor, str]]
 
 # ---------------------------------------------------------------------------- self
 
+@dataclass(frozen=True)
+class SelfSampling:
+    """How ``self`` samples its calibration text (the defaults are the measured best, see the module doc).
+
+    ``greedy_opening`` greedy tokens follow the seeded random one; ``overgenerate`` x
+    ``nsamples`` sequences are sampled and the ``nsamples`` best kept (:func:`keep_best`);
+    ``bos`` opens each sample with the tokenizer's BOS.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 0.95
+    greedy_opening: int = 0
+    overgenerate: float = 1.0
+    mask_special: bool = True
+    bos: bool = True
+
+    def __post_init__(self) -> None:
+        assert self.temperature > 0 and 0.0 <= self.top_p <= 1.0, (self.temperature, self.top_p)
+        assert self.greedy_opening >= 0 and self.overgenerate >= 1.0, (self.greedy_opening, self.overgenerate)
+
+    def describe(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SELF_SAMPLING = SelfSampling()
+
+
 def sample_top_p(logits: torch.Tensor, u: torch.Tensor, *, top_p: float, temperature: float) -> torch.Tensor:
     """Nucleus sampling. logits: ``[B, V]``, u: ``[B]`` uniforms in [0, 1) -> ``[B]`` int64 ids.
 
@@ -106,7 +137,7 @@ def sample_top_p(logits: torch.Tensor, u: torch.Tensor, *, top_p: float, tempera
     likely token always survives, so ``top_p <= 0`` is greedy) and samples within it.
     A full sort of a 49k vocabulary costs as much as a decode step on CPU, so the nucleus
     is found with ``topk``, doubling k until every row's mass reaches ``top_p``; the draw
-    is an inverse-CDF lookup of one uniform per row.
+    is an inverse-CDF lookup of one uniform per row. Everything stays on ``logits.device``.
     """
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
     vocab = probs.shape[-1]
@@ -126,68 +157,223 @@ def sample_top_p(logits: torch.Tensor, u: torch.Tensor, *, top_p: float, tempera
     return top_ids.gather(-1, pick).squeeze(-1)  # [B]
 
 
-def _sample_batch(
-    model, prefix: torch.Tensor, seqlen: int, vocab: int, generators: list[torch.Generator]
-) -> torch.Tensor:
-    """Continue ``prefix`` ``[b, k]`` to ``[b, seqlen]`` with a KV cache, one token a step.
+def self_batch_size(free_bytes: int, seq_bytes: int, max_batch: int) -> int:
+    """Sequences sampled together: ``clamp(floor(SELF_MEMORY_FRACTION * free_bytes / seq_bytes), 1, max_batch)``.
 
-    Sample i draws its uniforms from ``generators[i]`` alone, so the batch size (a memory
-    knob) does not change what is sampled.
+    ``seq_bytes`` is one sequence's share (:func:`self_sequence_bytes`), ``free_bytes`` what the
+    sampling device has free now; the rest of ``free_bytes`` is left to the allocator and others.
+    """
+    return max(1, min(max_batch, int(SELF_MEMORY_FRACTION * free_bytes) // max(seq_bytes, 1)))
+
+
+def self_sequence_bytes(config, *, seqlen: int, vocab: int, elem: int) -> int:
+    """Memory one sampled sequence holds: its KV cache plus one step's logits and their float32 copies.
+
+    ``2 * sum_l kv_heads_l * head_dim * elem * seqlen`` (K and V of every layer, model dtype)
+    ``+ vocab * (elem + SELF_LOGIT_COPIES * 4)`` (the logits row, then float32 probabilities,
+    masked logits and the log-sum-exp temporaries of :func:`_sample_batch`).
+    """
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    per_layer = list(kv_heads) if isinstance(kv_heads, (list, tuple)) else [kv_heads] * config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = 2 * sum(per_layer) * head_dim * elem * seqlen
+    return kv + vocab * (elem + SELF_LOGIT_COPIES * 4)
+
+
+def _free_cuda(device: torch.device) -> int:
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
+def _free_cpu(_device: torch.device) -> int:
+    from slimgpt_deploy.guards import available_ram
+
+    return available_ram()
+
+
+# free memory of a device, by its type
+FREE_MEMORY: dict[str, Callable[[torch.device], int]] = {"cuda": _free_cuda, "cpu": _free_cpu}
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device`` now (CUDA: ``mem_get_info``; CPU: available RAM)."""
+    probe = FREE_MEMORY.get(device.type)
+    if probe is None:
+        raise CalibrationError(f"self-calibration cannot sample on device {device}; use {' or '.join(FREE_MEMORY)}")
+    return probe(device)
+
+
+def _self_batch_size(model, seqlen: int, vocab: int) -> int:
+    device = model_device(model)
+    seq_bytes = self_sequence_bytes(model.config, seqlen=seqlen, vocab=vocab, elem=next(model.parameters()).element_size())
+    return self_batch_size(free_memory(device), seq_bytes, SELF_MAX_BATCH_SIZE.get(device.type, 1))
+
+
+def distinct_ngram_share(ids: torch.Tensor, n: int = 4) -> float:
+    """Distinct ``n``-grams over all ``n``-grams of ``ids`` ``[T]``: near 0 for a loop, near 1 for prose."""
+    grams = ids.unfold(0, n, 1)  # [T-n+1, n]
+    return torch.unique(grams, dim=0).shape[0] / max(grams.shape[0], 1)
+
+
+def keep_best(nll: torch.Tensor, distinct: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices (ascending) of the ``keep`` samples to use, of ``nll.numel()`` sampled.
+
+    nll: ``[m]`` mean negative log-likelihood per token under the model (self-perplexity =
+    ``exp(nll)``); distinct: ``[m]`` :func:`distinct_ngram_share`. Degenerate repeats
+    (``distinct < SELF_MIN_DISTINCT``) go first, then the highest self-perplexity.
+    """
+    by_nll = torch.sort(nll, stable=True).indices  # [m]
+    degenerate = (distinct < SELF_MIN_DISTINCT)[by_nll].to(torch.uint8)
+    order = by_nll[torch.sort(degenerate, stable=True).indices]  # degenerate last, each group by nll
+    return order[:keep].sort().values
+
+
+def _sample_batch(
+    model, prefix: torch.Tensor, seqlen: int, vocab: int, generators: list[torch.Generator],
+    sampling: SelfSampling, banned: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Continue ``prefix`` ``[b, k]`` to ``[b, seqlen]`` with a KV cache, one token a step, on the model's device.
+
+    Returns the ids ``[b, seqlen]`` (moved to the host once, at the end) and each sample's mean
+    negative log-likelihood of its sampled tokens ``[b]`` under the untempered model. Sample i
+    draws its uniforms from ``generators[i]`` alone (on the host, moved as one ``[b]`` tensor a
+    step), so the batch size (a memory knob) does not change what is sampled. ``banned`` ids
+    (special tokens) are never sampled; the first ``sampling.greedy_opening`` steps are greedy.
     """
     from transformers import DynamicCache
 
     device = model_device(model)
+    banned = banned.to(device)
     cache = DynamicCache(config=model.config)
-    pieces = [prefix]
-    step = prefix  # [b, k] for the prefill, then [b, 1]
-    for _ in range(seqlen - prefix.shape[1]):
-        out = model(input_ids=step.to(device), past_key_values=cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1, :vocab].to("cpu", torch.float32)  # [b, vocab]
-        u = torch.cat([torch.rand(1, generator=g) for g in generators])  # [b]
-        step = sample_top_p(logits, u, top_p=SELF_TOP_P, temperature=SELF_TEMPERATURE)[:, None]  # [b, 1]
+    pieces = [prefix.to(device)]
+    step = pieces[0]  # [b, k] for the prefill, then [b, 1]
+    nll = torch.zeros(prefix.shape[0], dtype=torch.float64, device=device)  # [b]
+    for t in range(seqlen - prefix.shape[1]):
+        out = model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1, :vocab].float()  # [b, vocab], on the device
+        logits[:, banned] = float("-inf")
+        u = torch.cat([torch.rand(1, generator=g) for g in generators])  # [b], host
+        top_p = 0.0 if t < sampling.greedy_opening else sampling.top_p
+        step = sample_top_p(logits, u, top_p=top_p, temperature=sampling.temperature)[:, None]  # [b, 1]
+        nll -= (logits.gather(-1, step) - torch.logsumexp(logits, dim=-1, keepdim=True))[:, 0]
         pieces.append(step)
-    return torch.cat(pieces, dim=1)  # [b, seqlen]
+    ids = torch.cat(pieces, dim=1).cpu()  # [b, seqlen]
+    return ids, (nll / max(seqlen - prefix.shape[1], 1)).cpu()
 
 
-def _self_batch_size(model, seqlen: int) -> int:
-    """Samples per batch: at most SELF_MAX_BATCH_SIZE, and their KV cache within SELF_KV_BUDGET_BYTES."""
-    cfg = model.config
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    per_layer = list(kv_heads) if isinstance(kv_heads, (list, tuple)) else [kv_heads] * cfg.num_hidden_layers
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+def _special_ids(tok, vocab: int) -> list[int]:
+    """Every special token id below ``vocab``: ``all_special_ids`` and added tokens marked special."""
+    special = set(tok.all_special_ids)
+    added = getattr(tok, "added_tokens_decoder", None) or {}
+    special |= {i for i, t in added.items() if getattr(t, "special", False)}
+    return sorted(i for i in special if 0 <= i < vocab)
+
+
+def _sampling_device(model, device: torch.device | None, seqlen: int, vocab: int) -> torch.device | None:
+    """Where to sample: ``device`` if the model (and one sequence) fits in its free memory, else None (stay)."""
+    here = model_device(model)
+    if device is not None and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device is None or device == here:
+        return None
     elem = next(model.parameters()).element_size()
-    kv_bytes_per_seq = 2 * sum(per_layer) * head_dim * elem * seqlen  # K and V, every layer
-    return max(1, min(SELF_MAX_BATCH_SIZE, SELF_KV_BUDGET_BYTES // max(kv_bytes_per_seq, 1)))
+    need = model_bytes(model) + self_sequence_bytes(model.config, seqlen=seqlen, vocab=vocab, elem=elem)
+    free = free_memory(device)
+    if need > SELF_MEMORY_FRACTION * free:
+        logger.info(
+            "self-calibration: sampling on %s, where the model is: it needs %.2f GiB on %s, which has %.2f GiB free "
+            "(%.0f%% usable)", here, need / 2**30, device, free / 2**30, 100 * SELF_MEMORY_FRACTION,
+        )
+        return None
+    return device
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers (tied weights counted once)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+@dataclass(frozen=True, eq=False)
+class SelfPool:
+    """Sampled sequences before selection: sample i depends only on (seed, i), so a pool of m
+    holds the first m of any larger pool."""
+
+    input_ids: torch.Tensor  # [m, seqlen] int64, host
+    nll: torch.Tensor        # [m] float64: mean -log p of each sample's sampled tokens (self-perplexity = exp)
+    opening: int             # tokens before the sampled ones (BOS + random + greedy), left out of the repeat check
+
+    def select(self, nsamples: int) -> torch.Tensor:
+        """The ``nsamples`` best (:func:`keep_best`) in pool order -> ``[nsamples, seqlen]``."""
+        if nsamples >= self.input_ids.shape[0]:
+            return self.input_ids[:nsamples]
+        distinct = torch.tensor([distinct_ngram_share(row[self.opening:]) for row in self.input_ids])
+        keep = keep_best(self.nll, distinct, nsamples)
+        logger.info("self-calibration: kept %d of %d samples (%d degenerate repeats; self-perplexity of the kept %.1f-%.1f)",
+                    nsamples, self.nll.numel(), int((distinct < SELF_MIN_DISTINCT).sum()),
+                    float(self.nll[keep].min().exp()), float(self.nll[keep].max().exp()))
+        return self.input_ids[keep]
+
+
+def sample_self(
+    model, tok, *, count: int, seqlen: int, seed: int, sampling: SelfSampling, device: torch.device | None = None
+) -> SelfPool:
+    """Sample ``count`` sequences of ``seqlen`` tokens from ``model`` (on ``device`` when it fits there).
+
+    Sample i opens with BOS (when ``sampling.bos`` and the tokenizer has one) and a random
+    non-special token drawn from its own generator, seeded from ``seed`` and i; that generator
+    then draws its uniforms, so samples do not depend on ``count`` or the batch size.
+    """
+    # ids the tokenizer can decode and the model can emit (a padded vocab has dead rows)
+    vocab = min(int(model.config.vocab_size), len(tok))
+    banned = torch.tensor(_special_ids(tok, vocab), dtype=torch.int64)
+    allowed = torch.ones(vocab, dtype=torch.bool)
+    allowed[banned] = False
+    allowed = allowed.nonzero()[:, 0]
+    if allowed.numel() == 0:
+        raise CalibrationError("calibration source 'self' found no non-special token in the tokenizer; give a text file instead")
+    if not sampling.mask_special:
+        banned = banned[:0]
+    sample_seeds = torch.randint(2**62, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+    generators = [torch.Generator().manual_seed(x) for x in sample_seeds]
+    first = torch.stack([allowed[torch.randint(allowed.numel(), (1,), generator=g)] for g in generators])  # [m, 1]
+    bos = tok.bos_token_id if sampling.bos else None
+    prefix = first if bos is None else torch.cat([torch.full_like(first, bos), first], dim=1)  # [m, 1 or 2]
+    opening = min(prefix.shape[1] + sampling.greedy_opening, seqlen)
+
+    target = _sampling_device(model, device, seqlen, vocab)
+    home = model_device(model)
+    ids = torch.empty(count, seqlen, dtype=torch.int64)
+    nll = torch.empty(count, dtype=torch.float64)
+    with torch.inference_mode(), eval_mode(model):
+        try:
+            if target is not None:
+                model.to(target)
+            batch = _self_batch_size(model, seqlen, vocab)
+            nbatches = -(-count // batch)
+            for b, start in enumerate(range(0, count, batch)):
+                stop = min(start + batch, count)
+                ids[start:stop], nll[start:stop] = _sample_batch(
+                    model, prefix[start:stop], seqlen, vocab, generators[start:stop], sampling, banned
+                )
+                logger.info("self-calibration: sampled batch %d/%d (%d x %d tokens on %s)",
+                            b + 1, nbatches, stop - start, seqlen, model_device(model))
+        finally:
+            if target is not None:
+                model.to(home)
+    return SelfPool(input_ids=ids, nll=nll, opening=opening)
 
 
 def _from_self(_arg: str, req: _Request) -> tuple[torch.Tensor, str]:
-    """Text sampled from the model itself (LLM-Pruner's data-free calibration)."""
-    tok = req.tokenizer
-    # ids the tokenizer can decode and the model can emit (a padded vocab has dead rows)
-    vocab = min(int(req.model.config.vocab_size), len(tok))
-    special = set(tok.all_special_ids)
-    allowed = torch.tensor([i for i in range(vocab) if i not in special], dtype=torch.int64)
-    if allowed.numel() == 0:
-        raise CalibrationError("calibration source 'self' found no non-special token in the tokenizer; give a text file instead")
-    generator = req.generator()
-    first = allowed[torch.randint(allowed.numel(), (req.nsamples, 1), generator=generator)]  # [n, 1]
-    sample_seeds = torch.randint(2**62, (req.nsamples,), generator=generator).tolist()
-    bos = tok.bos_token_id
-    if bos is None:
-        prefix = first
-    else:
-        prefix = torch.cat([torch.full_like(first, bos), first], dim=1)  # [n, 2]
-
-    out = torch.empty(req.nsamples, req.seqlen, dtype=torch.int64)
-    batch = _self_batch_size(req.model, req.seqlen)
-    nbatches = -(-req.nsamples // batch)
-    with torch.inference_mode(), eval_mode(req.model):
-        for b, start in enumerate(range(0, req.nsamples, batch)):
-            stop = min(start + batch, req.nsamples)
-            generators = [torch.Generator().manual_seed(x) for x in sample_seeds[start:stop]]
-            out[start:stop] = _sample_batch(req.model, prefix[start:stop], req.seqlen, vocab, generators)
-            logger.info("self-calibration: sampled batch %d/%d (%d x %d tokens)", b + 1, nbatches, stop - start, req.seqlen)
-    return out, "self"
+    """Text sampled from the model itself (LLM-Pruner's data-free calibration), the worst of an
+    over-generated pool dropped."""
+    sampling = req.sampling or SELF_SAMPLING
+    pool = sample_self(req.model, req.tokenizer, count=math.ceil(req.nsamples * sampling.overgenerate),
+                       seqlen=req.seqlen, seed=req.seed, sampling=sampling, device=req.device)
+    return pool.select(req.nsamples), "self"
 
 
 # ---------------------------------------------------------------------------- text
@@ -330,9 +516,15 @@ def _resolve(spec: str) -> tuple[str, str]:
 
 
 def get_calibration(
-    spec: str, model, tokenizer, *, nsamples: int, seqlen: int, seed: int = 0
+    spec: str, model, tokenizer, *, nsamples: int, seqlen: int, seed: int = 0,
+    device: str | torch.device | None = None, sampling: SelfSampling | None = None,
 ) -> CalibrationSet:
-    """Build ``nsamples`` x ``seqlen`` calibration token ids from ``spec`` (see the module doc)."""
+    """Build ``nsamples`` x ``seqlen`` calibration token ids from ``spec`` (see the module doc).
+
+    ``device``: the prune's compute device; ``self`` samples there (the model moved there and
+    back) when the model fits in its free memory, else where the model is. ``sampling``
+    overrides :data:`SELF_SAMPLING` for ``self``.
+    """
     spec = spec.strip()
     if not spec:
         raise CalibrationError("calibration source is empty; give 'self', a .txt/.jsonl file, or a Hugging Face dataset name")
@@ -348,7 +540,8 @@ def get_calibration(
         )
 
     kind, arg = _resolve(spec)
-    req = _Request(model=model, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    req = _Request(model=model, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                   device=None if device is None else torch.device(device), sampling=sampling)
     ids, source = SOURCES[kind](arg, req)
     assert ids.shape == (nsamples, seqlen) and ids.dtype == torch.int64, (ids.shape, ids.dtype)
     assert int(ids.max()) < int(model.config.vocab_size), "loaders check token ids against the vocabulary"

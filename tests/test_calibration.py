@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from slimgpt_deploy import calibration
-from slimgpt_deploy.calibration import CalibrationSet, get_calibration, sample_top_p
+from slimgpt_deploy.calibration import CalibrationSet, SelfPool, SelfSampling, get_calibration, sample_top_p
 from slimgpt_deploy.errors import BadInputError, CalibrationError
 
 SPECIALS = ["<s>", "</s>", "<unk>"]
@@ -55,7 +55,7 @@ def words_text(n: int) -> str:
 # ---------------------------------------------------------------------------- self
 
 def test_self_shape_determinism_and_global_rng(model, tok, monkeypatch):
-    monkeypatch.setattr(calibration, "SELF_MAX_BATCH_SIZE", 2)  # 5 samples -> batches of 2, 2, 1
+    monkeypatch.setitem(calibration.SELF_MAX_BATCH_SIZE, "cpu", 2)  # 5 samples -> batches of 2, 2, 1
     rng_before = torch.get_rng_state()
     a = get_calibration("self", model, tok, nsamples=5, seqlen=12, seed=1)
     assert torch.equal(torch.get_rng_state(), rng_before), "self-sampling must not touch the global RNG"
@@ -82,40 +82,141 @@ def test_self_without_bos_starts_with_random_token(model):
     assert len(set(cal.input_ids[:, 0].tolist())) > 1, "seeded first tokens should make samples diverge"
 
 
-def test_self_cached_sampling_matches_full_forward(model, tok, monkeypatch):
-    """With top_p = 0 sampling is greedy: each token must be the uncached argmax of its prefix."""
-    monkeypatch.setattr(calibration, "SELF_TOP_P", 0.0)
-    ids = get_calibration("self", model, tok, nsamples=3, seqlen=10, seed=0).input_ids
+def test_self_cached_sampling_matches_full_forward(model, tok):
+    """With top_p = 0 sampling is greedy: each token must be the uncached argmax (specials masked) of its prefix."""
+    ids = get_calibration("self", model, tok, nsamples=3, seqlen=10, seed=0, sampling=SelfSampling(top_p=0.0)).input_ids
     with torch.no_grad():
         for t in range(2, 10):
-            expect = model(input_ids=ids[:, :t]).logits[:, -1].argmax(-1)
-            assert torch.equal(expect, ids[:, t]), t
+            logits = model(input_ids=ids[:, :t]).logits[:, -1]
+            logits[:, tok.all_special_ids] = float("-inf")
+            assert torch.equal(logits.argmax(-1), ids[:, t]), t
 
 
-def test_self_keeps_sampling_past_eos(tok):
-    m = tiny_model(seed=3)
+def tool_tokenizer() -> PreTrainedTokenizerFast:
+    """Like SmolLM2's: an added special token (id 127) that is not in ``all_special_ids``."""
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS[:-1])}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens(["<tool>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    assert 127 not in tok.all_special_ids and len(tok) == 128
+    return tok
+
+
+def test_self_samples_no_special_token_after_the_prefix():
+    tok, m = tool_tokenizer(), tiny_model(seed=3)
     with torch.no_grad():
-        m.lm_head.weight.zero_()  # uniform next-token distribution: EOS comes up often
-    ids = get_calibration("self", m, tok, nsamples=4, seqlen=64, seed=0).input_ids
-    assert ids.shape == (4, 64)
-    assert (ids[:, 2:-1] == EOS).any(), "expected an EOS mid-sequence with this seed"
+        m.lm_head.weight.zero_()
+        m.lm_head.weight[[0, 1, 2, 127], 0] = 1e3  # specials would win every step if allowed
+    ids = get_calibration("self", m, tok, nsamples=4, seqlen=40, seed=0).input_ids
+    assert (ids[:, 0] == BOS).all()
+    assert not torch.isin(ids[:, 1:], torch.tensor([0, 1, 2, 127])).any(), ids
+    # the old behaviour, still selectable: specials (EOS included) are sampled and do not stop sampling
+    old = get_calibration("self", m, tok, nsamples=4, seqlen=40, seed=0, sampling=SelfSampling(mask_special=False))
+    assert torch.isin(old.input_ids[:, 2:-1], torch.tensor([0, 1, 2, 127])).float().mean() > 0.5
 
 
 def test_self_samples_do_not_depend_on_batch_size(model, tok, monkeypatch):
-    monkeypatch.setattr(calibration, "SELF_MAX_BATCH_SIZE", 2)
-    small = get_calibration("self", model, tok, nsamples=5, seqlen=16, seed=7).input_ids
-    monkeypatch.setattr(calibration, "SELF_MAX_BATCH_SIZE", 8)
-    whole = get_calibration("self", model, tok, nsamples=5, seqlen=16, seed=7).input_ids
+    sampling = SelfSampling(greedy_opening=2, overgenerate=1.5)
+    monkeypatch.setitem(calibration.SELF_MAX_BATCH_SIZE, "cpu", 2)
+    small = get_calibration("self", model, tok, nsamples=5, seqlen=16, seed=7, sampling=sampling).input_ids
+    monkeypatch.setitem(calibration.SELF_MAX_BATCH_SIZE, "cpu", 8)
+    whole = get_calibration("self", model, tok, nsamples=5, seqlen=16, seed=7, sampling=sampling).input_ids
     assert torch.equal(small, whole)
+    # sample i depends on (seed, i) only: a larger pool starts with the smaller one
+    pool = calibration.sample_self(model, tok, count=6, seqlen=16, seed=7, sampling=sampling)
+    first = calibration.sample_self(model, tok, count=3, seqlen=16, seed=7, sampling=sampling)
+    assert torch.equal(pool.input_ids[:3], first.input_ids)
+    torch.testing.assert_close(pool.nll[:3], first.nll)  # batched float sums differ in the last bits
 
 
-def test_self_batch_size_respects_kv_budget(model, monkeypatch):
-    # tiny model fp32: 2 layers x 2 KV heads x 16 dims x (K, V) x 4 bytes = 512 bytes per token
-    assert calibration._self_batch_size(model, 100) == calibration.SELF_MAX_BATCH_SIZE
-    monkeypatch.setattr(calibration, "SELF_KV_BUDGET_BYTES", 512 * 100 * 3)
-    assert calibration._self_batch_size(model, 100) == 3
-    monkeypatch.setattr(calibration, "SELF_KV_BUDGET_BYTES", 10)
-    assert calibration._self_batch_size(model, 100) == 1
+def test_self_greedy_opening(model, tok):
+    """After BOS and the random token, ``greedy_opening`` tokens are the argmax; sampling follows."""
+    ids = get_calibration("self", model, tok, nsamples=4, seqlen=12, seed=0,
+                          sampling=SelfSampling(greedy_opening=3, temperature=5.0, top_p=1.0)).input_ids
+    with torch.no_grad():
+        argmax = [model(input_ids=ids[:, :t]).logits[:, -1, 3:].argmax(-1) + 3 for t in range(2, 12)]
+    greedy = torch.stack(argmax, dim=1) == ids[:, 2:]  # [4, 10]
+    assert greedy[:, :3].all()
+    assert not greedy[:, 3:].all(), "hot sampling after the opening should leave the argmax somewhere"
+
+
+def test_self_batch_size_formula():
+    # clamp(floor(fraction * free / seq_bytes), 1, max)
+    frac = calibration.SELF_MEMORY_FRACTION
+    assert calibration.self_batch_size(int(10 * 1000 / frac), 1000, 32) == 10
+    assert calibration.self_batch_size(int(10 * 1000 / frac) - 1, 1000, 32) == 9
+    assert calibration.self_batch_size(10**12, 1000, 32) == 32
+    assert calibration.self_batch_size(10, 1000, 32) == 1
+
+
+def test_self_sequence_bytes(model):
+    # tiny model: 2 layers x 2 KV heads x 16 dims x (K, V) x 4 bytes = 512 bytes per token, plus one step's logits
+    expect = 512 * 100 + 128 * (4 + calibration.SELF_LOGIT_COPIES * 4)
+    assert calibration.self_sequence_bytes(model.config, seqlen=100, vocab=128, elem=4) == expect
+    cfg = types.SimpleNamespace(num_key_value_heads=[1, 3], num_attention_heads=[4, 6], num_hidden_layers=2,
+                                hidden_size=64, head_dim=16)
+    assert calibration.self_sequence_bytes(cfg, seqlen=10, vocab=0, elem=2) == 2 * 4 * 16 * 2 * 10
+
+
+def test_self_batch_size_follows_free_memory(model, tok, monkeypatch):
+    seq = calibration.self_sequence_bytes(model.config, seqlen=100, vocab=128, elem=4)
+    monkeypatch.setitem(calibration.FREE_MEMORY, "cpu", lambda d: int(3 * seq / calibration.SELF_MEMORY_FRACTION))
+    assert calibration._self_batch_size(model, 100, 128) == 3
+    monkeypatch.setitem(calibration.FREE_MEMORY, "cpu", lambda d: 10**15)
+    assert calibration._self_batch_size(model, 100, 128) == calibration.SELF_MAX_BATCH_SIZE["cpu"]
+
+
+def test_self_device_that_cannot_hold_the_model_is_declined(model, tok, monkeypatch, caplog):
+    """A compute device without room for the model: sampling stays where the model is, and says why."""
+    free = {"cuda": 1000}
+    monkeypatch.setitem(calibration.FREE_MEMORY, "cuda", lambda d: free["cuda"])
+    cuda0 = torch.device("cuda", 0)
+    with caplog.at_level("INFO", logger="slimgpt_deploy.calibration"):
+        assert calibration._sampling_device(model, cuda0, 16, 128) is None
+        ids = get_calibration("self", model, tok, nsamples=2, seqlen=16, seed=0, device=cuda0).input_ids
+    assert "sampling on cpu, where the model is" in caplog.text and "cuda:0" in caplog.text
+    assert torch.equal(ids, get_calibration("self", model, tok, nsamples=2, seqlen=16, seed=0).input_ids)
+    need = calibration.model_bytes(model) + calibration.self_sequence_bytes(model.config, seqlen=16, vocab=128, elem=4)
+    free["cuda"] = int(need / calibration.SELF_MEMORY_FRACTION) + 1
+    assert calibration._sampling_device(model, cuda0, 16, 128) == cuda0
+    assert calibration._sampling_device(model, torch.device("cpu"), 16, 128) is None  # already there
+
+
+class HostBound(torch.Tensor):
+    """Stands for logits on an accelerator: copying a vocabulary-wide tensor to the host raises.
+
+    Every tensor computed from it is a HostBound too, so probabilities and top-k rows are caught
+    as well; narrow results (the sampled ids, a boolean) may leave.
+    """
+
+    vocab = 128
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        to_host = func in (torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.tolist)
+        if func is torch.Tensor.to:
+            device = torch._C._nn._parse_to(*args[1:], **kwargs)[0]
+            to_host = device is not None and device.type == "cpu"
+        if to_host:
+            with torch._C.DisableTorchFunctionSubclass():
+                shape = tuple(args[0].shape)
+            if shape and shape[-1] >= cls.vocab:
+                raise AssertionError(f"{func.__name__}() of a vocabulary-wide tensor {shape}")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_self_sampling_keeps_logits_on_the_device(tok):
+    m = tiny_model(seed=1)
+    expect = get_calibration("self", m, tok, nsamples=3, seqlen=12, seed=0).input_ids
+    m.lm_head.register_forward_hook(lambda mod, inp, out: out.as_subclass(HostBound))
+    with pytest.raises(AssertionError, match="vocabulary-wide"):  # the guard itself works
+        m(input_ids=expect[:, :4]).logits.float().to("cpu")
+    got = get_calibration("self", m, tok, nsamples=3, seqlen=12, seed=0, sampling=SelfSampling(overgenerate=2.0))
+    assert type(got.input_ids) is torch.Tensor
+    again = get_calibration("self", m, tok, nsamples=3, seqlen=12, seed=0).input_ids
+    assert torch.equal(again, expect)
 
 
 def test_sample_top_p_keeps_only_the_nucleus():

@@ -1,0 +1,212 @@
+"""Data-free (`self`) calibration variants: SmolLM2-135M pruned 20% by SlimGPT, perplexity on two corpora.
+
+    .venv/bin/python benchmarks/self_calibration.py                      # every variant, 64 x 512
+    .venv/bin/python benchmarks/self_calibration.py --only nospecial     # one variant
+    .venv/bin/python benchmarks/self_calibration.py --nsamples 16 --only t0.8-p0.95   # a cheap screen
+    .venv/bin/python benchmarks/self_calibration.py --markdown           # rewrite the .md from the .json
+
+Protocol: calibration `self` (the sampler of slimgpt_deploy/calibration.py with the variant's
+SelfSampling), nsamples x 512 tokens, seed 0; SlimGPT, ratio 0.2, schedule log, per-group GQA.
+Perplexity at non-overlapping 2048-token windows on (1) the first 40,960 tokens of WikiText-2
+test.txt (../shared/data/wikitext-2; the protocol of benchmarks/quality.py) and (2) the first
+40,960 tokens of Python's own documentation text (`pydoc_data.topics`, shipped with CPython,
+topics joined in sorted order): a second corpus that is neither WikiText nor model samples.
+Sampled pools are cached in .cache/self_calibration/ (safetensors): sample i depends only on
+(seed, i), so one pool of 96 serves both "the first 64" and "the best 64 of 96".
+Each run is its own subprocess (its own peak RSS). Results: benchmarks/results/self_calibration.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = ROOT / ".cache" / "self_calibration"
+MODEL = "smollm2-135m"
+EVAL_TOKENS, WINDOW, SEQLEN, RATIO = 40960, 2048, 512, 0.2
+
+# name -> (what changes, SelfSampling fields). Cumulative: each row adds one change to the one above,
+# then temperature / top-p are varied around the best.
+BASE = {"temperature": 1.0, "top_p": 0.95, "greedy_opening": 0, "overgenerate": 1.0, "mask_special": False, "bos": True}
+VARIANTS: dict[str, tuple[str, dict]] = {}
+
+
+def _variant(name: str, what: str, parent: str | None = None, **changes) -> None:
+    fields = dict(VARIANTS[parent][1] if parent else BASE) | changes
+    VARIANTS[name] = (what, fields)
+
+
+_variant("baseline", "the sampler before this change: T 1.0, top-p 0.95, BOS + random token, special tokens allowed")
+_variant("nospecial", "(1) special tokens never sampled", "baseline", mask_special=True)
+_variant("nobos", "no BOS (`<|im_start|>` here) before the random token", "nospecial", bos=False)
+_variant("greedy4", "(2) 4 greedy tokens after the random one", "nobos", greedy_opening=4)
+_variant("filter1.25", "(3) 1.25x over-generation, degenerate repeats and worst self-perplexity dropped", "greedy4", overgenerate=1.25)
+for t, p in ((0.9, 0.95), (0.8, 0.95), (1.0, 1.0), (0.9, 0.9)):
+    _variant(f"t{t}-p{p}", f"(4) temperature {t}, top-p {p}", "filter1.25", temperature=t, top_p=p)
+
+
+def machine() -> dict:
+    import torch
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "platform": platform.platform(), "load_avg": os.getloadavg()}
+
+
+def pydoc_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def _pool(loaded, fields: dict, count: int):
+    """A cached pool of at least ``count`` samples (sampled and saved when missing), cut to ``count``."""
+    from safetensors.torch import load_file, save_file
+
+    from slimgpt_deploy.calibration import SelfPool, SelfSampling, sample_self
+
+    sampling = SelfSampling(**(fields | {"overgenerate": 1.0}))
+    key = hashlib.sha256(json.dumps([sampling.describe(), SEQLEN, 0], sort_keys=True).encode()).hexdigest()[:16]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    cached = sorted(CACHE.glob(f"{key}-*.safetensors"), key=lambda p: int(p.stem.split("-")[1]))
+    for path in reversed(cached):
+        if int(path.stem.split("-")[1]) >= count:
+            t = load_file(path)
+            opening = int(t["opening"])
+            return SelfPool(input_ids=t["input_ids"][:count], nll=t["nll"][:count], opening=opening), 0.0
+    t0 = time.perf_counter()
+    pool = sample_self(loaded.model, loaded.tokenizer, count=count, seqlen=SEQLEN, seed=0, sampling=sampling)
+    seconds = time.perf_counter() - t0
+    import torch
+
+    tmp = CACHE / f".{key}-{count}.tmp"
+    save_file({"input_ids": pool.input_ids, "nll": pool.nll, "opening": torch.tensor(pool.opening)}, tmp)
+    tmp.rename(CACHE / f"{key}-{count}.safetensors")
+    return pool, seconds
+
+
+def one(name: str, nsamples: int) -> dict:
+    """Sample (or reuse), prune and evaluate one variant in this process; returns its row."""
+    import torch
+
+    from slimgpt_deploy.calibration import _special_ids, distinct_ngram_share
+    from slimgpt_deploy.config import PruneConfig
+    from slimgpt_deploy.evaluate import load_text, perplexity, text_to_ids
+    from slimgpt_deploy.prune.engine import LayerwisePruner
+    from slimgpt_deploy.sources import load_model
+
+    torch.manual_seed(0)
+    loaded = load_model(MODEL)
+    tok = loaded.tokenizer
+    corpora = {"wikitext2": text_to_ids(tok, load_text(DATA / "test.txt"))[:EVAL_TOKENS],
+               "pydoc": text_to_ids(tok, pydoc_text())[:EVAL_TOKENS]}
+    row: dict = {"name": name, "nsamples": nsamples, "seqlen": SEQLEN}
+    if name == "dense":
+        model = loaded.model
+    else:
+        what, fields = VARIANTS[name]
+        row |= {"what": what, "sampling": fields}
+        pool, row["sample_s"] = _pool(loaded, fields, math.ceil(nsamples * fields["overgenerate"]))
+        ids = pool.select(nsamples)
+        kept = torch.isin(pool.input_ids, ids).all(dim=1)  # rows of the pool that were kept
+        special = torch.tensor(_special_ids(tok, int(loaded.model.config.vocab_size)))
+        body = ids[:, pool.opening:]
+        row["calib"] = {
+            "special_share": round(float(torch.isin(body, special).float().mean()), 5),
+            "self_ppl_kept": round(float(pool.nll[kept].mean().exp()), 2),
+            "distinct4_kept": round(sum(distinct_ngram_share(r) for r in body) / len(body), 3),
+            "sample_head": tok.decode(ids[0, :48]),
+        }
+        config = PruneConfig(ratio=RATIO, method="slimgpt", schedule="log", gqa_mode="per-group", calib="self",
+                             nsamples=nsamples, seqlen=SEQLEN)
+        t0 = time.perf_counter()
+        model = LayerwisePruner(loaded.model, config).run(ids).model
+        row["prune_s"] = round(time.perf_counter() - t0, 1)
+    for corpus, test_ids in corpora.items():
+        row[f"ppl_{corpus}"] = round(perplexity(model, test_ids, seqlen=WINDOW).ppl, 3)
+    row["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return row
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        "# Data-free (`self`) calibration: SmolLM2-135M at 20%",
+        "",
+        f"Machine: {m['platform']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); shared with other "
+        f"jobs while measured (load average {m['load_avg'][0]:.1f}), so seconds are noisy; perplexities are deterministic. "
+        f"Date: {results['date']}.",
+        f"Protocol: SlimGPT, ratio {RATIO}, schedule log, per-group GQA; calibration `self`, N x {SEQLEN} tokens, seed 0. "
+        f"Perplexity at non-overlapping {WINDOW}-token windows on the first {EVAL_TOKENS:,} tokens of WikiText-2 test "
+        f"(the protocol of benchmarks/quality.py) and of Python's documentation text (`pydoc_data.topics`).",
+        "Command: `.venv/bin/python benchmarks/self_calibration.py` (`--nsamples 16` for the screens).",
+        "",
+        "| variant | N | change | WikiText-2 PPL | pydoc PPL | specials in samples | self-PPL of samples | distinct 4-grams | prune s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(results["runs"].values(), key=lambda r: (r["name"] != "dense", -r["nsamples"])):
+        c = r.get("calib", {})
+        lines.append(
+            f"| {r['name']} | {r['nsamples'] if r['name'] != 'dense' else '-'} | {r.get('what', 'dense model')} | "
+            f"{r['ppl_wikitext2']:.2f} | {r['ppl_pydoc']:.2f} | {c.get('special_share', 0):.2%} | "
+            f"{c.get('self_ppl_kept', float('nan')):.2f} | {c.get('distinct4_kept', float('nan')):.3f} | {r.get('prune_s', 0):.0f} |"
+        )
+    lines += ["", "A sample's opening (first 48 tokens, decoded):", ""]
+    for r in results["runs"].values():
+        if "calib" in r and r["nsamples"] == 64:
+            lines.append(f"- {r['name']}: `{r['calib']['sample_head']!r}`")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", help="run only these variants (repeatable; 'dense' for the dense model)")
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--markdown", action="store_true", help="only rewrite the .md from the .json")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one, args.nsamples)))
+        return
+    path = RESULTS / "self_calibration.json"
+    results = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+    if args.markdown:
+        (RESULTS / "self_calibration.md").write_text(markdown(results))
+        return
+    if not (DATA / "test.txt").exists():
+        sys.exit(f"WikiText-2 not found at {DATA}; this benchmark needs ../shared/data/wikitext-2")
+    for name in args.only or ["dense", *VARIANTS]:
+        if name != "dense" and name not in VARIANTS:
+            sys.exit(f"unknown variant {name!r}; choose from dense, {', '.join(VARIANTS)}")
+        print(f"== {name} x {args.nsamples}", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, __file__, "--one", name, "--nsamples", str(args.nsamples)],
+                              capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            sys.exit(f"run {name} failed")
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        results["runs"][f"{name}@{args.nsamples}" if name != "dense" else "dense"] = row
+        results |= {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
+                    "protocol": {"eval_tokens": EVAL_TOKENS, "window": WINDOW, "seqlen": SEQLEN, "ratio": RATIO, "seed": 0}}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        tmp.replace(path)
+        (RESULTS / "self_calibration.md").write_text(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
