@@ -348,10 +348,10 @@ def sample_self(
     home = model_device(model)
     ids = torch.empty(count, seqlen, dtype=torch.int64)
     nll = torch.empty(count, dtype=torch.float64)
-    with torch.inference_mode(), eval_mode(model):
-        try:
-            if target is not None:
-                model.to(target)
+    if target is not None:  # outside inference mode: moved weights must stay ordinary tensors
+        model.to(target)
+    try:
+        with torch.inference_mode(), eval_mode(model):
             batch = _self_batch_size(model, seqlen, vocab)
             nbatches = -(-count // batch)
             for b, start in enumerate(range(0, count, batch)):
@@ -361,9 +361,9 @@ def sample_self(
                 )
                 logger.info("self-calibration: sampled batch %d/%d (%d x %d tokens on %s)",
                             b + 1, nbatches, stop - start, seqlen, model_device(model))
-        finally:
-            if target is not None:
-                model.to(home)
+    finally:
+        if target is not None:
+            model.to(home)
     return SelfPool(input_ids=ids, nll=nll, opening=opening)
 
 

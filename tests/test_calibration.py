@@ -141,6 +141,21 @@ def test_self_greedy_opening(model, tok):
     assert not greedy[:, 3:].all(), "hot sampling after the opening should leave the argmax somewhere"
 
 
+def test_filter_drops_a_planted_degenerate_sample_and_the_worst():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 128, (5, 40), generator=g)
+    ids[2, 2:] = torch.tensor([7, 8, 9]).repeat(13)[:38]  # a loop: what a model finds most likely
+    nll = torch.tensor([2.0, 2.5, 0.1, 2.2, 4.0], dtype=torch.float64)
+    assert calibration.distinct_ngram_share(ids[2, 2:]) < calibration.SELF_MIN_DISTINCT
+    assert calibration.distinct_ngram_share(ids[0, 2:]) == 1.0
+    pool = SelfPool(input_ids=ids, nll=nll, opening=2)
+    assert torch.equal(pool.select(3), ids[[0, 1, 3]])  # the loop, then the highest self-perplexity, go
+    assert torch.equal(pool.select(4), ids[[0, 1, 3, 4]])
+    assert torch.equal(pool.select(5), ids)
+    # more degenerate samples than can be dropped: the least likely of them go first
+    assert calibration.keep_best(nll, torch.tensor([0.1, 0.1, 0.1, 1.0, 1.0]), 4).tolist() == [0, 2, 3, 4]
+
+
 def test_self_batch_size_formula():
     # clamp(floor(fraction * free / seq_bytes), 1, max)
     frac = calibration.SELF_MEMORY_FRACTION
@@ -405,3 +420,12 @@ def test_hub_without_text_column(model, tok, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", _fake_datasets(lambda *a, **k: iter([{"content": "w1"}])))
     with pytest.raises(CalibrationError, match='no "text" column'):
         get_calibration("owner/name", model, tok, nsamples=1, seqlen=8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_self_samples_on_cuda_and_returns_the_model(tok):
+    m = tiny_model(seed=1)
+    ids = get_calibration("self", m, tok, nsamples=3, seqlen=12, seed=0, device="cuda").input_ids
+    assert ids.device.type == "cpu" and ids.shape == (3, 12)
+    assert not torch.isin(ids[:, 1:], torch.tensor(tok.all_special_ids)).any()
+    assert all(p.device.type == "cpu" and not p.is_inference() for p in m.parameters())
