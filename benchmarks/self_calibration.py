@@ -14,6 +14,9 @@ topics joined in sorted order): a second corpus that is neither WikiText nor mod
 Sampled pools are cached in .cache/self_calibration/ (safetensors): sample i depends only on
 (seed, i), so one pool of 96 serves both "the first 64" and "the best 64 of 96".
 Each run is its own subprocess (its own peak RSS). Results: benchmarks/results/self_calibration.{json,md}.
+Cost: a 64 x 512 variant samples 64-80 sequences (2-3 batches of 32 x 511 decode steps), then
+prunes and evaluates. On the shared 2-core machine at load average ~10 (2026-11-29) one batch of
+32 took 35 min; screen with --nsamples 16 first, and run the full size on an idle machine.
 """
 from __future__ import annotations
 

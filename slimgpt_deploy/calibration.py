@@ -10,9 +10,27 @@ caller states what it uses.
 
 Sources (``get_calibration(spec, ...)``; :data:`SOURCES` maps a kind to its loader):
 
-- ``self``: the model samples ``nsamples`` sequences (temperature 1.0, top-p 0.95), each
-  opening with the tokenizer's BOS (if any) and one seeded random non-special token, so the
-  samples diverge. Exactly ``seqlen`` tokens each; EOS does not stop sampling.
+- ``self``: the model samples its own calibration text (:class:`SelfSampling`;
+  :data:`SELF_SAMPLING` is the default). Each sample opens with the tokenizer's BOS (if any)
+  and one random non-special token, then ``greedy_opening`` greedy tokens (default 0), then
+  nucleus sampling (temperature 1.0, top-p 0.95). Special tokens (``all_special_ids`` and
+  added tokens marked special, e.g. SmolLM2's ``<|im_start|>``/``<|im_end|>``/``<file_sep>``)
+  are never sampled. ``overgenerate`` x ``nsamples`` are sampled (default 1.0: no more) and
+  the worst dropped: degenerate repeats (fewer than :data:`SELF_MIN_DISTINCT` distinct
+  4-grams), then the highest self-perplexity. Exactly ``seqlen`` tokens each; EOS does not
+  stop sampling. Sampling runs on ``device`` (the prune's compute device; the model is moved
+  there and back if it fits in its free memory, else sampling stays where the model is,
+  logged); the logits never leave that device; batches are sized from its free memory
+  (:func:`self_batch_size`). Sample i depends only on (seed, i), never on the batch size or
+  the number of samples.
+
+  Defaults: masking special tokens is on because the chat model otherwise opens new chat
+  turns mid-text. The other knobs (no BOS, a greedy opening, over-generation, temperature
+  and top-p) are off / unchanged until measured: benchmarks/self_calibration.py compares them
+  (SmolLM2-135M, SlimGPT 20%, 64 x 512, WikiText-2 and Python-docs perplexity), but one
+  64 x 512 variant did not finish on the shared 2-core machine (one batch of 32 x 512 took
+  35 min to sample), so no variant is measured yet (before this change: 32.62 on WikiText-2,
+  dense 18.51, benchmarks/results/quality.md).
 - a local file (or ``file:PATH``): ``.txt`` (UTF-8) or ``.jsonl`` (one JSON object per line
   with a ``"text"`` field). The whole text is tokenized once without special tokens, cut
   into ``T // seqlen`` non-overlapping windows, and ``nsamples`` of them are drawn at random.
