@@ -289,9 +289,7 @@ def _special_ids(tok, vocab: int) -> list[int]:
 def _sampling_device(model, device: torch.device | None, seqlen: int, vocab: int) -> torch.device | None:
     """Where to sample: ``device`` if the model (and one sequence) fits in its free memory, else None (stay)."""
     here = model_device(model)
-    if device is not None and device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if device is None or device == here:
+    if device is None or (device.type == here.type and device.index in (None, here.index)):
         return None
     elem = next(model.parameters()).element_size()
     need = model_bytes(model) + self_sequence_bytes(model.config, seqlen=seqlen, vocab=vocab, elem=elem)

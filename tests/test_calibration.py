@@ -182,20 +182,27 @@ def test_self_batch_size_follows_free_memory(model, tok, monkeypatch):
     assert calibration._self_batch_size(model, 100, 128) == calibration.SELF_MAX_BATCH_SIZE["cpu"]
 
 
-def test_self_device_that_cannot_hold_the_model_is_declined(model, tok, monkeypatch, caplog):
-    """A compute device without room for the model: sampling stays where the model is, and says why."""
-    free = {"cuda": 1000}
-    monkeypatch.setitem(calibration.FREE_MEMORY, "cuda", lambda d: free["cuda"])
-    cuda0 = torch.device("cuda", 0)
-    with caplog.at_level("INFO", logger="slimgpt_deploy.calibration"):
-        assert calibration._sampling_device(model, cuda0, 16, 128) is None
-        ids = get_calibration("self", model, tok, nsamples=2, seqlen=16, seed=0, device=cuda0).input_ids
-    assert "sampling on cpu, where the model is" in caplog.text and "cuda:0" in caplog.text
-    assert torch.equal(ids, get_calibration("self", model, tok, nsamples=2, seqlen=16, seed=0).input_ids)
-    need = calibration.model_bytes(model) + calibration.self_sequence_bytes(model.config, seqlen=16, vocab=128, elem=4)
-    free["cuda"] = int(need / calibration.SELF_MEMORY_FRACTION) + 1
-    assert calibration._sampling_device(model, cuda0, 16, 128) == cuda0
-    assert calibration._sampling_device(model, torch.device("cpu"), 16, 128) is None  # already there
+@pytest.mark.parametrize("fits", [True, False], ids=["moved-to-the-device", "declined"])
+def test_self_samples_on_the_compute_device_when_the_model_fits(tok, monkeypatch, caplog, fits):
+    """On a logical cuda:0 (tests/fake_device.py: refuses every cross-device mix CUDA refuses)."""
+    from fake_device import OnDevice, fake_cuda
+
+    m = tiny_model(seed=1)
+    expect = get_calibration("self", m, tok, nsamples=3, seqlen=12, seed=0).input_ids
+    need = calibration.model_bytes(m) + calibration.self_sequence_bytes(m.config, seqlen=12, vocab=128, elem=4)
+    free = int(need / calibration.SELF_MEMORY_FRACTION) + (1 if fits else -1)
+    where = []
+    real = calibration._sample_batch
+    monkeypatch.setattr(calibration, "_sample_batch",
+                        lambda model, *a: where.append(isinstance(next(model.parameters()), OnDevice)) or real(model, *a))
+    with fake_cuda(), monkeypatch.context() as patch, caplog.at_level("INFO", logger="slimgpt_deploy.calibration"):
+        patch.setattr("torch.cuda.mem_get_info", lambda *a: (free, 16 * 2**30))
+        got = get_calibration("self", m, tok, nsamples=3, seqlen=12, seed=0, device="cuda").input_ids
+    assert where == [fits]
+    assert type(got) is torch.Tensor and torch.equal(got, expect)
+    assert all(type(p) is torch.nn.Parameter and not p.is_inference() for p in m.parameters()), "model back on the host"
+    if not fits:
+        assert "sampling on cpu, where the model is" in caplog.text
 
 
 class HostBound(torch.Tensor):
