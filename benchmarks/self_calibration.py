@@ -143,6 +143,22 @@ def one(name: str, nsamples: int) -> dict:
     return row
 
 
+def special_share(count: int = 8, seqlen: int = 128) -> None:
+    """How often the sampler emits special tokens, before (specials allowed) and now (masked)."""
+    import torch
+
+    from slimgpt_deploy.calibration import SelfSampling, _special_ids, sample_self
+    from slimgpt_deploy.sources import load_model
+
+    loaded = load_model(MODEL)
+    special = torch.tensor(_special_ids(loaded.tokenizer, int(loaded.model.config.vocab_size)))
+    for name, sampling in (("specials allowed (before)", SelfSampling(mask_special=False)), ("default (masked)", SelfSampling())):
+        pool = sample_self(loaded.model, loaded.tokenizer, count=count, seqlen=seqlen, seed=0, sampling=sampling)
+        hit = torch.isin(pool.input_ids[:, pool.opening:], special)
+        print(f"{name}: {float(hit.float().mean()):.2%} of sampled tokens special, in {int(hit.any(1).sum())} of "
+              f"{count} samples of {seqlen} tokens; self-perplexity {float(pool.nll.mean().exp()):.2f}")
+
+
 def markdown(results: dict) -> str:
     m = results["machine"]
     lines = [
@@ -178,8 +194,12 @@ def main() -> None:
     parser.add_argument("--only", action="append", help="run only these variants (repeatable; 'dense' for the dense model)")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--markdown", action="store_true", help="only rewrite the .md from the .json")
+    parser.add_argument("--special-share", action="store_true", help="only count special tokens in 8 x 128 samples")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.special_share:
+        special_share()
+        return
     if args.one:
         print(json.dumps(one(args.one, args.nsamples)))
         return
