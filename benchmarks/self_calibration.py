@@ -21,7 +21,6 @@ prunes and evaluates. On the shared 2-core machine at load average ~10 (2026-11-
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import math
