@@ -24,6 +24,7 @@ from .checkpoint import save_checkpoint
 from .config import PruneConfig
 from .errors import Interrupted, ResourceError, SlimGPTError
 from .guards import Estimate, available_ram, check_fits, estimate_prune, free_disk, job_size
+from .prune import distributed
 from .prune.engine import LayerwisePruner, PruneResult, check_weights
 from .resume import ResumeState, calibration_identity, default_state_dir
 from .sources import LoadedModel, load_model, model_config, source_identity
@@ -89,7 +90,10 @@ def prune_to_checkpoint(
     check_output_dir(out, force)
     t0 = time.perf_counter()
     model_cfg = model.model.config if isinstance(model, LoadedModel) else model_config(model)
-    estimate = check_resources(model, config, out=out, max_memory=max_memory, model_cfg=model_cfg)
+    estimate = check_resources(model, distributed.per_rank(config), out=out, max_memory=max_memory, model_cfg=model_cfg)
+    if distributed.active():  # one rank of `--nproc` / torchrun: no resume state, rank 0 writes
+        return _prune_rank(model, out, config, force=force, on_layer=on_layer, resume=resume,
+                           offload=estimate.activations_on_disk, t0=t0)
     identity = {
         "source": source_identity(model),
         "calibration": calibration_identity(config.calib),
@@ -118,6 +122,19 @@ def prune_to_checkpoint(
             raise ResourceError(f"{err}; {state.describe()}: rerun with --resume") from err
         raise
     state.remove()
+    return result
+
+
+def _prune_rank(model, out: Path, config: PruneConfig, *, force, on_layer, resume, offload, t0) -> PruneResult:
+    """`prune_to_checkpoint` on one rank of a process group (prune/distributed.py): every rank
+    prunes its share of the samples, rank 0 alone saves the checkpoint (atomically)."""
+    if resume:
+        distributed.check_nproc(distributed.world_size(), config, resume=True)
+    result = _prune(model, config, on_layer=on_layer, state=None, offload=offload)
+    result.record["seconds"]["total"] = round(time.perf_counter() - t0, 3)
+    result.record["distributed"] = {"world_size": distributed.world_size(), "backend": distributed.backend_for(config.device)}
+    if distributed.is_main():
+        save_checkpoint(result.model, result.tokenizer, result.record, out, force=force)
     return result
 
 
@@ -151,10 +168,10 @@ def _prune(
     check_weights(loaded.model)  # every layer, before minutes of calibration
     input_ids = state.calibration_ids() if state is not None else None
     if input_ids is None:
-        calib = get_calibration(
+        calib = distributed.from_rank0(lambda: get_calibration(  # every rank calibrates on rank 0's ids
             config.calib, loaded.model, loaded.tokenizer, nsamples=config.nsamples, seqlen=config.seqlen, seed=config.seed,
             device=config.device,
-        )
+        ), config.device)
         input_ids, calib_record = calib.input_ids, calib.describe()
         t_calib = time.perf_counter() - t0
         if state is not None:

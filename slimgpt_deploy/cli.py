@@ -132,8 +132,9 @@ def _on_sigterm_interrupt() -> None:
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted prune from its last finished layer (same options and model).")
 @click.option("--max-memory", default=None, metavar="SIZE", help="Cap on calibration activations kept in memory, e.g. 8GiB; beyond it they stay on disk (same result).")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True, help="Processes to split the calibration samples over (one GPU each with --device cuda); or run under torchrun.")
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON on stdout.")
-def prune(model, out, ratio, method, schedule, layer_ratios, gqa_mode, head_multiple, ffn_multiple, tp_size, calib, nsamples, seqlen, seed, device, dtype, hessian_dtype, force, resume, max_memory, as_json):
+def prune(model, out, ratio, method, schedule, layer_ratios, gqa_mode, head_multiple, ffn_multiple, tp_size, calib, nsamples, seqlen, seed, device, dtype, hessian_dtype, force, resume, max_memory, nproc, as_json):
     """Prune MODEL (a directory, .gguf file, hub id or 'smollm2-135m') and save a slim checkpoint."""
 
     def go():
@@ -154,9 +155,24 @@ def prune(model, out, ratio, method, schedule, layer_ratios, gqa_mode, head_mult
         cap = parse_size(max_memory) if max_memory is not None else None
         check_output_dir(out, force)
         console = _console()
-        with _layer_progress(console) as on_layer:
-            result = prune_to_checkpoint(model, out, config, force=force, on_layer=on_layer, resume=resume, max_memory=cap)
-        r = result.record
+        if nproc > 1:
+            from .prune.distributed import check_nproc, launch
+
+            check_nproc(nproc, config, resume=resume)
+            with _layer_progress(console) as on_layer:
+                r = launch(nproc, model, out, config, force=force, max_memory=cap, on_layer=on_layer)
+        else:
+            from contextlib import nullcontext
+
+            from .prune.distributed import is_main, process_group
+
+            with process_group(config) as config:  # joins torchrun's group when WORLD_SIZE > 1
+                main_rank = is_main()
+                with _layer_progress(console) if main_rank else nullcontext() as on_layer:
+                    result = prune_to_checkpoint(model, out, config, force=force, on_layer=on_layer, resume=resume, max_memory=cap)
+            if not main_rank:
+                return
+            r = result.record
         console.print(
             f"[bold green]saved[/] {out}: removed {r['ratio_achieved_decoder']:.2%} of decoder parameters "
             f"(target {r['ratio_target']:.2%}), {r['ratio_achieved_model']:.2%} of the whole model; "

@@ -37,6 +37,7 @@ from ..guards import ACTIVATION_COPIES, layer_device_peak
 from ..modeling import LayerConfigView, SlimGPTDecoderLayer
 from ..resume import Batches, Home, ResumeState
 from ..shrink import LayerCut, assemble, check_shapes, make_slim_config, shrink_layer
+from .distributed import from_rank0, reduce_hessian, shard
 from .methods import METHODS, HeadUnits, LayerStats
 from .obs import accumulate_hessian
 from .schedule import LayerPlan, LayerShape, achieved_share, layer_ratios, plan_layers
@@ -177,6 +178,7 @@ class LayerwisePruner:
         """
         t0 = time.perf_counter()
         model, cfg = self.model, self.cfg
+        input_ids = shard(input_ids)  # this rank's samples (all of them in one process)
         shapes, plans = self.plans()
         slim_config = make_slim_config(model.config, plans)
         slim_config._attn_implementation = model.config._attn_implementation
@@ -278,12 +280,13 @@ class LayerwisePruner:
                 _attention(layer, x.to(dev), pos, mask)
         finally:
             hook.remove()
+        H_o, n = reduce_hessian(H_o, n)  # over every rank's samples
         _check_finite([("o_proj inputs", H_o)], "activations", i)
         units = HeadUnits.of(shape, self.cfg.gqa_mode)
         W_o = attn.o_proj.weight.to(self.hdtype)
         with _naming_layer(i, "attention heads"):
-            heads = self.method.heads(self._stats(W_o, H_o, _head_column_norms(attn, units)), units,
-                                      units.steps(plan.q_heads, plan.kv_heads))
+            heads = from_rank0(lambda: self.method.heads(  # decided once, the same on every rank
+                self._stats(W_o, H_o, _head_column_norms(attn, units)), units, units.steps(plan.q_heads, plan.kv_heads)), dev)
         q_keep, kv_keep = units.kept_heads(heads.removed)
         assert (len(q_keep), len(kv_keep)) == (plan.q_heads, plan.kv_heads), "head plan not met"
         attn_err, attn_rel = _reconstruction(W_o, heads.W, H_o)
@@ -299,11 +302,12 @@ class LayerwisePruner:
             h = x + _attention(half, x, pos, mask)
             H_d, n = accumulate_hessian(H_d, n, _ffn_inputs(mlp, layer.post_attention_layernorm(h)))
             hs.append(h)
+        H_d, n = reduce_hessian(H_d, n)
         _check_finite([("down_proj inputs", H_d)], "activations", i)
         W_d = mlp.down_proj.weight.to(self.hdtype)
         tied = mlp.gate_proj.weight.float().pow(2).sum(dim=1) + mlp.up_proj.weight.float().pow(2).sum(dim=1)
         with _naming_layer(i, "FFN channels"):
-            ffn = self.method.ffn(self._stats(W_d, H_d, tied), shape.ffn - plan.ffn, self.cfg.ffn_group_fraction)
+            ffn = from_rank0(lambda: self.method.ffn(self._stats(W_d, H_d, tied), shape.ffn - plan.ffn, self.cfg.ffn_group_fraction), dev)
         gone = set(ffn.removed)
         ffn_keep = [c for c in range(shape.ffn) if c not in gone]
         mlp_err, mlp_rel = _reconstruction(W_d, ffn.W, H_d)
