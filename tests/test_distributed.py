@@ -27,7 +27,7 @@ from slimgpt_deploy.prune.methods import Decision
 from slimgpt_deploy.prune.obs import accumulate_hessian
 
 SHAPE = dict(num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2, intermediate_size=128)
-OPTIONS = dict(ratio=0.3, nsamples=10, seqlen=32)  # 5 samples per rank
+OPTIONS = dict(ratio=0.3, nsamples=10, seqlen=32, device="cpu")  # 5 samples per rank; gloo even on a GPU host
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "120"}
 TIMEOUT_S = 300
 
@@ -39,7 +39,7 @@ def _bin(name: str) -> str:
 def _prune_args(model, out, *extra):
     o = OPTIONS
     return ["prune", str(model), "--out", str(out), "--ratio", str(o["ratio"]), "--nsamples", str(o["nsamples"]),
-            "--seqlen", str(o["seqlen"]), *extra]
+            "--seqlen", str(o["seqlen"]), "--device", o["device"], *extra]
 
 
 def _cli(*args, **kw):
@@ -52,7 +52,7 @@ def _cli(*args, **kw):
 def _collectives(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    with distributed.process_group(PruneConfig()):
+    with distributed.process_group(PruneConfig(device="cpu")):
         assert distributed.active() and distributed.world_size() == world and distributed.rank() == rank
         X = torch.randn(7, 5, 16, generator=torch.Generator().manual_seed(0))  # 7 samples, 5 tokens, 16 inputs
         # every rank's share is contiguous, and together they are all the samples, in order

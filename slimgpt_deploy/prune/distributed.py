@@ -171,43 +171,38 @@ class _TensorSpec:
     on_cpu: bool
 
 
+def _meta(value) -> tuple[type | None, object]:
+    """(dataclass type, its fields with tensors replaced by their specs), or (None, value) to pickle whole."""
+    if not dataclasses.is_dataclass(value):
+        return None, value
+    fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    return type(value), {k: _TensorSpec(tuple(v.shape), v.dtype, v.device.type == "cpu") if isinstance(v, torch.Tensor) else v
+                         for k, v in fields.items()}
+
+
 def from_rank0(fn: Callable[[], object], device: torch.device | str = "cpu"):
     """`fn()` computed on rank 0 only and given to every rank (fn() itself in one process).
 
     A dataclass result has its tensor fields broadcast as tensors (on `device`, the compute
     device, which NCCL needs; CPU tensors come back to the CPU) and the other fields pickled;
-    anything else is pickled whole.
+    anything else is pickled whole. Rank 0 gets its own object back.
     """
     if not active():
         return fn()
     device = torch.device(device)
     value = fn() if is_main() else None
-    if is_main():
-        if dataclasses.is_dataclass(value):
-            fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-            tensors = {k: v for k, v in fields.items() if isinstance(v, torch.Tensor)}
-            meta = (type(value), {k: _TensorSpec(tuple(v.shape), v.dtype, v.device.type == "cpu") if k in tensors else v
-                                  for k, v in fields.items()})
-        else:
-            tensors, meta = {}, (None, value)
-        box = [meta]
-    else:
-        box = [None]
+    box = [_meta(value) if is_main() else None]
     dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
     cls, payload = box[0]
     if cls is None:
         return payload
-    out = dict(payload)
+    fields = dict(payload)
     for k, spec in payload.items():
-        if not isinstance(spec, _TensorSpec):
-            continue
-        if is_main():
-            t = tensors[k].to(device).contiguous()
-        else:
-            t = torch.empty(spec.shape, dtype=spec.dtype, device=device)
-        dist.broadcast(t, src=0)
-        out[k] = tensors[k] if is_main() else (t.cpu() if spec.on_cpu else t)
-    return value if is_main() else cls(**out)
+        if isinstance(spec, _TensorSpec):
+            t = getattr(value, k).to(device).contiguous() if is_main() else torch.empty(spec.shape, dtype=spec.dtype, device=device)
+            dist.broadcast(t, src=0)
+            fields[k] = t.cpu() if spec.on_cpu else t
+    return value if is_main() else cls(**fields)
 
 
 # ---------------------------------------------------------------- the --nproc launcher
@@ -253,8 +248,8 @@ def check_nproc(nproc: int, config, *, resume: bool = False) -> None:
         raise BadInputError(f"--nsamples {config.nsamples} cannot be split over {nproc} processes; raise --nsamples or lower --nproc")
     if backend_for(config.device) == "nccl" and torch.cuda.device_count() < nproc:
         raise BadInputError(
-            f"--nproc {nproc} with --device {config.device} needs {nproc} GPUs (one per process) but "
-            f"{torch.cuda.device_count()} are visible; lower --nproc"
+            f"--nproc {nproc} on {config.device} needs one GPU per process but {torch.cuda.device_count()} are "
+            "visible; lower --nproc (or pass --device cpu for processes on the CPU)"
         )
 
 
