@@ -27,7 +27,7 @@ from slimgpt_deploy.prune.methods import Decision
 from slimgpt_deploy.prune.obs import accumulate_hessian
 
 SHAPE = dict(num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2, intermediate_size=128)
-OPTIONS = dict(ratio=0.3, nsamples=10, seqlen=32, device="cpu")  # 5 samples per rank; gloo even on a GPU host
+OPTIONS = dict(ratio=0.3, nsamples=9, seqlen=32, device="cpu")  # 5 + 4 samples: unequal shares; gloo even on a GPU host
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "120"}
 TIMEOUT_S = 300
 
@@ -136,7 +136,7 @@ def _same_prune(a: Path, b: Path, *, exact: bool = False) -> None:
             # kept rows of q/k/v/gate/up are copied from the dense model: same kept units, exactly
             assert torch.equal(wa[k], wb[k]), k
         else:  # OBS-compensated weights from Hessians summed in another order
-            assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-5), (k, (wa[k] - wb[k]).abs().max())
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=5e-5, msg=k)  # weights ~0.03; seen: 1.1e-5
 
 
 def test_nproc_2_matches_one_process(single, nproc2):
