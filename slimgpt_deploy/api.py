@@ -129,7 +129,7 @@ def _prune_rank(model, out: Path, config: PruneConfig, *, force, on_layer, resum
     """`prune_to_checkpoint` on one rank of a process group (prune/distributed.py): every rank
     prunes its share of the samples, rank 0 alone saves the checkpoint (atomically)."""
     if resume:
-        distributed.check_nproc(distributed.world_size(), config, resume=True)
+        distributed.check_nproc(distributed.world_size(), config, resume=True)  # refused, with what to do
     result = _prune(model, config, on_layer=on_layer, state=None, offload=offload)
     result.record["seconds"]["total"] = round(time.perf_counter() - t0, 3)
     result.record["distributed"] = {"world_size": distributed.world_size(), "backend": distributed.backend_for(config.device)}

@@ -235,15 +235,15 @@ def per_rank(config):
 
 def check_nproc(nproc: int, config, *, resume: bool = False) -> None:
     """Refuse a `--nproc` that cannot run here, before any process starts."""
-    if nproc < 1:
-        raise BadInputError(f"--nproc {nproc} must be at least 1")
-    if env_world_size() > 1:
-        raise BadInputError("--nproc cannot be used under torchrun (it already started the processes); drop --nproc")
     if resume:
         raise BadInputError(
             "--resume does not work with --nproc or torchrun yet (each process holds its own share of the "
             "activations); rerun without --resume, or resume a single-process prune without --nproc"
         )
+    if nproc < 1:
+        raise BadInputError(f"--nproc {nproc} must be at least 1")
+    if active() or env_world_size() > 1:
+        raise BadInputError("--nproc cannot be used under torchrun (it already started the processes); drop --nproc")
     if config.nsamples < nproc:
         raise BadInputError(f"--nsamples {config.nsamples} cannot be split over {nproc} processes; raise --nsamples or lower --nproc")
     if backend_for(config.device) == "nccl" and torch.cuda.device_count() < nproc:
