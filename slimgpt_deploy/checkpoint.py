@@ -53,6 +53,7 @@ def model_card(config, record: dict) -> str:
         )
     )
     achieved = record.get("ratio_achieved_decoder", 0.0)
+    recovery = _recovery_lines(record.get("recovery"))
     whole = record.get("ratio_achieved_model", 0.0)
     return f"""---
 library_name: transformers
@@ -67,7 +68,7 @@ and FFN channels removed, every layer physically smaller, no retraining.
 - decoder parameters removed: {achieved:.2%} (target {record.get('ratio_target', 0.0):.2%}); whole model: {whole:.2%}
 - parameters: {record.get('params_dense', 0):,} dense -> {record.get('params_slim', 0):,}
 - calibration: `{calib.get('source')}`, {calib.get('nsamples')} x {calib.get('seqlen')} tokens, seed {calib.get('seed')}
-
+{recovery}
 Full record (per-layer kept heads and reconstruction errors, timings, versions): `slimgpt.json`.
 
 ## Load
@@ -85,6 +86,24 @@ model = AutoModelForCausalLM.from_pretrained("PATH")
 |---|---|---|---|
 {rows}
 """
+
+
+def _recovery_lines(rec: dict | None) -> str:
+    """The model card's recovery section (recover.py), or nothing."""
+    if not rec:
+        return ""
+    lines = ["", "## Recovery", "",
+             f"Distilled from the dense model `{rec.get('teacher')}` ({rec.get('trained')}): {rec.get('steps')} steps, "
+             f"{rec.get('tokens', 0):,} tokens of `{(rec.get('data') or {}).get('source')}` text, "
+             f"{(rec.get('seconds') or {}).get('total', 0):.0f} s."]
+    fid = rec.get("fidelity") or {}
+    if fid.get("before") and fid.get("after"):
+        lines.append(f"Held-out KL to the dense model {fid['before']['kl']:.4f} -> {fid['after']['kl']:.4f} nats/token, "
+                     f"top-1 agreement {fid['before']['top1']:.2%} -> {fid['after']['top1']:.2%}.")
+    ppl = rec.get("perplexity")
+    if ppl:
+        lines.append(f"Perplexity on {ppl['text']} ({ppl['seqlen']}-token windows): {ppl['before']:.2f} -> {ppl['after']:.2f}.")
+    return "\n".join(lines) + "\n"
 
 
 # Weight files that torch.load unpickles; refused everywhere

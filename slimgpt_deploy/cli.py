@@ -184,6 +184,92 @@ def prune(model, out, ratio, method, schedule, layer_ratios, gqa_mode, head_mult
     _run(go)
 
 
+@main.command()
+@click.argument("slim_dir", type=click.Path(path_type=Path))
+@click.option("--teacher", required=True, help="The dense model SLIM_DIR was pruned from (directory, .gguf, hub id or 'smollm2-135m').")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory for the recovered slim checkpoint.")
+@click.option("--data", default="self", show_default=True, help="Training text: 'self' (sampled from the teacher), a .txt/.jsonl file, or a dataset name.")
+@click.option("--steps", type=int, default=200, show_default=True, help="Optimizer steps.")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per step.")
+@click.option("--seqlen", type=int, default=256, show_default=True, help="Tokens per training sequence.")
+@click.option("--nsamples", type=int, default=256, show_default=True, help="Training sequences (cycled if steps x batch size is more).")
+@click.option("--heldout", type=int, default=8, show_default=True, help="Held-out sequences for fidelity before/after.")
+@click.option("--full", is_flag=True, help="Train the full decoder weights instead of LoRA adapters.")
+@click.option("--rank", type=int, default=8, show_default=True, help="LoRA rank.")
+@click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA alpha (scale alpha/rank).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [LoRA 1e-3, --full 5e-5]; warm-up then cosine decay.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Distillation temperature T (loss scaled by T^2).")
+@click.option("--lm-weight", type=float, default=0.0, show_default=True, help="Weight of the next-token (LM) loss added to the KL.")
+@click.option("--teacher-topk", type=int, default=0, show_default=True, help="Cache the teacher's top-k log-probs once instead of rerunning it each epoch (0: off).")
+@click.option("--eval-text", type=click.Path(path_type=Path), default=None, help="Text for perplexity before/after (e.g. wikitext-2 test.txt).")
+@click.option("--eval-seqlen", type=int, default=2048, show_default=True)
+@click.option("--eval-max-tokens", type=int, default=None, help="Use only the first N tokens of --eval-text.")
+@click.option("--save-every", type=int, default=25, show_default=True, help="Steps between resume-state saves.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted recovery from its last saved step (same options).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the recovery record as JSON on stdout.")
+def recover(slim_dir, teacher, out, data, steps, batch_size, seqlen, nsamples, heldout, full, rank, alpha, lr, temperature,
+            lm_weight, teacher_topk, eval_text, eval_seqlen, eval_max_tokens, save_every, seed, resume, force, as_json):
+    """Recover SLIM_DIR's quality by distillation from the dense --teacher; save a slim checkpoint to --out."""
+
+    def go():
+        from .atomic import check_output_dir
+        from .recover import RecoverConfig, recover_to_checkpoint
+
+        config = RecoverConfig(
+            data=data, steps=steps, batch_size=batch_size, seqlen=seqlen, nsamples=nsamples, heldout=heldout, full=full,
+            rank=rank, alpha=alpha, lr=lr, temperature=temperature, lm_weight=lm_weight, teacher_topk=teacher_topk,
+            seed=seed, save_every=save_every,
+        )
+        check_output_dir(out, force)
+        console = _console()
+        with _step_progress(console) as on_step:
+            result = recover_to_checkpoint(slim_dir, teacher, out, config, force=force, resume=resume, on_step=on_step,
+                                           eval_text=eval_text, eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens)
+        rec = result.record["recovery"]
+        fid = rec["fidelity"]
+        line = f"[bold green]saved[/] {out}: {rec['steps']} steps, {rec['tokens']:,} tokens in {rec['seconds']['total']:.1f} s"
+        if fid["before"] and fid["after"]:
+            line += (f"; held-out KL {fid['before']['kl']:.4f} -> {fid['after']['kl']:.4f}, "
+                     f"top-1 {fid['before']['top1']:.2%} -> {fid['after']['top1']:.2%}")
+        if rec["perplexity"]:
+            line += f"; perplexity {rec['perplexity']['before']:.2f} -> {rec['perplexity']['after']:.2f}"
+        console.print(line)
+        if as_json:
+            click.echo(json.dumps(rec, indent=2))
+
+    _run(go)
+
+
+class _step_progress:
+    """A rich progress bar over recovery steps, with the last loss and ETA."""
+
+    def __init__(self, console):
+        self.console = console
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]recovering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=self.console,
+        )
+        self.progress.start()
+        self.task = None
+        return self.update
+
+    def update(self, step: int, steps: int, parts: dict) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task("recover", total=steps, completed=step - 1, info="")
+        info = f"loss {parts['loss']:.4f} (KL {parts['kl']:.4f}) lr {parts['lr']:.2e}"
+        self.progress.update(self.task, completed=step, info=info)
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+        return False
+
+
 def _alignment(head_multiple: int | None, ffn_multiple: int | None, tp_size: int | None) -> dict:
     """Head/FFN multiples from the flags; --tp-size T folds T into both (least common multiple)."""
     import math
@@ -233,6 +319,8 @@ _BUILD_FLAGS = {
     "backends": "bench.backends", "bench_repeats": "bench.repeats", "bench_decode_tokens": "bench.decode_tokens",
     "bench_prompt_lens": "bench.prompt_lens", "bench_batch_sizes": "bench.batch_sizes", "bench_threads": "bench.threads",
     "bench_text": "bench.text", "quality_tokens": "bench.quality_tokens",
+    "preset": "preset", "recover": "recover.enabled", "recover_steps": "recover.steps", "recover_full": "recover.full",
+    "recover_data": "recover.data",
 }
 
 
@@ -240,7 +328,7 @@ _BUILD_FLAGS = {
 @click.argument("model", required=False)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("slimgpt-build"), show_default=True, help="Build directory (reruns skip finished stages).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML file with any build option; flags override it.")
-@click.option("--stages", help="Comma-separated subset of: prune,export-vllm,export-onnx,verify-vllm,verify-onnx,bench,report.")
+@click.option("--stages", help="Comma-separated subset of: prune,recover,export-vllm,export-onnx,verify-vllm,verify-onnx,bench,report.")
 @click.option("--force", is_flag=True, help="Redo the selected stages even if finished; build in a directory that is not a build.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted prune from its last finished layer.")
 @click.option("--max-memory", default=None, metavar="SIZE", help="Cap on calibration activations kept in memory while pruning, e.g. 8GiB.")
@@ -271,6 +359,11 @@ _BUILD_FLAGS = {
 @click.option("--bench-threads", type=int, help="Threads for torch/ONNX Runtime [all cores].")
 @click.option("--bench-text", help="Text file for perplexity [a built-in sample].")
 @click.option("--quality-tokens", type=int, help="Tokens of text for perplexity/KL [4096].")
+@click.option("--preset", type=click.Choice(["release"]), default=None, help="Option preset: release switches recovery on.")
+@click.option("--recover", "recover", is_flag=True, default=None, help="Add the recover stage (distillation from the dense model); exports then ship DIR/recovered.")
+@click.option("--recover-steps", type=int, help="Recovery optimizer steps [200].")
+@click.option("--recover-full", is_flag=True, default=None, help="Recovery trains the full decoder weights instead of LoRA.")
+@click.option("--recover-data", help="Recovery text: 'self', a .txt/.jsonl file or a dataset name [self].")
 def build(model, out, config_file, stages, force, resume, max_memory, as_json, **flags):
     """Build MODEL (default: the embedded SmolLM2-135M) into a verified slim checkpoint, vLLM and ONNX exports and a report.
 

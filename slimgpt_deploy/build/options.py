@@ -4,7 +4,9 @@ The file mirrors the stages (every key optional):
 
     model: smollm2-135m
     stages: [prune, export-vllm, export-onnx, verify-vllm, verify-onnx, bench, report]
+    preset: release    # optional: release switches recovery on
     prune:  {ratio: 0.2, schedule: log, calib: self, nsamples: 64, seqlen: 512, seed: 0, ...}
+    recover: {enabled: false, steps: 200, full: false, rank: 8, data: self, ...}   (recover.py)
     vllm:   {dtype: float32}
     onnx:   {dtype: fp32, quantize: null}
     bench:  {backends: [torch, onnx, vllm], repeats: 3, decode_tokens: 32, ...}
@@ -23,9 +25,14 @@ from typing import Any
 
 from ..config import PruneConfig
 from ..errors import BadInputError
+from ..recover import RecoverConfig
 
-STAGES = ("prune", "export-vllm", "export-onnx", "verify-vllm", "verify-onnx", "bench", "report")
+STAGES = ("prune", "recover", "export-vllm", "export-onnx", "verify-vllm", "verify-onnx", "bench", "report")
+OPTIONAL_STAGES = ("recover",)  # in the default stages only when switched on (recover.enabled)
+DEFAULT_STAGES = tuple(s for s in STAGES if s not in OPTIONAL_STAGES)
 BENCH_BACKENDS = ("torch", "onnx", "vllm")
+# A preset sets option values below the config file and the flags.
+PRESETS: dict[str, dict[str, Any]] = {"release": {"recover.enabled": True}}
 DEFAULT_MODEL = "smollm2-135m"
 
 # dotted key -> (expected type, element type for lists, None allowed)
@@ -34,8 +41,15 @@ _PRUNE_TYPES = {
     "head_multiple": int, "ffn_multiple": int, "tp_size": int, "calib": str, "nsamples": int,
     "seqlen": int, "seed": int, "device": str, "dtype": str, "hessian_dtype": str,
 }
+_RECOVER_TYPES = {
+    "enabled": bool, "data": str, "steps": int, "batch_size": int, "seqlen": int, "nsamples": int, "heldout": int,
+    "full": bool, "rank": int, "alpha": float, "lr": float, "weight_decay": float, "temperature": float,
+    "lm_weight": float, "teacher_topk": int, "seed": int, "save_every": int,
+}
 SCHEMA: dict[str, tuple[type, type | None, bool]] = {
     "model": (str, None, False),
+    "preset": (str, None, True),
+    **{f"recover.{k}": (t, None, k == "lr") for k, t in _RECOVER_TYPES.items()},
     "stages": (list, str, False),
     **{f"prune.{k}": (t, float if t is list else None, k in ("layer_ratios", "gqa_mode", "tp_size")) for k, t in _PRUNE_TYPES.items()},
     "vllm.dtype": (str, None, True),
@@ -52,7 +66,7 @@ SCHEMA: dict[str, tuple[type, type | None, bool]] = {
     "bench.quality_tokens": (int, None, False),
     "bench.quality_seqlen": (int, None, False),
 }
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list"}
+_TYPE_NAMES = {bool: "true or false", str: "a string", int: "an integer", float: "a number", list: "a list"}
 _PLURAL = {str: "strings", int: "integers", float: "numbers"}
 
 
@@ -72,10 +86,17 @@ class BenchSection:
 
 
 @dataclass(frozen=True)
+class RecoverSection:
+    enabled: bool = False
+    config: RecoverConfig = field(default_factory=RecoverConfig)
+
+
+@dataclass(frozen=True)
 class BuildOptions:
     model: str = DEFAULT_MODEL
-    stages: tuple[str, ...] = STAGES
+    stages: tuple[str, ...] = DEFAULT_STAGES
     prune: PruneConfig = field(default_factory=PruneConfig)
+    recover: RecoverSection = field(default_factory=RecoverSection)
     vllm_dtype: str | None = None
     onnx_dtype: str = "fp32"
     onnx_quantize: str | None = None
@@ -85,6 +106,7 @@ class BuildOptions:
         """The options a stage's result depends on (its fingerprint's own part)."""
         by_stage = {
             "prune": {"model": self.model, "prune": self.prune.to_dict()},
+            "recover": {"model": self.model, "recover": self.recover.config.to_dict()},
             "export-vllm": {"dtype": self.vllm_dtype},
             "export-onnx": {"dtype": self.onnx_dtype, "quantize": self.onnx_quantize},
             "verify-vllm": {},
@@ -99,6 +121,7 @@ class BuildOptions:
             "model": self.model,
             "stages": list(self.stages),
             "prune": self.prune.to_dict(),
+            "recover": {"enabled": self.recover.enabled, **self.recover.config.to_dict()},
             "vllm": {"dtype": self.vllm_dtype},
             "onnx": {"dtype": self.onnx_dtype, "quantize": self.onnx_quantize},
             "bench": {f.name: _plain(getattr(self.bench, f.name)) for f in fields(BenchSection)},
@@ -202,6 +225,15 @@ def build_options(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]
         if value is not None:
             check_value(key, value, where="(command line)")
             merged[key] = value
+    preset = merged.pop("preset", None)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise BadInputError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        merged = {**PRESETS[preset], **merged}
+    recover = {k.split(".", 1)[1]: v for k, v in merged.items() if k.startswith("recover.")}
+    recover_on = bool(recover.pop("enabled", False))
+    if "stages" in merged and "recover" in merged["stages"] and not recover_on:
+        raise BadInputError("stage recover is off; pass --recover (or recover.enabled: true, or --preset release) to run it")
     prune = {k.split(".", 1)[1]: v for k, v in merged.items() if k.startswith("prune.")}
     tp = prune.pop("tp_size", None)
     if tp is not None:
@@ -235,10 +267,12 @@ def build_options(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]
     vllm_dtype = merged.get("vllm.dtype")
     if vllm_dtype not in (None, "float32", "bfloat16", "float16"):
         raise BadInputError(f"unsupported vllm.dtype {vllm_dtype!r}; choose one of: float32, bfloat16, float16")
+    default_stages = STAGES if recover_on else DEFAULT_STAGES
     return BuildOptions(
         model=merged.get("model", DEFAULT_MODEL),
-        stages=parse_stages(merged["stages"]) if "stages" in merged else STAGES,
+        stages=parse_stages(merged["stages"]) if "stages" in merged else default_stages,
         prune=PruneConfig(**prune),
+        recover=RecoverSection(enabled=recover_on, config=RecoverConfig(**recover)),
         vllm_dtype=vllm_dtype,
         onnx_dtype=onnx_dtype,
         onnx_quantize=quantize,

@@ -56,7 +56,7 @@ def layer_table(config: dict, record: dict) -> list[dict]:
 def collect(ctx: BuildContext) -> dict:
     """Every number of the build, JSON-able."""
     out, state = ctx.out, ctx.state or {"stages": {}}
-    slim = ctx.path("prune")
+    slim = ctx.checkpoint
     record = _read_json(slim / RECORD_FILE) or {}
     config = _read_json(slim / "config.json")
     stages = {
@@ -65,7 +65,7 @@ def collect(ctx: BuildContext) -> dict:
     }
     verification = {name.split("-", 1)[1]: _read_json(ctx.path(name)) for name in VERIFY_STAGES if ctx.path(name).exists()}
     artifacts = {}
-    for stage, label in (("prune", "slim"), ("export-vllm", "vllm"), ("export-onnx", "onnx")):
+    for stage, label in (("prune", "slim"), ("recover", "recovered"), ("export-vllm", "vllm"), ("export-onnx", "onnx")):
         path = ctx.path(stage)
         if path.exists():
             artifacts[label] = {"path": str(path), "bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file())}
@@ -85,6 +85,7 @@ def collect(ctx: BuildContext) -> dict:
             **{k: record.get(k) for k in ("ratio_target", "ratio_achieved_decoder", "ratio_achieved_model", "params_dense", "params_slim")},
             "calibration": record.get("calibration"),
             "prune_seconds": record.get("seconds"),
+            "recovery": record.get("recovery"),
         },
         "layers": layer_table(config, record) if config and "num_attention_heads_per_layer" in config else [],
         "stages": stages,
@@ -230,6 +231,13 @@ def markdown(data: dict) -> str:
             f"{_pct(m['ratio_achieved_model'])} of the whole model: {m['params_dense']:,} -> {m['params_slim']:,} parameters.",
             "",
         ]
+    rec = m.get("recovery")
+    if rec:
+        fid = rec.get("fidelity") or {}
+        kl = (f"; held-out KL vs dense {fid['before']['kl']:.4f} -> {fid['after']['kl']:.4f}, top-1 "
+              f"{fid['before']['top1']:.2%} -> {fid['after']['top1']:.2%}") if fid.get("before") and fid.get("after") else ""
+        lines += [f"Recovered by distillation from the dense model ({rec['trained']}): {rec['steps']} steps, "
+                  f"{rec['tokens']:,} tokens of `{rec['data']['source']}` text in {rec['seconds']['total']:.0f} s{kl}.", ""]
     lines += [f"Machine: {mach['platform']}, {mach['cores']} cores, {mach['ram_gib']} GiB RAM, GPU: {mach['gpu'] or 'none'}. "
               f"Versions: {', '.join(f'{k} {v}' for k, v in data['versions'].items())}.", ""]
     lines += ["## Stages", "", "| stage | status | seconds | note |", "|---|---|---|---|"]
@@ -307,5 +315,5 @@ def write_report(ctx: BuildContext) -> dict:
         data["plots"] = make_plots(data, tmp)
         (tmp / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
         (tmp / "report.md").write_text(markdown(data))
-    link_model_card(ctx.path("prune"), data)
+    link_model_card(ctx.checkpoint, data)
     return {"report": str(ctx.path("report") / "report.md"), "plots": sorted(data["plots"].values()), "passed": data["passed"]}

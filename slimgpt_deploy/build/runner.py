@@ -25,13 +25,13 @@ from pathlib import Path
 from .. import __version__
 from ..errors import BadInputError, OutputExistsError
 from .options import STAGES, BuildOptions
-from .stages import INPUTS, OUTPUTS, REQUIRES, STAGE_FUNCTIONS, VERIFY_STAGES, BuildContext, write_json_atomic
+from .stages import OUTPUTS, REQUIRES, STAGE_FUNCTIONS, VERIFY_STAGES, BuildContext, stage_inputs, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "build.json"
 STATE_FORMAT = "slimgpt-deploy-build/1"
-FINGERPRINT_EXCLUDES = {"prune": {"README.md", "slimgpt.json"}}
+FINGERPRINT_EXCLUDES = {"prune": {"README.md", "slimgpt.json"}, "recover": {"README.md", "slimgpt.json"}}
 
 
 @dataclass
@@ -64,7 +64,7 @@ class BuildResult:
             name.split("-", 1)[1]: {"passed": rec["summary"].get("passed"), "failures": rec["summary"].get("failures", [])}
             for name, rec in self.state["stages"].items() if name in VERIFY_STAGES
         }
-        artifacts = {name: str(self.out / OUTPUTS[name]) for name in ("prune", "export-vllm", "export-onnx", "report")
+        artifacts = {name: str(self.out / OUTPUTS[name]) for name in ("prune", "recover", "export-vllm", "export-onnx", "report")
                      if (self.out / OUTPUTS[name]).exists()}
         return {
             "out": str(self.out),
@@ -122,10 +122,10 @@ def output_fingerprint(out: Path, stage: str) -> str | None:
 
 
 def stage_fingerprint(out: Path, stage: str, options: BuildOptions) -> str:
-    needs, uses = INPUTS[stage]
+    needs, uses = stage_inputs(stage, options)
     upstream = {name: output_fingerprint(out, name) for name in (*needs, *uses)}
     own = options.stage_options(stage)
-    if stage in ("prune", "bench"):
+    if stage in ("prune", "recover", "bench"):
         own = {**own, "source": source_fingerprint(options.model)}
     return _hash({"stage": stage, "version": __version__, "options": own, "upstream": upstream})
 
@@ -184,7 +184,7 @@ def run_build(
     out = Path(out)
     state = check_build_dir(out, force)
     for stage in options.stages:
-        _check_inputs(out, stage, options.stages)
+        _check_inputs(out, stage, options)
     _check_extras(options)
     out.mkdir(parents=True, exist_ok=True)
     state = {"format": STATE_FORMAT, "stages": {}, **state}
@@ -232,11 +232,11 @@ def run_build(
     return BuildResult(out=out, stages=runs, state=state)
 
 
-def _check_inputs(out: Path, stage: str, selected: tuple[str, ...]) -> None:
+def _check_inputs(out: Path, stage: str, options: BuildOptions) -> None:
     """Refuse, before any work, a stage whose required input is neither on disk nor made in this run."""
-    needs, _ = INPUTS[stage]
+    needs, _ = stage_inputs(stage, options)
     for need in needs:
-        if need not in selected and not (out / OUTPUTS[need]).exists():
+        if need not in options.stages and not (out / OUTPUTS[need]).exists():
             raise BadInputError(
                 f"stage {stage} needs the output of stage {need} ({out / OUTPUTS[need]}), which does not exist; "
                 f"add {need} to --stages or run the full build first"

@@ -1,6 +1,8 @@
 """The build's stages: each a function of the build context that writes its output atomically.
 
     prune        model source -> DIR/slim (SlimGPT prune, shrink, save the slim checkpoint)
+    recover      DIR/slim + the dense model -> DIR/recovered (distillation; only when recover.enabled,
+                 and then the exports, verification and bench read DIR/recovered instead of DIR/slim)
     export-vllm  DIR/slim -> DIR/vllm          (exporters.vllm, unverified here)
     export-onnx  DIR/slim -> DIR/onnx          (exporters.onnx, unverified here)
     verify-vllm  DIR/vllm vs DIR/slim -> DIR/verify/vllm.json
@@ -25,6 +27,7 @@ from .options import BuildOptions
 # stage -> its output, relative to the build directory
 OUTPUTS = {
     "prune": "slim",
+    "recover": "recovered",
     "export-vllm": "vllm",
     "export-onnx": "onnx",
     "verify-vllm": "verify/vllm.json",
@@ -35,6 +38,7 @@ OUTPUTS = {
 # stage -> (stages whose outputs it needs, stages whose outputs it uses when present)
 INPUTS = {
     "prune": ((), ()),
+    "recover": (("prune",), ()),
     "export-vllm": (("prune",), ()),
     "export-onnx": (("prune",), ()),
     "verify-vllm": (("prune", "export-vllm"), ()),
@@ -43,8 +47,19 @@ INPUTS = {
     "report": ((), ("prune", "export-vllm", "export-onnx", "verify-vllm", "verify-onnx", "bench")),
 }
 # stage -> the modules it needs, checked (without importing them) before any stage runs
-REQUIRES = {"export-onnx": ("onnx", "onnxscript"), "verify-vllm": ("vllm",), "verify-onnx": ("onnxruntime",)}
+REQUIRES = {"recover": ("peft",), "export-onnx": ("onnx", "onnxscript"), "verify-vllm": ("vllm",), "verify-onnx": ("onnxruntime",)}
 WORK_DIR = ".work"  # caches owned by the build: prune resume state, bench's model copies and dense ONNX
+# Stages that read the shipped checkpoint: DIR/slim, or DIR/recovered when the recover stage is on.
+READS_CHECKPOINT = ("export-vllm", "export-onnx", "verify-vllm", "verify-onnx", "bench", "report")
+
+
+def stage_inputs(stage: str, options: BuildOptions) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """INPUTS[stage], with the recovered checkpoint in place of the pruned one when recovery is on."""
+    needs, uses = INPUTS[stage]
+    if options.recover.enabled and stage in READS_CHECKPOINT:
+        swap = lambda names: tuple("recover" if n == "prune" else n for n in names)  # noqa: E731
+        return swap(needs), swap(uses)
+    return needs, uses
 
 
 @dataclass
@@ -59,6 +74,11 @@ class BuildContext:
 
     def path(self, stage: str) -> Path:
         return self.out / OUTPUTS[stage]
+
+    @property
+    def checkpoint(self) -> Path:
+        """The slim checkpoint that ships (exported, verified, benchmarked): recovered when recovery is on."""
+        return self.path("recover" if self.options.recover.enabled else "prune")
 
     @property
     def work(self) -> Path:
@@ -96,10 +116,22 @@ def prune(ctx: BuildContext) -> dict:
     }
 
 
+def recover(ctx: BuildContext) -> dict:
+    from ..recover import recover_to_checkpoint
+
+    out, config = ctx.path("recover"), ctx.options.recover.config
+    ctx.log(f"recovering {ctx.path('prune')} by distillation from {ctx.options.model} "
+            f"({config.steps} steps, {'full weights' if config.full else f'LoRA r={config.rank}'}, data {config.data})")
+    result = recover_to_checkpoint(ctx.path("prune"), ctx.options.model, out, config, force=True, resume=ctx.resume,
+                                   state_dir=ctx.work / "recover-state")
+    r = result.record["recovery"]
+    return {"checkpoint": str(out), **{k: r[k] for k in ("steps", "tokens", "seconds", "fidelity")}}
+
+
 def _export(fmt: str, ctx: BuildContext, **kwargs) -> dict:
     from ..exporters import get_exporter
 
-    summary = get_exporter(fmt)(ctx.path("prune"), ctx.path(f"export-{fmt}"), force=True, verify=False, log=ctx.log, **kwargs)
+    summary = get_exporter(fmt)(ctx.checkpoint, ctx.path(f"export-{fmt}"), force=True, verify=False, log=ctx.log, **kwargs)
     summary.pop("verification", None)  # verified by its own stage
     return summary
 
@@ -118,7 +150,7 @@ def _verify(fmt: str, ctx: BuildContext) -> dict:
     from ..extras import MissingExtraError
 
     try:
-        result = get_verifier(fmt)(ctx.path(f"export-{fmt}"), ctx.path("prune"), log=ctx.log)
+        result = get_verifier(fmt)(ctx.path(f"export-{fmt}"), ctx.checkpoint, log=ctx.log)
     except MissingExtraError:
         raise
     except Exception as e:  # noqa: BLE001 -- a broken artifact must be reported, whatever the runtime raised
@@ -150,7 +182,7 @@ def bench(ctx: BuildContext) -> dict:
     reuse = (onnx_dir / "export.json").exists() and o.onnx_dtype == "fp32" and o.onnx_quantize is None
     onnx_dirs = {"pruned": onnx_dir} if reuse else None
     result = run_bench(
-        ctx.options.model, ctx.path("prune"), list(b.backends), options=options, explicit=b.explicit,
+        ctx.options.model, ctx.checkpoint, list(b.backends), options=options, explicit=b.explicit,
         work_dir=ctx.work / "bench", onnx_dirs=onnx_dirs, log=ctx.log,
     )
     write_json_atomic(ctx.path("bench"), result)
@@ -165,6 +197,7 @@ def report(ctx: BuildContext) -> dict:
 
 STAGE_FUNCTIONS: dict[str, Callable[[BuildContext], dict]] = {
     "prune": prune,
+    "recover": recover,
     "export-vllm": export_vllm,
     "export-onnx": export_onnx,
     "verify-vllm": verify_vllm,

@@ -1,0 +1,535 @@
+"""Recovery: knowledge distillation from the dense model (teacher) into the slim one (student).
+
+Pruning without retraining loses some quality; a short distillation wins much of it back
+(LLM-Pruner, Ma et al. 2023, Sec. 3.3; SlimGPT, Ling et al. 2024, Sec. 4.4 use a LoRA
+fine-tune). Here the student learns the teacher's next-token distributions:
+
+    loss = T^2 * mean_positions KL(P_teacher^T || P_student^T)  +  lm_weight * CE(student, next token)
+
+with P^T = softmax(logits / T) (Hinton et al. 2015; T^2 keeps the gradient scale of T = 1).
+The training text is, by default, sampled from the *dense* model (``self``, data-free, as in
+calibration.py), or windows of a local file / Hugging Face dataset (the calibration loaders).
+A held-out part of the same data measures fidelity (KL, top-1 vs the teacher) before and
+after; perplexity on ``eval_text`` when given.
+
+Trainable weights: LoRA adapters (peft; rank ``rank``, scale ``alpha / rank``) on
+q/k/v/o/gate/up/down, merged into the weights before saving (``merge_and_unload``), or the
+full decoder weights (``full``: every decoder-layer weight and the final norm; the embedding,
+tied to the LM head on SmolLM2, stays frozen). Either way every shape is kept, so the result
+is a slim checkpoint like the input and every export and verification applies unchanged.
+
+Deterministic on CPU: the data and its order come from ``seed`` (no global RNG during
+training: no dropout). Resumable: every ``save_every`` steps the trainable weights, the
+optimizer's moments, the step, the loss history and the training ids are written to a state
+directory (``state.json`` replaced last); ``resume`` continues from there and ends with the
+same weights as an uninterrupted run. The teacher's top-k log-probabilities may be cached
+(``teacher_topk``): computed once per training sequence and stored in the state directory,
+later epochs (and resumed runs) then skip the teacher's forward pass.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .atomic import atomic_write, check_output_dir, fsync_dir, write_error
+from .errors import BadInputError, CheckpointError, Interrupted
+from .resume import fingerprint
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LOSS_DTYPE = torch.float32
+STATE_FILE = "state.json"
+FORMAT = "slimgpt-deploy-recover/1"
+WARMUP_FRACTION = 0.05  # linear warm-up over this share of the steps, then cosine decay to 0
+GRAD_CLIP = 1.0
+
+
+@dataclass(frozen=True)
+class RecoverConfig:
+    """Everything that decides a recovery result (and so the resume fingerprint)."""
+
+    data: str = "self"          # 'self' (sampled from the teacher), a .txt/.jsonl file, or a dataset name
+    steps: int = 200
+    batch_size: int = 4
+    seqlen: int = 256
+    nsamples: int = 256         # training sequences (the data is cycled when steps * batch_size exceeds it)
+    heldout: int = 8            # held-out sequences of the same data, for fidelity before/after
+    full: bool = False          # train the full decoder weights instead of LoRA adapters
+    rank: int = 8
+    alpha: float = 16.0
+    lr: float | None = None     # default: 1e-3 for LoRA, 5e-5 for full
+    weight_decay: float = 0.0
+    temperature: float = 1.0
+    lm_weight: float = 0.0
+    teacher_topk: int = 0       # > 0: cache the teacher's top-k log-probs instead of rerunning it
+    seed: int = 0
+    save_every: int = 25
+
+    def __post_init__(self):
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "nsamples": self.nsamples,
+                    "rank": self.rank, "save_every": self.save_every}
+        for name, value in positive.items():
+            if value < 1:
+                raise BadInputError(f"recover {name}={value} must be at least 1; give --{name.replace('_', '-')} >= 1")
+        if self.heldout < 0 or self.teacher_topk < 0:
+            raise BadInputError("recover --heldout and --teacher-topk must be >= 0")
+        if self.seqlen < 8:
+            raise BadInputError(f"recover seqlen={self.seqlen} is too short; give --seqlen >= 8")
+        if not self.temperature > 0 or self.lm_weight < 0 or self.alpha <= 0:
+            raise BadInputError("recover --temperature and --alpha must be > 0 and --lm-weight >= 0")
+        if self.lr is not None and not self.lr > 0:
+            raise BadInputError(f"recover lr={self.lr} must be > 0")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (5e-5 if self.full else 1e-3)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "lr": self.learning_rate}
+
+
+@dataclass
+class RecoverResult:
+    model: torch.nn.Module   # the recovered slim model (LoRA merged), eval mode
+    tokenizer: object
+    record: dict             # the slim record with its "recovery" section
+
+
+# ---------------------------------------------------------------------------- math
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    teacher: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    input_ids: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    lm_weight: float = 0.0,
+) -> tuple[torch.Tensor, dict]:
+    """The distillation loss of one batch and its parts (floats, for logging).
+
+    student_logits: ``[B, S, V]``. teacher: its logits ``[B, S, V']`` (V' >= V is cut to V),
+    or a cached top-k ``(logprobs [B, S, k], ids [B, S, k])`` at ``temperature``, renormalised
+    over the k kept tokens (the tail is dropped). input_ids: ``[B, S]`` for the LM loss.
+
+        kl = T^2 * mean_{b,s} sum_v P_t(v) (log P_t(v) - log P_s(v)),   P = softmax(logits / T)
+        lm = mean_{b, s < S-1} -log P_s(x_{s+1})   (at T = 1)
+    """
+    V = student_logits.shape[-1]
+    log_q = F.log_softmax(student_logits.to(LOSS_DTYPE) / temperature, dim=-1)  # [B, S, V]
+    if isinstance(teacher, tuple):
+        top_lp, top_ids = teacher  # [B, S, k] each
+        log_p = top_lp.to(LOSS_DTYPE) - torch.logsumexp(top_lp.to(LOSS_DTYPE), dim=-1, keepdim=True)  # renormalised
+        kl = (log_p.exp() * (log_p - log_q.gather(-1, top_ids.long()))).sum(-1).mean()
+    else:
+        log_p = F.log_softmax(teacher[..., :V].to(LOSS_DTYPE) / temperature, dim=-1)  # [B, S, V]
+        kl = F.kl_div(log_q.flatten(0, 1), log_p.flatten(0, 1), log_target=True, reduction="batchmean")
+    kl = kl * temperature**2
+    parts = {"kl": float(kl.detach())}
+    loss = kl
+    if lm_weight > 0:
+        lm = F.cross_entropy(student_logits[:, :-1].flatten(0, 1).to(LOSS_DTYPE), input_ids[:, 1:].flatten())
+        loss = loss + lm_weight * lm
+        parts["lm"] = float(lm.detach())
+    parts["loss"] = float(loss.detach())
+    return loss, parts
+
+
+def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, S, V]`` logits -> the top-k log-probs at ``temperature`` ``[B, S, k]`` float32 and ids ``[B, S, k]`` int32."""
+    lp = F.log_softmax(teacher_logits.to(LOSS_DTYPE) / temperature, dim=-1)
+    values, ids = lp.topk(k, dim=-1)
+    return values, ids.to(torch.int32)
+
+
+def lr_at(step: int, steps: int, lr: float) -> float:
+    """Learning rate at optimizer step ``step`` (0-based): linear warm-up, then cosine decay to 0."""
+    warmup = max(1, int(WARMUP_FRACTION * steps))
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def batch_order(nsamples: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Which training sequences each step uses: ``[steps, batch_size]``, epochs of seeded permutations."""
+    g = torch.Generator().manual_seed(seed)
+    need = steps * batch_size
+    perms = [torch.randperm(nsamples, generator=g) for _ in range(-(-need // nsamples))]
+    return torch.cat(perms)[:need].view(steps, batch_size)
+
+
+# ---------------------------------------------------------------------------- state
+
+
+class RecoverState:
+    """The resume state of one recovery: trainable weights, optimizer moments, step, data ids.
+
+    Layout: ``data.safetensors`` (training and held-out ids; ``teacher.safetensors`` the
+    cached top-k when asked), ``weights.safetensors`` and ``optim.safetensors`` (replaced
+    together at each save), ``state.json`` (step, losses, fingerprint) replaced last.
+    """
+
+    def __init__(self, directory: Path, identity: dict):
+        self.directory = Path(directory)
+        self.identity = identity
+        self.meta: dict | None = None
+
+    @classmethod
+    def open(cls, directory: Path, identity: dict, *, resume: bool) -> RecoverState:
+        state = cls(directory, identity)
+        meta = None
+        if resume and (state.directory / STATE_FILE).is_file():
+            try:
+                meta = json.loads((state.directory / STATE_FILE).read_text())
+            except (OSError, ValueError):
+                meta = None
+        if meta is not None:
+            if meta.get("format") != FORMAT or meta.get("fingerprint") != fingerprint(identity):
+                old = (meta.get("identity") or {}).get("options") or {}
+                new = identity.get("options", {})
+                changed = [f"--{k.replace('_', '-')} {old.get(k)!r} there, {new.get(k)!r} now"
+                           for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+                what = ", ".join(changed) or "the student or teacher changed"
+                raise BadInputError(f"recover state in {directory} does not match this run ({what}); "
+                                    f"drop --resume to start over or delete {directory}")
+            state.meta = meta
+            logger.info("resuming recovery from %s at step %d", directory, meta["step"])
+            return state
+        if state.directory.exists():
+            if not resume:
+                logger.warning("clearing old recover state in %s (pass --resume to continue it)", directory)
+            shutil.rmtree(state.directory)
+        try:
+            state.directory.mkdir(parents=True)
+        except OSError as err:
+            raise (write_error(err, state.directory) or err) from err
+        return state
+
+    @property
+    def step(self) -> int:
+        return self.meta["step"] if self.meta else 0
+
+    def load(self, name: str) -> dict[str, torch.Tensor] | None:
+        from safetensors.torch import load_file
+
+        path = self.directory / f"{name}.safetensors"
+        if not path.is_file():
+            return None
+        return {k: v.clone() for k, v in load_file(str(path)).items()}
+
+    def save(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        try:
+            atomic_write(self.directory / f"{name}.safetensors",
+                         lambda tmp: save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp)))
+        except OSError as err:
+            raise (write_error(err, self.directory) or err) from err
+
+    def commit(self, step: int, history: list[dict], extra: dict) -> None:
+        """state.json, replaced last: the step the saved weights and moments belong to."""
+        meta = {"format": FORMAT, "fingerprint": fingerprint(self.identity), "identity": self.identity,
+                "step": step, "history": history, **extra}
+        text = json.dumps(meta, indent=1, default=str) + "\n"
+        atomic_write(self.directory / STATE_FILE, lambda tmp: tmp.write_text(text))
+        fsync_dir(self.directory)
+        self.meta = meta
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def default_state_dir(out: Path) -> Path:
+    """Where `recover --out OUT` keeps its resume state: the hidden sibling `.OUT.recover`."""
+    out = Path(out)
+    return out.parent / f".{out.name}.recover"
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:
+    state = optimizer.state_dict()["state"]
+    out = {}
+    for i, name in enumerate(names):
+        for key, value in state.get(i, {}).items():
+            out[f"{name}::{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return out
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
+    sd = optimizer.state_dict()
+    sd["state"] = {}
+    for i, name in enumerate(names):
+        entry = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == name}
+        if entry:
+            sd["state"][i] = entry
+    optimizer.load_state_dict(sd)
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def check_pair(student, teacher, student_path: str, teacher_src: str) -> None:
+    """Refuse a teacher that cannot teach this student (other vocabulary or hidden size)."""
+    s, t = student.config, teacher.config
+    if s.model_type != "slimgpt":
+        raise CheckpointError(f"{student_path} is not a slim checkpoint (model type {s.model_type!r}); "
+                              "give the --out of `slimgpt-deploy prune`")
+    if int(t.vocab_size) != int(s.vocab_size):
+        raise BadInputError(f"teacher {teacher_src} has a vocabulary of {t.vocab_size}, the slim model {s.vocab_size}; "
+                            "give the dense model the slim checkpoint was pruned from as --teacher")
+    if int(t.hidden_size) != int(s.hidden_size):
+        raise BadInputError(f"teacher {teacher_src} has hidden size {t.hidden_size}, the slim model {s.hidden_size}; "
+                            "give the dense model the slim checkpoint was pruned from as --teacher")
+
+
+def _trainable(student, config: RecoverConfig):
+    """Wrap the student for training: (model to train, {name: parameter} trained, in a fixed order)."""
+    student.requires_grad_(False)
+    if config.full:
+        model = student
+        for name, p in student.named_parameters():
+            if name.startswith("model.layers.") or name == "model.norm.weight":
+                p.requires_grad_(True)
+    else:
+        from .extras import require
+
+        require("peft")
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(config.seed)  # LoRA A's initialisation
+        lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, bias="none",
+                          target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
+        model = get_peft_model(student, lora)
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    return model, params
+
+
+def _merged(model, config: RecoverConfig):
+    if config.full:
+        return model
+    return model.merge_and_unload()
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def recover(
+    student_dir: Path,
+    teacher: str,
+    config: RecoverConfig | None = None,
+    *,
+    eval_text: Path | None = None,
+    eval_seqlen: int = 2048,
+    eval_max_tokens: int | None = None,
+    state_dir: Path | None = None,
+    resume: bool = False,
+    on_step: Callable[[int, int, dict], None] | None = None,
+) -> RecoverResult:
+    """Distil ``teacher`` (a model source) into the slim checkpoint ``student_dir``; see the module doc.
+
+    ``state_dir``: where to keep resume state (None: no state, nothing resumable).
+    ``on_step(step, steps, parts)`` is called after every optimizer step (1-based).
+    """
+    from .calibration import get_calibration
+    from .checkpoint import read_record
+    from .evaluate import fidelity, load_text, perplexity, text_to_ids
+    from .sources import load_model, source_identity
+
+    config = config or RecoverConfig()
+    t_start = time.perf_counter()
+    student_dir = Path(student_dir)
+    if not student_dir.is_dir():
+        raise BadInputError(f"slim checkpoint {student_dir} does not exist; give the --out of `slimgpt-deploy prune`")
+    teacher_m = load_model(teacher)
+    student_m = load_model(str(student_dir))
+    check_pair(student_m.model, teacher_m.model, str(student_dir), teacher)
+    ids_eval = text_to_ids(student_m.tokenizer, load_text(eval_text)) if eval_text is not None else None
+    record = read_record(student_dir) if (student_dir / "slimgpt.json").is_file() else {}
+    identity = {"student": source_identity(str(student_dir)), "teacher": source_identity(teacher),
+                "options": config.to_dict()}
+    state = RecoverState.open(state_dir, identity, resume=resume) if state_dir is not None else None
+
+    # ---- data: training + held-out sequences, from the teacher (self) or a text
+    t0 = time.perf_counter()
+    stored = state.load("data") if state is not None and state.meta else None
+    if stored is not None:
+        train_ids, held_ids = stored["train"], stored["heldout"]
+        data_record = state.meta["data"]
+    else:
+        calib = get_calibration(config.data, teacher_m.model, teacher_m.tokenizer,
+                                nsamples=config.nsamples + config.heldout, seqlen=config.seqlen, seed=config.seed)
+        train_ids, held_ids = calib.input_ids[: config.nsamples], calib.input_ids[config.nsamples:]
+        data_record = {**calib.describe(), "train_sequences": config.nsamples, "heldout_sequences": config.heldout}
+        if state is not None:
+            state.save("data", {"train": train_ids, "heldout": held_ids})
+    seconds = {"data": round(time.perf_counter() - t0, 3)}
+
+    student, teach = student_m.model, teacher_m.model
+    teach.eval()
+    fid_seqlen = config.seqlen
+    before = fidelity(student, teach, held_ids.flatten(), seqlen=fid_seqlen) if config.heldout else None
+    ppl_before = perplexity(student, ids_eval, seqlen=eval_seqlen, max_tokens=eval_max_tokens) if ids_eval is not None else None
+
+    # ---- teacher cache (top-k log-probs of every training sequence)
+    cache = None
+    if config.teacher_topk:
+        t0 = time.perf_counter()
+        cache = state.load("teacher") if state is not None and state.meta else None
+        if cache is None:
+            cache = _teacher_cache(teach, train_ids, config)
+            if state is not None:
+                state.save("teacher", cache)
+        seconds["teacher_cache"] = round(time.perf_counter() - t0, 3)
+
+    # ---- the trainable model, optimizer, and (on resume) their saved state
+    model, params = _trainable(student, config)
+    names = list(params)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=config.learning_rate, weight_decay=config.weight_decay)
+    start, history = 0, []
+    if state is not None and state.meta and state.step > 0:
+        weights = state.load("weights")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(weights[name])
+        _load_optimizer(optimizer, names, state.load("optim"))
+        start, history = state.step, list(state.meta["history"])
+    order = batch_order(config.nsamples, config.steps, config.batch_size, config.seed)
+
+    t0 = time.perf_counter()
+    model.train()
+    step = start
+    try:
+        for step in range(start, config.steps):
+            rows = order[step]
+            ids = train_ids[rows]  # [B, S]
+            if cache is not None:
+                target = (cache["logprobs"][rows], cache["ids"][rows])
+            else:
+                with torch.inference_mode():
+                    target = teach(input_ids=ids, use_cache=False).logits  # [B, S, V]
+                target = target.clone()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, config.steps, config.learning_rate)
+            logits = model(input_ids=ids, use_cache=False).logits  # [B, S, V]
+            loss, parts = distill_loss(logits, target, ids, temperature=config.temperature, lm_weight=config.lm_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(list(params.values()), GRAD_CLIP))
+            optimizer.step()
+            del logits, loss, target
+            parts["lr"] = optimizer.param_groups[0]["lr"]
+            history.append({"step": step + 1, **{k: round(v, 6) for k, v in parts.items()}})
+            if not math.isfinite(parts["loss"]):
+                from .errors import NumericalError
+
+                raise NumericalError(f"recovery loss became {parts['loss']} at step {step + 1}; lower --lr")
+            if state is not None and ((step + 1) % config.save_every == 0) and step + 1 < config.steps:
+                state.save("weights", {n: p for n, p in params.items()})
+                state.save("optim", _optimizer_tensors(optimizer, names))
+                state.commit(step + 1, history, {"data": data_record})
+            if on_step is not None:
+                on_step(step + 1, config.steps, parts)
+    except KeyboardInterrupt as err:
+        code = getattr(err, "exit_code", 130)
+        if state is not None and state.step > 0:
+            raise Interrupted(f"interrupted; recover state in {state.directory} (step {state.step}/{config.steps}); "
+                              "rerun with --resume", code) from None
+        raise Interrupted("interrupted; no output was written", code) from None
+    seconds["train"] = round(time.perf_counter() - t0, 3)
+    if start:
+        seconds["train_resumed_from_step"] = start
+    model.eval()
+    slim = _merged(model, config)
+    slim.requires_grad_(False)
+
+    after = fidelity(slim, teach, held_ids.flatten(), seqlen=fid_seqlen) if config.heldout else None
+    ppl_after = perplexity(slim, ids_eval, seqlen=eval_seqlen, max_tokens=eval_max_tokens) if ids_eval is not None else None
+    seconds["total"] = round(time.perf_counter() - t_start, 3)
+
+    record = dict(record)
+    record["recovery"] = {
+        "method": "distillation",
+        "trained": "full decoder weights" if config.full else f"LoRA r={config.rank} alpha={config.alpha:g} on {', '.join(LORA_TARGETS)} (merged)",
+        "teacher": teacher,
+        "options": config.to_dict(),
+        "data": data_record,
+        "steps": config.steps,
+        "tokens": config.steps * config.batch_size * config.seqlen,
+        "seconds": seconds,
+        "loss": _loss_summary(history),
+        "fidelity": {"text": f"{config.heldout} held-out sequences of {config.seqlen} tokens ({data_record['source']})",
+                     "before": before.__dict__ if before else None, "after": after.__dict__ if after else None},
+        "perplexity": ({"text": str(eval_text), "seqlen": eval_seqlen, "max_tokens": eval_max_tokens,
+                        "before": ppl_before.ppl, "after": ppl_after.ppl} if ppl_after is not None else None),
+    }
+    from .api import versions
+
+    record["recovery"]["versions"] = versions()
+    if state is not None:
+        record["recovery"]["state_dir"] = str(state.directory)
+    logger.info("recovered %s in %.1f s: held-out KL %s -> %s", student_dir, seconds["total"],
+                f"{before.kl:.4f}" if before else "-", f"{after.kl:.4f}" if after else "-")
+    return RecoverResult(model=slim, tokenizer=student_m.tokenizer, record=record)
+
+
+def _teacher_cache(teacher, train_ids: torch.Tensor, config: RecoverConfig) -> dict[str, torch.Tensor]:
+    lps, ids = [], []
+    with torch.inference_mode():
+        for start in range(0, train_ids.shape[0], config.batch_size):
+            logits = teacher(input_ids=train_ids[start:start + config.batch_size], use_cache=False).logits
+            lp, top = teacher_topk(logits, config.teacher_topk, config.temperature)
+            lps.append(lp)
+            ids.append(top)
+    return {"logprobs": torch.cat(lps), "ids": torch.cat(ids)}  # [N, S, k] each
+
+
+def _loss_summary(history: list[dict]) -> dict:
+    """First/last losses, means of the first and last tenth, and ~20 points of the curve."""
+    if not history:
+        return {}
+    n = len(history)
+    tenth = max(1, n // 10)
+    keys = [k for k in ("loss", "kl", "lm") if k in history[0]]
+    stride = max(1, n // 20)
+    return {
+        "first": {k: history[0][k] for k in keys},
+        "last": {k: history[-1][k] for k in keys},
+        "mean_first_tenth": {k: round(sum(h[k] for h in history[:tenth]) / tenth, 6) for k in keys},
+        "mean_last_tenth": {k: round(sum(h[k] for h in history[-tenth:]) / tenth, 6) for k in keys},
+        "curve": [{"step": h["step"], **{k: h[k] for k in keys}} for h in history[::stride]],
+    }
+
+
+def recover_to_checkpoint(
+    student_dir: Path,
+    teacher: str,
+    out: Path,
+    config: RecoverConfig | None = None,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    state_dir: Path | None = None,
+    on_step: Callable[[int, int, dict], None] | None = None,
+    **kwargs,
+) -> RecoverResult:
+    """`recover`, then save the recovered slim checkpoint atomically to `out` (resume state beside it)."""
+    from .checkpoint import save_checkpoint
+
+    out = Path(out)
+    check_output_dir(out, force)
+    state_dir = Path(state_dir) if state_dir is not None else default_state_dir(out)
+    result = recover(student_dir, teacher, config, state_dir=state_dir, resume=resume, on_step=on_step, **kwargs)
+    save_checkpoint(result.model, result.tokenizer, result.record, out, force=force)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    result.record["recovery"].pop("state_dir", None)
+    return result

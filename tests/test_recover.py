@@ -1,0 +1,182 @@
+"""Recovery by distillation (slimgpt_deploy/recover.py) on tiny random models, and the `recover` command.
+
+The tiny teacher has sharp next-token distributions (a large initializer range), so pruning
+half of it visibly changes its outputs and distillation has something to win back.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from conftest import TINY_WORDS
+from safetensors.torch import load_file
+
+from slimgpt_deploy.api import prune_to_checkpoint
+from slimgpt_deploy.checkpoint import read_config, read_record, validate_checkpoint
+from slimgpt_deploy.cli import main
+from slimgpt_deploy.config import PruneConfig
+from slimgpt_deploy.errors import BadInputError, Interrupted
+from slimgpt_deploy.recover import (
+    RecoverConfig, batch_order, default_state_dir, distill_loss, lr_at, recover, recover_to_checkpoint, teacher_topk,
+)
+
+pytest.importorskip("peft")
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine two spinning threads cost 5x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SHAPE_KEYS = ("num_attention_heads_per_layer", "num_key_value_heads_per_layer", "intermediate_size_per_layer")
+SMALL = dict(steps=30, batch_size=4, seqlen=32, nsamples=16, heldout=4, save_every=10)
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model_dir_factory, tmp_path_factory):
+    """(dense teacher dir, its 50% slim checkpoint)."""
+    dense = tiny_model_dir_factory("llama", seed=3, initializer_range=0.3)
+    slim = tmp_path_factory.mktemp("recover") / "slim"
+    prune_to_checkpoint(str(dense), slim, PruneConfig(ratio=0.5, nsamples=8, seqlen=32))
+    return dense, slim
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    """Seeded random sentences over a few words: a training distribution a tiny model can learn."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text(" ".join(rng.choice(TINY_WORDS[:8]) for _ in range(4000)))
+    return path
+
+
+# --- the math ------------------------------------------------------------------------------
+
+
+def test_distill_loss_is_the_kl_of_the_tempered_distributions():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    ids = torch.randint(11, (2, 5), generator=g)
+    for T in (1.0, 2.0):
+        p, q = torch.softmax(t / T, -1), torch.softmax(s / T, -1)
+        expected = T**2 * (p * (p.log() - q.log())).sum(-1).mean()
+        loss, parts = distill_loss(s, t, ids, temperature=T)
+        assert torch.allclose(loss, expected, atol=1e-6) and math.isclose(parts["kl"], float(expected), rel_tol=1e-5)
+    # the cached top-k form with k = V is the same KL; with the LM term the CE is added
+    loss_k, _ = distill_loss(s, teacher_topk(t, 11, 1.0), ids)
+    loss_full, _ = distill_loss(s, t, ids)
+    assert torch.allclose(loss_k, loss_full, atol=1e-6)
+    lm = F.cross_entropy(s[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1))
+    loss_lm, parts = distill_loss(s, t, ids, lm_weight=0.5)
+    assert torch.allclose(loss_lm, loss_full + 0.5 * lm, atol=1e-6) and "lm" in parts
+    assert float(distill_loss(t, t, ids)[0]) == pytest.approx(0.0, abs=1e-6)  # a perfect student
+
+
+def test_schedule_and_batch_order():
+    lrs = [lr_at(i, 100, 1.0) for i in range(100)]
+    assert lrs[0] < lrs[4] == pytest.approx(1.0) and lrs[-1] < 0.01 and max(lrs) <= 1.0
+    order = batch_order(10, 7, 4, seed=5)
+    assert order.shape == (7, 4)
+    flat = order.flatten().tolist()
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))  # whole epochs
+    assert torch.equal(order, batch_order(10, 7, 4, seed=5)) and not torch.equal(order, batch_order(10, 7, 4, seed=6))
+
+
+# --- recovery on a tiny model --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_recovery_lowers_the_loss_improves_fidelity_and_keeps_every_shape(pair, text, tmp_path, full):
+    dense, slim = pair
+    out = tmp_path / "rec"
+    config = RecoverConfig(**{**SMALL, "nsamples": 32}, data=str(text), full=full, lr=3e-3 if full else 1e-2)
+    result = recover_to_checkpoint(slim, str(dense), out, config)
+    rec = result.record["recovery"]
+    assert rec["loss"]["mean_last_tenth"]["kl"] < 0.8 * rec["loss"]["mean_first_tenth"]["kl"], rec["loss"]
+    assert rec["fidelity"]["after"]["kl"] < 0.7 * rec["fidelity"]["before"]["kl"], rec["fidelity"]
+    assert rec["fidelity"]["after"]["top1"] >= rec["fidelity"]["before"]["top1"]
+    # merged: the same per-layer shapes, no adapter tensors, a valid slim checkpoint
+    for key in SHAPE_KEYS:
+        assert read_config(out)[key] == read_config(slim)[key]
+    validate_checkpoint(out)
+    names = set().union(*(load_file(str(f)).keys() for f in out.glob("*.safetensors")))
+    assert not any("lora" in n for n in names)
+    record = read_record(out)
+    assert record["ratio_target"] == read_record(slim)["ratio_target"]  # the prune record is kept
+    assert record["recovery"]["tokens"] == 30 * 4 * 32 and record["recovery"]["data"]["source"] == f"file:{text}"
+    assert "Recovery" in (out / "README.md").read_text()
+    assert not default_state_dir(out).exists()  # state removed once saved
+
+
+def test_recovery_is_deterministic_and_resume_gives_the_uninterrupted_result(pair, tmp_path):
+    dense, slim = pair
+    config = RecoverConfig(**{**SMALL, "steps": 7, "save_every": 2}, teacher_topk=16)
+    whole = recover(slim, str(dense), config).model.state_dict()
+    again = recover(slim, str(dense), config).model.state_dict()
+    assert all(torch.equal(whole[k], again[k]) for k in whole)
+
+    state = tmp_path / "state"
+
+    def stop_after_5(step, steps, parts):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted, match=r"step 4/7.*--resume"):
+        recover(slim, str(dense), config, state_dir=state, on_step=stop_after_5)
+    assert json.loads((state / "state.json").read_text())["step"] == 4
+    resumed = recover(slim, str(dense), config, state_dir=state, resume=True)
+    assert resumed.record["recovery"]["seconds"]["train_resumed_from_step"] == 4
+    got = resumed.model.state_dict()
+    assert all(torch.equal(whole[k], got[k]) for k in whole)
+    with pytest.raises(BadInputError, match="does not match this run.*--steps 7 there, 8 now"):
+        recover(slim, str(dense), RecoverConfig(**{**SMALL, "steps": 8, "save_every": 2}, teacher_topk=16),
+                state_dir=state, resume=True)
+
+
+# --- the command line ----------------------------------------------------------------------
+
+
+def _cli(*args):
+    return CliRunner().invoke(main, ["recover", *map(str, args)])
+
+
+def _refused(result, *words):
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_cli_recovers_and_prints_json(pair, tmp_path):
+    dense, slim = pair
+    out = tmp_path / "rec"
+    result = CliRunner().invoke(main, ["recover", str(slim), "--teacher", str(dense), "--out", str(out), "--steps", "4",
+                                       "--nsamples", "8", "--seqlen", "32", "--heldout", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    rec = json.loads(result.stdout)
+    assert rec["steps"] == 4 and rec["fidelity"]["after"]["tokens"] == 64
+    _refused(_cli(slim, "--teacher", dense, "--out", out, "--steps", "4"), "already exists", "--force")
+
+
+def test_bad_input_is_refused_with_one_line_and_nothing_written(pair, tiny_model_dir_factory, tmp_path):
+    dense, slim = pair
+    out = tmp_path / "rec"
+    other_vocab = tiny_model_dir_factory("llama", vocab_size=96)
+    _refused(_cli(slim, "--teacher", other_vocab, "--out", out), "vocabulary of 96", "--teacher")
+    other_hidden = tiny_model_dir_factory("llama", hidden_size=32)
+    _refused(_cli(slim, "--teacher", other_hidden, "--out", out), "hidden size 32", "--teacher")
+    _refused(_cli(tmp_path / "nowhere", "--teacher", dense, "--out", out), "does not exist")
+    _refused(_cli(slim, "--teacher", tmp_path / "no-teacher", "--out", out), "no-teacher")
+    _refused(_cli(dense, "--teacher", dense, "--out", out), "not a slim checkpoint")
+    _refused(_cli(slim, "--teacher", dense, "--out", out, "--steps", "0"), "steps")
+    assert not out.exists() and not default_state_dir(out).exists()
