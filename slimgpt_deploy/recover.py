@@ -346,7 +346,7 @@ def recover(
     from .sources import load_model, source_identity
 
     config = config or RecoverConfig()
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     student_dir = Path(student_dir)
     if not student_dir.is_dir():
         raise BadInputError(f"slim checkpoint {student_dir} does not exist; give the --out of `slimgpt-deploy prune`")
@@ -360,7 +360,7 @@ def recover(
     state = RecoverState.open(state_dir, identity, resume=resume) if state_dir is not None else None
 
     # ---- data: training + held-out sequences, from the teacher (self) or a text
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     stored = state.load("data") if state is not None and state.meta else None
     if stored is not None:
         train_ids, held_ids = stored["train"], stored["heldout"]
@@ -373,23 +373,27 @@ def recover(
         if state is not None:
             state.save("data", {"train": train_ids, "heldout": held_ids})
     seconds = {"data": round(time.perf_counter() - t0, 3)}
+    cpu = {"data": round(time.process_time() - c0, 3)}
 
     student, teach = student_m.model, teacher_m.model
     teach.eval()
     fid_seqlen = config.seqlen
+    t0 = time.perf_counter()
     before = fidelity(student, teach, held_ids.flatten(), seqlen=fid_seqlen) if config.heldout else None
     ppl_before = perplexity(student, ids_eval, seqlen=eval_seqlen, max_tokens=eval_max_tokens) if ids_eval is not None else None
+    seconds["eval_before"] = round(time.perf_counter() - t0, 3)
 
     # ---- teacher cache (top-k log-probs of every training sequence)
     cache = None
     if config.teacher_topk:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         cache = state.load("teacher") if state is not None and state.meta else None
         if cache is None:
             cache = _teacher_cache(teach, train_ids, config)
             if state is not None:
                 state.save("teacher", cache)
         seconds["teacher_cache"] = round(time.perf_counter() - t0, 3)
+        cpu["teacher_cache"] = round(time.process_time() - c0, 3)
 
     # ---- the trainable model, optimizer, and (on resume) their saved state
     model, params = _trainable(student, config)
@@ -405,7 +409,7 @@ def recover(
         start, history = state.step, list(state.meta["history"])
     order = batch_order(config.nsamples, config.steps, config.batch_size, config.seed)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model.train()
     step = start
     try:
@@ -446,15 +450,22 @@ def recover(
                               "rerun with --resume", code) from None
         raise Interrupted("interrupted; no output was written", code) from None
     seconds["train"] = round(time.perf_counter() - t0, 3)
+    cpu["train"] = round(time.process_time() - c0, 3)
     if start:
         seconds["train_resumed_from_step"] = start
     model.eval()
     slim = _merged(model, config)
     slim.requires_grad_(False)
 
+    t0 = time.perf_counter()
     after = fidelity(slim, teach, held_ids.flatten(), seqlen=fid_seqlen) if config.heldout else None
     ppl_after = perplexity(slim, ids_eval, seqlen=eval_seqlen, max_tokens=eval_max_tokens) if ids_eval is not None else None
+    seconds["eval_after"] = round(time.perf_counter() - t0, 3)
     seconds["total"] = round(time.perf_counter() - t_start, 3)
+    # the recovery proper: making the data, caching the teacher, training (not loading, not the before/after checks)
+    seconds["recovery"] = round(sum(seconds.get(k, 0.0) for k in ("data", "teacher_cache", "train")), 3)
+    cpu["total"] = round(time.process_time() - cpu_start, 3)
+    cpu["recovery"] = round(sum(cpu.get(k, 0.0) for k in ("data", "teacher_cache", "train")), 3)
 
     record = dict(record)
     record["recovery"] = {
@@ -466,6 +477,8 @@ def recover(
         "steps": config.steps,
         "tokens": config.steps * config.batch_size * config.seqlen,
         "seconds": seconds,
+        "cpu_seconds": cpu,  # process CPU time (all threads): on a shared machine, wall time alone misleads
+        "threads": torch.get_num_threads(),
         "loss": _loss_summary(history),
         "fidelity": {"text": f"{config.heldout} held-out sequences of {config.seqlen} tokens ({data_record['source']})",
                      "before": before.__dict__ if before else None, "after": after.__dict__ if after else None},

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,52 @@ def test_bad_input_is_refused_with_one_line_and_nothing_written(pair, tiny_model
     _refused(_cli(dense, "--teacher", dense, "--out", out), "not a slim checkpoint")
     _refused(_cli(slim, "--teacher", dense, "--out", out, "--steps", "0"), "steps")
     assert not out.exists() and not default_state_dir(out).exists()
+
+
+# --- the build stage -----------------------------------------------------------------------
+
+
+def test_build_options_switch_the_recover_stage():
+    from slimgpt_deploy.build import DEFAULT_STAGES, STAGES, build_options
+    from slimgpt_deploy.build.stages import stage_inputs
+
+    off = build_options({}, {})
+    assert "recover" not in off.stages and off.stages == DEFAULT_STAGES and not off.recover.enabled
+    assert stage_inputs("export-onnx", off) == (("prune",), ())
+    for on in (build_options({"recover.enabled": True}, {}), build_options({}, {"preset": "release"}),
+               build_options({"preset": "release", "recover.steps": 5}, {})):
+        assert on.stages == STAGES and on.recover.enabled
+        assert stage_inputs("export-onnx", on) == (("recover",), ()) and stage_inputs("bench", on) == (("recover",), ("export-onnx",))
+    assert build_options({"recover.steps": 5, "recover.full": True}, {"recover.enabled": True}).recover.config.steps == 5
+    assert build_options({"preset": "release"}, {"recover.enabled": False}).recover.enabled is False  # flags over presets
+    with pytest.raises(BadInputError, match="stage recover is off; pass --recover"):
+        build_options({}, {"stages": ["prune", "recover"]})
+    with pytest.raises(BadInputError, match="unknown build option 'recover.stpes'.*recover.steps"):
+        build_options({}, {"recover.stpes": 5})
+    with pytest.raises(BadInputError, match="'recover.full'.* must be true or false"):
+        build_options({}, {"recover.full": "yes"})
+    with pytest.raises(BadInputError, match="unknown preset 'fast'"):
+        build_options({}, {"preset": "fast"})
+
+
+def test_build_with_recover_ships_the_recovered_checkpoint(pair, tmp_path):
+    dense, _ = pair
+    cfg = tmp_path / "build.yaml"
+    cfg.write_text("prune: {ratio: 0.5, nsamples: 4, seqlen: 32}\n"
+                   "recover: {steps: 3, nsamples: 4, seqlen: 32, heldout: 2, batch_size: 2}\n")
+    out = tmp_path / "b"
+    argv = ["build", str(dense), "--out", str(out), "--config", str(cfg), "--stages", "prune,recover,report", "--recover", "--json"]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert list(summary["stages"]) == ["prune", "recover", "report"] and summary["artifacts"]["recover"] == str(out / "recovered")
+    assert read_record(out / "recovered")["recovery"]["steps"] == 3
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["model"]["recovery"]["steps"] == 3 and "Recovered by distillation" in (out / "report" / "report.md").read_text()
+    assert "build_report" in read_record(out / "recovered")  # the shipped checkpoint links the report
+    # a rerun skips it; the exports now need the recovered checkpoint, not the pruned one
+    again = json.loads(CliRunner().invoke(main, argv).stdout)
+    assert again["stages"]["recover"]["status"] == "cached"
+    shutil.rmtree(out / "recovered")
+    result = CliRunner().invoke(main, ["build", str(dense), "--out", str(out), "--config", str(cfg), "--stages", "export-onnx", "--recover"])
+    _refused(result, "stage export-onnx needs the output of stage recover")

@@ -7,10 +7,10 @@
 options.py says what a build does (defaults < YAML file < flags), stages.py what each stage
 does, runner.py which stages must run (fingerprints, build.json), report.py what the reader gets.
 """
-from .options import BENCH_BACKENDS, STAGES, BenchSection, BuildOptions, build_options, parse_backends, parse_stages, read_config_file
+from .options import BENCH_BACKENDS, DEFAULT_STAGES, STAGES, BenchSection, BuildOptions, build_options, parse_backends, parse_stages, read_config_file
 from .runner import STATE_FILE, BuildResult, run_build
 
 __all__ = [
-    "BENCH_BACKENDS", "STAGES", "STATE_FILE", "BenchSection", "BuildOptions", "BuildResult",
+    "BENCH_BACKENDS", "DEFAULT_STAGES", "STAGES", "STATE_FILE", "BenchSection", "BuildOptions", "BuildResult",
     "build_options", "parse_backends", "parse_stages", "read_config_file", "run_build",
 ]
