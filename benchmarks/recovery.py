@@ -50,13 +50,14 @@ def machine() -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
 
 
-def slim_checkpoint() -> Path:
+def slim_checkpoint(nsamples: int = 64, seqlen: int = 512) -> Path:
+    """The default prune (self-calibration nsamples x seqlen), made once."""
     from slimgpt_deploy.api import prune_to_checkpoint
     from slimgpt_deploy.config import PruneConfig
 
-    out = WORK / "slim-self-20"
+    out = WORK / f"slim-self-20-{nsamples}x{seqlen}"
     if not (out / "slimgpt.json").exists():
-        prune_to_checkpoint(MODEL, out, PruneConfig(ratio=0.2, calib="self", nsamples=64, seqlen=512, seed=0), resume=True)
+        prune_to_checkpoint(MODEL, out, PruneConfig(ratio=0.2, calib="self", nsamples=nsamples, seqlen=seqlen, seed=0), resume=True)
     return out
 
 
@@ -66,6 +67,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="committed")
     ap.add_argument("--slim", type=Path, default=None, help="start from this slim checkpoint instead of making the default prune")
+    ap.add_argument("--prune-nsamples", type=int, default=64, help="self-calibration of the starting prune (default 64 x 512)")
+    ap.add_argument("--prune-seqlen", type=int, default=512)
+    ap.add_argument("--heldout", type=int, default=8)
     ap.add_argument("--lora", action="store_true", help="LoRA adapters instead of full decoder weights")
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -80,9 +84,11 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
     a = ap.parse_args()
 
-    slim = a.slim or slim_checkpoint()
+    t0 = time.perf_counter()
+    slim = a.slim or slim_checkpoint(a.prune_nsamples, a.prune_seqlen)
+    prune_wall = time.perf_counter() - t0
     config = RecoverConfig(
-        data="self", steps=a.steps, batch_size=a.batch_size, seqlen=a.seqlen, nsamples=a.nsamples, full=not a.lora,
+        data="self", steps=a.steps, batch_size=a.batch_size, seqlen=a.seqlen, nsamples=a.nsamples, heldout=a.heldout, full=not a.lora,
         rank=a.rank, alpha=a.alpha, lr=a.lr, temperature=a.temperature, lm_weight=a.lm_weight, teacher_topk=a.teacher_topk,
     )
     load_before = os.getloadavg()
@@ -95,6 +101,8 @@ def main() -> None:
     row = {
         "name": a.name,
         "slim": str(slim),
+        "prune_calibration": json.loads((Path(slim) / "slimgpt.json").read_text()).get("calibration"),
+        "prune_wall_seconds_this_run": round(prune_wall, 1),
         "options": rec["options"],
         "trained": rec["trained"],
         "tokens": rec["tokens"],
@@ -112,7 +120,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "python benchmarks/recovery.py " + " ".join(sys.argv[1:]),
     }
-    if a.eval_tokens == EVAL_TOKENS:
+    if a.eval_tokens == EVAL_TOKENS:  # the share only means something on the protocol's text
         row["recovered_share"] = recovered_share(DENSE_PPL, ppl["before"], ppl["after"])
     print(json.dumps(row, indent=2))
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -138,14 +146,14 @@ def markdown(data: dict) -> str:
         f"of recovery. LLM-Pruner (LLaMA-7B, 20%, LoRA): {lp['pruned']} -> {lp['recovered']} over dense {lp['dense']}, "
         f"{lp['recovered_share']:.1%} of the increase recovered.",
         "",
-        "| run | trained | steps x batch x seqlen | eval tokens | PPL before | PPL after | share recovered | held-out KL before -> after | top-1 before -> after | recovery wall s | recovery CPU s | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | start: self-calibration | trained | steps x batch x seqlen | eval tokens | PPL before | PPL after | share recovered | held-out KL before -> after | top-1 before -> after | recovery wall s | recovery CPU s | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["runs"].values():
         o, f = r["options"], r["fidelity"]
         share = f"{r['recovered_share']:.1%}" if "recovered_share" in r else "-"
         lines.append(
-            f"| {r['name']} | {r['trained']}, lr {o['lr']:g} | {o['steps']} x {o['batch_size']} x {o['seqlen']} | {r['eval_tokens']} | "
+            f"| {r['name']} | {r['prune_calibration']['nsamples']} x {r['prune_calibration']['seqlen']} | {r['trained']}, lr {o['lr']:g} | {o['steps']} x {o['batch_size']} x {o['seqlen']} | {r['eval_tokens']} | "
             f"{r['ppl_before']:.2f} | {r['ppl_after']:.2f} | {share} | {f['before']['kl']:.3f} -> {f['after']['kl']:.3f} | "
             f"{f['before']['top1']:.1%} -> {f['after']['top1']:.1%} | {r['seconds']['recovery']:.0f} | {r['cpu_seconds']['recovery']:.0f} | "
             f"{r['load_average_1min']['before']} / {r['load_average_1min']['after']} |"

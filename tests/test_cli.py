@@ -29,7 +29,7 @@ def _prune_args(model, out, calib, *extra):
     return ["prune", model, "--out", out, "--calib", calib, "--nsamples", 8, "--seqlen", 32, *extra]
 
 
-@pytest.mark.parametrize("command", [[], ["prune"], ["eval"], ["export"], ["generate"], ["serve"]])
+@pytest.mark.parametrize("command", [[], ["prune"], ["recover"], ["eval"], ["export"], ["generate"], ["serve"]])
 def test_help(command):
     result = _invoke(*command, "--help")
     assert result.exit_code == 0
