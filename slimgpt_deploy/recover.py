@@ -33,7 +33,8 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -355,144 +356,157 @@ def recover(
     check_pair(student_m.model, teacher_m.model, str(student_dir), teacher)
     ids_eval = text_to_ids(student_m.tokenizer, load_text(eval_text)) if eval_text is not None else None
     record = read_record(student_dir) if (student_dir / "slimgpt.json").is_file() else {}
+    for stale in ("verification", "build_report"):  # about the input checkpoint's build, not this one
+        record.pop(stale, None)
     identity = {"student": source_identity(str(student_dir)), "teacher": source_identity(teacher),
                 "options": config.to_dict()}
     state = RecoverState.open(state_dir, identity, resume=resume) if state_dir is not None else None
-
-    # ---- data: training + held-out sequences, from the teacher (self) or a text
-    t0, c0 = time.perf_counter(), time.process_time()
-    stored = state.load("data") if state is not None and state.meta else None
-    if stored is not None:
-        train_ids, held_ids = stored["train"], stored["heldout"]
-        data_record = state.meta["data"]
-    else:
-        calib = get_calibration(config.data, teacher_m.model, teacher_m.tokenizer,
-                                nsamples=config.nsamples + config.heldout, seqlen=config.seqlen, seed=config.seed)
-        train_ids, held_ids = calib.input_ids[: config.nsamples], calib.input_ids[config.nsamples:]
-        data_record = {**calib.describe(), "train_sequences": config.nsamples, "heldout_sequences": config.heldout}
-        if state is not None:
-            state.save("data", {"train": train_ids, "heldout": held_ids})
-    seconds = {"data": round(time.perf_counter() - t0, 3)}
-    cpu = {"data": round(time.process_time() - c0, 3)}
-
-    student, teach = student_m.model, teacher_m.model
-    teach.eval()
-    fid_seqlen = config.seqlen
-    t0 = time.perf_counter()
-    before = fidelity(student, teach, held_ids.flatten(), seqlen=fid_seqlen) if config.heldout else None
-    ppl_before = perplexity(student, ids_eval, seqlen=eval_seqlen, max_tokens=eval_max_tokens) if ids_eval is not None else None
-    seconds["eval_before"] = round(time.perf_counter() - t0, 3)
-
-    # ---- teacher cache (top-k log-probs of every training sequence)
-    cache = None
-    if config.teacher_topk:
+    with _removed_if_unused(state):
+        # ---- data: training + held-out sequences, from the teacher (self) or a text
         t0, c0 = time.perf_counter(), time.process_time()
-        cache = state.load("teacher") if state is not None and state.meta else None
-        if cache is None:
-            cache = _teacher_cache(teach, train_ids, config)
+        stored = state.load("data") if state is not None and state.meta else None
+        if stored is not None:
+            train_ids, held_ids = stored["train"], stored["heldout"]
+            data_record = state.meta["data"]
+        else:
+            calib = get_calibration(config.data, teacher_m.model, teacher_m.tokenizer,
+                                    nsamples=config.nsamples + config.heldout, seqlen=config.seqlen, seed=config.seed)
+            train_ids, held_ids = calib.input_ids[: config.nsamples], calib.input_ids[config.nsamples:]
+            data_record = {**calib.describe(), "train_sequences": config.nsamples, "heldout_sequences": config.heldout}
             if state is not None:
-                state.save("teacher", cache)
-        seconds["teacher_cache"] = round(time.perf_counter() - t0, 3)
-        cpu["teacher_cache"] = round(time.process_time() - c0, 3)
+                state.save("data", {"train": train_ids, "heldout": held_ids})
+        seconds = {"data": round(time.perf_counter() - t0, 3)}
+        cpu = {"data": round(time.process_time() - c0, 3)}
 
-    # ---- the trainable model, optimizer, and (on resume) their saved state
-    model, params = _trainable(student, config)
-    names = list(params)
-    optimizer = torch.optim.AdamW(list(params.values()), lr=config.learning_rate, weight_decay=config.weight_decay)
-    start, history = 0, []
-    if state is not None and state.meta and state.step > 0:
-        weights = state.load("weights")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(weights[name])
-        _load_optimizer(optimizer, names, state.load("optim"))
-        start, history = state.step, list(state.meta["history"])
-    order = batch_order(config.nsamples, config.steps, config.batch_size, config.seed)
+        student, teach = student_m.model, teacher_m.model
+        teach.eval()
+        fid_seqlen = config.seqlen
+        t0 = time.perf_counter()
+        before = fidelity(student, teach, held_ids.flatten(), seqlen=fid_seqlen) if config.heldout else None
+        ppl_before = perplexity(student, ids_eval, seqlen=eval_seqlen, max_tokens=eval_max_tokens) if ids_eval is not None else None
+        seconds["eval_before"] = round(time.perf_counter() - t0, 3)
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    model.train()
-    step = start
+        # ---- teacher cache (top-k log-probs of every training sequence)
+        cache = None
+        if config.teacher_topk:
+            t0, c0 = time.perf_counter(), time.process_time()
+            cache = state.load("teacher") if state is not None and state.meta else None
+            if cache is None:
+                cache = _teacher_cache(teach, train_ids, config)
+                if state is not None:
+                    state.save("teacher", cache)
+            seconds["teacher_cache"] = round(time.perf_counter() - t0, 3)
+            cpu["teacher_cache"] = round(time.process_time() - c0, 3)
+
+        # ---- the trainable model, optimizer, and (on resume) their saved state
+        model, params = _trainable(student, config)
+        names = list(params)
+        optimizer = torch.optim.AdamW(list(params.values()), lr=config.learning_rate, weight_decay=config.weight_decay)
+        start, history = 0, []
+        if state is not None and state.meta and state.step > 0:
+            weights = state.load("weights")
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(weights[name])
+            _load_optimizer(optimizer, names, state.load("optim"))
+            start, history = state.step, list(state.meta["history"])
+        order = batch_order(config.nsamples, config.steps, config.batch_size, config.seed)
+
+        t0, c0 = time.perf_counter(), time.process_time()
+        model.train()
+        step = start
+        try:
+            for step in range(start, config.steps):
+                rows = order[step]
+                ids = train_ids[rows]  # [B, S]
+                if cache is not None:
+                    target = (cache["logprobs"][rows], cache["ids"][rows])
+                else:
+                    with torch.inference_mode():
+                        target = teach(input_ids=ids, use_cache=False).logits  # [B, S, V]
+                    target = target.clone()
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, config.steps, config.learning_rate)
+                logits = model(input_ids=ids, use_cache=False).logits  # [B, S, V]
+                loss, parts = distill_loss(logits, target, ids, temperature=config.temperature, lm_weight=config.lm_weight)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(list(params.values()), GRAD_CLIP))
+                optimizer.step()
+                del logits, loss, target
+                parts["lr"] = optimizer.param_groups[0]["lr"]
+                history.append({"step": step + 1, **{k: round(v, 6) for k, v in parts.items()}})
+                if not math.isfinite(parts["loss"]):
+                    from .errors import NumericalError
+
+                    raise NumericalError(f"recovery loss became {parts['loss']} at step {step + 1}; lower --lr")
+                if state is not None and ((step + 1) % config.save_every == 0) and step + 1 < config.steps:
+                    state.save("weights", {n: p for n, p in params.items()})
+                    state.save("optim", _optimizer_tensors(optimizer, names))
+                    state.commit(step + 1, history, {"data": data_record})
+                if on_step is not None:
+                    on_step(step + 1, config.steps, parts)
+        except KeyboardInterrupt as err:
+            code = getattr(err, "exit_code", 130)
+            if state is not None and state.step > 0:
+                raise Interrupted(f"interrupted; recover state in {state.directory} (step {state.step}/{config.steps}); "
+                                  "rerun with --resume", code) from None
+            raise Interrupted("interrupted; no output was written", code) from None
+        seconds["train"] = round(time.perf_counter() - t0, 3)
+        cpu["train"] = round(time.process_time() - c0, 3)
+        if start:
+            seconds["train_resumed_from_step"] = start
+        model.eval()
+        slim = _merged(model, config)
+        slim.requires_grad_(False)
+
+        t0 = time.perf_counter()
+        after = fidelity(slim, teach, held_ids.flatten(), seqlen=fid_seqlen) if config.heldout else None
+        ppl_after = perplexity(slim, ids_eval, seqlen=eval_seqlen, max_tokens=eval_max_tokens) if ids_eval is not None else None
+        seconds["eval_after"] = round(time.perf_counter() - t0, 3)
+        seconds["total"] = round(time.perf_counter() - t_start, 3)
+        # the recovery proper: making the data, caching the teacher, training (not loading, not the before/after checks)
+        seconds["recovery"] = round(sum(seconds.get(k, 0.0) for k in ("data", "teacher_cache", "train")), 3)
+        cpu["total"] = round(time.process_time() - cpu_start, 3)
+        cpu["recovery"] = round(sum(cpu.get(k, 0.0) for k in ("data", "teacher_cache", "train")), 3)
+
+        record = dict(record)
+        record["recovery"] = {
+            "method": "distillation",
+            "trained": "full decoder weights" if config.full else f"LoRA r={config.rank} alpha={config.alpha:g} on {', '.join(LORA_TARGETS)} (merged)",
+            "teacher": teacher,
+            "options": config.to_dict(),
+            "data": data_record,
+            "steps": config.steps,
+            "tokens": config.steps * config.batch_size * config.seqlen,
+            "seconds": seconds,
+            "cpu_seconds": cpu,  # process CPU time (all threads): on a shared machine, wall time alone misleads
+            "threads": torch.get_num_threads(),
+            "loss": _loss_summary(history),
+            "fidelity": {"text": f"{config.heldout} held-out sequences of {config.seqlen} tokens ({data_record['source']})",
+                         "before": before.__dict__ if before else None, "after": after.__dict__ if after else None},
+            "perplexity": ({"text": str(eval_text), "seqlen": eval_seqlen, "max_tokens": eval_max_tokens,
+                            "before": ppl_before.ppl, "after": ppl_after.ppl} if ppl_after is not None else None),
+        }
+        from .api import versions
+
+        record["recovery"]["versions"] = versions()
+        if state is not None:
+            record["recovery"]["state_dir"] = str(state.directory)
+        logger.info("recovered %s in %.1f s: held-out KL %s -> %s", student_dir, seconds["total"],
+                    f"{before.kl:.4f}" if before else "-", f"{after.kl:.4f}" if after else "-")
+        return RecoverResult(model=slim, tokenizer=student_m.tokenizer, record=record)
+
+
+@contextmanager
+def _removed_if_unused(state: RecoverState | None) -> Iterator[None]:
+    """Remove the state directory when the run fails before its first saved step (nothing worth resuming)."""
     try:
-        for step in range(start, config.steps):
-            rows = order[step]
-            ids = train_ids[rows]  # [B, S]
-            if cache is not None:
-                target = (cache["logprobs"][rows], cache["ids"][rows])
-            else:
-                with torch.inference_mode():
-                    target = teach(input_ids=ids, use_cache=False).logits  # [B, S, V]
-                target = target.clone()
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, config.steps, config.learning_rate)
-            logits = model(input_ids=ids, use_cache=False).logits  # [B, S, V]
-            loss, parts = distill_loss(logits, target, ids, temperature=config.temperature, lm_weight=config.lm_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(list(params.values()), GRAD_CLIP))
-            optimizer.step()
-            del logits, loss, target
-            parts["lr"] = optimizer.param_groups[0]["lr"]
-            history.append({"step": step + 1, **{k: round(v, 6) for k, v in parts.items()}})
-            if not math.isfinite(parts["loss"]):
-                from .errors import NumericalError
-
-                raise NumericalError(f"recovery loss became {parts['loss']} at step {step + 1}; lower --lr")
-            if state is not None and ((step + 1) % config.save_every == 0) and step + 1 < config.steps:
-                state.save("weights", {n: p for n, p in params.items()})
-                state.save("optim", _optimizer_tensors(optimizer, names))
-                state.commit(step + 1, history, {"data": data_record})
-            if on_step is not None:
-                on_step(step + 1, config.steps, parts)
-    except KeyboardInterrupt as err:
-        code = getattr(err, "exit_code", 130)
-        if state is not None and state.step > 0:
-            raise Interrupted(f"interrupted; recover state in {state.directory} (step {state.step}/{config.steps}); "
-                              "rerun with --resume", code) from None
-        raise Interrupted("interrupted; no output was written", code) from None
-    seconds["train"] = round(time.perf_counter() - t0, 3)
-    cpu["train"] = round(time.process_time() - c0, 3)
-    if start:
-        seconds["train_resumed_from_step"] = start
-    model.eval()
-    slim = _merged(model, config)
-    slim.requires_grad_(False)
-
-    t0 = time.perf_counter()
-    after = fidelity(slim, teach, held_ids.flatten(), seqlen=fid_seqlen) if config.heldout else None
-    ppl_after = perplexity(slim, ids_eval, seqlen=eval_seqlen, max_tokens=eval_max_tokens) if ids_eval is not None else None
-    seconds["eval_after"] = round(time.perf_counter() - t0, 3)
-    seconds["total"] = round(time.perf_counter() - t_start, 3)
-    # the recovery proper: making the data, caching the teacher, training (not loading, not the before/after checks)
-    seconds["recovery"] = round(sum(seconds.get(k, 0.0) for k in ("data", "teacher_cache", "train")), 3)
-    cpu["total"] = round(time.process_time() - cpu_start, 3)
-    cpu["recovery"] = round(sum(cpu.get(k, 0.0) for k in ("data", "teacher_cache", "train")), 3)
-
-    record = dict(record)
-    record["recovery"] = {
-        "method": "distillation",
-        "trained": "full decoder weights" if config.full else f"LoRA r={config.rank} alpha={config.alpha:g} on {', '.join(LORA_TARGETS)} (merged)",
-        "teacher": teacher,
-        "options": config.to_dict(),
-        "data": data_record,
-        "steps": config.steps,
-        "tokens": config.steps * config.batch_size * config.seqlen,
-        "seconds": seconds,
-        "cpu_seconds": cpu,  # process CPU time (all threads): on a shared machine, wall time alone misleads
-        "threads": torch.get_num_threads(),
-        "loss": _loss_summary(history),
-        "fidelity": {"text": f"{config.heldout} held-out sequences of {config.seqlen} tokens ({data_record['source']})",
-                     "before": before.__dict__ if before else None, "after": after.__dict__ if after else None},
-        "perplexity": ({"text": str(eval_text), "seqlen": eval_seqlen, "max_tokens": eval_max_tokens,
-                        "before": ppl_before.ppl, "after": ppl_after.ppl} if ppl_after is not None else None),
-    }
-    from .api import versions
-
-    record["recovery"]["versions"] = versions()
-    if state is not None:
-        record["recovery"]["state_dir"] = str(state.directory)
-    logger.info("recovered %s in %.1f s: held-out KL %s -> %s", student_dir, seconds["total"],
-                f"{before.kl:.4f}" if before else "-", f"{after.kl:.4f}" if after else "-")
-    return RecoverResult(model=slim, tokenizer=student_m.tokenizer, record=record)
+        yield
+    except BaseException:
+        if state is not None and state.step == 0:
+            state.remove()
+        raise
 
 
 def _teacher_cache(teacher, train_ids: torch.Tensor, config: RecoverConfig) -> dict[str, torch.Tensor]:

@@ -180,6 +180,7 @@ def test_bad_input_is_refused_with_one_line_and_nothing_written(pair, tiny_model
     _refused(_cli(slim, "--teacher", tmp_path / "no-teacher", "--out", out), "no-teacher")
     _refused(_cli(dense, "--teacher", dense, "--out", out), "not a slim checkpoint")
     _refused(_cli(slim, "--teacher", dense, "--out", out, "--steps", "0"), "steps")
+    _refused(_cli(slim, "--teacher", dense, "--out", out, "--data", tmp_path / "missing.txt"), "missing.txt", "does not exist")
     assert not out.exists() and not default_state_dir(out).exists()
 
 
