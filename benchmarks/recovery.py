@@ -6,8 +6,8 @@
 Protocol (the one of benchmarks/quality.py): WikiText-2 test perplexity in non-overlapping
 2048-token windows over the first 40,960 test tokens (dense 18.51). The starting point is the
 default prune: 20%, log schedule, per-group GQA, `self` calibration 64 x 512, seed 0 (32.62 in
-benchmarks/results/quality.md); it is made once into build/recovery/slim-self-20 (not timed as
-recovery). Recovery is `slimgpt_deploy.recover.recover_to_checkpoint` with `self` data (text
+benchmarks/results/quality.md); it is made once into build/recovery/slim-self-20-64x512 (not timed
+as recovery; `--prune-nsamples/--prune-seqlen` start from a cheaper prune for a probe). Recovery is `slimgpt_deploy.recover.recover_to_checkpoint` with `self` data (text
 sampled from the dense model: no dataset); its time is the data sampling + teacher cache +
 training, wall and process CPU time, with the machine's load average beside them (the machine
 is shared). Results: benchmarks/results/recovery.json (one entry per --name) and recovery.md.
@@ -82,7 +82,11 @@ def main() -> None:
     ap.add_argument("--lm-weight", type=float, default=0.0)
     ap.add_argument("--teacher-topk", type=int, default=0)
     ap.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite recovery.md from recovery.json and stop")
     a = ap.parse_args()
+    if a.markdown_only:
+        (RESULTS / "recovery.md").write_text(markdown(json.loads((RESULTS / "recovery.json").read_text())))
+        return
 
     t0 = time.perf_counter()
     slim = a.slim or slim_checkpoint(a.prune_nsamples, a.prune_seqlen)
@@ -158,7 +162,10 @@ def markdown(data: dict) -> str:
             f"{f['before']['top1']:.1%} -> {f['after']['top1']:.1%} | {r['seconds']['recovery']:.0f} | {r['cpu_seconds']['recovery']:.0f} | "
             f"{r['load_average_1min']['before']} / {r['load_average_1min']['after']} |"
         )
-    lines += ["", "Recovery time = sampling the training text from the dense model + teacher cache + training; the "
+    lines += ["", "A row is on the target protocol only when it starts from the 64 x 512 prune and evaluates 40,960 "
+              "tokens (then `share recovered` is given); other rows are short probes from a cheaper 16 x 256 prune "
+              "(a worse start), evaluated on the first 8,192 tokens, to compare settings.", ""]
+    lines += ["Recovery time = sampling the training text from the dense model + teacher cache + training; the "
               "before/after evaluations and model loading are not counted (they are in recovery.json). The machine "
               "(2 cores) was shared with other jobs during these runs (load average beside each row), so wall times are "
               "inflated; CPU seconds are the process's own (both threads).", ""]
