@@ -121,6 +121,8 @@ def main() -> None:
         "load_average_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "machine": machine(),
+        # On a machine shared by other jobs, OpenMP's spin-waiting threads cost 5-10x; PASSIVE makes them sleep.
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "python benchmarks/recovery.py " + " ".join(sys.argv[1:]),
     }
@@ -168,7 +170,8 @@ def markdown(data: dict) -> str:
     lines += ["Recovery time = sampling the training text from the dense model + teacher cache + training; the "
               "before/after evaluations and model loading are not counted (they are in recovery.json). The machine "
               "(2 cores) was shared with other jobs during these runs (load average beside each row), so wall times are "
-              "inflated; CPU seconds are the process's own (both threads).", ""]
+              "inflated; CPU seconds are the process's own (both threads). The runs set OMP_WAIT_POLICY=PASSIVE: with "
+              "the default spin-waiting, two torch threads on a loaded 2-core machine ran self-sampling over 8x slower.", ""]
     return "\n".join(lines)
 
 
