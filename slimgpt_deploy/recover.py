@@ -60,10 +60,10 @@ class RecoverConfig:
     """Everything that decides a recovery result (and so the resume fingerprint)."""
 
     data: str = "self"          # 'self' (sampled from the teacher), a .txt/.jsonl file, or a dataset name
-    steps: int = 200
+    steps: int = 100
     batch_size: int = 4
     seqlen: int = 256
-    nsamples: int = 256         # training sequences (the data is cycled when steps * batch_size exceeds it)
+    nsamples: int = 128         # training sequences (the data is cycled when steps * batch_size exceeds it)
     heldout: int = 8            # held-out sequences of the same data, for fidelity before/after
     full: bool = False          # train the full decoder weights instead of LoRA adapters
     rank: int = 8

@@ -6,7 +6,7 @@ The file mirrors the stages (every key optional):
     stages: [prune, export-vllm, export-onnx, verify-vllm, verify-onnx, bench, report]
     preset: release    # optional: release switches recovery on
     prune:  {ratio: 0.2, schedule: log, calib: self, nsamples: 64, seqlen: 512, seed: 0, ...}
-    recover: {enabled: false, steps: 200, full: false, rank: 8, data: self, ...}   (recover.py)
+    recover: {enabled: false, steps: 100, full: false, rank: 8, data: self, ...}   (recover.py)
     vllm:   {dtype: float32}
     onnx:   {dtype: fp32, quantize: null}
     bench:  {backends: [torch, onnx, vllm], repeats: 3, decode_tokens: 32, ...}
