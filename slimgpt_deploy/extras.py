@@ -12,6 +12,7 @@ EXTRAS = {
     "onnx": "onnx",
     "onnxruntime": "onnx",
     "onnxscript": "onnx",
+    "lm_eval": "lm-eval",
 }
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from slimgpt_deploy.build import STAGES, build_options, read_config_file
+from slimgpt_deploy.build import DEFAULT_STAGES, build_options, read_config_file
 from slimgpt_deploy.cli import main
 
 SMALL_BENCH = """\
@@ -75,7 +75,7 @@ def full_build(tiny_dense, build_config, tmp_path_factory):
 def test_build_writes_every_artifact_and_a_complete_report(full_build):
     out, summary = full_build
     assert summary["passed"] and summary["exit_code"] == 0
-    assert [s for s in summary["stages"]] == list(STAGES)
+    assert [s for s in summary["stages"]] == list(DEFAULT_STAGES)
     assert all(s["status"] == "ok" for s in summary["stages"].values()), summary["stages"]
     for path in ("slim/model.safetensors", "slim/config.json", "vllm/config.json", "vllm/export.json",
                  "onnx/export.json", "onnx/slimgpt_onnx.json", "verify/vllm.json", "verify/onnx.json", "bench/bench.json",
