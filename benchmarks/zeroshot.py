@@ -147,13 +147,13 @@ def write_tasks(directory: Path, n: int) -> dict:
     return info
 
 
-def prune(work: Path) -> Path:
+def prune(work: Path, nsamples: int, seqlen: int) -> Path:
     from slimgpt_deploy.api import prune_to_checkpoint
     from slimgpt_deploy.config import PruneConfig
 
-    out = work / "slimgpt-20-self"
-    if not (out / "config.json").exists():
-        prune_to_checkpoint(MODEL, out, PruneConfig(ratio=0.2), force=True)  # the defaults: log schedule, `self` calibration 64 x 512
+    out = work / f"slimgpt-20-self-{nsamples}x{seqlen}"
+    if not (out / "config.json").exists():  # the defaults otherwise: log schedule, `self` calibration, seed 0
+        prune_to_checkpoint(MODEL, out, PruneConfig(ratio=0.2, nsamples=nsamples, seqlen=seqlen), force=True)
     return out
 
 
@@ -163,6 +163,8 @@ def main() -> None:
     ap.add_argument("--model", action="append", default=[], metavar="NAME=PATH", help="extra checkpoints to evaluate")
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "zeroshot", help="where the pruned checkpoint is kept")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--nsamples", type=int, default=64, help="self-calibration samples of the pruned model")
+    ap.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sample")
     ap.add_argument("--out", type=Path, default=RESULTS / "zeroshot.json")
     args = ap.parse_args()
     if not DATA.exists():
@@ -177,7 +179,7 @@ def main() -> None:
     extra = dict(m.split("=", 1) for m in args.model)
     if "pruned" not in extra:
         t0 = time.perf_counter()
-        models["slimgpt-20-self"] = str(prune(args.work))
+        models[f"slimgpt-20-self-{args.nsamples}x{args.seqlen}"] = str(prune(args.work, args.nsamples, args.seqlen))
         print(f"pruned in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     models.update(extra)
     results: dict = {}
