@@ -166,6 +166,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=64, help="self-calibration samples of the pruned model")
     ap.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sample")
     ap.add_argument("--out", type=Path, default=RESULTS / "zeroshot.json")
+    ap.add_argument("--note", default="", help="a sentence about the models, recorded with the results")
     args = ap.parse_args()
     if not DATA.exists():
         sys.exit(f"error: {DATA} not found; this benchmark needs WikiText-2 (../shared/data/wikitext-2 beside the repo)")
@@ -199,6 +200,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cores": os.cpu_count(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(), "note": "shared machine, other jobs running: timings are noisy"},
         "command": "python benchmarks/zeroshot.py " + " ".join(sys.argv[1:]),
+        "note": args.note,
         "tasks": tasks_info,
         "models": results,
     }
@@ -228,6 +230,9 @@ def markdown(r: dict) -> str:
     for name, res in r["models"].items():
         cells = [f"{pm(res['tasks'][t]['acc'], res['tasks'][t]['acc_stderr'])} | {pm(res['tasks'][t]['acc_norm'], res['tasks'][t]['acc_norm_stderr'])}" for t in names]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {res['mean']['acc']:.3f} | {res['mean']['acc_norm']:.3f} | {res['seconds']} |")
+    lines += ["", "Models: " + "; ".join(f"`{name}` = `{res['source']}`" for name, res in r["models"].items()) + "."]
+    if r.get("note"):
+        lines += ["", r["note"]]
     dense = r["models"].get("dense")
     if dense:
         lines += ["", "Accuracy retained (mean acc of the model / mean acc of dense): " + ", ".join(
