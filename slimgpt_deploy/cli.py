@@ -90,6 +90,7 @@ def main(verbose: int):
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR if verbose == 0 else level)  # its warnings about in-memory models are expected
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -321,6 +322,8 @@ _BUILD_FLAGS = {
     "bench_text": "bench.text", "quality_tokens": "bench.quality_tokens",
     "preset": "preset", "recover": "recover.enabled", "recover_steps": "recover.steps", "recover_full": "recover.full",
     "recover_data": "recover.data",
+    "eval_text": "eval.text", "tasks": "eval.tasks", "include_path": "eval.include_path", "num_fewshot": "eval.num_fewshot",
+    "eval_limit": "eval.limit", "gate": "gate",
 }
 
 
@@ -328,7 +331,7 @@ _BUILD_FLAGS = {
 @click.argument("model", required=False)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("slimgpt-build"), show_default=True, help="Build directory (reruns skip finished stages).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML file with any build option; flags override it.")
-@click.option("--stages", help="Comma-separated subset of: prune,recover,export-vllm,export-onnx,verify-vllm,verify-onnx,bench,report.")
+@click.option("--stages", help="Comma-separated subset of: prune,recover,export-vllm,export-onnx,verify-vllm,verify-onnx,eval,bench,report.")
 @click.option("--force", is_flag=True, help="Redo the selected stages even if finished; build in a directory that is not a build.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted prune from its last finished layer.")
 @click.option("--max-memory", default=None, metavar="SIZE", help="Cap on calibration activations kept in memory while pruning, e.g. 8GiB.")
@@ -364,11 +367,17 @@ _BUILD_FLAGS = {
 @click.option("--recover-steps", type=int, help="Recovery optimizer steps [100].")
 @click.option("--recover-full", is_flag=True, default=None, help="Recovery trains the full decoder weights instead of LoRA.")
 @click.option("--recover-data", help="Recovery text: 'self', a .txt/.jsonl file or a dataset name [self].")
+@click.option("--eval-text", help="eval stage: text file for dense and pruned perplexity (and fidelity).")
+@click.option("--tasks", help="eval stage: lm-eval multiple-choice tasks for dense and pruned, comma-separated.")
+@click.option("--include-path", help="eval stage: directory of extra lm-eval task YAMLs.")
+@click.option("--num-fewshot", type=int, help="eval stage: few-shot examples per task document [0].")
+@click.option("--eval-limit", type=int, help="eval stage: first N documents of each task [all].")
+@click.option("--gate", multiple=True, help="Quality condition, repeatable or comma-separated: ppl_ratio<=1.30, kl<=0.25, top1>=0.6, accuracy_retained>=0.95 (exit 3 when missed).")
 def build(model, out, config_file, stages, force, resume, max_memory, as_json, **flags):
     """Build MODEL (default: the embedded SmolLM2-135M) into a verified slim checkpoint, vLLM and ONNX exports and a report.
 
-    Exit codes: 0 every stage passed; 2 bad input; 3 a verification failed (the report says
-    which check); 4 NaN/Inf in the model; 1 internal error.
+    Exit codes: 0 every stage passed; 2 bad input; 3 a verification failed or a --gate
+    condition was missed (the report says which); 4 NaN/Inf in the model; 1 internal error.
     """
 
     def go():
@@ -381,6 +390,9 @@ def build(model, out, config_file, stages, force, resume, max_memory, as_json, *
         flag_values["stages"] = stages.split(",") if stages else None
         if flag_values["bench.backends"] is not None:
             flag_values["bench.backends"] = flag_values["bench.backends"].split(",")
+        if flag_values["eval.tasks"] is not None:
+            flag_values["eval.tasks"] = flag_values["eval.tasks"].split(",")
+        flag_values["gate"] = list(flag_values["gate"]) or None  # () when not given
         options = build_options(file_values, flag_values)
         console = _console()
         progress = _BuildProgress(console)
@@ -397,9 +409,13 @@ def build(model, out, config_file, stages, force, resume, max_memory, as_json, *
         if summary["report"]:
             console.print(f"report: {summary['report']}")
         if result.exit_code:
-            failures = "; ".join(f"{name}: {result.state['stages'][name].get('reason')}" for name in result.verification_failed)
-            click.echo(f"error: verification failed: {failures}; see {summary['report'] or out}", err=True)
+            failures = [f"{name}: {result.state['stages'][name].get('reason')}" for name in result.verification_failed]
+            problem = "; ".join(([f"verification failed: {'; '.join(failures)}"] if failures else []) +
+                                ([f"quality gate missed: {', '.join(result.gate_failed)}"] if result.gate_failed else []))
+            click.echo(f"error: {problem}; artifacts kept, see {summary['report'] or out}", err=True)
             sys.exit(result.exit_code)
+        if result.gate:
+            console.print("quality gate passed: " + ", ".join(f"{r['condition']} ({r['value']:.4g})" for r in result.gate["conditions"]))
         console.print(f"[bold green]build passed[/] {out}")
 
     _run(go)
@@ -444,27 +460,58 @@ class _BuildProgress:
 @click.option("--fidelity-seqlen", type=int, default=256, show_default=True)
 @click.option("--fidelity-samples", type=int, default=8, show_default=True, help="Samples of self-generated fidelity text.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--tasks", help="lm-eval multiple-choice tasks, comma-separated (e.g. boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa).")
+@click.option("--include-path", type=click.Path(path_type=Path), help="Directory of extra lm-eval task YAMLs (e.g. a local JSONL task).")
+@click.option("--num-fewshot", type=int, default=0, show_default=True, help="Few-shot examples per task document.")
+@click.option("--limit", type=int, default=None, help="Evaluate only the first N documents of each task.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Batch size for the task log-likelihoods.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON on stdout.")
-def eval_(model, text_path, seqlen, max_tokens, reference, fidelity_text, fidelity_seqlen, fidelity_samples, seed, as_json):
-    """Evaluate MODEL: perplexity on a text file and/or fidelity to a reference model."""
+def eval_(model, text_path, seqlen, max_tokens, reference, fidelity_text, fidelity_seqlen, fidelity_samples, seed,
+          tasks, include_path, num_fewshot, limit, batch_size, as_json):
+    """Evaluate MODEL: perplexity on a text file, fidelity to a reference model, accuracy on lm-eval tasks."""
 
     def go():
         from .errors import BadInputError
         from .api import evaluate_model
+        from .tasks import TaskOptions, parse_tasks
 
-        if text_path is None and reference is None:
-            raise BadInputError("nothing to evaluate; give --text FILE for perplexity and/or --reference MODEL for fidelity")
+        task_options = None
+        if tasks is not None:
+            task_options = TaskOptions(tasks=parse_tasks(tasks), include_path=include_path, num_fewshot=num_fewshot,
+                                       limit=limit, batch_size=batch_size)
+        elif include_path is not None or limit is not None:
+            raise BadInputError("--include-path and --limit apply to --tasks; name the tasks with --tasks")
+        if text_path is None and reference is None and task_options is None:
+            raise BadInputError("nothing to evaluate; give --text FILE for perplexity, --reference MODEL for fidelity and/or --tasks for accuracy")
         results = evaluate_model(
             model, text=text_path, seqlen=seqlen, max_tokens=max_tokens, reference=reference,
             fidelity_text=fidelity_text, fidelity_seqlen=fidelity_seqlen, fidelity_samples=fidelity_samples, seed=seed,
+            tasks=task_options,
         )
         console = _console()
         for key, value in results.items():
-            console.print(f"{key}: {value}")
+            if key == "accuracy":
+                _print_accuracy(console, value)
+            else:
+                console.print(f"{key}: {value}")
         if as_json:
             click.echo(json.dumps(results, indent=2))
 
     _run(go)
+
+
+def _print_accuracy(console, acc: dict) -> None:
+    from rich.table import Table
+
+    limit = "" if acc["limit"] is None else f", first {acc['limit']} documents per task"
+    table = Table(title=f"{acc['harness']} {acc['harness_version']}, {acc['num_fewshot']}-shot{limit}")
+    for col in ("task", "documents", "acc", "acc_norm"):
+        table.add_column(col)
+    pm = lambda v, e: f"{v:.4f}" + ("" if e is None else f" ± {e:.4f}")  # noqa: E731
+    for name, t in acc["tasks"].items():
+        table.add_row(name, str(t["samples"]), pm(t["acc"], t["acc_stderr"]), pm(t["acc_norm"], t["acc_norm_stderr"]))
+    table.add_row("mean", "", f"{acc['mean']['acc']:.4f}", f"{acc['mean']['acc_norm']:.4f}")
+    console.print(table)
 
 
 @main.command("export")

@@ -13,6 +13,7 @@ EXTRAS = {
     "onnxruntime": "onnx",
     "onnxscript": "onnx",
     "peft": "recover",
+    "lm_eval": "lm-eval",
 }
 
 

@@ -1,4 +1,4 @@
-"""`slimgpt-deploy build`: model -> slim checkpoint -> vLLM and ONNX exports -> verification -> benchmark -> report.
+"""`slimgpt-deploy build`: model -> slim checkpoint -> vLLM and ONNX exports -> verification -> [eval + gate] -> benchmark -> report.
 
     from slimgpt_deploy.build import build_options, run_build
     result = run_build(Path("out"), build_options({}, {"prune.ratio": 0.2}))

@@ -10,6 +10,10 @@ The file mirrors the stages (every key optional):
     vllm:   {dtype: float32}
     onnx:   {dtype: fp32, quantize: null}
     bench:  {backends: [torch, onnx, vllm], repeats: 3, decode_tokens: 32, ...}
+    eval:   {text: wiki.txt, tasks: [boolq, piqa], include_path: null, num_fewshot: 0, limit: null, ...}
+    gate:   ["ppl_ratio<=1.30", "kl<=0.25", "accuracy_retained>=0.95"]
+
+The eval stage runs only when asked for: an eval option, a gate, or `eval` named in stages.
 
 Internally every option has a dotted name ("prune.ratio"); the schema below is the one
 list of them, with the type each accepts. A key that does not exist is refused with the
@@ -26,9 +30,11 @@ from typing import Any
 from ..config import PruneConfig
 from ..errors import BadInputError
 from ..recover import RecoverConfig
+from .gate import Condition, check_measurable, parse_gate
 
-STAGES = ("prune", "recover", "export-vllm", "export-onnx", "verify-vllm", "verify-onnx", "bench", "report")
-OPTIONAL_STAGES = ("recover",)  # in the default stages only when switched on (recover.enabled)
+STAGES = ("prune", "recover", "export-vllm", "export-onnx", "verify-vllm", "verify-onnx", "eval", "bench", "report")
+# In the default stages only when switched on: recover by recover.enabled, eval by an eval option or a gate.
+OPTIONAL_STAGES = ("recover", "eval")
 DEFAULT_STAGES = tuple(s for s in STAGES if s not in OPTIONAL_STAGES)
 BENCH_BACKENDS = ("torch", "onnx", "vllm")
 # A preset sets option values below the config file and the flags.
@@ -65,6 +71,16 @@ SCHEMA: dict[str, tuple[type, type | None, bool]] = {
     "bench.text": (str, None, True),
     "bench.quality_tokens": (int, None, False),
     "bench.quality_seqlen": (int, None, False),
+    "eval.text": (str, None, True),
+    "eval.tasks": (list, str, False),
+    "eval.include_path": (str, None, True),
+    "eval.num_fewshot": (int, None, False),
+    "eval.limit": (int, None, True),
+    "eval.batch_size": (int, None, False),
+    "eval.seqlen": (int, None, False),
+    "eval.max_tokens": (int, None, True),
+    "eval.fidelity_tokens": (int, None, False),
+    "gate": (list, str, False),
 }
 _TYPE_NAMES = {bool: "true or false", str: "a string", int: "an integer", float: "a number", list: "a list"}
 _PLURAL = {str: "strings", int: "integers", float: "numbers"}
@@ -92,6 +108,19 @@ class RecoverSection:
 
 
 @dataclass(frozen=True)
+class EvalSection:
+    text: str | None = None  # perplexity (dense and pruned) and fidelity text; None: fidelity on bench's sample
+    tasks: tuple[str, ...] = ()  # lm-eval multiple-choice tasks, run on dense and pruned
+    include_path: str | None = None
+    num_fewshot: int = 0
+    limit: int | None = None
+    batch_size: int = 8
+    seqlen: int = 512  # perplexity and fidelity window
+    max_tokens: int | None = None  # perplexity on the first N tokens of text (None: all of it)
+    fidelity_tokens: int = 4096
+
+
+@dataclass(frozen=True)
 class BuildOptions:
     model: str = DEFAULT_MODEL
     stages: tuple[str, ...] = DEFAULT_STAGES
@@ -101,6 +130,8 @@ class BuildOptions:
     onnx_dtype: str = "fp32"
     onnx_quantize: str | None = None
     bench: BenchSection = field(default_factory=BenchSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    gate: tuple[Condition, ...] = ()
 
     def stage_options(self, stage: str) -> dict:
         """The options a stage's result depends on (its fingerprint's own part)."""
@@ -112,7 +143,8 @@ class BuildOptions:
             "verify-vllm": {},
             "verify-onnx": {},
             "bench": {"model": self.model, **{f.name: getattr(self.bench, f.name) for f in fields(BenchSection)}},
-            "report": {},
+            "eval": {"model": self.model, **{f.name: getattr(self.eval, f.name) for f in fields(EvalSection)}},
+            "report": {"gate": [str(c) for c in self.gate]},
         }
         return by_stage[stage]
 
@@ -125,6 +157,8 @@ class BuildOptions:
             "vllm": {"dtype": self.vllm_dtype},
             "onnx": {"dtype": self.onnx_dtype, "quantize": self.onnx_quantize},
             "bench": {f.name: _plain(getattr(self.bench, f.name)) for f in fields(BenchSection)},
+            "eval": {f.name: _plain(getattr(self.eval, f.name)) for f in fields(EvalSection)},
+            "gate": [str(c) for c in self.gate],
         }
 
 
@@ -267,14 +301,44 @@ def build_options(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]
     vllm_dtype = merged.get("vllm.dtype")
     if vllm_dtype not in (None, "float32", "bfloat16", "float16"):
         raise BadInputError(f"unsupported vllm.dtype {vllm_dtype!r}; choose one of: float32, bfloat16, float16")
-    default_stages = STAGES if recover_on else DEFAULT_STAGES
+    evaluation, gate = _eval_and_gate(merged)
+    eval_on = bool(gate) or any(k.startswith("eval.") for k in merged)
+    switched_on = {"recover": recover_on, "eval": eval_on}
+    default_stages = tuple(s for s in STAGES if s not in OPTIONAL_STAGES or switched_on[s])
+    stages = parse_stages(merged["stages"]) if "stages" in merged else default_stages
+    if gate and "eval" not in stages:
+        raise BadInputError(f"a --gate needs the eval stage; add eval to --stages ({', '.join(stages)})")
     return BuildOptions(
         model=merged.get("model", DEFAULT_MODEL),
-        stages=parse_stages(merged["stages"]) if "stages" in merged else default_stages,
+        stages=stages,
         prune=PruneConfig(**prune),
         recover=RecoverSection(enabled=recover_on, config=RecoverConfig(**recover)),
         vllm_dtype=vllm_dtype,
         onnx_dtype=onnx_dtype,
         onnx_quantize=quantize,
         bench=BenchSection(**bench),
+        eval=evaluation,
+        gate=gate,
     )
+
+
+def _eval_and_gate(merged: Mapping[str, Any]) -> tuple[EvalSection, tuple[Condition, ...]]:
+    """The eval section and the parsed gate, refusing a condition on a metric the eval will not measure."""
+    values = {k.split(".", 1)[1]: v for k, v in merged.items() if k.startswith("eval.")}
+    if "tasks" in values:
+        from ..tasks import parse_tasks
+
+        values["tasks"] = parse_tasks(list(values["tasks"]))
+    for key in ("batch_size", "seqlen", "fidelity_tokens", "limit", "max_tokens"):
+        if values.get(key) is not None and values[key] < (2 if key == "seqlen" else 1):
+            raise BadInputError(f"build option 'eval.{key}' must be at least {2 if key == 'seqlen' else 1}, got {values[key]}")
+    if values.get("num_fewshot", 0) < 0:
+        raise BadInputError(f"build option 'eval.num_fewshot' must be >= 0, got {values['num_fewshot']}")
+    for key in ("text", "include_path"):
+        if values.get(key) is not None and not Path(values[key]).exists():
+            raise BadInputError(f"build option 'eval.{key}': {values[key]} does not exist; give an existing "
+                                f"{'UTF-8 text file' if key == 'text' else 'directory of lm-eval task YAMLs'}")
+    evaluation = EvalSection(**values)
+    gate = parse_gate(merged.get("gate"))
+    check_measurable(gate, {name for name, on in (("text", evaluation.text), ("tasks", evaluation.tasks)) if on})
+    return evaluation, gate

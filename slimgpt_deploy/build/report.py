@@ -71,6 +71,12 @@ def collect(ctx: BuildContext) -> dict:
             artifacts[label] = {"path": str(path), "bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file())}
     bench = _read_json(ctx.path("bench"))
     failed = [f"{name}: {rec.get('reason')}" for name, rec in state["stages"].items() if rec.get("status") == "failed"]
+    gate = None
+    if ctx.options.gate:
+        from .gate import check_gate_file, failures
+
+        gate = check_gate_file(ctx.options.gate, ctx.path("eval"))
+        failed += [f"gate: {f}" for f in failures(gate)]
     return {
         "format": REPORT_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -91,6 +97,8 @@ def collect(ctx: BuildContext) -> dict:
         "stages": stages,
         "artifacts": artifacts,
         "verification": verification,
+        "eval": _read_json(ctx.path("eval")) if "eval" in ctx.options.stages else None,
+        "gate": gate,
         "bench": bench,
     }
 
@@ -249,6 +257,14 @@ def markdown(data: dict) -> str:
         for fmt, v in data["verification"].items():
             lines.append(f"| {fmt} | {v.get('passed')} | {'; '.join(v.get('failures', [])) or '-'} |")
         lines.append("")
+    if data.get("gate"):
+        lines += ["## Quality gate", "", "| condition | measured | result |", "|---|---|---|"]
+        for r in data["gate"]["conditions"]:
+            value = "not measured" if r["value"] is None else f"{r['value']:.4g}"
+            lines.append(f"| `{r['condition']}` | {value} | {'pass' if r['passed'] else '**FAIL**'} |")
+        lines.append("")
+    if data.get("eval"):
+        lines += eval_markdown(data["eval"])
     if data["artifacts"]:
         lines += ["## Artifacts", "", "| artifact | path | MB |", "|---|---|---|"]
         for name, a in data["artifacts"].items():
@@ -274,6 +290,30 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+def eval_markdown(ev: dict) -> list[str]:
+    """The eval stage's numbers: perplexity, fidelity, and per-task accuracies dense vs pruned."""
+    lines = ["## Evaluation: dense vs pruned", ""]
+    d, p, f = ev["dense"], ev["pruned"], ev["fidelity"]
+    if "perplexity" in d:
+        pd_, pp = d["perplexity"], p["perplexity"]
+        lines.append(f"Perplexity on {pd_['text']} ({pd_['windows']} windows of {pd_['seqlen']} tokens): "
+                     f"dense {pd_['ppl']:.3f}, pruned {pp['ppl']:.3f} (ratio {pp['ppl'] / pd_['ppl']:.3f}).")
+    lines += [f"Fidelity on {f['text']} ({f['tokens']} tokens): KL(dense || pruned) {f['kl']:.4f} nats/token, "
+              f"top-1 agreement {f['top1']:.2%}.", ""]
+    if "accuracy" in d:
+        a = d["accuracy"]
+        limit = "" if a["limit"] is None else f", first {a['limit']} documents per task"
+        lines += [f"Accuracy ({a['harness']} {a['harness_version']}, {a['num_fewshot']}-shot{limit}):", "",
+                  "| task | documents | dense acc | pruned acc | dense acc_norm | pruned acc_norm |", "|---|---|---|---|---|---|"]
+        for name, t in a["tasks"].items():
+            q = p["accuracy"]["tasks"][name]
+            lines.append(f"| {name} | {t['samples']} | {t['acc']:.4f} | {q['acc']:.4f} | {t['acc_norm']:.4f} | {q['acc_norm']:.4f} |")
+        lines.append(f"| mean | | {a['mean']['acc']:.4f} | {p['accuracy']['mean']['acc']:.4f} | "
+                     f"{a['mean']['acc_norm']:.4f} | {p['accuracy']['mean']['acc_norm']:.4f} |")
+        lines.append("")
+    return lines
+
+
 # --- the model card --------------------------------------------------------------------
 
 
@@ -291,6 +331,10 @@ def link_model_card(slim: Path, data: dict) -> None:
         r = b["ratios"]
         lines.append(f"- {name}: decode speed-up at batch 1 {r['decode_speedup'].get('1', float('nan')):.2f}x "
                      f"(weight-bytes ideal {r['ideal_decode_speedup']:.2f}x)")
+    gate = data.get("gate")
+    if gate:
+        conditions = ", ".join(f"{r['condition']} ({'-' if r['value'] is None else format(r['value'], '.4g')})" for r in gate["conditions"])
+        lines.append(f"- quality gate {'passed' if gate['passed'] else 'FAILED'}: {conditions}")
     q = bench.get("quality")
     if q:
         lines.append(f"- perplexity on {q['text']}: dense {q['dense']['perplexity']:.2f}, pruned {q['pruned']['perplexity']:.2f}")
@@ -300,6 +344,8 @@ def link_model_card(slim: Path, data: dict) -> None:
     record = json.loads(record_path.read_text())
     record["verification"] = {fmt: {"passed": v.get("passed"), "failures": v.get("failures", [])} for fmt, v in data["verification"].items()}
     record["build_report"] = rel
+    if gate:
+        record["gate"] = gate
     _replace_file(record_path, json.dumps(record, indent=2) + "\n")
 
 
@@ -316,4 +362,5 @@ def write_report(ctx: BuildContext) -> dict:
         (tmp / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
         (tmp / "report.md").write_text(markdown(data))
     link_model_card(ctx.checkpoint, data)
-    return {"report": str(ctx.path("report") / "report.md"), "plots": sorted(data["plots"].values()), "passed": data["passed"]}
+    return {"report": str(ctx.path("report") / "report.md"), "plots": sorted(data["plots"].values()), "passed": data["passed"],
+            **({"gate": data["gate"]} if data["gate"] else {})}

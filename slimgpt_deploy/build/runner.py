@@ -25,7 +25,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import BadInputError, OutputExistsError
 from .options import STAGES, BuildOptions
-from .stages import OUTPUTS, REQUIRES, STAGE_FUNCTIONS, VERIFY_STAGES, BuildContext, stage_inputs, write_json_atomic
+from .stages import OUTPUTS, REQUIRES, STAGE_FUNCTIONS, VERIFY_STAGES, BuildContext, prepare_eval, stage_inputs, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +48,21 @@ class BuildResult:
     out: Path
     stages: list[StageRun]
     state: dict
+    gate: dict | None = None  # gate.check_gate's result when the build has a gate
 
     @property
     def verification_failed(self) -> list[str]:
         return [s.name for s in self.stages if s.name in VERIFY_STAGES and s.status == "failed"]
 
     @property
+    def gate_failed(self) -> list[str]:
+        from .gate import failures
+
+        return failures(self.gate) if self.gate else []
+
+    @property
     def exit_code(self) -> int:
-        return 3 if self.verification_failed else 0
+        return 3 if self.verification_failed or self.gate_failed else 0
 
     def to_dict(self) -> dict:
         """The machine-readable summary `build --json` prints."""
@@ -72,6 +79,7 @@ class BuildResult:
             "passed": self.exit_code == 0,
             "stages": stages,
             "verification": verification,
+            **({"gate": self.gate} if self.gate is not None else {}),
             "artifacts": artifacts,
             "report": str(self.out / "report" / "report.md") if (self.out / "report" / "report.md").exists() else None,
         }
@@ -125,7 +133,7 @@ def stage_fingerprint(out: Path, stage: str, options: BuildOptions) -> str:
     needs, uses = stage_inputs(stage, options)
     upstream = {name: output_fingerprint(out, name) for name in (*needs, *uses)}
     own = options.stage_options(stage)
-    if stage in ("prune", "recover", "bench"):
+    if stage in ("prune", "recover", "bench", "eval"):
         own = {**own, "source": source_fingerprint(options.model)}
     return _hash({"stage": stage, "version": __version__, "options": own, "upstream": upstream})
 
@@ -186,10 +194,12 @@ def run_build(
     for stage in options.stages:
         _check_inputs(out, stage, options)
     _check_extras(options)
+    tasks = prepare_eval(options)  # unknown task or a dataset not available: refused before any work
     out.mkdir(parents=True, exist_ok=True)
     state = {"format": STATE_FORMAT, "stages": {}, **state}
     state["options"] = options.to_dict()
-    ctx = BuildContext(out=out, options=options, resume=resume, max_memory=max_memory, log=log_fn, on_layer=on_layer, state=state)
+    ctx = BuildContext(out=out, options=options, resume=resume, max_memory=max_memory, log=log_fn, on_layer=on_layer,
+                       state=state, tasks=tasks)
     notify = on_stage or (lambda name, status, seconds: None)
     runs: list[StageRun] = []
     for stage in STAGES:
@@ -229,7 +239,18 @@ def run_build(
         _save_state(out, state)
         runs.append(StageRun(stage, status, seconds, summary, reason))
         notify(stage, status, seconds)
-    return BuildResult(out=out, stages=runs, state=state)
+    gate = gate_result(out, options)
+    if gate is not None:
+        state["gate"] = gate
+        _save_state(out, state)
+    return BuildResult(out=out, stages=runs, state=state, gate=gate)
+
+
+def gate_result(out: Path, options: BuildOptions) -> dict | None:
+    """The gate checked against DIR/eval/eval.json; None without a gate."""
+    from .gate import check_gate_file
+
+    return check_gate_file(options.gate, out / OUTPUTS["eval"]) if options.gate else None
 
 
 def _check_inputs(out: Path, stage: str, options: BuildOptions) -> None:

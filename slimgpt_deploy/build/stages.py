@@ -7,6 +7,8 @@
     export-onnx  DIR/slim -> DIR/onnx          (exporters.onnx, unverified here)
     verify-vllm  DIR/vllm vs DIR/slim -> DIR/verify/vllm.json
     verify-onnx  DIR/onnx vs DIR/slim -> DIR/verify/onnx.json
+    eval         dense vs DIR/slim: perplexity on eval.text, fidelity (KL, top-1), lm-eval
+                 accuracies on eval.tasks -> DIR/eval/eval.json (only when asked; see gate.py)
     bench        dense vs DIR/slim on torch/onnx/vllm -> DIR/bench/bench.json
     report       everything above -> DIR/report/ (report.json, report.md, plots)
 
@@ -32,6 +34,7 @@ OUTPUTS = {
     "export-onnx": "onnx",
     "verify-vllm": "verify/vllm.json",
     "verify-onnx": "verify/onnx.json",
+    "eval": "eval/eval.json",
     "bench": "bench/bench.json",
     "report": "report",
 }
@@ -43,14 +46,15 @@ INPUTS = {
     "export-onnx": (("prune",), ()),
     "verify-vllm": (("prune", "export-vllm"), ()),
     "verify-onnx": (("prune", "export-onnx"), ()),
+    "eval": (("prune",), ()),
     "bench": (("prune",), ("export-onnx",)),
-    "report": ((), ("prune", "export-vllm", "export-onnx", "verify-vllm", "verify-onnx", "bench")),
+    "report": ((), ("prune", "export-vllm", "export-onnx", "verify-vllm", "verify-onnx", "eval", "bench")),
 }
 # stage -> the modules it needs, checked (without importing them) before any stage runs
 REQUIRES = {"recover": ("peft",), "export-onnx": ("onnx", "onnxscript"), "verify-vllm": ("vllm",), "verify-onnx": ("onnxruntime",)}
 WORK_DIR = ".work"  # caches owned by the build: prune resume state, bench's model copies and dense ONNX
 # Stages that read the shipped checkpoint: DIR/slim, or DIR/recovered when the recover stage is on.
-READS_CHECKPOINT = ("export-vllm", "export-onnx", "verify-vllm", "verify-onnx", "bench", "report")
+READS_CHECKPOINT = ("export-vllm", "export-onnx", "verify-vllm", "verify-onnx", "eval", "bench", "report")
 
 
 def stage_inputs(stage: str, options: BuildOptions) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -71,6 +75,7 @@ class BuildContext:
     log: Callable[[str], None] = lambda msg: None
     on_layer: Callable[[int, int, dict], None] | None = None
     state: dict | None = None  # the runner's build.json, read by the report
+    tasks: object | None = None  # the eval stage's lm-eval tasks, resolved before any work (tasks.PreparedTasks)
 
     def path(self, stage: str) -> Path:
         return self.out / OUTPUTS[stage]
@@ -189,6 +194,49 @@ def bench(ctx: BuildContext) -> dict:
     return {name: {"status": r["status"], "reason": r.get("reason")} for name, r in result["backends"].items()}
 
 
+def prepare_eval(options: BuildOptions):
+    """Resolve the eval stage's lm-eval tasks (names and datasets) before any work; None without tasks."""
+    e = options.eval
+    if "eval" not in options.stages or not e.tasks:
+        return None
+    from ..tasks import TaskOptions, prepare_tasks
+
+    return prepare_tasks(TaskOptions(tasks=e.tasks, include_path=Path(e.include_path) if e.include_path else None,
+                                     num_fewshot=e.num_fewshot, limit=e.limit, batch_size=e.batch_size))
+
+
+def eval_(ctx: BuildContext) -> dict:
+    """Dense vs pruned: perplexity on eval.text, fidelity of the pruned model, accuracies on eval.tasks."""
+    from ..bench import SAMPLE_TEXT
+    from ..evaluate import fidelity, load_text, perplexity, text_to_ids
+    from ..sources import load_model
+    from ..tasks import run_tasks
+    from .gate import measured_metrics
+
+    e = ctx.options.eval
+    tasks = ctx.tasks if ctx.tasks is not None else prepare_eval(ctx.options)
+    ctx.log(f"evaluating dense {ctx.options.model} and pruned {ctx.path('prune')}")
+    models = {"dense": load_model(ctx.options.model), "pruned": load_model(str(ctx.checkpoint))}
+    results: dict = {name: {"model": m.source} for name, m in models.items()}
+    tokenizer = models["dense"].tokenizer
+    if e.text is not None:
+        ids = text_to_ids(tokenizer, load_text(e.text))
+        for name, m in models.items():
+            ppl = perplexity(m.model, ids, seqlen=e.seqlen, max_tokens=e.max_tokens)
+            results[name]["perplexity"] = {"text": e.text, **ppl.__dict__}
+    fid_text = Path(e.text) if e.text is not None else SAMPLE_TEXT
+    ids = text_to_ids(tokenizer, load_text(fid_text))[: e.fidelity_tokens]  # [T]
+    fid = fidelity(models["pruned"].model, models["dense"].model, ids, seqlen=min(e.seqlen, ids.numel()))
+    fid_record = {"text": e.text or "built-in sample", **fid.__dict__}
+    if tasks is not None:
+        for name, m in models.items():
+            ctx.log(f"lm-eval tasks {', '.join(e.tasks)} on the {name} model")
+            results[name]["accuracy"] = run_tasks(m.model, m.tokenizer, tasks)
+    metrics = measured_metrics(results["dense"], results["pruned"], fid_record)
+    write_json_atomic(ctx.path("eval"), {**results, "fidelity": fid_record, "metrics": metrics})
+    return {k: v for k, v in metrics.items() if v is not None}
+
+
 def report(ctx: BuildContext) -> dict:
     from .report import write_report
 
@@ -202,6 +250,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[BuildContext], dict]] = {
     "export-onnx": export_onnx,
     "verify-vllm": verify_vllm,
     "verify-onnx": verify_onnx,
+    "eval": eval_,
     "bench": bench,
     "report": report,
 }

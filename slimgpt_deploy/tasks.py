@@ -1,0 +1,169 @@
+"""Standard accuracy through lm-evaluation-harness (the `lm-eval` extra), on an already-loaded model.
+
+The pruning papers (SlimGPT, LLM-Pruner, FLAP) report zero-shot accuracy on BoolQ, PIQA,
+HellaSwag, WinoGrande, ARC-e, ARC-c and OBQA through lm-eval. Here the model we already
+loaded (dense, or a slim checkpoint's SlimGPTForCausalLM) is handed to lm-eval's `HFLM`
+directly, so nothing is reloaded or converted.
+
+For a multiple-choice document with context c and choices a_1..a_k, lm-eval scores
+
+    ll_i = sum over the tokens of " " + a_i of log p(token | c, earlier tokens of a_i)
+    acc      = [argmax_i ll_i == gold]
+    acc_norm = [argmax_i ll_i / len(a_i) == gold]        (len in characters of the choice text)
+
+averaged over documents, with the standard error of the mean. Task names are lm-eval's own;
+`include_path` adds a directory of task YAMLs (e.g. one with `dataset_path: json` over a local
+JSONL file, which runs without any network). Datasets are resolved *before* any model work
+(`prepare_tasks`), so an unknown task or a dataset that cannot be had offline fails in seconds
+with one line that says what to do.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BadInputError
+from .extras import require
+
+log = logging.getLogger(__name__)
+
+HARNESS = "lm-evaluation-harness"
+METRICS = ("acc", "acc_norm")
+# The seven zero-shot tasks of the pruning papers (lm-eval names); they need their datasets (network once).
+PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    tasks: tuple[str, ...]
+    include_path: Path | None = None
+    num_fewshot: int = 0
+    limit: int | None = None  # first N documents of each task (None: all)
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if not self.tasks:
+            raise BadInputError("no tasks given; name lm-eval tasks, e.g. --tasks boolq,piqa")
+        if self.num_fewshot < 0:
+            raise BadInputError(f"--num-fewshot must be >= 0, got {self.num_fewshot}")
+        if self.limit is not None and self.limit < 1:
+            raise BadInputError(f"--limit must be at least 1 document per task, got {self.limit}")
+        if self.batch_size < 1:
+            raise BadInputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.include_path is not None and not Path(self.include_path).is_dir():
+            raise BadInputError(f"--include-path {self.include_path} is not a directory; give a directory of lm-eval task YAMLs")
+
+    def to_dict(self) -> dict:
+        return {"tasks": list(self.tasks), "include_path": str(self.include_path) if self.include_path else None,
+                "num_fewshot": self.num_fewshot, "limit": self.limit, "batch_size": self.batch_size}
+
+
+def parse_tasks(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """`boolq, piqa` (or a list) -> ("boolq", "piqa"), duplicates dropped, order kept."""
+    if text is None:
+        return ()
+    items = text.split(",") if isinstance(text, str) else [str(t) for t in text]
+    return tuple(dict.fromkeys(t.strip() for t in items if t.strip()))
+
+
+@dataclass
+class PreparedTasks:
+    """lm-eval Task objects with their datasets loaded, and the manager that found them."""
+
+    options: TaskOptions
+    manager: object
+    tasks: dict  # name -> lm_eval Task
+
+
+def harness_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
+
+
+def prepare_tasks(options: TaskOptions) -> PreparedTasks:
+    """Find every task and load its dataset, before any model is loaded.
+
+    Unknown name -> BadInputError naming the closest and how to list them; a dataset that cannot
+    be loaded (offline, or missing) -> BadInputError naming the task and how to make it available.
+    """
+    require("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    include = str(options.include_path) if options.include_path else None
+    manager = None
+    if include is not None:  # indexing lm-eval's ~15k built-in tasks takes seconds: skip it when the local ones suffice
+        manager = TaskManager(include_path=include, include_defaults=False)
+        if not set(options.tasks) <= set(manager.all_tasks):
+            manager = None
+    manager = manager or TaskManager(include_path=include)
+    known = set(manager.all_tasks)
+    for name in options.tasks:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise BadInputError(
+                f"unknown lm-eval task {name!r}{hint}: list the available ones with `lm-eval ls tasks`"
+                f"{' --include_path ' + include if include else ''}, or add a task YAML in a directory given by --include-path"
+            )
+    tasks: dict = {}
+    for name in options.tasks:
+        try:
+            loaded = manager.load([name])
+        except Exception as e:  # noqa: BLE001 -- datasets raises many kinds (ConnectionError, FileNotFoundError, ...)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BadInputError(
+                f"task {name!r}: its dataset is not available ({type(e).__name__}: {first}); run once with network access "
+                f"(the Hugging Face datasets cache then keeps it for offline runs), or give a local task YAML "
+                f"(dataset_path: json over a JSONL file) in a directory passed with --include-path"
+            ) from e
+        tasks.update(loaded["tasks"])
+    for name, task in tasks.items():
+        if task.get_config("output_type") != "multiple_choice":
+            raise BadInputError(
+                f"task {name!r} is {task.get_config('output_type')}, not multiple_choice; "
+                f"only multiple-choice tasks (acc / acc_norm) are supported"
+            )
+    return PreparedTasks(options=options, manager=manager, tasks=tasks)
+
+
+def run_tasks(model, tokenizer, prepared: PreparedTasks) -> dict:
+    """Accuracy of an in-memory model on the prepared tasks (see the module docstring).
+
+    Returns {"harness", "harness_version", "num_fewshot", "limit", "tasks": {name: {acc, acc_stderr,
+    acc_norm, acc_norm_stderr, samples}}, "mean": {acc, acc_norm}} (means over tasks, unweighted).
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    from .evaluate import eval_mode
+
+    o = prepared.options
+    with eval_mode(model):
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=o.batch_size)
+        raw = lm_eval.simple_evaluate(
+            model=lm, tasks=list(prepared.tasks.values()), num_fewshot=o.num_fewshot, limit=o.limit,
+            task_manager=prepared.manager, log_samples=False,
+            random_seed=0, numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234,
+        )
+    per_task = {}
+    for name in prepared.tasks:
+        r = raw["results"][name]
+        entry = {"samples": raw["n-samples"][name]["effective"]}
+        for metric in METRICS:
+            entry[metric] = r.get(f"{metric},none")
+            stderr = r.get(f"{metric}_stderr,none")  # "N/A" for a single document
+            entry[f"{metric}_stderr"] = stderr if isinstance(stderr, (int, float)) else None
+        per_task[name] = entry
+        log.info("%s: acc %.4f, acc_norm %.4f over %d documents", name, entry["acc"], entry["acc_norm"], entry["samples"])
+    return {
+        "harness": HARNESS,
+        "harness_version": harness_version(),
+        "num_fewshot": o.num_fewshot,
+        "limit": o.limit,
+        "tasks": per_task,
+        "mean": {m: sum(t[m] for t in per_task.values()) / len(per_task) for m in METRICS},
+    }
+
