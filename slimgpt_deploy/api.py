@@ -51,7 +51,7 @@ def versions() -> dict:
 
 
 def prune(
-    model: str | LoadedModel,
+    model: str | Path | LoadedModel,
     config: PruneConfig | None = None,
     *,
     on_layer: Callable[[int, int, dict], None] | None = None,
@@ -64,12 +64,13 @@ def prune(
     memory (beyond it they live on disk; the result is the same).
     """
     config = config or PruneConfig()
+    model = str(model) if isinstance(model, Path) else model
     estimate = check_resources(model, config, out=None, max_memory=max_memory)
     return _prune(model, config, on_layer=on_layer, state=None, offload=estimate.activations_on_disk)
 
 
 def prune_to_checkpoint(
-    model: str | LoadedModel,
+    model: str | Path | LoadedModel,
     out: Path,
     config: PruneConfig | None = None,
     *,
@@ -91,6 +92,7 @@ def prune_to_checkpoint(
     """
     out = Path(out)
     config = config or PruneConfig()
+    model = str(model) if isinstance(model, Path) else model
     check_output_dir(out, force)
     t0 = time.perf_counter()
     model_cfg = model.model.config if isinstance(model, LoadedModel) else model_config(model)

@@ -60,7 +60,7 @@ def _prune(model, out: Path, device: str) -> dict:
 @pytest.mark.parametrize("free_bytes", [8 * 2**30, 2**20], ids=["activations-on-device", "activations-pinned-on-host"])
 def test_whole_pruner_on_a_distinct_compute_device_matches_the_cpu(tiny_model_dir_factory, tmp_path, monkeypatch, free_bytes):
     model_dir = tiny_model_dir_factory("llama", **GQA)
-    ref = _prune(str(model_dir), tmp_path / "cpu", "cpu")
+    ref = _prune(model_dir, tmp_path / "cpu", "cpu")  # a Path works as a source too
     # Loaded on the host as the CLI loads it (transformers' loader is not run under the harness:
     # it leaves non-persistent buffers uninitialised when every torch call is intercepted).
     model = load_model(str(model_dir))
