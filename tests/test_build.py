@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import assert_refused
 from click.testing import CliRunner
 
 from slimgpt_deploy.build import DEFAULT_STAGES, build_options, read_config_file
@@ -174,17 +175,11 @@ def test_stages_subset_runs_only_those(tiny_dense, build_config, tmp_path):
 # --- bad input: one line, exit code 2, nothing written ----------------------------------
 
 
-def _refused(result, *words):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
-def test_unknown_stage_is_refused(tiny_dense, tmp_path):
+def test_unknown_stage_isassert_refused(tiny_dense, tmp_path):
     result, _ = _build(tiny_dense, "--out", tmp_path / "o", "--stages", "prune,exprot-onnx")
-    _refused(result, "unknown stage 'exprot-onnx'", "did you mean 'export-onnx'")
+    assert_refused(result, "unknown stage 'exprot-onnx'", "did you mean 'export-onnx'")
     assert not (tmp_path / "o").exists()
 
 
@@ -192,21 +187,21 @@ def test_unknown_config_key_names_the_closest(tiny_dense, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("prune:\n  ratoi: 0.2\n")
     result, _ = _build(tiny_dense, "--out", tmp_path / "o", config=cfg)
-    _refused(result, "unknown build option 'prune.ratoi'", "did you mean 'prune.ratio'")
+    assert_refused(result, "unknown build option 'prune.ratoi'", "did you mean 'prune.ratio'")
     cfg.write_text("nsamples: 8\n")
     result, _ = _build(tiny_dense, "--out", tmp_path / "o", config=cfg)
-    _refused(result, "'nsamples'", "did you mean 'prune.nsamples'")
+    assert_refused(result, "'nsamples'", "did you mean 'prune.nsamples'")
     assert not (tmp_path / "o").exists()
 
 
-def test_config_value_of_the_wrong_type_is_refused(tiny_dense, tmp_path):
+def test_config_value_of_the_wrong_type_isassert_refused(tiny_dense, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("prune:\n  ratio: 20%\n")
     result, _ = _build(tiny_dense, "--out", tmp_path / "o", config=cfg)
-    _refused(result, "'prune.ratio'", "must be a number", "'20%'")
+    assert_refused(result, "'prune.ratio'", "must be a number", "'20%'")
     cfg.write_text("bench:\n  backends: torch\n")
     result, _ = _build(tiny_dense, "--out", tmp_path / "o", config=cfg)
-    _refused(result, "'bench.backends'", "must be a list")
+    assert_refused(result, "'bench.backends'", "must be a list")
     assert not (tmp_path / "o").exists()
 
 
@@ -215,16 +210,16 @@ def test_a_directory_that_is_not_a_build_is_refused_without_force(tiny_dense, bu
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     result, _ = _build(tiny_dense, "--out", out, "--stages", "prune", config=build_config)
-    _refused(result, "not a slimgpt-deploy build", "notes.txt", "--force")
+    assert_refused(result, "not a slimgpt-deploy build", "notes.txt", "--force")
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     result, _ = _build(tiny_dense, "--out", out, "--stages", "prune", "--force", config=build_config)
     assert result.exit_code == 0, result.output
     assert (out / "notes.txt").read_text() == "keep me" and (out / "slim" / "config.json").exists()
 
 
-def test_a_stage_whose_input_is_missing_is_refused(tiny_dense, tmp_path):
+def test_a_stage_whose_input_is_missing_isassert_refused(tiny_dense, tmp_path):
     result, _ = _build(tiny_dense, "--out", tmp_path / "o", "--stages", "export-onnx")
-    _refused(result, "stage export-onnx needs the output of stage prune")
+    assert_refused(result, "stage export-onnx needs the output of stage prune")
 
 
 def test_a_back_end_not_installed_is_skipped_in_the_report_unless_named(tiny_dense, build_config, tmp_path, monkeypatch):
@@ -245,7 +240,7 @@ def test_a_back_end_not_installed_is_skipped_in_the_report_unless_named(tiny_den
     assert "skipped" in (out / "report" / "report.md").read_text()
 
     result, _ = _build(tiny_dense, "--out", out, "--stages", "bench", "--backends", "torch,vllm", config=cfg)
-    _refused(result, "vllm")
+    assert_refused(result, "vllm")
 
 
 def test_a_missing_runtime_is_refused_before_any_work(tiny_dense, build_config, tmp_path, monkeypatch):
@@ -255,5 +250,5 @@ def test_a_missing_runtime_is_refused_before_any_work(tiny_dense, build_config, 
     monkeypatch.setattr(bench, "_find_spec", lambda module: None if module == "vllm" else real(module))
     out = tmp_path / "o"
     result, _ = _build(tiny_dense, "--out", out, "--stages", "prune,export-vllm,verify-vllm", config=build_config)
-    _refused(result, "vllm")
+    assert_refused(result, "vllm")
     assert not out.exists()  # refused before the prune stage, not after it

@@ -1,25 +1,17 @@
 """benchmarks/peer_torch_pruning.py: its ratio arithmetic and its Torch-Pruning run on a tiny random LLaMA."""
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import load_benchmark
 import torch
 from transformers import AutoModelForCausalLM
 
 pytest.importorskip("torch_pruning")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "peer_torch_pruning.py"
-
 
 @pytest.fixture(scope="module")
 def peer():
-    spec = importlib.util.spec_from_file_location("peer_torch_pruning", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("peer_torch_pruning.py", "peer_torch_pruning")
 
 
 @pytest.mark.parametrize("n_total", [128, 1536, 8192])

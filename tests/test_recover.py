@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import assert_refused
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
@@ -150,12 +151,6 @@ def _cli(*args):
     return CliRunner().invoke(main, ["recover", *map(str, args)])
 
 
-def _refused(result, *words):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def test_cli_recovers_and_prints_json(pair, tmp_path):
@@ -166,21 +161,21 @@ def test_cli_recovers_and_prints_json(pair, tmp_path):
     assert result.exit_code == 0, result.output
     rec = json.loads(result.stdout)
     assert rec["steps"] == 4 and rec["fidelity"]["after"]["tokens"] == 64
-    _refused(_cli(slim, "--teacher", dense, "--out", out, "--steps", "4"), "already exists", "--force")
+    assert_refused(_cli(slim, "--teacher", dense, "--out", out, "--steps", "4"), "already exists", "--force")
 
 
 def test_bad_input_is_refused_with_one_line_and_nothing_written(pair, tiny_model_dir_factory, tmp_path):
     dense, slim = pair
     out = tmp_path / "rec"
     other_vocab = tiny_model_dir_factory("llama", vocab_size=96)
-    _refused(_cli(slim, "--teacher", other_vocab, "--out", out), "vocabulary of 96", "--teacher")
+    assert_refused(_cli(slim, "--teacher", other_vocab, "--out", out), "vocabulary of 96", "--teacher")
     other_hidden = tiny_model_dir_factory("llama", hidden_size=32)
-    _refused(_cli(slim, "--teacher", other_hidden, "--out", out), "hidden size 32", "--teacher")
-    _refused(_cli(tmp_path / "nowhere", "--teacher", dense, "--out", out), "does not exist")
-    _refused(_cli(slim, "--teacher", tmp_path / "no-teacher", "--out", out), "no-teacher")
-    _refused(_cli(dense, "--teacher", dense, "--out", out), "not a slim checkpoint")
-    _refused(_cli(slim, "--teacher", dense, "--out", out, "--steps", "0"), "steps")
-    _refused(_cli(slim, "--teacher", dense, "--out", out, "--data", tmp_path / "missing.txt"), "missing.txt", "does not exist")
+    assert_refused(_cli(slim, "--teacher", other_hidden, "--out", out), "hidden size 32", "--teacher")
+    assert_refused(_cli(tmp_path / "nowhere", "--teacher", dense, "--out", out), "does not exist")
+    assert_refused(_cli(slim, "--teacher", tmp_path / "no-teacher", "--out", out), "no-teacher")
+    assert_refused(_cli(dense, "--teacher", dense, "--out", out), "not a slim checkpoint")
+    assert_refused(_cli(slim, "--teacher", dense, "--out", out, "--steps", "0"), "steps")
+    assert_refused(_cli(slim, "--teacher", dense, "--out", out, "--data", tmp_path / "missing.txt"), "missing.txt", "does not exist")
     assert not out.exists() and not default_state_dir(out).exists()
 
 
@@ -230,4 +225,4 @@ def test_build_with_recover_ships_the_recovered_checkpoint(pair, tmp_path):
     assert again["stages"]["recover"]["status"] == "cached"
     shutil.rmtree(out / "recovered")
     result = CliRunner().invoke(main, ["build", str(dense), "--out", str(out), "--config", str(cfg), "--stages", "export-onnx", "--recover"])
-    _refused(result, "stage export-onnx needs the output of stage recover")
+    assert_refused(result, "stage export-onnx needs the output of stage recover")

@@ -1,23 +1,15 @@
 """benchmarks/scale.py: the cost model's features, fit and predictions, and its timed engine run on a tiny model."""
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import load_benchmark
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
 
 
 @pytest.fixture(scope="module")
 def scale():
-    spec = importlib.util.spec_from_file_location("scale_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("scale.py", "scale_bench")
 
 
 def test_shapes_have_the_public_parameter_counts(scale):
