@@ -191,9 +191,11 @@ def test_build_options_switch_the_recover_stage():
     assert stage_inputs("export-onnx", off) == (("prune",), ())
     for on in (build_options({"recover.enabled": True}, {}), build_options({}, {"preset": "release"}),
                build_options({"preset": "release", "recover.steps": 5}, {})):
-        assert on.stages == STAGES and on.recover.enabled
+        assert on.stages == tuple(s for s in STAGES if s != "eval") and on.recover.enabled  # eval: off unless asked
         assert stage_inputs("export-onnx", on) == (("recover",), ()) and stage_inputs("bench", on) == (("recover",), ("export-onnx",))
     assert build_options({"recover.steps": 5, "recover.full": True}, {"recover.enabled": True}).recover.config.steps == 5
+    both = build_options({"recover.enabled": True, "gate": ["kl<=0.25"]}, {})
+    assert both.stages == STAGES  # recovery and the gate's eval stage together
     assert build_options({"preset": "release"}, {"recover.enabled": False}).recover.enabled is False  # flags over presets
     with pytest.raises(BadInputError, match="stage recover is off; pass --recover"):
         build_options({}, {"stages": ["prune", "recover"]})
