@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 
 from slimgpt_deploy.errors import BadInputError, CalibrationError
+from slimgpt_deploy.guards import FREE_MEMORY, free_memory  # noqa: F401  (FREE_MEMORY: the probes, by device type)
 from slimgpt_deploy.evaluate import eval_mode, load_text, model_device, text_to_ids
 
 logger = logging.getLogger(__name__)
@@ -198,28 +199,6 @@ def self_sequence_bytes(config, *, seqlen: int, vocab: int, elem: int) -> int:
     return kv + vocab * (elem + SELF_LOGIT_COPIES * 4)
 
 
-def _free_cuda(device: torch.device) -> int:
-    return int(torch.cuda.mem_get_info(device)[0])
-
-
-def _free_cpu(_device: torch.device) -> int:
-    from slimgpt_deploy.guards import available_ram
-
-    return available_ram()
-
-
-# free memory of a device, by its type
-FREE_MEMORY: dict[str, Callable[[torch.device], int]] = {"cuda": _free_cuda, "cpu": _free_cpu}
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes free on ``device`` now (CUDA: ``mem_get_info``; CPU: available RAM)."""
-    probe = FREE_MEMORY.get(device.type)
-    if probe is None:
-        raise CalibrationError(f"self-calibration cannot sample on device {device}; use {' or '.join(FREE_MEMORY)}")
-    return probe(device)
-
-
 def _self_batch_size(model, seqlen: int, vocab: int) -> int:
     device = model_device(model)
     seq_bytes = self_sequence_bytes(model.config, seqlen=seqlen, vocab=vocab, elem=next(model.parameters()).element_size())
@@ -326,7 +305,7 @@ class SelfPool:
         """The ``nsamples`` best (:func:`keep_best`) in pool order -> ``[nsamples, seqlen]``."""
         if nsamples >= self.input_ids.shape[0]:
             return self.input_ids[:nsamples]
-        distinct = torch.tensor([distinct_ngram_share(row[self.opening:]) for row in self.input_ids])
+        distinct = torch.tensor([distinct_ngram_share(row[self.opening:]) for row in self.input_ids])  # [m], host like the ids
         keep = keep_best(self.nll, distinct, nsamples)
         logger.info("self-calibration: kept %d of %d samples (%d degenerate repeats; self-perplexity of the kept %.1f-%.1f)",
                     nsamples, self.nll.numel(), int((distinct < SELF_MIN_DISTINCT).sum()),
@@ -345,6 +324,8 @@ def sample_self(
     """
     # ids the tokenizer can decode and the model can emit (a padded vocab has dead rows)
     vocab = min(int(model.config.vocab_size), len(tok))
+    # bookkeeping on the host: `banned` goes to the sampling device once per batch, `allowed` picks the
+    # seeded first tokens with host generators
     banned = torch.tensor(_special_ids(tok, vocab), dtype=torch.int64)
     allowed = torch.ones(vocab, dtype=torch.bool)
     allowed[banned] = False

@@ -184,6 +184,28 @@ def check_fits(estimate: Estimate, *, available_ram: int, free_disk: int | None,
         )
 
 
+def _free_cuda(device) -> int:
+    import torch
+
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
+def _free_cpu(_device) -> int:
+    return available_ram()
+
+
+# free memory of a device, by its type
+FREE_MEMORY: dict = {"cuda": _free_cuda, "cpu": _free_cpu}
+
+
+def free_memory(device) -> int:
+    """Bytes free on `device` now (CUDA: mem_get_info; CPU: available RAM)."""
+    probe = FREE_MEMORY.get(device.type)
+    if probe is None:
+        raise BadInputError(f"cannot measure free memory on device {device}; use {' or '.join(FREE_MEMORY)}")
+    return probe(device)
+
+
 def available_ram() -> int:
     import psutil
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from .atomic import atomic_write, check_output_dir, fsync_dir, write_error
 from .errors import BadInputError, CheckpointError, Interrupted
+from .resume import default_state_dir as resume_state_dir
 from .resume import fingerprint
 
 logger = logging.getLogger(__name__)
@@ -253,8 +254,7 @@ class RecoverState:
 
 def default_state_dir(out: Path) -> Path:
     """Where `recover --out OUT` keeps its resume state: the hidden sibling `.OUT.recover`."""
-    out = Path(out)
-    return out.parent / f".{out.name}.recover"
+    return resume_state_dir(out, "recover")
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:

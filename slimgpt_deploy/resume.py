@@ -44,10 +44,11 @@ FORMAT = "slimgpt-deploy-resume/1"
 PARTIAL = ".partial"
 
 
-def default_state_dir(out: Path) -> Path:
-    """Where `prune --out OUT` keeps its resume state: the hidden sibling `.OUT.resume`."""
+def default_state_dir(out: Path, kind: str = "resume") -> Path:
+    """Where a command writing OUT keeps its resume state: the hidden sibling `.OUT.KIND`
+    (`prune`: `.OUT.resume`; `recover`: `.OUT.recover`)."""
     out = Path(out)
-    return out.parent / f".{out.name}.resume"
+    return out.parent / f".{out.name}.{kind}"
 
 
 def fingerprint(identity: dict) -> str:

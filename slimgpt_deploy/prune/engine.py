@@ -33,7 +33,7 @@ from torch import nn
 from ..config import PruneConfig
 from ..errors import NumericalError
 from ..families import layer_shapes
-from ..guards import ACTIVATION_COPIES, layer_device_peak
+from ..guards import ACTIVATION_COPIES, free_memory, layer_device_peak
 from ..modeling import LayerConfigView, SlimGPTDecoderLayer
 from ..resume import Batches, Home, ResumeState
 from ..shrink import LayerCut, assemble, check_shapes, make_slim_config, shrink_layer
@@ -100,7 +100,7 @@ def activation_home(device: torch.device, activation_bytes: int, layer_peak: int
     """
     if device.type != "cuda":
         return Home(torch.device("cpu"))
-    free, _total = torch.cuda.mem_get_info(device)
+    free = free_memory(device)
     if ACTIVATION_COPIES * activation_bytes + layer_peak <= free:
         return Home(device)
     log.info("calibration activations (%.2f GiB x %d) do not fit beside the layer's peak in %.2f GiB free on %s; "
