@@ -122,6 +122,8 @@ def _on_sigterm_interrupt() -> None:
 @click.option("--head-multiple", type=click.IntRange(min=1), default=None, help="Every layer keeps query and KV heads in multiples of N (KV heads may instead divide N, as vLLM replicates them).")
 @click.option("--ffn-multiple", type=click.IntRange(min=1), default=None, help="Every layer keeps FFN channels in multiples of M (e.g. 64 for GPU kernels).")
 @click.option("--tp-size", type=click.IntRange(min=1), default=None, help="Shorthand: shapes that vLLM --tensor-parallel-size T shards (heads and FFN multiples of T).")
+@click.option("--head-share", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Heads are cut at this share of each layer's ratio (whole units); the FFN takes the rest [0.5; SlimGPT: 1.0].")
 @click.option("--calib", default="self", show_default=True, help="Calibration data: 'self', a .txt/.jsonl file, or a dataset name.")
 @click.option("--nsamples", type=int, default=64, show_default=True, help="Calibration samples (paper: 128).")
 @click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration sample (paper: 2048).")
@@ -135,7 +137,7 @@ def _on_sigterm_interrupt() -> None:
 @click.option("--max-memory", default=None, metavar="SIZE", help="Cap on calibration activations kept in memory, e.g. 8GiB; beyond it they stay on disk (same result).")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True, help="Processes to split the calibration samples over (one GPU each with --device cuda); or run under torchrun.")
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON on stdout.")
-def prune(model, out, ratio, method, schedule, layer_ratios, gqa_mode, head_multiple, ffn_multiple, tp_size, calib, nsamples, seqlen, seed, device, dtype, hessian_dtype, force, resume, max_memory, nproc, as_json):
+def prune(model, out, ratio, method, schedule, layer_ratios, gqa_mode, head_multiple, ffn_multiple, tp_size, head_share, calib, nsamples, seqlen, seed, device, dtype, hessian_dtype, force, resume, max_memory, nproc, as_json):
     """Prune MODEL (a directory, .gguf file, hub id or 'smollm2-135m') and save a slim checkpoint."""
 
     def go():
@@ -147,6 +149,8 @@ def prune(model, out, ratio, method, schedule, layer_ratios, gqa_mode, head_mult
         )
         if gqa_mode is not None:
             options["gqa_mode"] = gqa_mode
+        if head_share is not None:
+            options["head_share"] = head_share
         options.update(_alignment(head_multiple, ffn_multiple, tp_size))
         config = PruneConfig(**options)
         from .api import prune_to_checkpoint
@@ -314,7 +318,7 @@ class _layer_progress:
 _BUILD_FLAGS = {
     "ratio": "prune.ratio", "method": "prune.method", "schedule": "prune.schedule", "layer_ratios": "prune.layer_ratios",
     "gqa_mode": "prune.gqa_mode", "head_multiple": "prune.head_multiple", "ffn_multiple": "prune.ffn_multiple",
-    "tp_size": "prune.tp_size", "calib": "prune.calib", "nsamples": "prune.nsamples", "seqlen": "prune.seqlen",
+    "tp_size": "prune.tp_size", "head_share": "prune.head_share", "calib": "prune.calib", "nsamples": "prune.nsamples", "seqlen": "prune.seqlen",
     "seed": "prune.seed", "device": "prune.device", "dtype": "prune.dtype", "hessian_dtype": "prune.hessian_dtype",
     "vllm_dtype": "vllm.dtype", "onnx_dtype": "onnx.dtype", "onnx_quantize": "onnx.quantize",
     "backends": "bench.backends", "bench_repeats": "bench.repeats", "bench_decode_tokens": "bench.decode_tokens",
@@ -344,6 +348,7 @@ _BUILD_FLAGS = {
 @click.option("--head-multiple", type=click.IntRange(min=1), help="Heads kept in multiples of N [1].")
 @click.option("--ffn-multiple", type=click.IntRange(min=1), help="FFN channels kept in multiples of M [1].")
 @click.option("--tp-size", type=click.IntRange(min=1), help="Shapes that vLLM tensor parallelism T shards.")
+@click.option("--head-share", type=click.FloatRange(0.0, 1.0), help="Heads cut at this share of each layer's ratio; the FFN takes the rest [0.5].")
 @click.option("--calib", help="Calibration: 'self', a .txt/.jsonl file or a dataset name [self].")
 @click.option("--nsamples", type=int, help="Calibration samples [64].")
 @click.option("--seqlen", type=int, help="Tokens per calibration sample [512].")

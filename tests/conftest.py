@@ -114,10 +114,11 @@ def uneven_slim_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_slim_dir(tmp_path_factory) -> Path:
-    """SmolLM2-135M pruned by 20% (log schedule, per-group GQA; quick self-calibration 8x128); do not modify."""
+    """SmolLM2-135M pruned by 20% (log schedule, per-group GQA, heads cut at the layer ratio so head counts differ
+    per layer; quick self-calibration 8x128); do not modify."""
     from slimgpt_deploy.api import prune_to_checkpoint
     from slimgpt_deploy.config import PruneConfig
 
     out = tmp_path_factory.mktemp("smollm2") / "slim-20"
-    prune_to_checkpoint("smollm2-135m", out, PruneConfig(ratio=0.2, nsamples=8, seqlen=128))
+    prune_to_checkpoint("smollm2-135m", out, PruneConfig(ratio=0.2, nsamples=8, seqlen=128, head_share=1.0))
     return out

@@ -20,7 +20,7 @@ def slim_dir(tiny_model_dir_factory, tmp_path_factory):
     work = tmp_path_factory.mktemp("ckpt")
     (work / "calib.txt").write_text(CALIB)
     out = work / "slim"
-    config = PruneConfig(ratio=0.3, calib=str(work / "calib.txt"), nsamples=8, seqlen=64)
+    config = PruneConfig(ratio=0.3, calib=str(work / "calib.txt"), nsamples=8, seqlen=64, head_share=1.0)
     result = prune_to_checkpoint(str(src), out, config)
     return src, out, result
 

@@ -53,7 +53,7 @@ def _spy(monkeypatch, module, name, seen):
 
 
 def _prune(model, out: Path, device: str) -> dict:
-    prune_to_checkpoint(model, out, PruneConfig(ratio=0.5, nsamples=8, seqlen=32, batch_size=4, device=device))
+    prune_to_checkpoint(model, out, PruneConfig(ratio=0.5, nsamples=8, seqlen=32, batch_size=4, device=device, head_share=1.0))
     return json.loads((out / "slimgpt.json").read_text())
 
 

@@ -27,7 +27,7 @@ from slimgpt_deploy.prune.methods import Decision
 from slimgpt_deploy.prune.obs import accumulate_hessian
 
 SHAPE = dict(num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2, intermediate_size=128)
-OPTIONS = dict(ratio=0.3, nsamples=9, seqlen=32, device="cpu")  # 5 + 4 samples: unequal shares; gloo even on a GPU host
+OPTIONS = dict(ratio=0.3, nsamples=9, seqlen=32, device="cpu", head_share=1.0)  # 5 + 4 samples: unequal shares; gloo even on a GPU host
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "120"}
 TIMEOUT_S = 300
 
@@ -39,7 +39,7 @@ def _bin(name: str) -> str:
 def _prune_args(model, out, *extra):
     o = OPTIONS
     return ["prune", str(model), "--out", str(out), "--ratio", str(o["ratio"]), "--nsamples", str(o["nsamples"]),
-            "--seqlen", str(o["seqlen"]), "--device", o["device"], *extra]
+            "--seqlen", str(o["seqlen"]), "--device", o["device"], "--head-share", str(o["head_share"]), *extra]
 
 
 def _cli(*args, **kw):

@@ -48,7 +48,7 @@ def pair(tiny_model_dir_factory, tmp_path_factory):
     """(dense teacher dir, its 50% slim checkpoint)."""
     dense = tiny_model_dir_factory("llama", seed=3, initializer_range=0.3)
     slim = tmp_path_factory.mktemp("recover") / "slim"
-    prune_to_checkpoint(str(dense), slim, PruneConfig(ratio=0.5, nsamples=8, seqlen=32))
+    prune_to_checkpoint(str(dense), slim, PruneConfig(ratio=0.5, nsamples=8, seqlen=32, head_share=1.0))
     return dense, slim
 
 

@@ -20,7 +20,7 @@ from slimgpt_deploy.cli import main
 from slimgpt_deploy.resume import default_state_dir
 
 GQA = dict(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, intermediate_size=128)
-OPTIONS = ["--ratio", "0.3", "--nsamples", "8", "--seqlen", "32", "--seed", "3"]  # calibration: self-sampled
+OPTIONS = ["--ratio", "0.3", "--nsamples", "8", "--seqlen", "32", "--seed", "3", "--head-share", "1.0"]  # calibration: self-sampled; heads cut
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
@@ -43,7 +43,7 @@ KILLER = textwrap.dedent("""
             write_meta(self)
         ResumeState._write_meta = killing_write_meta
 
-    prune_to_checkpoint(src, out, PruneConfig(ratio=0.3, nsamples=8, seqlen=32, seed=3), on_layer=after_layer)
+    prune_to_checkpoint(src, out, PruneConfig(ratio=0.3, nsamples=8, seqlen=32, seed=3, head_share=1.0), on_layer=after_layer)
     raise SystemExit("not killed")
 """)
 

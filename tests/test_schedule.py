@@ -88,3 +88,35 @@ def test_no_layer_ends_with_zero_heads_or_channels_even_at_the_extremes():
                 except BadInputError:
                     continue
                 assert all(p.q_heads >= 1 and p.kv_heads >= 1 and p.ffn >= multiple for p in plans)
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+def test_head_share_moves_the_budget_from_heads_to_the_ffn(ratio):
+    """head_share scales the ratio the heads are cut at; the FFN takes the rest, and the model still lands on target."""
+    ratios = layer_ratios("log", ratio, [s.params() for s in LLAMA7B])
+    full, half, none = (plan_layers(LLAMA7B, ratios, "kv-group", head_share=h) for h in (1.0, 0.5, 0.0))
+    assert all(p.q_heads == 32 and p.kv_heads == 32 for p in none)
+    for a, b in zip(full, half):
+        assert a.q_heads <= b.q_heads and a.ffn >= b.ffn
+    # heads nearest to head_share * r_i * units (32 units: fine enough to see the halving)
+    assert [32 - p.q_heads for p in half] == [min(range(32), key=lambda d: (abs(d - 0.5 * r * 32), d)) for r in ratios]
+    for plans in (full, half, none):
+        assert abs(achieved_share(LLAMA7B, plans) - ratio) < 0.01
+    assert plan_layers(LLAMA7B, ratios, "kv-group") == full  # 1.0 is the default
+
+
+def test_head_share_outside_zero_one_is_refused():
+    from slimgpt_deploy.config import PruneConfig
+
+    with pytest.raises(BadInputError, match="head share 1.5 must be in \\[0, 1\\]"):
+        PruneConfig(head_share=1.5)
+
+
+def test_head_share_reaches_the_prune_config_from_the_build_file_and_flags():
+    from slimgpt_deploy.build import build_options
+
+    assert build_options({}, {}).prune.head_share == 0.5  # the default
+    assert build_options({"prune.head_share": 1.0}, {}).prune.head_share == 1.0
+    assert build_options({"prune.head_share": 1.0}, {"prune.head_share": 0.0}).prune.head_share == 0.0  # flags win
+    with pytest.raises(BadInputError, match="prune.head_share"):
+        build_options({}, {"prune.head_share": "half"})  # a YAML value is checked the same way when the file is read

@@ -24,7 +24,7 @@ def kl_by_method(smollm2):
     held_out = get_calibration("self", model, tok, nsamples=4, seqlen=128, seed=1).input_ids.flatten()
     kl = {}
     for method in ("slimgpt", "slimgpt-nocomp", "magnitude", "wanda-sp"):
-        config = PruneConfig(ratio=0.2, method=method, nsamples=16, seqlen=128)
+        config = PruneConfig(ratio=0.2, method=method, nsamples=16, seqlen=128, head_share=1.0)
         slim = LayerwisePruner(model, config).run(calib).model
         kl[method] = fidelity(slim, model, held_out, seqlen=128).kl
     return kl
@@ -43,7 +43,7 @@ def test_compensation_helps(kl_by_method):
 def test_smollm2_shapes_under_gqa(smollm2):
     calib = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
     for mode in ("per-group", "kv-group"):
-        slim = LayerwisePruner(smollm2.model, PruneConfig(ratio=0.2, gqa_mode=mode, nsamples=4, seqlen=32)).run(calib).model
+        slim = LayerwisePruner(smollm2.model, PruneConfig(ratio=0.2, gqa_mode=mode, nsamples=4, seqlen=32, head_share=1.0)).run(calib).model
         c = slim.config
         assert all(q % kv == 0 for q, kv in zip(c.num_attention_heads_per_layer, c.num_key_value_heads_per_layer))
         if mode == "per-group":

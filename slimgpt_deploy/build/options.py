@@ -44,7 +44,7 @@ DEFAULT_MODEL = "smollm2-135m"
 # dotted key -> (expected type, element type for lists, None allowed)
 _PRUNE_TYPES = {
     "ratio": float, "method": str, "schedule": str, "layer_ratios": list, "gqa_mode": str,
-    "head_multiple": int, "ffn_multiple": int, "tp_size": int, "calib": str, "nsamples": int,
+    "head_multiple": int, "ffn_multiple": int, "tp_size": int, "head_share": float, "calib": str, "nsamples": int,
     "seqlen": int, "seed": int, "device": str, "dtype": str, "hessian_dtype": str,
 }
 _RECOVER_TYPES = {

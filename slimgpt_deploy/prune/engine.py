@@ -158,7 +158,8 @@ class LayerwisePruner:
         ratios = layer_ratios(
             self.cfg.schedule, self.cfg.ratio, [s.params() for s in shapes], self.cfg.layer_ratios
         )
-        return shapes, plan_layers(shapes, ratios, self.cfg.gqa_mode, self.cfg.head_multiple, self.cfg.ffn_multiple)
+        return shapes, plan_layers(shapes, ratios, self.cfg.gqa_mode, self.cfg.head_multiple, self.cfg.ffn_multiple,
+                                   head_share=self.cfg.head_share)
 
     @torch.no_grad()
     @full_precision_matmul()

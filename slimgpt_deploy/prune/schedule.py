@@ -152,11 +152,12 @@ def _head_drop(shape: LayerShape, gqa_mode: str, r: float, multiple: int, layer:
 
 
 def plan_layers(
-    shapes: list[LayerShape], ratios: list[float], gqa_mode: str, head_multiple: int = 1, ffn_multiple: int = 1
+    shapes: list[LayerShape], ratios: list[float], gqa_mode: str, head_multiple: int = 1, ffn_multiple: int = 1,
+    *, head_share: float = 1.0,
 ) -> list[LayerPlan]:
     """Whole heads and channels per layer, landing on the ratios in parameter count.
 
-    Heads: the number of units removed nearest to r_i * units whose query and KV
+    Heads: the number of units removed nearest to head_share * r_i * units whose query and KV
     head counts are multiples of `head_multiple` (see `heads_aligned`), at least
     one unit kept. FFN: as many channels, in steps of `ffn_multiple`, as bring the
     layer to r_i of its parameters (at least one step kept). Then the leftover of
@@ -167,12 +168,13 @@ def plan_layers(
         raise BadInputError(f"unknown GQA mode {gqa_mode!r}; choose one of {', '.join(GQA_MODES)}")
     if head_multiple < 1 or ffn_multiple < 1:
         raise BadInputError("--head-multiple and --ffn-multiple must be at least 1")
+    assert 0.0 <= head_share <= 1.0, head_share
     plans: list[LayerPlan] = []
     for i, (shape, r) in enumerate(zip(shapes, ratios)):
         cap = shape.ffn // ffn_multiple * ffn_multiple  # the widest aligned FFN
         if cap < ffn_multiple:
             raise BadInputError(f"layer {i} has FFN width {shape.ffn}, less than --ffn-multiple {ffn_multiple}; lower it")
-        q, kv = _heads_after(shape, gqa_mode, _head_drop(shape, gqa_mode, r, head_multiple, i))
+        q, kv = _heads_after(shape, gqa_mode, _head_drop(shape, gqa_mode, head_share * r, head_multiple, i))
         want_removed = r * shape.params()
         attn_removed = shape.attn_params(shape.q_heads, shape.kv_heads) - shape.attn_params(q, kv)
         keep = shape.ffn - (want_removed - attn_removed) / shape.mlp_params(1)  # exact channels to keep
