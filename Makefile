@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
-OUT    ?= build/demo
+OUT    ?= slimgpt-build
 
 .PHONY: venv demo test clean
 

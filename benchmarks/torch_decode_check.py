@@ -1,6 +1,6 @@
 """PyTorch eager decode, dense vs pruned, timed in ONE process, alternating the two models.
 
-    .venv/bin/python benchmarks/torch_decode_check.py [PRUNED_DIR]   # default: the demo's build/demo/slim
+    .venv/bin/python benchmarks/torch_decode_check.py [PRUNED_DIR]   # default: the demo's slimgpt-build/slim
 
 `bench` times each model in its own process (clean memory figures). For a 2-thread eager loop on a
 small model the process-to-process spread can exceed the difference between the models; this
@@ -36,7 +36,7 @@ def ms_per_step(model, ids: torch.Tensor) -> float:
 
 
 def main() -> None:
-    pruned = sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "build" / "demo" / "slim")
+    pruned = sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "slimgpt-build" / "slim")
     models = {"dense": load_model("smollm2-135m").model, "pruned": load_model(pruned).model}
     ids = torch.randint(100, 1000, (1, PROMPT), generator=torch.Generator().manual_seed(0))  # [1, S]
     runs = {}

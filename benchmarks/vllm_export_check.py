@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/vllm_export_check.py [CHECKPOINT ...]   # writes benchmarks/results/vllm_export.{json,md}
 
 Runs `slimgpt-deploy export CHECKPOINT --format vllm --dtype D --json` for float32, float16 and
-bfloat16 (default checkpoints: build/demo/slim from `make demo`, self-calibrated, and
+bfloat16 (default checkpoints: slimgpt-build/slim from `make demo`, self-calibrated, and
 build/bench/slim-0.2 from benchmarks/vllm_bench.py, WikiText-calibrated) and records
 each export's verification: per prompt, whether the 32 greedy tokens are equal, where they part and
 whether at a tie, and the largest top-5 log-probability difference.
@@ -28,7 +28,7 @@ def _rel(path: Path) -> str:
 
 
 def main() -> None:
-    checkpoints = [Path(a) for a in sys.argv[1:]] or [ROOT / "build" / "demo" / "slim", ROOT / "build" / "bench" / "slim-0.2"]
+    checkpoints = [Path(a) for a in sys.argv[1:]] or [ROOT / "slimgpt-build" / "slim", ROOT / "build" / "bench" / "slim-0.2"]
     for checkpoint in checkpoints:
         if not (checkpoint / "config.json").exists():
             sys.exit(f"{checkpoint} is missing; run `make demo` / benchmarks/vllm_bench.py first or pass checkpoints")
