@@ -100,6 +100,9 @@ the `nospecial` row gave 34.57 on 2026-11-29 and 34.21 today):
 - **Damping 0.001 instead of 0.01** is a little better in all four comparisons (heads cut 33.89 /
   22.06 vs 34.21 / 22.23; heads kept 28.16 / 17.79 vs 28.63 / 17.95), by about the spread between
   machines; 0.01 stays the default (the usual GPTQ/SparseGPT value, safer on small calibration sets).
+- **At 50%** (`r0.5-heads*`, self-calibration) heads cut at the layer ratio give 86.18 / 68.57;
+  head_share 0.5 (one query head per group goes in the deepest layers) 62.13 / 51.65; heads kept
+  65.37 / 41.60. 0.5 is best on WikiText-2, 0 on the Python docs; both far ahead of 1.0.
 - **The target (<= 26.0 on WikiText-2 with no data) is not met**: the best data-free row is 28.16.
 """
 
