@@ -45,6 +45,9 @@ EVAL_TOKENS, WINDOW, SEQLEN, RATIO = 40960, 2048, 512, 0.2
 # the real-data reference row).
 BASE = {"temperature": 1.0, "top_p": 0.95, "greedy_opening": 0, "overgenerate": 1.0, "mask_special": False, "bos": True}
 NOT_SAMPLING = ("prune", "file")
+# The prune every row starts from. head_share is pinned to 1.0 (heads cut at the layer ratio, the split the sampler
+# rows were measured with), so a rerun of a row measures what the row says; the head-share rows set their own.
+PRUNE_BASE = {"ratio": RATIO, "method": "slimgpt", "schedule": "log", "gqa_mode": "per-group", "calib": "self", "head_share": 1.0}
 VARIANTS: dict[str, tuple[str, dict]] = {}
 
 
@@ -184,8 +187,7 @@ def one(name: str, nsamples: int) -> dict:
             "distinct4_kept": round(sum(distinct_ngram_share(r) for r in body) / len(body), 3),
             "sample_head": tok.decode(ids[0, :48]),
         }
-        config = PruneConfig(**{"ratio": RATIO, "method": "slimgpt", "schedule": "log", "gqa_mode": "per-group", "calib": "self",
-                                "nsamples": nsamples, "seqlen": SEQLEN, **fields.get("prune", {})})
+        config = PruneConfig(**{**PRUNE_BASE, "nsamples": nsamples, "seqlen": SEQLEN, **fields.get("prune", {})})
         t0 = time.perf_counter()
         model = LayerwisePruner(loaded.model, config).run(ids).model
         row["prune_s"] = round(time.perf_counter() - t0, 1)
@@ -219,7 +221,8 @@ def markdown(results: dict) -> str:
         f"Machine: {m['platform']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); shared with other "
         f"jobs while measured (load average {m['load_avg'][0]:.1f}), so seconds are noisy; perplexities are deterministic. "
         f"Date: {results['date']}.",
-        f"Protocol: SlimGPT, ratio {RATIO}, schedule log, per-group GQA; calibration `self`, N x {SEQLEN} tokens, seed 0. "
+        f"Protocol: SlimGPT, ratio {RATIO}, schedule log, per-group GQA, heads cut at the layer ratio (head_share 1.0) "
+        f"unless the row says otherwise; calibration `self`, N x {SEQLEN} tokens, seed 0. "
         f"Perplexity at non-overlapping {WINDOW}-token windows on the first {EVAL_TOKENS:,} tokens of WikiText-2 test "
         f"(the protocol of benchmarks/quality.py) and of Python's documentation text (`pydoc_data.topics`).",
         "Command: `.venv/bin/python benchmarks/self_calibration.py` (`--nsamples 16` for the screens).",

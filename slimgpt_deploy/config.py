@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .errors import BadInputError
-from .prune.schedule import GQA_MODES, SCHEDULES
+from .prune.schedule import DEFAULT_HEAD_SHARE, GQA_MODES, SCHEDULES
 
 METHODS = ("slimgpt", "slimgpt-nocomp", "magnitude", "wanda-sp")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -32,10 +32,8 @@ class PruneConfig:
     # Every layer's query/KV head counts (tensor-parallel rule) and FFN width are multiples of these.
     head_multiple: int = 1
     ffn_multiple: int = 1
-    # Heads are cut at head_share x the layer's ratio (nearest whole units); the FFN takes the rest of the layer's
-    # budget. 0.5, not SlimGPT's 1.0: on SmolLM2-135M at 20% keeping the heads lowered WikiText-2 PPL 34.2 -> 28.6
-    # (self-calibration) and 23.9 -> 22.6 (WikiText calibration); benchmarks/results/self_calibration.md.
-    head_share: float = 0.5
+    # Heads are cut at head_share x the layer's ratio (nearest whole units); the FFN takes the rest (prune/schedule.py).
+    head_share: float = DEFAULT_HEAD_SHARE
     calib: str = "self"
     nsamples: int = 64
     seqlen: int = 512

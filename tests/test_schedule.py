@@ -102,7 +102,7 @@ def test_head_share_moves_the_budget_from_heads_to_the_ffn(ratio):
     assert [32 - p.q_heads for p in half] == [min(range(32), key=lambda d: (abs(d - 0.5 * r * 32), d)) for r in ratios]
     for plans in (full, half, none):
         assert abs(achieved_share(LLAMA7B, plans) - ratio) < 0.01
-    assert plan_layers(LLAMA7B, ratios, "kv-group") == full  # 1.0 is the default
+    assert plan_layers(LLAMA7B, ratios, "kv-group") == half  # the default, the same one PruneConfig uses
 
 
 def test_head_share_outside_zero_one_is_refused():
@@ -115,7 +115,9 @@ def test_head_share_outside_zero_one_is_refused():
 def test_head_share_reaches_the_prune_config_from_the_build_file_and_flags():
     from slimgpt_deploy.build import build_options
 
-    assert build_options({}, {}).prune.head_share == 0.5  # the default
+    from slimgpt_deploy.prune.schedule import DEFAULT_HEAD_SHARE
+
+    assert build_options({}, {}).prune.head_share == DEFAULT_HEAD_SHARE == 0.5  # one default for config and plans
     assert build_options({"prune.head_share": 1.0}, {}).prune.head_share == 1.0
     assert build_options({"prune.head_share": 1.0}, {"prune.head_share": 0.0}).prune.head_share == 0.0  # flags win
     with pytest.raises(BadInputError, match="prune.head_share"):

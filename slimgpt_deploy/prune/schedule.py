@@ -18,6 +18,10 @@ from ..modeling.shapes import heads_aligned
 
 MAX_LAYER_RATIO = 0.95
 R_MIN_OVER_R_MAX = 0.25
+# Heads are cut at this share of a layer's ratio, the FFN takes the rest (SlimGPT: 1.0). Measured on SmolLM2-135M:
+# 20%, WikiText-2 PPL@2048 34.2 -> 28.6 (self-calibration), 23.9 -> 22.6 (WikiText calibration); 50%, 86.2 -> 62.1
+# (benchmarks/results/self_calibration.md, docs/DESIGN.md "Incremental Pruning Ratio and the layer plan").
+DEFAULT_HEAD_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,7 @@ def _head_drop(shape: LayerShape, gqa_mode: str, r: float, multiple: int, layer:
 
 def plan_layers(
     shapes: list[LayerShape], ratios: list[float], gqa_mode: str, head_multiple: int = 1, ffn_multiple: int = 1,
-    *, head_share: float = 1.0,
+    *, head_share: float = DEFAULT_HEAD_SHARE,
 ) -> list[LayerPlan]:
     """Whole heads and channels per layer, landing on the ratios in parameter count.
 
