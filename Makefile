@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 OUT    ?= slimgpt-build
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test lint clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,11 @@ test: venv
 	# Some tests run several processes at once (vLLM's engine, 2 distributed ranks) on 2 cores:
 	# OpenMP threads that sleep instead of spinning while they wait keep them from starving each other.
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q tests
+
+lint: venv
+	# ruff's lint (pycodestyle, pyflakes, import order) and its formatter, as pyproject.toml configures them.
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf build .pytest_cache

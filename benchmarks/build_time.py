@@ -8,6 +8,7 @@ measures the wall time of the whole process, and takes each stage's time from th
 own build.json. The headline numbers of the report (verification, decode speed-ups,
 perplexity) are copied beside the times. Run it on an otherwise idle machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,9 @@ def run(extra: list[str]) -> dict:
     wall = time.perf_counter() - t0
     summary = json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {}
     state = json.loads((OUT / "build.json").read_text())
-    report = json.loads((OUT / "report" / "report.json").read_text()) if (OUT / "report" / "report.json").exists() else {}
+    report = (
+        json.loads((OUT / "report" / "report.json").read_text()) if (OUT / "report" / "report.json").exists() else {}
+    )
     bench = report.get("bench") or {}
     return {
         "command": " ".join(["slimgpt-deploy", *cmd[1:]]),
@@ -61,8 +64,19 @@ def run(extra: list[str]) -> dict:
         "stages": {name: rec.get("seconds") for name, rec in state["stages"].items()},
         "prune_seconds": (report.get("model") or {}).get("prune_seconds"),
         "verification": summary.get("verification"),
-        "decode_speedup_b1": {name: b["ratios"]["decode_speedup"].get("1") for name, b in bench.get("backends", {}).items() if b.get("status") == "ok"},
-        "ideal_decode_speedup": next((b["ratios"]["ideal_decode_speedup"] for b in bench.get("backends", {}).values() if b.get("status") == "ok"), None),
+        "decode_speedup_b1": {
+            name: b["ratios"]["decode_speedup"].get("1")
+            for name, b in bench.get("backends", {}).items()
+            if b.get("status") == "ok"
+        },
+        "ideal_decode_speedup": next(
+            (
+                b["ratios"]["ideal_decode_speedup"]
+                for b in bench.get("backends", {}).values()
+                if b.get("status") == "ok"
+            ),
+            None,
+        ),
         "quality": bench.get("quality"),
     }
 
@@ -71,23 +85,35 @@ def markdown(r: dict) -> str:
     m = r["machine"]
     met = "met" if r["wall_seconds"] <= r["target_seconds"] and r["exit_code"] == 0 else "MISSED"
     lines = [
-        "# End-to-end build time: `slimgpt-deploy build` on SmolLM2-135M (the `make demo` job)", "",
-        f"Machine: {m['platform']}, {m['cores']} cores, {m['ram_gib']} GiB, torch {m['torch']} ({m['torch_threads']} threads). Date: {r['date']}.",
-        f"Command: `.venv/bin/python benchmarks/build_time.py` (runs `{r['command']}` in a fresh directory).", "",
-        f"Whole build: **{r['wall_seconds']:.0f} s** (exit code {r['exit_code']}); target {r['target_seconds']} s: {met}.", "",
-        "| stage | seconds |", "|---|---|",
+        "# End-to-end build time: `slimgpt-deploy build` on SmolLM2-135M (the `make demo` job)",
+        "",
+        f"Machine: {m['platform']}, {m['cores']} cores, {m['ram_gib']} GiB, torch {m['torch']} "
+        f"({m['torch_threads']} threads). Date: {r['date']}.",
+        f"Command: `.venv/bin/python benchmarks/build_time.py` (runs `{r['command']}` in a fresh directory).",
+        "",
+        f"Whole build: **{r['wall_seconds']:.0f} s** (exit code {r['exit_code']}); "
+        f"target {r['target_seconds']} s: {met}.",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
     ]
     lines += [f"| {name} | {s:.1f} |" for name, s in r["stages"].items() if s is not None]
     if r.get("prune_seconds"):
         lines += ["", f"Inside prune: {', '.join(f'{k} {v:.0f} s' for k, v in r['prune_seconds'].items())}."]
     if r.get("decode_speedup_b1"):
-        lines += ["", "Decode speed-up at batch 1 (pruned vs dense, same run): "
-                  + ", ".join(f"{k} {v:.2f}x" for k, v in r["decode_speedup_b1"].items())
-                  + f"; weight-bytes ideal {r['ideal_decode_speedup']:.2f}x."]
+        lines += [
+            "",
+            "Decode speed-up at batch 1 (pruned vs dense, same run): "
+            + ", ".join(f"{k} {v:.2f}x" for k, v in r["decode_speedup_b1"].items())
+            + f"; weight-bytes ideal {r['ideal_decode_speedup']:.2f}x.",
+        ]
     q = r.get("quality")
     if q:
-        lines += [f"Perplexity ({q['text']}, {q['tokens']} tokens): dense {q['dense']['perplexity']:.2f}, pruned {q['pruned']['perplexity']:.2f}; "
-                  f"KL {q['kl']:.3f}, top-1 agreement {q['top1']:.1%}."]
+        lines += [
+            f"Perplexity ({q['text']}, {q['tokens']} tokens): dense {q['dense']['perplexity']:.2f}, "
+            f"pruned {q['pruned']['perplexity']:.2f}; "
+            f"KL {q['kl']:.3f}, top-1 agreement {q['top1']:.1%}."
+        ]
     return "\n".join(lines) + "\n"
 
 

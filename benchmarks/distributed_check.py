@@ -9,6 +9,7 @@ mean equal kept units) and the OBS-compensated o_proj/down_proj weights. Wall ti
 but on a shared 2-core CPU they say nothing about GPU scaling.
 Writes benchmarks/results/distributed_check.{json,md}.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,15 @@ PLAN_KEYS = ("num_attention_heads_per_layer", "num_key_value_heads_per_layer", "
 
 
 def prune(out: Path, *extra: str, threads: int | None = None) -> float:
-    cmd = [str(Path(sys.executable).parent / "slimgpt-deploy"), "prune", "smollm2-135m", "--out", str(out), *ARGS, *extra]
+    cmd = [
+        str(Path(sys.executable).parent / "slimgpt-deploy"),
+        "prune",
+        "smollm2-135m",
+        "--out",
+        str(out),
+        *ARGS,
+        *extra,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -54,15 +63,19 @@ def compare(a: Path, b: Path) -> dict:
     compensated = [k for k in wa if k.endswith(("o_proj.weight", "down_proj.weight"))]
     return {
         "same_plans": all(ca[k] == cb[k] for k in PLAN_KEYS),
-        "same_kept_heads": all((x["kept_q_heads"], x["kept_kv_heads"]) == (y["kept_q_heads"], y["kept_kv_heads"])
-                               for x, y in zip(ra["layers"], rb["layers"], strict=True)),
+        "same_kept_heads": all(
+            (x["kept_q_heads"], x["kept_kv_heads"]) == (y["kept_q_heads"], y["kept_kv_heads"])
+            for x, y in zip(ra["layers"], rb["layers"], strict=True)
+        ),
         "same_kept_rows_bitwise": all(torch.equal(wa[k], wb[k]) for k in copied),
         "same_shapes": all(wa[k].shape == wb[k].shape for k in wa),
         "max_abs_diff_compensated": max(float((wa[k] - wb[k]).abs().max()) for k in compensated),
         "max_rel_fro_diff_compensated": max(float((wa[k] - wb[k]).norm() / wa[k].norm()) for k in compensated),
         "max_abs_weight": max(float(wa[k].abs().max()) for k in compensated),
-        "max_rel_diff_mlp_error": max(abs(x["mlp_error"] - y["mlp_error"]) / max(abs(x["mlp_error"]), 1e-30)
-                                      for x, y in zip(ra["layers"], rb["layers"], strict=True)),
+        "max_rel_diff_mlp_error": max(
+            abs(x["mlp_error"] - y["mlp_error"]) / max(abs(x["mlp_error"]), 1e-30)
+            for x, y in zip(ra["layers"], rb["layers"], strict=True)
+        ),
     }
 
 
@@ -77,7 +90,11 @@ def main() -> None:
             "comparison": compare(one, two),
             "comparison_1thread": compare(one_t1, two),
             "comparison_threads_1_vs_2_one_process": compare(one, one_t1),
-            "wall_seconds": {"one_process": round(t_one, 1), "one_process_1thread": round(t_one_t1, 1), "nproc_2": round(t_two, 1)},
+            "wall_seconds": {
+                "one_process": round(t_one, 1),
+                "one_process_1thread": round(t_one_t1, 1),
+                "nproc_2": round(t_two, 1),
+            },
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared with other jobs (timings are noise)",
             "torch": torch.__version__,
         }
@@ -87,14 +104,22 @@ def main() -> None:
 
 
 def write_md(result: dict) -> None:
-    pairs = [("comparison_1thread", "`--nproc 2` vs one process, 1 thread (the ranks' thread count)"),
-             ("comparison", "`--nproc 2` vs one process, 2 threads"),
-             ("comparison_threads_1_vs_2_one_process", "one process: 2 threads vs 1 thread (no distribution)")]
+    pairs = [
+        ("comparison_1thread", "`--nproc 2` vs one process, 1 thread (the ranks' thread count)"),
+        ("comparison", "`--nproc 2` vs one process, 2 threads"),
+        ("comparison_threads_1_vs_2_one_process", "one process: 2 threads vs 1 thread (no distribution)"),
+    ]
     rows = [
         ("same per-layer plans (heads, KV heads, FFN width)", lambda c: str(c["same_plans"])),
         ("same kept query/KV heads, every layer", lambda c: str(c["same_kept_heads"])),
-        ("kept rows of q/k/v/gate/up bit-identical (same kept FFN channels)", lambda c: str(c["same_kept_rows_bitwise"])),
-        ("o_proj/down_proj: max abs difference", lambda c: f"{c['max_abs_diff_compensated']:.3g} (largest weight {c['max_abs_weight']:.3g})"),
+        (
+            "kept rows of q/k/v/gate/up bit-identical (same kept FFN channels)",
+            lambda c: str(c["same_kept_rows_bitwise"]),
+        ),
+        (
+            "o_proj/down_proj: max abs difference",
+            lambda c: f"{c['max_abs_diff_compensated']:.3g} (largest weight {c['max_abs_weight']:.3g})",
+        ),
         ("o_proj/down_proj: max relative (Frobenius) difference", lambda c: f"{c['max_rel_fro_diff_compensated']:.3g}"),
         ("per-layer MLP OBS error: max relative difference", lambda c: f"{c['max_rel_diff_mlp_error']:.3g}"),
     ]

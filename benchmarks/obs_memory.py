@@ -9,6 +9,7 @@ Another checkout's engine can be measured with the same script (the APIs it uses
     PYTHONPATH=/path/to/old/checkout python benchmarks/obs_memory.py --label 1aa62bf
 Results are merged by label into benchmarks/results/obs_memory.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,14 @@ def measure(hidden: int, width: int) -> dict:
     stats = LayerStats(W=torch.randn(hidden, width, generator=g), H=H, percdamp=0.01, unit_norms=torch.zeros(width))
     new = peak_new_bytes(lambda: METHODS["slimgpt"].ffn(stats, width // 2, 0.25))
     h_bytes, w_bytes = width * width * 4, hidden * width * 4
-    row = {"engine": str(Path(slimgpt_deploy.__file__).parent), "hidden": hidden, "width": width,
-           "new_bytes": new, "new_in_H": round(new / h_bytes, 2), "total_in_H": round((new + h_bytes + w_bytes) / h_bytes, 2)}
+    row = {
+        "engine": str(Path(slimgpt_deploy.__file__).parent),
+        "hidden": hidden,
+        "width": width,
+        "new_bytes": new,
+        "new_in_H": round(new / h_bytes, 2),
+        "total_in_H": round((new + h_bytes + w_bytes) / h_bytes, 2),
+    }
     try:
         from slimgpt_deploy.guards import obs_step_peak
 
@@ -65,8 +72,11 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--label", default="current")
     args = parser.parse_args()
-    row = {"label": args.label, **measure(args.hidden, args.width),
-           "machine": {"cpu": platform.machine(), "torch": torch.__version__, "python": platform.python_version()}}
+    row = {
+        "label": args.label,
+        **measure(args.hidden, args.width),
+        "machine": {"cpu": platform.machine(), "torch": torch.__version__, "python": platform.python_version()},
+    }
     print(json.dumps(row))
     path = RESULTS / "obs_memory.json"
     rows = [r for r in (json.loads(path.read_text()) if path.exists() else []) if r["label"] != args.label] + [row]
@@ -80,8 +90,11 @@ def main() -> None:
         "",
         "| engine | hidden | width | new (H) | total (H) | formula (H) |",
         "|---|---|---|---|---|---|",
-        *[f"| {r['label']} | {r['hidden']} | {r['width']} | {r['new_in_H']} | {r['total_in_H']} | {r['formula_in_H'] or '-'} |"
-          for r in rows],
+        *[
+            f"| {r['label']} | {r['hidden']} | {r['width']} | {r['new_in_H']} | {r['total_in_H']} | "
+            f"{r['formula_in_H'] or '-'} |"
+            for r in rows
+        ],
         "",
     ]
     (RESULTS / "obs_memory.md").write_text("\n".join(lines))

@@ -17,6 +17,7 @@ Per (model, runtime), in its own subprocess (so peak RSS is its own), threads = 
 Ideal decode speed-up = dense weight bytes read per token / pruned ones (decoder + final norm +
 lm_head; decode is memory-bound). Results: benchmarks/results/onnx.json and onnx.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -136,7 +137,7 @@ def measure_drift(model_dir: str, reference_dir: str, threads: int) -> dict:
     ids = text_to_ids(load_tokenizer(Path(reference_dir)), load_text(DATA / "test.txt")).numpy()
     kls, top1s = [], []
     for w in range(DRIFT_WINDOWS):
-        window = ids[None, w * DRIFT_SEQLEN:(w + 1) * DRIFT_SEQLEN]  # [1, S]
+        window = ids[None, w * DRIFT_SEQLEN : (w + 1) * DRIFT_SEQLEN]  # [1, S]
         mask, pos = np.ones_like(window), np.arange(DRIFT_SEQLEN)[None]
         a, _ = ref.forward(window, mask, pos, ref.empty_past(1))
         b, _ = got.forward(window, mask, pos, got.empty_past(1))
@@ -170,12 +171,14 @@ def child(args: list[str]) -> None:
 def in_subprocess(kind: str, **payload) -> dict:
     proc = subprocess.run(
         [sys.executable, __file__, "_child", kind, json.dumps(payload)],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{kind} {payload} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 # --- preparing the models ------------------------------------------------------------------------
@@ -190,8 +193,24 @@ def dense_dir() -> Path:
 def ensure_pruned(ratio: float) -> Path:
     out = WORK / f"slim-{ratio}"
     if not (out / "config.json").is_file():
-        subprocess.run(CLI + ["prune", "smollm2-135m", "--ratio", str(ratio), "--calib", str(DATA / "valid.txt"),
-                              "--nsamples", "32", "--seqlen", "256", "--out", str(out)], check=True)
+        subprocess.run(
+            CLI
+            + [
+                "prune",
+                "smollm2-135m",
+                "--ratio",
+                str(ratio),
+                "--calib",
+                str(DATA / "valid.txt"),
+                "--nsamples",
+                "32",
+                "--seqlen",
+                "256",
+                "--out",
+                str(out),
+            ],
+            check=True,
+        )
     return out
 
 
@@ -221,16 +240,31 @@ def machine(threads: int) -> dict:
     except (OSError, StopIteration):
         pass
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
-        "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "platform": platform.platform(),
         "load_average_start": os.getloadavg()[0],
     }
 
 
 def run(threads: int, ratios: tuple[float, ...]) -> dict:
-    results = {"machine": machine(threads), "date": time.strftime("%Y-%m-%d"), "rows": [], "drift": [],
-               "protocol": {"prefill": PREFILL, "decode_batches": DECODE_BATCHES, "decode_context": DECODE_CONTEXT,
-                            "decode_steps": DECODE_STEPS, "drift": f"{DRIFT_WINDOWS} x {DRIFT_SEQLEN} WikiText-2 test tokens"}}
+    results = {
+        "machine": machine(threads),
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": [],
+        "drift": [],
+        "protocol": {
+            "prefill": PREFILL,
+            "decode_batches": DECODE_BATCHES,
+            "decode_context": DECODE_CONTEXT,
+            "decode_steps": DECODE_STEPS,
+            "drift": f"{DRIFT_WINDOWS} x {DRIFT_SEQLEN} WikiText-2 test tokens",
+        },
+    }
     models = [("dense", dense_dir(), 0.0)] + [(f"slim-{int(r * 100)}", ensure_pruned(r), r) for r in ratios]
     start = time.perf_counter()
     for name, checkpoint, ratio in models:
@@ -240,14 +274,24 @@ def run(threads: int, ratios: tuple[float, ...]) -> dict:
             variants["ort-int8-dynamic"] = ensure_quantized(fp32, name, "int8-dynamic")
         base = {"model": name, "ratio": ratio, "weight_bytes_per_token": weight_bytes_per_token(checkpoint)}
         for runtime, directory in variants.items():
-            row = base | {"runtime": runtime, "file_mb": _dir_mb(directory)} | in_subprocess("ort", model=str(directory), threads=threads)
+            row = (
+                base
+                | {"runtime": runtime, "file_mb": _dir_mb(directory)}
+                | in_subprocess("ort", model=str(directory), threads=threads)
+            )
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
             if runtime != "ort-fp32":
-                drift = {"model": name, "runtime": runtime} | in_subprocess("drift", model=str(directory), reference=str(fp32), threads=threads)
+                drift = {"model": name, "runtime": runtime} | in_subprocess(
+                    "drift", model=str(directory), reference=str(fp32), threads=threads
+                )
                 results["drift"].append(drift)
                 print(json.dumps(drift), flush=True)
-        row = base | {"runtime": "torch-eager", "file_mb": _dir_mb(checkpoint, "*.safetensors")} | in_subprocess("torch", model=str(checkpoint), threads=threads)
+        row = (
+            base
+            | {"runtime": "torch-eager", "file_mb": _dir_mb(checkpoint, "*.safetensors")}
+            | in_subprocess("torch", model=str(checkpoint), threads=threads)
+        )
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
     results["machine"]["load_average_end"] = os.getloadavg()[0]
@@ -272,15 +316,20 @@ def markdown(results: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads; onnxruntime {m['onnxruntime']}, "
         f"torch {m['torch']}, Python {m['python']}; {m['platform']}. Date: {results['date']}. "
         f"Load average at start/end: {m['load_average_start']:.1f}/{m.get('load_average_end', float('nan')):.1f} "
-        + ("(another job shared these cores: absolute times are noisy; models ran one after another)."
-           if m["load_average_start"] > 1.0
-           else "(no other job on the machine; models ran one after another)."),
-        f"Command: `.venv/bin/python benchmarks/onnx_bench.py --threads {m['threads']}` (prunes and exports what is missing under build/bench; {results.get('seconds', '?')} s).",
+        + (
+            "(another job shared these cores: absolute times are noisy; models ran one after another)."
+            if m["load_average_start"] > 1.0
+            else "(no other job on the machine; models ran one after another)."
+        ),
+        f"Command: `.venv/bin/python benchmarks/onnx_bench.py --threads {m['threads']}` "
+        f"(prunes and exports what is missing under build/bench; {results.get('seconds', '?')} s).",
         f"Protocol: prefill = one forward over N tokens, batch 1, median of 3; decode = ms per token after a "
         f"{DECODE_CONTEXT}-token prompt, median of {DECODE_STEPS} steps; peak RSS of the measuring subprocess. "
-        "Pruned models: `slimgpt-deploy prune smollm2-135m --ratio R --calib wikitext-2/valid.txt --nsamples 32 --seqlen 256`.",
+        "Pruned models: `slimgpt-deploy prune smollm2-135m --ratio R --calib wikitext-2/valid.txt "
+        "--nsamples 32 --seqlen 256`.",
         "",
-        "| model | runtime | file MB | prefill 128 ms | prefill 512 ms | decode b1 ms/tok | decode b8 ms/tok | peak RSS MiB | decode b1 speed-up vs dense | ideal (weight bytes) | of ideal | ORT vs eager (b1) |",
+        "| model | runtime | file MB | prefill 128 ms | prefill 512 ms | decode b1 ms/tok | decode b8 ms/tok "
+        "| peak RSS MiB | decode b1 speed-up vs dense | ideal (weight bytes) | of ideal | ORT vs eager (b1) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -288,18 +337,32 @@ def markdown(results: dict) -> str:
         eager = by.get((r["model"], "torch-eager"))
         speedup = dense["decode_b1_ms"] / r["decode_b1_ms"] if dense else float("nan")
         ideal = dense["weight_bytes_per_token"] / r["weight_bytes_per_token"] if dense else float("nan")
-        vs_eager = eager["decode_b1_ms"] / r["decode_b1_ms"] if eager and r["runtime"] != "torch-eager" else float("nan")
+        vs_eager = (
+            eager["decode_b1_ms"] / r["decode_b1_ms"] if eager and r["runtime"] != "torch-eager" else float("nan")
+        )
         lines.append(
-            f"| {r['model']} | {r['runtime']} | {r['file_mb']:.0f} | {r['prefill_128_ms']:.1f} | {r['prefill_512_ms']:.1f} | "
-            f"{r['decode_b1_ms']:.1f} | {r['decode_b8_ms']:.1f} | {r['peak_rss_mib']:.0f} | {speedup:.2f}x | {ideal:.2f}x | "
+            f"| {r['model']} | {r['runtime']} | {r['file_mb']:.0f} | "
+            f"{r['prefill_128_ms']:.1f} | {r['prefill_512_ms']:.1f} | "
+            f"{r['decode_b1_ms']:.1f} | {r['decode_b8_ms']:.1f} | {r['peak_rss_mib']:.0f} | "
+            f"{speedup:.2f}x | {ideal:.2f}x | "
             f"{speedup / ideal:.2f} | {_fmt(vs_eager)} |"
         )
-    lines += ["", "## int8 variants: drift to the fp32 export and speed", "",
-              f"KL(P_fp32 || P_int8) in nats per position and top-1 agreement over {results['protocol']['drift']}, both in ONNX Runtime.", "",
-              "| model | variant | KL | top-1 | decode b1 ms/tok | file MB |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## int8 variants: drift to the fp32 export and speed",
+        "",
+        f"KL(P_fp32 || P_int8) in nats per position and top-1 agreement over {results['protocol']['drift']}, "
+        "both in ONNX Runtime.",
+        "",
+        "| model | variant | KL | top-1 | decode b1 ms/tok | file MB |",
+        "|---|---|---|---|---|---|",
+    ]
     for d in results["drift"]:
         r = by[(d["model"], d["runtime"])]
-        lines.append(f"| {d['model']} | {d['runtime']} | {d['kl']:.4f} | {d['top1']:.3f} | {r['decode_b1_ms']:.1f} | {r['file_mb']:.0f} |")
+        lines.append(
+            f"| {d['model']} | {d['runtime']} | {d['kl']:.4f} | {d['top1']:.3f} | "
+            f"{r['decode_b1_ms']:.1f} | {r['file_mb']:.0f} |"
+        )
     lines += ["", *results.get("notes", [])]
     return "\n".join(lines) + "\n"
 

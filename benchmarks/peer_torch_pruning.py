@@ -20,6 +20,7 @@ achieved share can match SlimGPT's. Two changes are needed for the graph to buil
 this model (see docs/DESIGN.md, "Peer baseline facts"): eager attention while tracing,
 and RoPE (`apply_rotary_pos_emb`) replaced by an identity during tracing only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,7 +80,12 @@ RUNS = [
     {"name": "tp-magnitude-ffn", "method": "torch-pruning", **asdict(TPSetting("magnitude", prune_heads=False))},
     # Checks the RoPE workaround: graph build + pruner.step() with heads but without it, cut after TRACE_TIMEOUT_S.
     {"name": "tp-without-rope-patch", "method": "tp-unpatched", "use_cache": False, "timeout_s": TRACE_TIMEOUT_S},
-    {"name": "tp-without-rope-patch-with-cache", "method": "tp-unpatched", "use_cache": True, "timeout_s": TRACE_TIMEOUT_S},
+    {
+        "name": "tp-without-rope-patch-with-cache",
+        "method": "tp-unpatched",
+        "use_cache": True,
+        "timeout_s": TRACE_TIMEOUT_S,
+    },
 ]
 
 
@@ -101,8 +107,10 @@ def unit_params(layer) -> tuple[int, int]:
     q_row = attn.q_proj.in_features + (attn.q_proj.bias is not None)
     head = head_dim * (q_row + attn.o_proj.out_features)  # q_proj rows + o_proj columns
     channel = (
-        mlp.gate_proj.in_features + (mlp.gate_proj.bias is not None)
-        + mlp.up_proj.in_features + (mlp.up_proj.bias is not None)
+        mlp.gate_proj.in_features
+        + (mlp.gate_proj.bias is not None)
+        + mlp.up_proj.in_features
+        + (mlp.up_proj.bias is not None)
         + mlp.down_proj.out_features
     )
     return head, channel
@@ -149,8 +157,9 @@ def rope_as_identity(model):
         module.apply_rotary_pos_emb = original
 
 
-def build_pruner(model, example_ids, setting: TPSetting, *, share: float = SHARE, patch_rope: bool = True,
-                 use_cache: bool = False):
+def build_pruner(
+    model, example_ids, setting: TPSetting, *, share: float = SHARE, patch_rope: bool = True, use_cache: bool = False
+):
     """A Torch-Pruning MetaPruner for `setting` that removes `share` of decoder parameters; plus its plan.
 
     Follows the LLM example's arguments; see the module docstring for the two differences.
@@ -196,7 +205,9 @@ def build_pruner(model, example_ids, setting: TPSetting, *, share: float = SHARE
             prune_num_heads=setting.prune_heads,
             prune_head_dims=False,
             head_pruning_ratio=plan["head_pruning_ratio"],
-            forward_fn=lambda m, ids: m(input_ids=ids, use_cache=use_cache).logits,  # by default no KV cache in the graph
+            forward_fn=lambda m, ids: (
+                m(input_ids=ids, use_cache=use_cache).logits
+            ),  # by default no KV cache in the graph
         )
     model.set_attn_implementation("sdpa")  # eager was for tracing only
     return pruner, plan
@@ -301,8 +312,13 @@ def one(spec: dict) -> dict:
     t0 = time.perf_counter()
     if spec["method"] == "tp-unpatched":  # each line below is reached only if the one before it finishes
         calib = get_calibration(calib_spec, model, loaded.tokenizer, nsamples=1, seqlen=SEQLEN, seed=0).input_ids
-        pruner, _ = build_pruner(model, calib[:1, :16], TPSetting("magnitude", prune_heads=True), patch_rope=False,
-                                 use_cache=spec["use_cache"])
+        pruner, _ = build_pruner(
+            model,
+            calib[:1, :16],
+            TPSetting("magnitude", prune_heads=True),
+            patch_rope=False,
+            use_cache=spec["use_cache"],
+        )
         row["trace_s"] = round(time.perf_counter() - t0, 2)
         pruner.step()
         row["prune_s"] = round(time.perf_counter() - t0, 2)
@@ -310,13 +326,25 @@ def one(spec: dict) -> dict:
         row["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         return row
     if spec["method"] == "slimgpt":
-        config = PruneConfig(ratio=SHARE, method="slimgpt", schedule=spec["schedule"], gqa_mode=spec["gqa_mode"],
-                             calib=calib_spec, nsamples=NSAMPLES, seqlen=SEQLEN, seed=0)
+        config = PruneConfig(
+            ratio=SHARE,
+            method="slimgpt",
+            schedule=spec["schedule"],
+            gqa_mode=spec["gqa_mode"],
+            calib=calib_spec,
+            nsamples=NSAMPLES,
+            seqlen=SEQLEN,
+            seed=0,
+        )
         result = prune(loaded, config)
         model, rec = result.model, result.record
-        row.update(calib_s=rec["seconds"]["calibration"], prune_s=rec["seconds"]["prune"],
-                   heads=model.config.num_attention_heads_per_layer,
-                   kv_heads=model.config.num_key_value_heads_per_layer, ffn=model.config.intermediate_size_per_layer)
+        row.update(
+            calib_s=rec["seconds"]["calibration"],
+            prune_s=rec["seconds"]["prune"],
+            heads=model.config.num_attention_heads_per_layer,
+            kv_heads=model.config.num_key_value_heads_per_layer,
+            ffn=model.config.intermediate_size_per_layer,
+        )
         row["reload"] = reload_check(model, lambda out: save_checkpoint(model, loaded.tokenizer, rec, out))
     elif spec["method"] == "torch-pruning":
         t = time.perf_counter()
@@ -401,7 +429,9 @@ def markdown(results: dict) -> str:
     ]
     for r in results["runs"]:
         removes = {"dense": "—", "slimgpt": "heads + FFN (per layer)", "tp-unpatched": "heads + FFN, no eval"}
-        what = removes.get(r["method"], "heads + FFN (uniform)" if r.get("query_heads_cut_per_kv_group") else "FFN (uniform)")
+        what = removes.get(
+            r["method"], "heads + FFN (uniform)" if r.get("query_heads_cut_per_kv_group") else "FFN (uniform)"
+        )
         lines.append(
             f"| {r['name']} | {r['method']} | {r.get('importance', '—')} | {what} | "
             f"{_num(r.get('ratio_achieved_decoder'), '.2%')} | {_num(r.get('ratio_achieved_model'), '.2%')} | "
@@ -411,8 +441,16 @@ def markdown(results: dict) -> str:
     missing = [s["name"] for s in RUNS if s["name"] not in {r["name"] for r in results["runs"]}]
     if missing:
         lines += ["", f"Not run: {', '.join(missing)}."]
-    lines += ["", "## Where SlimGPT stands", "", *(standing(results["runs"]) or ["- (needs dense, SlimGPT and a "
-              "successful Torch-Pruning run)"]), "", "## Notes", "", *[f"- {n}" for n in results["notes"]]]
+    lines += [
+        "",
+        "## Where SlimGPT stands",
+        "",
+        *(standing(results["runs"]) or ["- (needs dense, SlimGPT and a successful Torch-Pruning run)"]),
+        "",
+        "## Notes",
+        "",
+        *[f"- {n}" for n in results["notes"]],
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -424,7 +462,8 @@ NOTES = [
     "in torch-pruning 1.6.",
     "Tracing: eager attention (docs/DESIGN.md: SDPA's `enable_gqa` hides the query-to-KV link; not re-measured "
     "here), no KV cache (`use_cache=False`) and RoPE (`apply_rotary_pos_emb`) replaced by an identity during "
-    "tracing only (the real RoPE runs afterwards). Runs `tp-without-rope-patch*` do the graph build and `pruner.step()` (magnitude, heads + FFN) without that "
+    "tracing only (the real RoPE runs afterwards). Runs `tp-without-rope-patch*` do the graph build and "
+    "`pruner.step()` (magnitude, heads + FFN) without that "
     f"patch, cut after {TRACE_TIMEOUT_S} s, tracing with `use_cache=False` (as every run here does) or with the "
     "model's default `use_cache=True` (a KV-cache object, whose update concatenates, in the traced graph): they check "
     "the earlier finding that the build never ends without the patch. The loop needs both RoPE and the cache in the "
@@ -451,11 +490,14 @@ def write(done: dict) -> dict:
         "versions": versions(),
         "command": ".venv/bin/python benchmarks/peer_torch_pruning.py",
         "protocol": {
-            "eval_tokens": EVAL_TOKENS, "windows": list(WINDOWS), "calib": f"{NSAMPLES}x{SEQLEN} wikitext-2 valid",
-            "seed": 0, "share_of_decoder_params": SHARE,
+            "eval_tokens": EVAL_TOKENS,
+            "windows": list(WINDOWS),
+            "calib": f"{NSAMPLES}x{SEQLEN} wikitext-2 valid",
+            "seed": 0,
+            "share_of_decoder_params": SHARE,
             "text": f"first {EVAL_TOKENS:,} tokens of WikiText-2 test, non-overlapping windows of "
-                    f"{' and '.join(map(str, WINDOWS))} tokens; calibration {NSAMPLES} x {SEQLEN} tokens of WikiText-2 "
-                    f"valid, seed 0; target {SHARE:.0%} of decoder parameters removed in every run.",
+            f"{' and '.join(map(str, WINDOWS))} tokens; calibration {NSAMPLES} x {SEQLEN} tokens of WikiText-2 "
+            f"valid, seed 0; target {SHARE:.0%} of decoder parameters removed in every run.",
         },
         "notes": NOTES,
         "runs": [done[s["name"]] for s in RUNS if s["name"] in done],
@@ -469,15 +511,19 @@ def run_in_subprocess(spec: dict, timeout_s: float) -> dict:
     """Run `one(spec)` in a fresh interpreter; a crash or a timeout becomes the row's `error`."""
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
-                              timeout=timeout_s)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True, timeout=timeout_s
+        )
     except subprocess.TimeoutExpired:
         return {**spec, "error": f"did not finish within {timeout_s:.0f} s (killed)"}
     if proc.returncode != 0:
         tail = [line for line in proc.stderr.strip().splitlines() if line.strip()]
         print(proc.stderr[-3000:], file=sys.stderr)
-        return {**spec, "error": f"exit {proc.returncode}: {tail[-1] if tail else ''}",
-                "wall_s": round(time.perf_counter() - t0, 1)}
+        return {
+            **spec,
+            "error": f"exit {proc.returncode}: {tail[-1] if tail else ''}",
+            "wall_s": round(time.perf_counter() - t0, 1),
+        }
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

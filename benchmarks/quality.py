@@ -10,6 +10,7 @@ and of 128 tokens; calibration 64 x 512 tokens from WikiText-2 valid.txt (or
 `self`), seed 0. Each run is its own subprocess, so its peak RSS is its own.
 Results: benchmarks/results/quality.json and quality.md, written after every run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,19 @@ WINDOWS = (2048, 128)
 NSAMPLES, SEQLEN = 64, 512
 
 
-def _run(name, method="slimgpt", ratio=0.2, schedule="log", gqa="per-group", calib="wiki", nsamples=NSAMPLES, seqlen=SEQLEN):
-    return {"name": name, "method": method, "ratio": ratio, "schedule": schedule, "gqa_mode": gqa,
-            "calib": calib, "nsamples": nsamples, "seqlen": seqlen}
+def _run(
+    name, method="slimgpt", ratio=0.2, schedule="log", gqa="per-group", calib="wiki", nsamples=NSAMPLES, seqlen=SEQLEN
+):
+    return {
+        "name": name,
+        "method": method,
+        "ratio": ratio,
+        "schedule": schedule,
+        "gqa_mode": gqa,
+        "calib": calib,
+        "nsamples": nsamples,
+        "seqlen": seqlen,
+    }
 
 
 RUNS = [{"name": "dense", "method": "dense", "ratio": 0.0}]
@@ -79,8 +90,14 @@ def one(spec: dict) -> dict:
     t0 = time.perf_counter()
     if spec.get("time_dense"):
         # The data cost, in the same process as the pruning it is compared with.
-        calib = get_calibration(str(DATA / "valid.txt"), loaded.model, loaded.tokenizer,
-                                nsamples=spec["nsamples"], seqlen=spec["seqlen"], seed=0)
+        calib = get_calibration(
+            str(DATA / "valid.txt"),
+            loaded.model,
+            loaded.tokenizer,
+            nsamples=spec["nsamples"],
+            seqlen=spec["seqlen"],
+            seed=0,
+        )
         with torch.inference_mode():
             t = time.perf_counter()
             for _ in range(2):
@@ -92,8 +109,15 @@ def one(spec: dict) -> dict:
         row["params"] = sum(p.numel() for p in model.parameters())
     else:
         calib = "self" if spec["calib"] == "self" else str(DATA / "valid.txt")
-        config = PruneConfig(ratio=spec["ratio"], method=spec["method"], schedule=spec["schedule"],
-                             gqa_mode=spec["gqa_mode"], calib=calib, nsamples=spec["nsamples"], seqlen=spec["seqlen"])
+        config = PruneConfig(
+            ratio=spec["ratio"],
+            method=spec["method"],
+            schedule=spec["schedule"],
+            gqa_mode=spec["gqa_mode"],
+            calib=calib,
+            nsamples=spec["nsamples"],
+            seqlen=spec["seqlen"],
+        )
         result = prune(loaded, config)
         model = result.model
         rec = result.record
@@ -121,11 +145,13 @@ def markdown(results: dict) -> str:
     lines = [
         "# Quality: SmolLM2-135M, WikiText-2 perplexity",
         "",
-        f"Machine: {results['machine']['platform']}, {results['machine']['cores']} cores, torch {results['machine']['torch']}"
+        f"Machine: {results['machine']['platform']}, {results['machine']['cores']} cores, "
+        f"torch {results['machine']['torch']}"
         f" ({results['machine']['torch_threads']} threads). Date: {results['date']}.",
         f"Protocol: first {EVAL_TOKENS:,} tokens of WikiText-2 test, non-overlapping windows of 2048 and 128 tokens; "
-        f"calibration {NSAMPLES} x {SEQLEN} tokens of WikiText-2 valid (or `self`), seed 0; schedule `log` unless named.",
-        f"Command: `.venv/bin/python benchmarks/quality.py`.",
+        f"calibration {NSAMPLES} x {SEQLEN} tokens of WikiText-2 valid (or `self`), seed 0; "
+        "schedule `log` unless named.",
+        "Command: `.venv/bin/python benchmarks/quality.py`.",
         "",
         "| run | method | ratio | decoder removed | model removed | PPL@2048 | PPL@128 | prune s | peak RSS MiB |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -154,14 +180,16 @@ def markdown(results: dict) -> str:
         for run in (s, by.get("slimgpt-log-pg-20-128x2048")):
             if run and "two_dense_passes_s" in run:
                 lines.append(
-                    f"- Pruning cost ({run['nsamples']} x {run['seqlen']}) {run['prune_s']:.0f} s vs two dense forward passes "
+                    f"- Pruning cost ({run['nsamples']} x {run['seqlen']}) {run['prune_s']:.0f} s "
+                    "vs two dense forward passes "
                     f"over the same calibration set {run['two_dense_passes_s']:.0f} s (same process): ratio "
                     f"{run['prune_s'] / run['two_dense_passes_s']:.2f} (target <= 1.5)."
                 )
         if "slimgpt-log-kv-20" in by:
             kv = by["slimgpt-log-kv-20"]
             lines.append(
-                f"- GQA modes at 20%: same number of query heads in every group {s['ppl_2048']:.2f} / {s['ppl_128']:.2f}, "
+                "- GQA modes at 20%: same number of query heads in every group "
+                f"{s['ppl_2048']:.2f} / {s['ppl_128']:.2f}, "
                 f"whole KV groups {kv['ppl_2048']:.2f} / {kv['ppl_128']:.2f} (PPL@2048 / PPL@128)."
             )
     return "\n".join(lines) + "\n"
@@ -200,7 +228,12 @@ def main() -> None:
         results = {
             "date": time.strftime("%Y-%m-%d"),
             "machine": machine(),
-            "protocol": {"eval_tokens": EVAL_TOKENS, "windows": WINDOWS, "calib": f"{NSAMPLES}x{SEQLEN} wikitext-2 valid", "seed": 0},
+            "protocol": {
+                "eval_tokens": EVAL_TOKENS,
+                "windows": WINDOWS,
+                "calib": f"{NSAMPLES}x{SEQLEN} wikitext-2 valid",
+                "seed": 0,
+            },
             "runs": [done[s["name"]] for s in RUNS if s["name"] in done],
         }
         path.write_text(json.dumps(results, indent=2) + "\n")

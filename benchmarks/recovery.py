@@ -8,7 +8,8 @@ Protocol (the one of benchmarks/quality.py): WikiText-2 test perplexity in non-o
 default prune: 20%, log schedule, per-group GQA, the default head share, `self` calibration 64 x 512,
 seed 0 (28.63 with the heads kept, benchmarks/results/self_calibration.md; 32.62 in quality.md with heads
 cut, before 2026-12-01); it is made once into build/recovery/slim-self-20-64x512 (not timed
-as recovery; `--prune-nsamples/--prune-seqlen` start from a cheaper prune for a probe). Recovery is `slimgpt_deploy.recover.recover_to_checkpoint` with `self` data (text
+as recovery; `--prune-nsamples/--prune-seqlen` start from a cheaper prune for a probe). \
+Recovery is `slimgpt_deploy.recover.recover_to_checkpoint` with `self` data (text
 sampled from the dense model: no dataset); its time is the data sampling + teacher cache +
 training, wall and process CPU time, with the machine's load average beside them (the machine
 is shared). Results: benchmarks/results/recovery.json (one entry per --name) and recovery.md.
@@ -18,6 +19,7 @@ about 98k training tokens): the first probe trained at ~77 tokens per CPU-second
 ~84 tokens per CPU-second, i.e. on an otherwise idle 2-core machine ~10.5 min of training and ~3.5
 min of sampling, inside the 15-minute budget. Run it with OMP_WAIT_POLICY=PASSIVE on a shared machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +37,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "build" / "recovery"
 MODEL = "smollm2-135m"
 EVAL_TOKENS = 40960
-DENSE_PPL = 18.51            # benchmarks/results/quality.md, same protocol
+DENSE_PPL = 18.51  # benchmarks/results/quality.md, same protocol
 TARGET_PPL = 21.5
 TARGET_SECONDS = 15 * 60
 # LLM-Pruner (Ma et al. 2023), LLaMA-7B at 20%, WikiText-2: 19.09 -> 17.58 with LoRA, dense 12.62
@@ -50,8 +52,14 @@ def recovered_share(dense: float, pruned: float, recovered: float) -> float:
 def machine() -> dict:
     import torch
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
 
 
 def slim_checkpoint(nsamples: int = 64, seqlen: int = 512) -> Path:
@@ -61,7 +69,9 @@ def slim_checkpoint(nsamples: int = 64, seqlen: int = 512) -> Path:
 
     out = WORK / f"slim-self-20-{nsamples}x{seqlen}"
     if not (out / "slimgpt.json").exists():
-        prune_to_checkpoint(MODEL, out, PruneConfig(ratio=0.2, calib="self", nsamples=nsamples, seqlen=seqlen, seed=0), resume=True)
+        prune_to_checkpoint(
+            MODEL, out, PruneConfig(ratio=0.2, calib="self", nsamples=nsamples, seqlen=seqlen, seed=0), resume=True
+        )
     return out
 
 
@@ -70,8 +80,12 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="committed")
-    ap.add_argument("--slim", type=Path, default=None, help="start from this slim checkpoint instead of making the default prune")
-    ap.add_argument("--prune-nsamples", type=int, default=64, help="self-calibration of the starting prune (default 64 x 512)")
+    ap.add_argument(
+        "--slim", type=Path, default=None, help="start from this slim checkpoint instead of making the default prune"
+    )
+    ap.add_argument(
+        "--prune-nsamples", type=int, default=64, help="self-calibration of the starting prune (default 64 x 512)"
+    )
     ap.add_argument("--prune-seqlen", type=int, default=512)
     ap.add_argument("--heldout", type=int, default=8)
     ap.add_argument("--lora", action="store_true", help="LoRA adapters instead of full decoder weights")
@@ -96,13 +110,32 @@ def main() -> None:
     slim = a.slim or slim_checkpoint(a.prune_nsamples, a.prune_seqlen)
     prune_wall = time.perf_counter() - t0
     config = RecoverConfig(
-        data="self", steps=a.steps, batch_size=a.batch_size, seqlen=a.seqlen, nsamples=a.nsamples, heldout=a.heldout, full=not a.lora,
-        rank=a.rank, alpha=a.alpha, lr=a.lr, temperature=a.temperature, lm_weight=a.lm_weight, teacher_topk=a.teacher_topk,
+        data="self",
+        steps=a.steps,
+        batch_size=a.batch_size,
+        seqlen=a.seqlen,
+        nsamples=a.nsamples,
+        heldout=a.heldout,
+        full=not a.lora,
+        rank=a.rank,
+        alpha=a.alpha,
+        lr=a.lr,
+        temperature=a.temperature,
+        lm_weight=a.lm_weight,
+        teacher_topk=a.teacher_topk,
     )
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    result = recover_to_checkpoint(slim, MODEL, WORK / f"recovered-{a.name}", config, force=True,
-                                   eval_text=DATA / "test.txt", eval_seqlen=2048, eval_max_tokens=a.eval_tokens)
+    result = recover_to_checkpoint(
+        slim,
+        MODEL,
+        WORK / f"recovered-{a.name}",
+        config,
+        force=True,
+        eval_text=DATA / "test.txt",
+        eval_seqlen=2048,
+        eval_max_tokens=a.eval_tokens,
+    )
     wall = time.perf_counter() - t0
     rec = result.record["recovery"]
     ppl = rec["perplexity"]
@@ -137,9 +170,14 @@ def main() -> None:
     path = RESULTS / "recovery.json"
     runs = json.loads(path.read_text())["runs"] if path.exists() else {}
     runs[a.name] = row
-    data = {"protocol": __doc__.split("Protocol")[1].strip(), "dense_ppl": DENSE_PPL, "target_ppl": TARGET_PPL,
-            "target_recovery_seconds": TARGET_SECONDS, "llm_pruner": {**LLM_PRUNER, "recovered_share": recovered_share(**LLM_PRUNER)},
-            "runs": runs}
+    data = {
+        "protocol": __doc__.split("Protocol")[1].strip(),
+        "dense_ppl": DENSE_PPL,
+        "target_ppl": TARGET_PPL,
+        "target_recovery_seconds": TARGET_SECONDS,
+        "llm_pruner": {**LLM_PRUNER, "recovered_share": recovered_share(**LLM_PRUNER)},
+        "runs": runs,
+    }
     path.write_text(json.dumps(data, indent=2) + "\n")
     (RESULTS / "recovery.md").write_text(markdown(data))
 
@@ -150,32 +188,46 @@ def markdown(data: dict) -> str:
         "# Recovery: data-free distillation, SmolLM2-135M at 20%",
         "",
         "Protocol: " + " ".join(data["protocol"].split()),
-        "Command: `.venv/bin/python benchmarks/recovery.py [--name NAME ...]`; each row's own command is in recovery.json.",
+        "Command: `.venv/bin/python benchmarks/recovery.py [--name NAME ...]`; "
+        "each row's own command is in recovery.json.",
         "",
-        f"Dense {data['dense_ppl']}; target after recovery <= {data['target_ppl']} within {data['target_recovery_seconds'] // 60} min "
+        f"Dense {data['dense_ppl']}; target after recovery <= {data['target_ppl']} "
+        f"within {data['target_recovery_seconds'] // 60} min "
         f"of recovery. LLM-Pruner (LLaMA-7B, 20%, LoRA): {lp['pruned']} -> {lp['recovered']} over dense {lp['dense']}, "
         f"{lp['recovered_share']:.1%} of the increase recovered.",
         "",
-        "| run | start: self-calibration | trained | steps x batch x seqlen | eval tokens | PPL before | PPL after | share recovered | held-out KL before -> after | top-1 before -> after | recovery wall s | recovery CPU s | load avg |",
+        "| run | start: self-calibration | trained | steps x batch x seqlen | eval tokens | PPL before | PPL after "
+        "| share recovered | held-out KL before -> after | top-1 before -> after | recovery wall s | recovery CPU s "
+        "| load avg |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["runs"].values():
         o, f = r["options"], r["fidelity"]
         share = f"{r['recovered_share']:.1%}" if "recovered_share" in r else "-"
         lines.append(
-            f"| {r['name']} | {r['prune_calibration']['nsamples']} x {r['prune_calibration']['seqlen']} | {r['trained']}, lr {o['lr']:g} | {o['steps']} x {o['batch_size']} x {o['seqlen']} | {r['eval_tokens']} | "
-            f"{r['ppl_before']:.2f} | {r['ppl_after']:.2f} | {share} | {f['before']['kl']:.3f} -> {f['after']['kl']:.3f} | "
-            f"{f['before']['top1']:.1%} -> {f['after']['top1']:.1%} | {r['seconds']['recovery']:.0f} | {r['cpu_seconds']['recovery']:.0f} | "
+            f"| {r['name']} | {r['prune_calibration']['nsamples']} x {r['prune_calibration']['seqlen']} | "
+            f"{r['trained']}, lr {o['lr']:g} | {o['steps']} x {o['batch_size']} x {o['seqlen']} | {r['eval_tokens']} | "
+            f"{r['ppl_before']:.2f} | {r['ppl_after']:.2f} | {share} | "
+            f"{f['before']['kl']:.3f} -> {f['after']['kl']:.3f} | "
+            f"{f['before']['top1']:.1%} -> {f['after']['top1']:.1%} | {r['seconds']['recovery']:.0f} | "
+            f"{r['cpu_seconds']['recovery']:.0f} | "
             f"{r['load_average_1min']['before']} / {r['load_average_1min']['after']} |"
         )
-    lines += ["", "A row is on the target protocol only when it starts from the 64 x 512 prune and evaluates 40,960 "
-              "tokens (then `share recovered` is given); other rows are short probes from a cheaper 16 x 256 prune "
-              "(a worse start), evaluated on the first 8,192 tokens, to compare settings.", ""]
-    lines += ["Recovery time = sampling the training text from the dense model + teacher cache + training; the "
-              "before/after evaluations and model loading are not counted (they are in recovery.json). The machine "
-              "(2 cores) was shared with other jobs during these runs (load average beside each row), so wall times are "
-              "inflated; CPU seconds are the process's own (both threads). The runs set OMP_WAIT_POLICY=PASSIVE: with "
-              "the default spin-waiting, two torch threads on a loaded 2-core machine ran self-sampling over 8x slower.", ""]
+    lines += [
+        "",
+        "A row is on the target protocol only when it starts from the 64 x 512 prune and evaluates 40,960 "
+        "tokens (then `share recovered` is given); other rows are short probes from a cheaper 16 x 256 prune "
+        "(a worse start), evaluated on the first 8,192 tokens, to compare settings.",
+        "",
+    ]
+    lines += [
+        "Recovery time = sampling the training text from the dense model + teacher cache + training; the "
+        "before/after evaluations and model loading are not counted (they are in recovery.json). The machine "
+        "(2 cores) was shared with other jobs during these runs (load average beside each row), so wall times are "
+        "inflated; CPU seconds are the process's own (both threads). The runs set OMP_WAIT_POLICY=PASSIVE: with "
+        "the default spin-waiting, two torch threads on a loaded 2-core machine ran self-sampling over 8x slower.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ Cost: a 64 x 512 variant samples 64-80 sequences (2-3 batches of 32 x 511 decode
 prunes and evaluates. On the shared 2-core machine at load average ~10 (2026-11-29) one batch of
 32 took 35 min; screen with --nsamples 16 first, and run the full size on an idle machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,14 @@ BASE = {"temperature": 1.0, "top_p": 0.95, "greedy_opening": 0, "overgenerate": 
 NOT_SAMPLING = ("prune", "file")
 # The prune every row starts from. head_share is pinned to 1.0 (heads cut at the layer ratio, the split the sampler
 # rows were measured with), so a rerun of a row measures what the row says; the head-share rows set their own.
-PRUNE_BASE = {"ratio": RATIO, "method": "slimgpt", "schedule": "log", "gqa_mode": "per-group", "calib": "self", "head_share": 1.0}
+PRUNE_BASE = {
+    "ratio": RATIO,
+    "method": "slimgpt",
+    "schedule": "log",
+    "gqa_mode": "per-group",
+    "calib": "self",
+    "head_share": 1.0,
+}
 VARIANTS: dict[str, tuple[str, dict]] = {}
 
 
@@ -60,26 +68,58 @@ _variant("baseline", "the sampler before this change: T 1.0, top-p 0.95, BOS + r
 _variant("nospecial", "(1) special tokens never sampled", "baseline", mask_special=True)
 _variant("nobos", "no BOS (`<|im_start|>` here) before the random token", "nospecial", bos=False)
 _variant("greedy4", "(2) 4 greedy tokens after the random one", "nobos", greedy_opening=4)
-_variant("filter1.25", "(3) 1.25x over-generation, degenerate repeats and worst self-perplexity dropped", "greedy4", overgenerate=1.25)
+_variant(
+    "filter1.25",
+    "(3) 1.25x over-generation, degenerate repeats and worst self-perplexity dropped",
+    "greedy4",
+    overgenerate=1.25,
+)
 for t, p in ((0.9, 0.95), (0.8, 0.95), (1.0, 1.0), (0.9, 0.9)):
     _variant(f"t{t}-p{p}", f"(4) temperature {t}, top-p {p}", "filter1.25", temperature=t, top_p=p)
 _variant("nospecial-t0.8", "(4') temperature 0.8 on the default sampler", "nospecial", temperature=0.8)
 for damp in (0.001, 0.1):
-    _variant(f"nospecial-damp{damp}", f"(5) the default sampler, OBS damping {damp} of the mean Hessian diagonal (default 0.01)",
-             "nospecial", prune={"percdamp": damp})
-_variant("wikitext-valid", "real data for reference: windows of WikiText-2 *valid* (in-domain for the first corpus)",
-         "nospecial", file=str(DATA / "valid.txt"))
+    _variant(
+        f"nospecial-damp{damp}",
+        f"(5) the default sampler, OBS damping {damp} of the mean Hessian diagonal (default 0.01)",
+        "nospecial",
+        prune={"percdamp": damp},
+    )
+_variant(
+    "wikitext-valid",
+    "real data for reference: windows of WikiText-2 *valid* (in-domain for the first corpus)",
+    "nospecial",
+    file=str(DATA / "valid.txt"),
+)
 # How a layer's budget is split: heads at head_share x the layer's ratio, the FFN takes the rest. SmolLM2's per-group
 # unit is a third of the query heads, so any head_share below ~0.6 keeps every head at 20%.
-_variant("nospecial-heads0", "(6) the default sampler, heads kept (head_share 0: the FFN takes each layer's whole budget)",
-         "nospecial", prune={"head_share": 0.0})
-_variant("heads0-p1.0", "(7) heads kept, and top-p 1.0 (plain sampling at temperature 1)", "nospecial-heads0", top_p=1.0)
-_variant("heads0-damp0.001", "(7') heads kept, and OBS damping 0.001", "nospecial-heads0", prune={"head_share": 0.0, "percdamp": 0.001})
+_variant(
+    "nospecial-heads0",
+    "(6) the default sampler, heads kept (head_share 0: the FFN takes each layer's whole budget)",
+    "nospecial",
+    prune={"head_share": 0.0},
+)
+_variant(
+    "heads0-p1.0", "(7) heads kept, and top-p 1.0 (plain sampling at temperature 1)", "nospecial-heads0", top_p=1.0
+)
+_variant(
+    "heads0-damp0.001",
+    "(7') heads kept, and OBS damping 0.001",
+    "nospecial-heads0",
+    prune={"head_share": 0.0, "percdamp": 0.001},
+)
 for share in (1.0, 0.5, 0.0):  # at 50% a share of 0.5 cuts one query head per group in the deepest layers
-    _variant(f"r0.5-heads{share}", f"(8) 50% instead of 20%, head_share {share}", "nospecial",
-             prune={"ratio": 0.5, "head_share": share})
-_variant("wikitext-valid-heads0", "real data (WikiText-2 valid), heads kept (head_share 0)", "wikitext-valid",
-         prune={"head_share": 0.0})
+    _variant(
+        f"r0.5-heads{share}",
+        f"(8) 50% instead of 20%, head_share {share}",
+        "nospecial",
+        prune={"ratio": 0.5, "head_share": share},
+    )
+_variant(
+    "wikitext-valid-heads0",
+    "real data (WikiText-2 valid), heads kept (head_share 0)",
+    "wikitext-valid",
+    prune={"head_share": 0.0},
+)
 
 
 # What the table says, kept with the script so that rewriting the .md keeps it (update it with the rows).
@@ -113,9 +153,15 @@ the `nospecial` row gave 34.57 on 2026-11-29 and 34.21 today):
 def machine() -> dict:
     import torch
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "platform": platform.platform(), "load_avg": os.getloadavg()}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "load_avg": os.getloadavg(),
+    }
 
 
 def pydoc_text() -> str:
@@ -163,8 +209,10 @@ def one(name: str, nsamples: int) -> dict:
     torch.manual_seed(0)
     loaded = load_model(MODEL)
     tok = loaded.tokenizer
-    corpora = {"wikitext2": text_to_ids(tok, load_text(DATA / "test.txt"))[:EVAL_TOKENS],
-               "pydoc": text_to_ids(tok, pydoc_text())[:EVAL_TOKENS]}
+    corpora = {
+        "wikitext2": text_to_ids(tok, load_text(DATA / "test.txt"))[:EVAL_TOKENS],
+        "pydoc": text_to_ids(tok, pydoc_text())[:EVAL_TOKENS],
+    }
     row: dict = {"name": name, "nsamples": nsamples, "seqlen": SEQLEN}
     if name == "dense":
         model = loaded.model
@@ -206,11 +254,16 @@ def special_share(count: int = 8, seqlen: int = 128) -> None:
 
     loaded = load_model(MODEL)
     special = torch.tensor(_special_ids(loaded.tokenizer, int(loaded.model.config.vocab_size)))
-    for name, sampling in (("specials allowed (before)", SelfSampling(mask_special=False)), ("default (masked)", SelfSampling())):
+    for name, sampling in (
+        ("specials allowed (before)", SelfSampling(mask_special=False)),
+        ("default (masked)", SelfSampling()),
+    ):
         pool = sample_self(loaded.model, loaded.tokenizer, count=count, seqlen=seqlen, seed=0, sampling=sampling)
-        hit = torch.isin(pool.input_ids[:, pool.opening:], special)
-        print(f"{name}: {float(hit.float().mean()):.2%} of sampled tokens special, in {int(hit.any(1).sum())} of "
-              f"{count} samples of {seqlen} tokens; self-perplexity {float(pool.nll.mean().exp()):.2f}")
+        hit = torch.isin(pool.input_ids[:, pool.opening :], special)
+        print(
+            f"{name}: {float(hit.float().mean()):.2%} of sampled tokens special, in {int(hit.any(1).sum())} of "
+            f"{count} samples of {seqlen} tokens; self-perplexity {float(pool.nll.mean().exp()):.2f}"
+        )
 
 
 def markdown(results: dict) -> str:
@@ -218,8 +271,9 @@ def markdown(results: dict) -> str:
     lines = [
         "# Data-free (`self`) calibration: SmolLM2-135M at 20%",
         "",
-        f"Machine: {m['platform']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); shared with other "
-        f"jobs while measured (load average {m['load_avg'][0]:.1f}), so seconds are noisy; perplexities are deterministic. "
+        f"Machine: {m['platform']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); "
+        f"shared with other jobs while measured (load average {m['load_avg'][0]:.1f}), so seconds are noisy; "
+        "perplexities are deterministic. "
         f"Date: {results['date']}.",
         f"Protocol: SlimGPT, ratio {RATIO}, schedule log, per-group GQA, heads cut at the layer ratio (head_share 1.0) "
         f"unless the row says otherwise; calibration `self`, N x {SEQLEN} tokens, seed 0. "
@@ -227,7 +281,8 @@ def markdown(results: dict) -> str:
         f"(the protocol of benchmarks/quality.py) and of Python's documentation text (`pydoc_data.topics`).",
         "Command: `.venv/bin/python benchmarks/self_calibration.py` (`--nsamples 16` for the screens).",
         "",
-        "| variant | N | change | WikiText-2 PPL | pydoc PPL | specials in samples | self-PPL of samples | distinct 4-grams | prune s |",
+        "| variant | N | change | WikiText-2 PPL | pydoc PPL | specials in samples | self-PPL of samples "
+        "| distinct 4-grams | prune s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results["runs"].values(), key=lambda r: (r["name"] != "dense", -r["nsamples"])):
@@ -235,7 +290,8 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| {r['name']} | {r['nsamples'] if r['name'] != 'dense' else '-'} | {r.get('what', 'dense model')} | "
             f"{r['ppl_wikitext2']:.2f} | {r['ppl_pydoc']:.2f} | {c.get('special_share', 0):.2%} | "
-            f"{c.get('self_ppl_kept', float('nan')):.2f} | {c.get('distinct4_kept', float('nan')):.3f} | {r.get('prune_s', 0):.0f} |"
+            f"{c.get('self_ppl_kept', float('nan')):.2f} | {c.get('distinct4_kept', float('nan')):.3f} | "
+            f"{r.get('prune_s', 0):.0f} |"
         )
     lines += ["", "A sample's opening (first 48 tokens, decoded; variants that share a pool share it too):", ""]
     seen = set()
@@ -248,7 +304,9 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", action="append", help="run only these variants (repeatable; 'dense' for the dense model)")
+    parser.add_argument(
+        "--only", action="append", help="run only these variants (repeatable; 'dense' for the dense model)"
+    )
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--markdown", action="store_true", help="only rewrite the .md from the .json")
     parser.add_argument("--special-share", action="store_true", help="only count special tokens in 8 x 128 samples")
@@ -271,16 +329,23 @@ def main() -> None:
         if name != "dense" and name not in VARIANTS:
             sys.exit(f"unknown variant {name!r}; choose from dense, {', '.join(VARIANTS)}")
         print(f"== {name} x {args.nsamples}", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--one", name, "--nsamples", str(args.nsamples)],
-                              capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+        proc = subprocess.run(
+            [sys.executable, __file__, "--one", name, "--nsamples", str(args.nsamples)],
+            capture_output=True,
+            text=True,
+            env=os.environ | {"HF_HUB_OFFLINE": "1"},
+        )
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
             sys.exit(f"run {name} failed")
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         print(json.dumps(row), file=sys.stderr, flush=True)
         results["runs"][f"{name}@{args.nsamples}" if name != "dense" else "dense"] = row
-        results |= {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
-                    "protocol": {"eval_tokens": EVAL_TOKENS, "window": WINDOW, "seqlen": SEQLEN, "ratio": RATIO, "seed": 0}}
+        results |= {
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": machine(),
+            "protocol": {"eval_tokens": EVAL_TOKENS, "window": WINDOW, "seqlen": SEQLEN, "ratio": RATIO, "seed": 0},
+        }
         RESULTS.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(results, indent=2) + "\n")

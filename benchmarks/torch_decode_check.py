@@ -8,6 +8,7 @@ check removes it: both models live in one process and are timed in turns (batch 
 prompt, then 32 cached greedy steps), ROUNDS times, with 2 threads and then 1.
 Writes benchmarks/results/torch_decode_check.{json,md}.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,16 +50,30 @@ def main() -> None:
             for _ in range(ROUNDS):
                 for name, m in models.items():
                     runs[threads][name].append(round(ms_per_step(m, ids), 2))
-    result = {"date": time.strftime("%Y-%m-%d"), "platform": platform.platform(), "torch": torch.__version__,
-              "pruned": pruned, "prompt": PROMPT, "steps": STEPS, "ms_per_step": runs}
-    lines = ["# PyTorch eager decode, dense vs pruned in one process (alternating)", "",
-             f"{result['platform']}, torch {result['torch']}, {result['date']}. Command: "
-             "`.venv/bin/python benchmarks/torch_decode_check.py`. Pruned: the demo's 20% SmolLM2-135M.",
-             f"Batch 1, {PROMPT}-token prompt, {STEPS} cached greedy steps; {ROUNDS} rounds after a warm-up.", "",
-             "| threads | dense ms/step (each round) | pruned ms/step (each round) | median speed-up |", "|---|---|---|---|"]
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "pruned": pruned,
+        "prompt": PROMPT,
+        "steps": STEPS,
+        "ms_per_step": runs,
+    }
+    lines = [
+        "# PyTorch eager decode, dense vs pruned in one process (alternating)",
+        "",
+        f"{result['platform']}, torch {result['torch']}, {result['date']}. Command: "
+        "`.venv/bin/python benchmarks/torch_decode_check.py`. Pruned: the demo's 20% SmolLM2-135M.",
+        f"Batch 1, {PROMPT}-token prompt, {STEPS} cached greedy steps; {ROUNDS} rounds after a warm-up.",
+        "",
+        "| threads | dense ms/step (each round) | pruned ms/step (each round) | median speed-up |",
+        "|---|---|---|---|",
+    ]
     for threads, r in runs.items():
         med = sorted(r["dense"])[ROUNDS // 2] / sorted(r["pruned"])[ROUNDS // 2]
-        lines.append(f"| {threads} | {', '.join(map(str, r['dense']))} | {', '.join(map(str, r['pruned']))} | {med:.2f}x |")
+        lines.append(
+            f"| {threads} | {', '.join(map(str, r['dense']))} | {', '.join(map(str, r['pruned']))} | {med:.2f}x |"
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "torch_decode_check.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / "torch_decode_check.md").write_text("\n".join(lines) + "\n")

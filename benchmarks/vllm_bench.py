@@ -16,6 +16,7 @@ The ideal decode speed-up is dense weight bytes / pruned weight bytes (decode at
 memory-bound: every token reads every weight once); the target is measured >= 0.95 x ideal.
 Medians of REPEATS runs after a warm-up, with min and max.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,20 @@ def pruned_checkpoint(ratio: float) -> Path:
     out = BENCH_DIR / f"slim-{ratio}"
     if not (out / "config.json").exists():
         calib = ["--calib", str(CALIB), "--nsamples", "32", "--seqlen", "256"] if CALIB.exists() else []
-        subprocess.run([str(ROOT / ".venv" / "bin" / "slimgpt-deploy"), "prune", "smollm2-135m", "--ratio", str(ratio),
-                        "--out", str(out), "--force", *calib], check=True)
+        subprocess.run(
+            [
+                str(ROOT / ".venv" / "bin" / "slimgpt-deploy"),
+                "prune",
+                "smollm2-135m",
+                "--ratio",
+                str(ratio),
+                "--out",
+                str(out),
+                "--force",
+                *calib,
+            ],
+            check=True,
+        )
     return out
 
 
@@ -70,8 +83,16 @@ def child(model: str, out: str) -> None:
     import numpy as np
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model, dtype="float32", enforce_eager=True, enable_prefix_caching=False, seed=0,
-              max_model_len=1024, kv_cache_memory_bytes=KV_CACHE_BYTES, max_num_seqs=max(DECODE_BATCHES))
+    llm = LLM(
+        model=model,
+        dtype="float32",
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        seed=0,
+        max_model_len=1024,
+        kv_cache_memory_bytes=KV_CACHE_BYTES,
+        max_num_seqs=max(DECODE_BATCHES),
+    )
     rng = np.random.default_rng(0)
     vocab = llm.llm_engine.model_config.get_vocab_size()
 
@@ -109,13 +130,27 @@ def measure(name: str, model_dir: Path) -> dict:
     out = RESULTS / f".vllm-{name}.json"
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--child", str(model_dir), str(out)], env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, __file__, "--child", str(model_dir), str(out)],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     r = json.loads(out.read_text())
     out.unlink()
-    r.update(model=name, path=str(model_dir), weight_bytes=weight_bytes_per_token(model_dir),
-             kv_bytes_per_token=kv_bytes_per_token(model_dir), wall_s=round(time.perf_counter() - t0, 1))
-    print(f"{name}: decode b1 {r['decode_tok_s']['1']['median']:.1f} tok/s, b8 {r['decode_tok_s']['8']['median']:.1f} tok/s", flush=True)
+    r.update(
+        model=name,
+        path=str(model_dir),
+        weight_bytes=weight_bytes_per_token(model_dir),
+        kv_bytes_per_token=kv_bytes_per_token(model_dir),
+        wall_s=round(time.perf_counter() - t0, 1),
+    )
+    print(
+        f"{name}: decode b1 {r['decode_tok_s']['1']['median']:.1f} tok/s, "
+        f"b8 {r['decode_tok_s']['8']['median']:.1f} tok/s",
+        flush=True,
+    )
     return r
 
 
@@ -124,9 +159,15 @@ def machine() -> dict:
     import torch
     import vllm
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "ram_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
-            "torch": torch.__version__, "vllm": vllm.__version__, "torch_threads": torch.get_num_threads()}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "vllm": vllm.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def markdown(report: dict) -> str:
@@ -135,11 +176,14 @@ def markdown(report: dict) -> str:
     lines = [
         "# vLLM on CPU: dense vs SlimGPT-pruned SmolLM2-135M",
         "",
-        f"Machine: {report['machine']['cores']} cores, {report['machine']['ram_gib']} GiB, vllm {report['machine']['vllm']}, "
+        f"Machine: {report['machine']['cores']} cores, {report['machine']['ram_gib']} GiB, "
+        f"vllm {report['machine']['vllm']}, "
         f"torch {report['machine']['torch']}; {report['date']}. float32, enforce_eager, 1 GiB KV cache, "
-        f"medians of {report['repeats']} (min-max), vLLM threads on cores {report['cores'] or 'all'}. Command: `.venv/bin/python benchmarks/vllm_bench.py`.",
+        f"medians of {report['repeats']} (min-max), vLLM threads on cores {report['cores'] or 'all'}. "
+        "Command: `.venv/bin/python benchmarks/vllm_bench.py`.",
         "",
-        "| model | weights MB | KV B/token | prefill 128 ms | prefill 512 ms | decode b1 tok/s | decode b8 tok/s | peak RSS GiB | ideal speed-up | measured b1 | measured b8 | b1 / ideal |",
+        "| model | weights MB | KV B/token | prefill 128 ms | prefill 512 ms | decode b1 tok/s | decode b8 tok/s "
+        "| peak RSS GiB | ideal speed-up | measured b1 | measured b8 | b1 / ideal |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -151,18 +195,32 @@ def markdown(report: dict) -> str:
             f"| {r['model']} | {r['weight_bytes'] / 1e6:.0f} | {r['kv_bytes_per_token']:,} | "
             f"{1000 * p['128']['median']:.1f} ({1000 * p['128']['min']:.0f}-{1000 * p['128']['max']:.0f}) | "
             f"{1000 * p['512']['median']:.1f} ({1000 * p['512']['min']:.0f}-{1000 * p['512']['max']:.0f}) | "
-            f"{r['decode_tok_s']['1']['median']:.1f} ({r['decode_tok_s']['1']['min']:.1f}-{r['decode_tok_s']['1']['max']:.1f}) | "
-            f"{r['decode_tok_s']['8']['median']:.1f} ({r['decode_tok_s']['8']['min']:.1f}-{r['decode_tok_s']['8']['max']:.1f}) | "
+            f"{r['decode_tok_s']['1']['median']:.1f} "
+            f"({r['decode_tok_s']['1']['min']:.1f}-{r['decode_tok_s']['1']['max']:.1f}) | "
+            f"{r['decode_tok_s']['8']['median']:.1f} "
+            f"({r['decode_tok_s']['8']['min']:.1f}-{r['decode_tok_s']['8']['max']:.1f}) | "
             f"{r['peak_rss_bytes'] / 2**30:.2f} | {ideal:.3f}x | {s1:.3f}x | {s8:.3f}x | {s1 / ideal:.2f} |"
         )
     o, k = _fixed_cost(rows)
     lines += [
         "",
         "Reading it: the ideal assumes a decode step costs only the reading of the weights. A least-squares fit of the",
-        f"batch-1 step time over the four models, t = {o:.1f} ms + {1000 * k:.3f} ms/GB x weight bytes, puts {o:.1f} ms of every",
-        f"step ({100 * o / (1000 / dense['decode_tok_s']['1']['median']):.0f}% of the dense step) outside the weights: vLLM's per-step scheduling,",
-        "attention metadata, sampling and per-kernel overhead of 30 layers, which pruning does not shrink. KV bytes per",
-        "token are unchanged because the default GQA mode (per-group) keeps every KV head; `--gqa-mode kv-group` shrinks them.",
+        (
+            f"batch-1 step time over the four models, t = {o:.1f} ms + {1000 * k:.3f} ms/GB x weight bytes, "
+            f"puts {o:.1f} ms of every"
+        ),
+        (
+            f"step ({100 * o / (1000 / dense['decode_tok_s']['1']['median']):.0f}% of the dense step) "
+            "outside the weights: vLLM's per-step scheduling,"
+        ),
+        (
+            "attention metadata, sampling and per-kernel overhead of 30 layers, which pruning does not shrink. "
+            "KV bytes per"
+        ),
+        (
+            "token are unchanged because the default GQA mode (per-group) keeps every KV head; "
+            "`--gqa-mode kv-group` shrinks them."
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -181,7 +239,11 @@ def main() -> None:
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--markdown", action="store_true", help="Only rewrite vllm.md from vllm.json.")
     ap.add_argument("--repeats", type=int, default=REPEATS)
-    ap.add_argument("--cores", default=None, help="CPU cores for vLLM's threads, e.g. 0-1 (VLLM_CPU_OMP_THREADS_BIND; default: vLLM's choice).")
+    ap.add_argument(
+        "--cores",
+        default=None,
+        help="CPU cores for vLLM's threads, e.g. 0-1 (VLLM_CPU_OMP_THREADS_BIND; default: vLLM's choice).",
+    )
     ap.add_argument("--out", default="vllm", help="Result file stem under benchmarks/results/.")
     args = ap.parse_args()
     os.environ["BENCH_REPEATS"] = str(args.repeats)
@@ -196,8 +258,13 @@ def main() -> None:
     from slimgpt_deploy.sources import embedded_model_dir
 
     models = [("dense", embedded_model_dir())] + [(f"slimgpt-{int(r * 100)}%", pruned_checkpoint(r)) for r in RATIOS]
-    report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "repeats": args.repeats, "cores": args.cores,
-              "models": [measure(n, d) for n, d in models]}
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "repeats": args.repeats,
+        "cores": args.cores,
+        "models": [measure(n, d) for n, d in models],
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n")
     (RESULTS / f"{args.out}.md").write_text(markdown(report))

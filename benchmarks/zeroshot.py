@@ -22,6 +22,7 @@ THEY ARE NOT STANDARD BENCHMARKS and their numbers are not comparable with any p
 Documents are drawn with a fixed seed; the JSONL files are written to a temporary directory and
 their SHA-256 is recorded. Results: benchmarks/results/zeroshot.json and zeroshot.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,7 +99,9 @@ def next_sentence_docs(arts, n: int, rng: random.Random) -> list[dict]:
         for para in art:
             ok = [s for s in para if 8 <= len(s.split()) <= 40]
             pool += [(ai, s) for s in ok]
-            pairs += [(ai, a, b) for a, b in zip(para, para[1:]) if 8 <= len(a.split()) <= 40 and 8 <= len(b.split()) <= 40]
+            pairs += [
+                (ai, a, b) for a, b in zip(para, para[1:]) if 8 <= len(a.split()) <= 40 and 8 <= len(b.split()) <= 40
+            ]
     docs = []
     for ai, context, right in rng.sample(pairs, min(n, len(pairs))):
         length = len(right.split())
@@ -142,8 +145,13 @@ def write_tasks(directory: Path, n: int) -> dict:
         data = directory / f"{name}.jsonl"
         data.write_text("".join(json.dumps(d) + "\n" for d in docs))
         (directory / f"{name}.yaml").write_text(YAML.format(name=name, data=data))
-        info[name] = {"documents": len(docs), "choices": 4, "chance": 0.25,
-                      "sha256": hashlib.sha256(data.read_bytes()).hexdigest(), "example": docs[0]}
+        info[name] = {
+            "documents": len(docs),
+            "choices": 4,
+            "chance": 0.25,
+            "sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
+            "example": docs[0],
+        }
     return info
 
 
@@ -161,7 +169,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--docs", type=int, default=300, help="documents per task")
     ap.add_argument("--model", action="append", default=[], metavar="NAME=PATH", help="extra checkpoints to evaluate")
-    ap.add_argument("--work", type=Path, default=ROOT / "build" / "zeroshot", help="where the pruned checkpoint is kept")
+    ap.add_argument(
+        "--work", type=Path, default=ROOT / "build" / "zeroshot", help="where the pruned checkpoint is kept"
+    )
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--nsamples", type=int, default=64, help="self-calibration samples of the pruned model")
     ap.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sample")
@@ -169,7 +179,9 @@ def main() -> None:
     ap.add_argument("--note", default="", help="a sentence about the models, recorded with the results")
     args = ap.parse_args()
     if not DATA.exists():
-        sys.exit(f"error: {DATA} not found; this benchmark needs WikiText-2 (../shared/data/wikitext-2 beside the repo)")
+        sys.exit(
+            f"error: {DATA} not found; this benchmark needs WikiText-2 (../shared/data/wikitext-2 beside the repo)"
+        )
 
     import torch
 
@@ -197,8 +209,13 @@ def main() -> None:
     record = {
         "benchmark": "zeroshot (local multiple-choice tasks from WikiText-2 test; NOT standard benchmarks)",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": {"platform": platform.platform(), "cores": os.cpu_count(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(), "note": "shared machine, other jobs running: timings are noisy"},
+        "machine": {
+            "platform": platform.platform(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "note": "shared machine, other jobs running: timings are noisy",
+        },
         "command": "python benchmarks/zeroshot.py " + " ".join(sys.argv[1:]),
         "note": args.note,
         "tasks": tasks_info,
@@ -214,29 +231,56 @@ def markdown(r: dict) -> str:
     names = list(r["tasks"])
     m = r["machine"]
     lines = [
-        "# Zero-shot accuracy: dense vs pruned SmolLM2-135M (local tasks, not standard benchmarks)", "",
-        f"Machine: {m['platform']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); {m['note']}. "
-        f"Date: {r['date']}. Command: `{r['command'].strip()}`.", "",
+        "# Zero-shot accuracy: dense vs pruned SmolLM2-135M (local tasks, not standard benchmarks)",
+        "",
+        f"Machine: {m['platform']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); "
+        f"{m['note']}. "
+        f"Date: {r['date']}. Command: `{r['command'].strip()}`.",
+        "",
         "The standard tasks (BoolQ, PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA) need downloads this machine "
         "cannot make. These two tasks are built from WikiText-2 test and run through lm-evaluation-harness "
         f"{next(iter(r['models'].values()))['harness_version']} exactly like `slimgpt-deploy eval --tasks` "
-        "(0-shot, 4 choices, chance 25%):", "",
-        "- `wiki_next_sentence`: which of 4 sentences (the real next one, 3 of similar length from other articles) follows a sentence.",
-        "- `wiki_word_order`: which of 4 orderings of a sentence's second half (the real one, 3 random shuffles) follows its first half.", "",
+        "(0-shot, 4 choices, chance 25%):",
+        "",
+        (
+            "- `wiki_next_sentence`: which of 4 sentences (the real next one, 3 of similar length from other articles) "
+            "follows a sentence."
+        ),
+        (
+            "- `wiki_word_order`: which of 4 orderings of a sentence's second half (the real one, 3 random shuffles) "
+            "follows its first half."
+        ),
+        "",
         "| model | " + " | ".join(f"{t} acc | {t} acc_norm" for t in names) + " | mean acc | mean acc_norm | s |",
         "|---|" + "---|---|" * len(names) + "---|---|---|",
     ]
     pm = lambda v, e: f"{v:.3f} ± {e:.3f}" if e is not None else f"{v:.3f}"  # noqa: E731
     for name, res in r["models"].items():
-        cells = [f"{pm(res['tasks'][t]['acc'], res['tasks'][t]['acc_stderr'])} | {pm(res['tasks'][t]['acc_norm'], res['tasks'][t]['acc_norm_stderr'])}" for t in names]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {res['mean']['acc']:.3f} | {res['mean']['acc_norm']:.3f} | {res['seconds']} |")
+        cells = [
+            f"{pm(res['tasks'][t]['acc'], res['tasks'][t]['acc_stderr'])} | "
+            f"{pm(res['tasks'][t]['acc_norm'], res['tasks'][t]['acc_norm_stderr'])}"
+            for t in names
+        ]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(cells)
+            + f" | {res['mean']['acc']:.3f} | {res['mean']['acc_norm']:.3f} | {res['seconds']} |"
+        )
     lines += ["", "Models: " + "; ".join(f"`{name}` = `{res['source']}`" for name, res in r["models"].items()) + "."]
     if r.get("note"):
         lines += ["", r["note"]]
     dense = r["models"].get("dense")
     if dense:
-        lines += ["", "Accuracy retained (mean acc of the model / mean acc of dense): " + ", ".join(
-            f"{name} {res['mean']['acc'] / dense['mean']['acc']:.3f}" for name, res in r["models"].items() if name != "dense") + "."]
+        lines += [
+            "",
+            "Accuracy retained (mean acc of the model / mean acc of dense): "
+            + ", ".join(
+                f"{name} {res['mean']['acc'] / dense['mean']['acc']:.3f}"
+                for name, res in r["models"].items()
+                if name != "dense"
+            )
+            + ".",
+        ]
     counts = ", ".join(f"{t} {i['documents']}" for t, i in r["tasks"].items())
     lines += ["", f"Documents per task: {counts}; ± is the standard error.", ""]
     return "\n".join(lines)

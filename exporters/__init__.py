@@ -18,6 +18,7 @@ Each format also verifies an existing export on its own (what `build` runs as a 
 comparing the artifact on disk with the checkpoint in PyTorch. It does not raise
 on a mismatch: the result holds `passed` and `failures` (every one, in words).
 """
+
 from __future__ import annotations
 
 from typing import Callable

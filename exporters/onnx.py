@@ -28,6 +28,7 @@ Verification (each check recorded; all mismatches collected, then VerificationEr
   int8  KL(P_torch || P_onnx) per position <= kl_max and top-1 agreement >= top1_min
         instead of a logits bound and exact tokens; greedy agreement recorded.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,6 +48,7 @@ import torch
 from slimgpt_deploy.atomic import atomic_output_dir, check_output_dir
 from slimgpt_deploy.errors import BadInputError, VerificationError
 from slimgpt_deploy.extras import require
+from slimgpt_deploy.reference import greedy_reference
 from slimgpt_deploy.serving.onnx_runner import (
     MODEL_FILE,
     SPEC_FILE,
@@ -56,8 +58,6 @@ from slimgpt_deploy.serving.onnx_runner import (
     left_pad,
     positions,
 )
-
-from slimgpt_deploy.reference import greedy_reference
 
 from .onnx_model import ExportDecoder
 
@@ -177,7 +177,9 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
-def write_onnx(model: torch.nn.Module, directory: Path, *, dtype: torch.dtype, untie_lm_head: bool = False) -> tuple[OnnxSpec, int]:
+def write_onnx(
+    model: torch.nn.Module, directory: Path, *, dtype: torch.dtype, untie_lm_head: bool = False
+) -> tuple[OnnxSpec, int]:
     """Export `model` as `directory/model.onnx` (+ external data when large); return its spec and weight bytes."""
     from torch.export import Dim
 
@@ -200,8 +202,15 @@ def write_onnx(model: torch.nn.Module, directory: Path, *, dtype: torch.dtype, u
     weight_bytes = sum(p.numel() * p.element_size() for p in decoder.parameters())
     with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
-            decoder, (ids, mask, pos, *past), None, input_names=inputs, output_names=outputs,
-            dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True, verbose=False,
+            decoder,
+            (ids, mask, pos, *past),
+            None,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_shapes=dynamic,
+            opset_version=OPSET,
+            dynamo=True,
+            verbose=False,
         )
     program.save(directory / MODEL_FILE, external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD)
     config = model.config
@@ -292,8 +301,14 @@ def _save_onnx(model, directory: Path) -> None:
     external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if model.ByteSize() >= 0 else True
     for stale in (path, path.with_name(EXTERNAL_DATA_FILE)):
         stale.unlink(missing_ok=True)
-    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=EXTERNAL_DATA_FILE, size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=EXTERNAL_DATA_FILE,
+        size_threshold=1024,
+    )
 
 
 def untie_transposed_weights(model) -> list[str]:
@@ -333,8 +348,11 @@ def untie_transposed_weights(model) -> list[str]:
 @contextlib.contextmanager
 def _quiet_quantizer():
     """onnxruntime's quantizers log one INFO line per node, some through the root logger."""
-    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization"),
-               logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
+    loggers = [
+        logging.getLogger(),
+        logging.getLogger("onnxruntime.quantization"),
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer"),
+    ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(max(lg.level, logging.WARNING))
@@ -352,7 +370,9 @@ def quantize_matmul_nbits_int8(src: Path, dst: Path, *, block_size: int = 32, ac
 
     model = _load_onnx(src)
     untied = untie_transposed_weights(model)
-    quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level)
+    quantizer = MatMulNBitsQuantizer(
+        model, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level
+    )
     with _quiet_quantizer():
         quantizer.process()
     _save_onnx(quantizer.model.model, dst)
@@ -372,8 +392,13 @@ def quantize_dynamic_int8(src: Path, dst: Path) -> None:
     try:
         onnx.save_model(model, str(scratch / "in.onnx"), save_as_external_data=True, location="in.onnx.data")
         with _quiet_quantizer():
-            quantize_dynamic(str(scratch / "in.onnx"), str(scratch / "out.onnx"), weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul"], use_external_data_format=True)
+            quantize_dynamic(
+                str(scratch / "in.onnx"),
+                str(scratch / "out.onnx"),
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=["MatMul"],
+                use_external_data_format=True,
+            )
         _save_onnx(onnx.load(str(scratch / "out.onnx"), load_external_data=True), dst)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -417,8 +442,14 @@ def quantize_dir(src: Path, out: Path, *, method: str = "int8", force: bool = Fa
         quantizer.fn(src, tmp)
         spec = replace(spec, weights=quantizer.weights)
         (tmp / SPEC_FILE).write_text(json.dumps(spec.to_json(), indent=2) + "\n")
-        summary = {"format": "onnx", "source": str(src), "quantize": method, "weights": spec.weights,
-                   "file_bytes": dir_model_bytes(tmp), "verification": {"passed": None, "skipped": True}}
+        summary = {
+            "format": "onnx",
+            "source": str(src),
+            "quantize": method,
+            "weights": spec.weights,
+            "file_bytes": dir_model_bytes(tmp),
+            "verification": {"passed": None, "skipped": True},
+        }
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -483,7 +514,9 @@ def verify_against(onnx_dir: Path, model: torch.nn.Module, tokenizer, kind: str)
         want = greedy_reference(model, [prompt], GREEDY_STEPS)[0].token_ids
         got = decoder.generate_ids([prompt], max_new_tokens=GREEDY_STEPS, eos_token_ids=())[0]
         same = next((j for j, (a, b) in enumerate(zip(want, got)) if a != b), len(want))
-        greedy.append({"prompt": i, "identical_prefix": same, "agreement": float(np.mean(np.array(want) == np.array(got)))})
+        greedy.append(
+            {"prompt": i, "identical_prefix": same, "agreement": float(np.mean(np.array(want) == np.array(got)))}
+        )
         if tol.exact_greedy and same < len(want):
             failures.append(f"greedy tokens for prompt {i} differ from step {same} of {GREEDY_STEPS}")
     checks["greedy"] = greedy
@@ -517,14 +550,21 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 @torch.no_grad()
 def _torch_reference(model, prompts: list[list[int]], pad_id: int, steps: int):
-    """transformers, no cache: logits [B, T, V] over prompt + `steps` greedy tokens, those tokens [B, steps], mask [B, T]."""
+    """transformers, no cache: logits [B, T, V] over prompt + `steps` greedy tokens, those tokens [B, steps],
+    mask [B, T]."""
     ids, mask = left_pad(prompts, pad_id)
     tokens = []
     for _ in range(steps + 1):
-        logits = model(
-            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-            position_ids=torch.from_numpy(positions(mask)), use_cache=False,
-        ).logits.float().numpy()  # [B, T, V]
+        logits = (
+            model(
+                input_ids=torch.from_numpy(ids),
+                attention_mask=torch.from_numpy(mask),
+                position_ids=torch.from_numpy(positions(mask)),
+                use_cache=False,
+            )
+            .logits.float()
+            .numpy()
+        )  # [B, T, V]
         nxt = logits[:, -1].argmax(-1)  # [B]
         if len(tokens) == steps:
             break
@@ -542,13 +582,16 @@ def _onnx_teacher_forced(decoder: OnnxDecoder, prompts, tokens: np.ndarray, step
     lengths = mask.sum(-1)
     for step in range(steps):
         mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], 1)
-        logits, past = decoder.forward(tokens[:, step : step + 1].astype(np.int64), mask, (lengths + step)[:, None], past)
+        logits, past = decoder.forward(
+            tokens[:, step : step + 1].astype(np.int64), mask, (lengths + step)[:, None], past
+        )
         out.append(logits.astype(np.float32))
     return np.concatenate(out, 1)
 
 
 def _kl_top1(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
     """Mean KL(P_ref || P_got) in nats and top-1 agreement over rows of [N, V] logits."""
+
     def log_softmax(x):
         x = x.astype(np.float64)
         x = x - x.max(-1, keepdims=True)

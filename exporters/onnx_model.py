@@ -21,6 +21,7 @@ The module is built from any loaded llama/mistral/qwen2/slimgpt causal LM by
 reading module shapes, so it covers dense and slim checkpoints alike; tests compare
 it with transformers.
 """
+
 from __future__ import annotations
 
 import torch
@@ -75,7 +76,7 @@ class ExportAttention(nn.Module):
         self.num_kv_heads = attn.k_proj.out_features // head_dim
         assert self.num_heads % self.num_kv_heads == 0, (self.num_heads, self.num_kv_heads)
         self.group = self.num_heads // self.num_kv_heads
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim**-0.5
 
     def forward(self, x, cos, sin, mask, past_k, past_v):
         B, S, _ = x.shape
@@ -166,7 +167,5 @@ class ExportDecoder(nn.Module):
 def empty_past(decoder: ExportDecoder, batch: int, dtype: torch.dtype) -> list[torch.Tensor]:
     """An empty cache (P = 0) for every layer: [B, kv_i, 0, D] per key and value."""
     return [
-        torch.zeros(batch, kv, 0, decoder.head_dim, dtype=dtype)
-        for kv in decoder.kv_heads
-        for _ in ("key", "value")
+        torch.zeros(batch, kv, 0, decoder.head_dim, dtype=dtype) for kv in decoder.kv_heads for _ in ("key", "value")
     ]

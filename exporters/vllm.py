@@ -15,6 +15,7 @@ What counts as agreement (per dtype, both engines in the export's dtype):
 - every top-5 log-probability vLLM reports within `logprob_tol` of the
   reference's, up to the first parting.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,7 +69,9 @@ def export(
     """Write `checkpoint` (cast to `dtype` if given) to `out` for vLLM; verify before `out` appears."""
     checkpoint, out = Path(checkpoint), Path(out)
     if quantize is not None:
-        raise BadInputError(f"--quantize {quantize} applies to ONNX exports; vLLM quantizes at load (see `vllm serve --quantization`)")
+        raise BadInputError(
+            f"--quantize {quantize} applies to ONNX exports; vLLM quantizes at load (see `vllm serve --quantization`)"
+        )
     config = read_config(checkpoint)
     source_dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
     dtype = DTYPE_ALIASES.get(dtype, dtype) if dtype else source_dtype
@@ -139,13 +142,17 @@ def verify(export_dir: Path, checkpoint: Path, *, log: Callable[[str], None] = l
     config = read_config(export_dir)
     dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
     if dtype not in DTYPES:
-        raise BadInputError(f"{export_dir}/config.json has dtype {dtype!r}; vLLM exports are one of: {', '.join(DTYPES)}")
+        raise BadInputError(
+            f"{export_dir}/config.json has dtype {dtype!r}; vLLM exports are one of: {', '.join(DTYPES)}"
+        )
     require_vllm()
     log(f"verifying {export_dir} ({dtype}) in vLLM against {checkpoint} in transformers")
     return verify_dir(export_dir, dtype, reference_dir=Path(checkpoint))
 
 
-def verify_dir(model_dir: Path, dtype: str, prompts=None, max_tokens: int = VERIFY_TOKENS, reference_dir: Path | None = None) -> dict:
+def verify_dir(
+    model_dir: Path, dtype: str, prompts=None, max_tokens: int = VERIFY_TOKENS, reference_dir: Path | None = None
+) -> dict:
     """Compare vLLM on `model_dir` with transformers on `reference_dir` (default: the same dir), both in `dtype`.
 
     Returns a report with every failure.
@@ -157,7 +164,9 @@ def verify_dir(model_dir: Path, dtype: str, prompts=None, max_tokens: int = VERI
     model, tokenizer = load_reference(reference_dir or model_dir, DTYPES[dtype])
     prompt_ids = [tokenizer(p).input_ids for p in (prompts or VERIFY_PROMPTS)]
     max_len = max(len(p) for p in prompt_ids) + max_tokens
-    requests = [Request(prompt_token_ids=ids, max_tokens=max_tokens, logprobs=TOP_K, ignore_eos=True) for ids in prompt_ids]
+    requests = [
+        Request(prompt_token_ids=ids, max_tokens=max_tokens, logprobs=TOP_K, ignore_eos=True) for ids in prompt_ids
+    ]
     got = run(model_dir, requests, EngineOptions(dtype=dtype, max_model_len=max(256, max_len)))
     want = greedy_reference(model, prompt_ids, max_tokens)
     del model
@@ -178,15 +187,15 @@ def verify_dir(model_dir: Path, dtype: str, prompts=None, max_tokens: int = VERI
     }
 
 
-def compare_greedy(got_ids: list[int], got_logprobs: list[dict], want_ids: list[int], want_logprobs: torch.Tensor, tol: Tolerance) -> dict:
+def compare_greedy(
+    got_ids: list[int], got_logprobs: list[dict], want_ids: list[int], want_logprobs: torch.Tensor, tol: Tolerance
+) -> dict:
     """Token-by-token comparison of one greedy continuation; see the module docstring for the rule."""
     steps = min(len(got_ids), len(want_ids))
     parted = next((s for s in range(steps) if got_ids[s] != want_ids[s]), None)
     compared = steps if parted is None else parted
     diffs = [
-        abs(float(lp) - want_logprobs[s, int(t)].item())
-        for s in range(compared)
-        for t, lp in got_logprobs[s].items()
+        abs(float(lp) - want_logprobs[s, int(t)].item()) for s in range(compared) for t, lp in got_logprobs[s].items()
     ]
     max_diff = max(diffs, default=0.0)
     failure, tie = None, False
@@ -196,8 +205,10 @@ def compare_greedy(got_ids: list[int], got_logprobs: list[dict], want_ids: list[
         margin = want_logprobs[parted, want_ids[parted]].item() - want_logprobs[parted, got_ids[parted]].item()
         tie = margin < tol.tie_margin
         if not tie:
-            failure = (f"token {parted}: vLLM chose {got_ids[parted]}, transformers {want_ids[parted]} "
-                       f"(reference margin {margin:.3g} >= tie margin {tol.tie_margin})")
+            failure = (
+                f"token {parted}: vLLM chose {got_ids[parted]}, transformers {want_ids[parted]} "
+                f"(reference margin {margin:.3g} >= tie margin {tol.tie_margin})"
+            )
     if failure is None and max_diff > tol.logprob_tol:
         failure = f"top-{TOP_K} log-probability differs by {max_diff:.3g} > {tol.logprob_tol}"
     return {

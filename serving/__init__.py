@@ -10,6 +10,7 @@
   returning the completion of each prompt (without the prompt); `on_text(i, delta)`
   streams text as it is produced, where the back end can.
 """
+
 from __future__ import annotations
 
 from typing import Callable

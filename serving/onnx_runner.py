@@ -19,6 +19,7 @@ Generation (`OnnxDecoder.generate_ids`):
     each row stops at an EOS token; `on_token` streams.
 CUDAExecutionProvider is used when onnxruntime-gpu provides it, else the CPU one.
 """
+
 from __future__ import annotations
 
 import json
@@ -138,7 +139,9 @@ class OnnxSpec:
         if data.get("format") != SPEC_FORMAT:
             raise ValueError(f"format is {data.get('format')!r}, expected {SPEC_FORMAT!r}")
         layers = tuple(
-            CacheLayer(index=int(e["layer"]), q_heads=int(e["num_attention_heads"]), kv_heads=int(e["num_key_value_heads"]))
+            CacheLayer(
+                index=int(e["layer"]), q_heads=int(e["num_attention_heads"]), kv_heads=int(e["num_key_value_heads"])
+            )
             for e in data["cache"]["layers"]
         )
         if [layer.index for layer in layers] != list(range(len(layers))) or len(layers) != int(data["num_layers"]):
@@ -147,10 +150,14 @@ class OnnxSpec:
             expected = {"inputs": list(layer.past_names), "outputs": list(layer.present_names)}
             entry = data["cache"]["layers"][layer.index]
             if any(entry.get(k) != v for k, v in expected.items()):
-                raise ValueError(f"layer {layer.index}: I/O names {entry.get('inputs')}/{entry.get('outputs')}, expected {expected}")
+                raise ValueError(
+                    f"layer {layer.index}: I/O names {entry.get('inputs')}/{entry.get('outputs')}, expected {expected}"
+                )
         dtype = data["dtype"]
         if dtype not in NP_DTYPES or data["cache"]["dtype"] != dtype:
-            raise ValueError(f"dtype {dtype!r} / cache dtype {data['cache']['dtype']!r}; expected one of {list(NP_DTYPES)}")
+            raise ValueError(
+                f"dtype {dtype!r} / cache dtype {data['cache']['dtype']!r}; expected one of {list(NP_DTYPES)}"
+            )
         return cls(
             model_file=str(data["model_file"]),
             dtype=dtype,
@@ -171,7 +178,9 @@ def resolve_dir(model: Path) -> Path:
     if model.is_file() and model.suffix == ".onnx":
         return model.parent
     if not model.is_dir():
-        raise BadInputError(f"ONNX export {model} does not exist; pass a directory written by `slimgpt-deploy export --format onnx`")
+        raise BadInputError(
+            f"ONNX export {model} does not exist; pass a directory written by `slimgpt-deploy export --format onnx`"
+        )
     return model
 
 
@@ -217,7 +226,10 @@ def check_spec(spec: OnnxSpec, session) -> list[str]:
 def _diff(have: dict, want: list[str]) -> str:
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
-    return f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, unexpected {extra[:4]}{'...' if len(extra) > 4 else ''}"
+    return (
+        f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+        f"unexpected {extra[:4]}{'...' if len(extra) > 4 else ''}"
+    )
 
 
 # --- sampling (pure functions over NumPy arrays) ---------------------------------------------
@@ -250,8 +262,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
     mask = np.zeros((len(prompts), width), dtype=np.int64)
     for row, prompt in enumerate(prompts):
         if len(prompt):
-            ids[row, width - len(prompt):] = prompt
-            mask[row, width - len(prompt):] = 1
+            ids[row, width - len(prompt) :] = prompt
+            mask[row, width - len(prompt) :] = 1
     return ids, mask
 
 
@@ -266,7 +278,11 @@ def positions(mask: np.ndarray) -> np.ndarray:
 def default_providers() -> list[str]:
     ort = require("onnxruntime")
     available = ort.get_available_providers()
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available else ["CPUExecutionProvider"]
+    return (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if "CUDAExecutionProvider" in available
+        else ["CPUExecutionProvider"]
+    )
 
 
 class OnnxDecoder:
@@ -284,7 +300,9 @@ class OnnxDecoder:
         if threads:
             options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers or default_providers()))
+            self.session = ort.InferenceSession(
+                str(path), sess_options=options, providers=list(providers or default_providers())
+            )
         except Exception as err:  # onnxruntime raises its own types (Fail, InvalidGraph, NotImplemented, ...)
             raise _load_error(path, self.spec, err) from err
         problems = check_spec(self.spec, self.session)
@@ -303,8 +321,9 @@ class OnnxDecoder:
             for _ in range(2)
         ]
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                past: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One plain (unbound) run: logits [B, S, V] and the present cache (per layer key, value)."""
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         feeds.update(zip(self.spec.past_names, past))
@@ -384,7 +403,10 @@ class _PingPongCache:
         self.binding = decoder.session.io_binding()
         self.shapes = [(batch, layer.kv_heads, spec.head_dim) for layer in spec.layers for _ in range(2)]
         self.buffers = [
-            [ort.OrtValue.ortvalue_from_shape_and_type([b * kv * max_len * d], self.np_dtype, decoder.device, 0) for _ in range(2)]
+            [
+                ort.OrtValue.ortvalue_from_shape_and_type([b * kv * max_len * d], self.np_dtype, decoder.device, 0)
+                for _ in range(2)
+            ]
             for b, kv, d in self.shapes
         ]
         self.past_len = 0
@@ -404,7 +426,9 @@ class _PingPongCache:
             binding.bind_cpu_input(name, array)
         src, dst = self.parity, 1 - self.parity
         for (b, kv, d), bufs, past, present in zip(self.shapes, self.buffers, spec.past_names, spec.present_names):
-            binding.bind_input(past, self.decoder.device, 0, self.np_dtype, [b, kv, self.past_len, d], bufs[src].data_ptr())
+            binding.bind_input(
+                past, self.decoder.device, 0, self.np_dtype, [b, kv, self.past_len, d], bufs[src].data_ptr()
+            )
             binding.bind_output(present, self.decoder.device, 0, self.np_dtype, [b, kv, total, d], bufs[dst].data_ptr())
         if self.logits is None or self.logits.shape != (B, S, spec.vocab_size):
             self.logits = np.empty((B, S, spec.vocab_size), dtype=self.np_dtype)
@@ -442,7 +466,11 @@ def generate(
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     stream = _TextStream(tokenizer, len(prompts), on_text)
     ids = decoder.generate_ids(
-        encoded, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        encoded,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
         on_token=stream.push if on_text is not None else None,
     )
     stream.flush()
@@ -472,5 +500,5 @@ class _TextStream:
         if not final and text.endswith("\ufffd"):
             return
         if len(text) > self.sent[row]:
-            self.on_text(row, text[self.sent[row]:])
+            self.on_text(row, text[self.sent[row] :])
             self.sent[row] = len(text)

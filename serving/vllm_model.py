@@ -9,6 +9,7 @@ tensor parallelism and the weight loader are vLLM's.
 
 Imported only by vLLM's model registry (lazily, through the plugin).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -72,4 +73,3 @@ class SlimGPTForCausalLM(LlamaForCausalLM):
                 yield name, tensor
 
         return super().load_weights(checked())
-

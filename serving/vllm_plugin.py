@@ -6,6 +6,7 @@ workers). It registers the `slimgpt` config with transformers and the
 "module:Class" string, so nothing from vLLM's model code is imported until a
 slim checkpoint is actually loaded, and nothing in the checkpoint is executed.
 """
+
 from __future__ import annotations
 
 ARCHITECTURE = "SlimGPTForCausalLM"

@@ -3,11 +3,12 @@
 Importing the package registers the slim model type with transformers, so
 slim checkpoints load with `AutoModelForCausalLM.from_pretrained(dir)`.
 """
+
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import modeling  # noqa: E402  (registers the `slimgpt` model type)
+from . import modeling  # noqa: E402, F401  (registers the `slimgpt` model type)
 from .config import PruneConfig  # noqa: E402
 
 

@@ -6,6 +6,7 @@
 
 `prune_to_checkpoint` adds the atomic save and resumable state; the CLI's `prune` calls it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -98,15 +99,24 @@ def prune_to_checkpoint(
     model_cfg = model.model.config if isinstance(model, LoadedModel) else model_config(model)
     estimate = check_resources(model, distributed.per_rank(config), out=out, max_memory=max_memory, model_cfg=model_cfg)
     if distributed.active():  # one rank of `--nproc` / torchrun: no resume state, rank 0 writes
-        return _prune_rank(model, out, config, force=force, on_layer=on_layer, resume=resume,
-                           offload=estimate.activations_on_disk, t0=t0)
+        return _prune_rank(
+            model,
+            out,
+            config,
+            force=force,
+            on_layer=on_layer,
+            resume=resume,
+            offload=estimate.activations_on_disk,
+            t0=t0,
+        )
     identity = {
         "source": source_identity(model),
         "calibration": calibration_identity(config.calib),
         "options": config.to_dict(),
     }
-    state = ResumeState.open(Path(state_dir) if state_dir else default_state_dir(out), identity,
-                             model_cfg.num_hidden_layers, resume=resume)
+    state = ResumeState.open(
+        Path(state_dir) if state_dir else default_state_dir(out), identity, model_cfg.num_hidden_layers, resume=resume
+    )
     try:
         result = _prune(model, config, on_layer=on_layer, state=state, offload=estimate.activations_on_disk)
         result.record["seconds"]["total"] = round(time.perf_counter() - t0, 3)
@@ -118,8 +128,9 @@ def prune_to_checkpoint(
             raise Interrupted("interrupted; no output was written", code) from None
         raise Interrupted(f"interrupted; {state.describe()}; rerun with --resume", code) from None
     except BaseException as err:
-        worthless = state.finished == 0 and (state.calibration is None or
-                                             isinstance(err, SlimGPTError) and not isinstance(err, ResourceError))
+        worthless = state.finished == 0 and (
+            state.calibration is None or isinstance(err, SlimGPTError) and not isinstance(err, ResourceError)
+        )
         if worthless:
             state.remove()
             raise
@@ -138,7 +149,10 @@ def _prune_rank(model, out: Path, config: PruneConfig, *, force, on_layer, resum
         distributed.check_nproc(distributed.world_size(), config, resume=True)  # refused, with what to do
     result = _prune(model, config, on_layer=on_layer, state=None, offload=offload)
     result.record["seconds"]["total"] = round(time.perf_counter() - t0, 3)
-    result.record["distributed"] = {"world_size": distributed.world_size(), "backend": distributed.backend_for(config.device)}
+    result.record["distributed"] = {
+        "world_size": distributed.world_size(),
+        "backend": distributed.backend_for(config.device),
+    }
     if distributed.is_main():
         save_checkpoint(result.model, result.tokenizer, result.record, out, force=force)
     return result
@@ -150,13 +164,16 @@ def check_resources(
     """Estimate the prune's peak memory (and disk under `out`) and refuse it if it cannot fit."""
     if model_cfg is None:
         model_cfg = model.model.config if isinstance(model, LoadedModel) else model_config(model)
-    estimate = estimate_prune(job_size(model_cfg, config), weights_loaded=isinstance(model, LoadedModel),
-                              max_memory=max_memory)
+    estimate = estimate_prune(
+        job_size(model_cfg, config), weights_loaded=isinstance(model, LoadedModel), max_memory=max_memory
+    )
     where = existing_parent(out) if out is not None else None
     check_fits(estimate, available_ram=available_ram(), free_disk=free_disk(where) if where else None, where=where)
     log.info(
         "estimated peak memory %.2f GiB, disk %.2f GiB; activations %s",
-        estimate.ram_bytes / 2**30, estimate.disk_bytes / 2**30, "on disk" if estimate.activations_on_disk else "in memory",
+        estimate.ram_bytes / 2**30,
+        estimate.disk_bytes / 2**30,
+        "on disk" if estimate.activations_on_disk else "in memory",
     )
     return estimate
 
@@ -174,10 +191,18 @@ def _prune(
     check_weights(loaded.model)  # every layer, before minutes of calibration
     input_ids = state.calibration_ids() if state is not None else None
     if input_ids is None:
-        calib = distributed.from_rank0(lambda: get_calibration(  # every rank calibrates on rank 0's ids
-            config.calib, loaded.model, loaded.tokenizer, nsamples=config.nsamples, seqlen=config.seqlen, seed=config.seed,
-            device=config.device,
-        ), config.device)
+        calib = distributed.from_rank0(
+            lambda: get_calibration(  # every rank calibrates on rank 0's ids
+                config.calib,
+                loaded.model,
+                loaded.tokenizer,
+                nsamples=config.nsamples,
+                seqlen=config.seqlen,
+                seed=config.seed,
+                device=config.device,
+            ),
+            config.device,
+        )
         input_ids, calib_record = calib.input_ids, calib.describe()
         t_calib = time.perf_counter() - t0
         if state is not None:

@@ -4,6 +4,7 @@ An interrupted or failed run leaves no directory (or file) that looks
 complete; an existing output is replaced only when the new one is whole.
 A full disk or a read-only target becomes a one-line typed error.
 """
+
 from __future__ import annotations
 
 import errno
@@ -25,7 +26,9 @@ def write_error(err: OSError, where: Path) -> SlimGPTError | None:
     if err.errno in _NO_SPACE:
         return ResourceError(f"no space left on the device writing {where}; free some space or choose another --out")
     if err.errno in _NOT_WRITABLE:
-        return BadInputError(f"cannot write {where} ({os.strerror(err.errno)}); choose an --out in a writable directory")
+        return BadInputError(
+            f"cannot write {where} ({os.strerror(err.errno)}); choose an --out in a writable directory"
+        )
     return None
 
 

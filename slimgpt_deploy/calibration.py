@@ -42,6 +42,7 @@ Sources (``get_calibration(spec, ...)``; :data:`SOURCES` maps a kind to its load
 Every random choice uses a ``torch.Generator`` seeded with ``seed`` (never the global RNG):
 the same spec, model, tokenizer and seed give an identical tensor.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,8 +56,8 @@ from pathlib import Path
 import torch
 
 from slimgpt_deploy.errors import BadInputError, CalibrationError
-from slimgpt_deploy.guards import FREE_MEMORY, free_memory  # noqa: F401  (FREE_MEMORY: the probes, by device type)
 from slimgpt_deploy.evaluate import eval_mode, load_text, model_device, text_to_ids
+from slimgpt_deploy.guards import FREE_MEMORY, free_memory  # noqa: F401  (FREE_MEMORY: the probes, by device type)
 
 logger = logging.getLogger(__name__)
 
@@ -65,17 +66,17 @@ MIN_SEQLEN = 8
 # sequence than one of 16), more on CUDA; fewer when the device's free memory is short.
 SELF_MAX_BATCH_SIZE = {"cpu": 32, "cuda": 256}
 SELF_MEMORY_FRACTION = 0.5  # of the sampling device's free memory, for KV caches and logits
-SELF_LOGIT_COPIES = 4   # float32 [vocab] temporaries per sequence and step (see self_sequence_bytes)
-SELF_TOPK_START = 256   # first k tried when searching the top-p nucleus
+SELF_LOGIT_COPIES = 4  # float32 [vocab] temporaries per sequence and step (see self_sequence_bytes)
+SELF_TOPK_START = 256  # first k tried when searching the top-p nucleus
 SELF_MIN_DISTINCT = 0.5  # a sample with fewer distinct 4-grams than this share is a degenerate repeat
-HF_POOL_FACTOR = 4      # stream this many times nsamples * seqlen tokens of a hub dataset
-TEXT_JOINER = "\n\n"    # between documents of a .jsonl file or a dataset
+HF_POOL_FACTOR = 4  # stream this many times nsamples * seqlen tokens of a hub dataset
+TEXT_JOINER = "\n\n"  # between documents of a .jsonl file or a dataset
 
 
 @dataclass(frozen=True, eq=False)
 class CalibrationSet:
     input_ids: torch.Tensor  # [nsamples, seqlen] int64, on the CPU
-    source: str              # "self", "file:/abs/path.txt", "hf:allenai/c4"
+    source: str  # "self", "file:/abs/path.txt", "hf:allenai/c4"
     seed: int
 
     def __post_init__(self) -> None:
@@ -121,6 +122,7 @@ Loader = Callable[[str, _Request], tuple[torch.Tensor, str]]
 
 
 # ---------------------------------------------------------------------------- self
+
 
 @dataclass(frozen=True)
 class SelfSampling:
@@ -201,7 +203,9 @@ def self_sequence_bytes(config, *, seqlen: int, vocab: int, elem: int) -> int:
 
 def _self_batch_size(model, seqlen: int, vocab: int) -> int:
     device = model_device(model)
-    seq_bytes = self_sequence_bytes(model.config, seqlen=seqlen, vocab=vocab, elem=next(model.parameters()).element_size())
+    seq_bytes = self_sequence_bytes(
+        model.config, seqlen=seqlen, vocab=vocab, elem=next(model.parameters()).element_size()
+    )
     return self_batch_size(free_memory(device), seq_bytes, SELF_MAX_BATCH_SIZE.get(device.type, 1))
 
 
@@ -225,8 +229,13 @@ def keep_best(nll: torch.Tensor, distinct: torch.Tensor, keep: int) -> torch.Ten
 
 
 def _sample_batch(
-    model, prefix: torch.Tensor, seqlen: int, vocab: int, generators: list[torch.Generator],
-    sampling: SelfSampling, banned: torch.Tensor,
+    model,
+    prefix: torch.Tensor,
+    seqlen: int,
+    vocab: int,
+    generators: list[torch.Generator],
+    sampling: SelfSampling,
+    banned: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Continue ``prefix`` ``[b, k]`` to ``[b, seqlen]`` with a KV cache, one token a step, on the model's device.
 
@@ -276,7 +285,12 @@ def _sampling_device(model, device: torch.device | None, seqlen: int, vocab: int
     if need > SELF_MEMORY_FRACTION * free:
         logger.info(
             "self-calibration: sampling on %s, where the model is: it needs %.2f GiB on %s, which has %.2f GiB free "
-            "(%.0f%% usable)", here, need / 2**30, device, free / 2**30, 100 * SELF_MEMORY_FRACTION,
+            "(%.0f%% usable)",
+            here,
+            need / 2**30,
+            device,
+            free / 2**30,
+            100 * SELF_MEMORY_FRACTION,
         )
         return None
     return device
@@ -298,18 +312,25 @@ class SelfPool:
     holds the first m of any larger pool."""
 
     input_ids: torch.Tensor  # [m, seqlen] int64, host
-    nll: torch.Tensor        # [m] float64: mean -log p of each sample's sampled tokens (self-perplexity = exp)
-    opening: int             # tokens before the sampled ones (BOS + random + greedy), left out of the repeat check
+    nll: torch.Tensor  # [m] float64: mean -log p of each sample's sampled tokens (self-perplexity = exp)
+    opening: int  # tokens before the sampled ones (BOS + random + greedy), left out of the repeat check
 
     def select(self, nsamples: int) -> torch.Tensor:
         """The ``nsamples`` best (:func:`keep_best`) in pool order -> ``[nsamples, seqlen]``."""
         if nsamples >= self.input_ids.shape[0]:
             return self.input_ids[:nsamples]
-        distinct = torch.tensor([distinct_ngram_share(row[self.opening:]) for row in self.input_ids])  # [m], host like the ids
+        distinct = torch.tensor(
+            [distinct_ngram_share(row[self.opening :]) for row in self.input_ids]
+        )  # [m], host like the ids
         keep = keep_best(self.nll, distinct, nsamples)
-        logger.info("self-calibration: kept %d of %d samples (%d degenerate repeats; self-perplexity of the kept %.1f-%.1f)",
-                    nsamples, self.nll.numel(), int((distinct < SELF_MIN_DISTINCT).sum()),
-                    float(self.nll[keep].min().exp()), float(self.nll[keep].max().exp()))
+        logger.info(
+            "self-calibration: kept %d of %d samples (%d degenerate repeats; self-perplexity of the kept %.1f-%.1f)",
+            nsamples,
+            self.nll.numel(),
+            int((distinct < SELF_MIN_DISTINCT).sum()),
+            float(self.nll[keep].min().exp()),
+            float(self.nll[keep].max().exp()),
+        )
         return self.input_ids[keep]
 
 
@@ -331,7 +352,9 @@ def sample_self(
     allowed[banned] = False
     allowed = allowed.nonzero()[:, 0]
     if allowed.numel() == 0:
-        raise CalibrationError("calibration source 'self' found no non-special token in the tokenizer; give a text file instead")
+        raise CalibrationError(
+            "calibration source 'self' found no non-special token in the tokenizer; give a text file instead"
+        )
     if not sampling.mask_special:
         banned = banned[:0]
     sample_seeds = torch.randint(2**62, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -356,8 +379,14 @@ def sample_self(
                 ids[start:stop], nll[start:stop] = _sample_batch(
                     model, prefix[start:stop], seqlen, vocab, generators[start:stop], sampling, banned
                 )
-                logger.info("self-calibration: sampled batch %d/%d (%d x %d tokens on %s)",
-                            b + 1, nbatches, stop - start, seqlen, model_device(model))
+                logger.info(
+                    "self-calibration: sampled batch %d/%d (%d x %d tokens on %s)",
+                    b + 1,
+                    nbatches,
+                    stop - start,
+                    seqlen,
+                    model_device(model),
+                )
     finally:
         if target is not None:
             model.to(home)
@@ -368,12 +397,20 @@ def _from_self(_arg: str, req: _Request) -> tuple[torch.Tensor, str]:
     """Text sampled from the model itself (LLM-Pruner's data-free calibration), the worst of an
     over-generated pool dropped."""
     sampling = req.sampling or SELF_SAMPLING
-    pool = sample_self(req.model, req.tokenizer, count=math.ceil(req.nsamples * sampling.overgenerate),
-                       seqlen=req.seqlen, seed=req.seed, sampling=sampling, device=req.device)
+    pool = sample_self(
+        req.model,
+        req.tokenizer,
+        count=math.ceil(req.nsamples * sampling.overgenerate),
+        seqlen=req.seqlen,
+        seed=req.seed,
+        sampling=sampling,
+        device=req.device,
+    )
     return pool.select(req.nsamples), "self"
 
 
 # ---------------------------------------------------------------------------- text
+
 
 def _read_txt(path: Path) -> str:
     try:
@@ -450,6 +487,7 @@ def _from_file(arg: str, req: _Request) -> tuple[torch.Tensor, str]:
 
 # ---------------------------------------------------------------------------- hub
 
+
 def _from_hub(name: str, req: _Request) -> tuple[torch.Tensor, str]:
     try:
         import datasets
@@ -513,8 +551,15 @@ def _resolve(spec: str) -> tuple[str, str]:
 
 
 def get_calibration(
-    spec: str, model, tokenizer, *, nsamples: int, seqlen: int, seed: int = 0,
-    device: str | torch.device | None = None, sampling: SelfSampling | None = None,
+    spec: str,
+    model,
+    tokenizer,
+    *,
+    nsamples: int,
+    seqlen: int,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    sampling: SelfSampling | None = None,
 ) -> CalibrationSet:
     """Build ``nsamples`` x ``seqlen`` calibration token ids from ``spec`` (see the module doc).
 
@@ -524,7 +569,9 @@ def get_calibration(
     """
     spec = spec.strip()
     if not spec:
-        raise CalibrationError("calibration source is empty; give 'self', a .txt/.jsonl file, or a Hugging Face dataset name")
+        raise CalibrationError(
+            "calibration source is empty; give 'self', a .txt/.jsonl file, or a Hugging Face dataset name"
+        )
     if nsamples < 1:
         raise CalibrationError(f"calibration nsamples={nsamples} must be >= 1; raise --nsamples")
     if seqlen < MIN_SEQLEN:
@@ -537,8 +584,15 @@ def get_calibration(
         )
 
     kind, arg = _resolve(spec)
-    req = _Request(model=model, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                   device=None if device is None else torch.device(device), sampling=sampling)
+    req = _Request(
+        model=model,
+        tokenizer=tokenizer,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        seed=seed,
+        device=None if device is None else torch.device(device),
+        sampling=sampling,
+    )
     ids, source = SOURCES[kind](arg, req)
     assert ids.shape == (nsamples, seqlen) and ids.dtype == torch.int64, (ids.shape, ids.dtype)
     assert int(ids.max()) < int(model.config.vocab_size), "loaders check token ids against the vocabulary"

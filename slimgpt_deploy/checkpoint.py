@@ -5,6 +5,7 @@ lists, the modeling code (for trust_remote_code loading without this
 package), tokenizer, generation config, slimgpt.json (the record) and a
 model card README.md. Written atomically.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,7 +50,11 @@ def model_card(config, record: dict) -> str:
     rows = "\n".join(
         f"| {i} | {q} | {kv} | {f} |"
         for i, (q, kv, f) in enumerate(
-            zip(config.num_attention_heads_per_layer, config.num_key_value_heads_per_layer, config.intermediate_size_per_layer)
+            zip(
+                config.num_attention_heads_per_layer,
+                config.num_key_value_heads_per_layer,
+                config.intermediate_size_per_layer,
+            )
         )
     )
     achieved = record.get("ratio_achieved_decoder", 0.0)
@@ -59,15 +64,15 @@ def model_card(config, record: dict) -> str:
 library_name: transformers
 tags: [slimgpt, pruning, structured-pruning]
 ---
-# {record.get('source', {}).get('source', 'model')} pruned with SlimGPT
+# {record.get("source", {}).get("source", "model")} pruned with SlimGPT
 
 Structured pruning (SlimGPT, Ling et al., NeurIPS 2024) by slimgpt-deploy: whole attention heads
 and FFN channels removed, every layer physically smaller, no retraining.
 
-- method: `{prune.get('method')}`, schedule `{prune.get('schedule')}`, GQA mode `{prune.get('gqa_mode')}`
-- decoder parameters removed: {achieved:.2%} (target {record.get('ratio_target', 0.0):.2%}); whole model: {whole:.2%}
-- parameters: {record.get('params_dense', 0):,} dense -> {record.get('params_slim', 0):,}
-- calibration: `{calib.get('source')}`, {calib.get('nsamples')} x {calib.get('seqlen')} tokens, seed {calib.get('seed')}
+- method: `{prune.get("method")}`, schedule `{prune.get("schedule")}`, GQA mode `{prune.get("gqa_mode")}`
+- decoder parameters removed: {achieved:.2%} (target {record.get("ratio_target", 0.0):.2%}); whole model: {whole:.2%}
+- parameters: {record.get("params_dense", 0):,} dense -> {record.get("params_slim", 0):,}
+- calibration: `{calib.get("source")}`, {calib.get("nsamples")} x {calib.get("seqlen")} tokens, seed {calib.get("seed")}
 {recovery}
 Full record (per-layer kept heads and reconstruction errors, timings, versions): `slimgpt.json`.
 
@@ -92,17 +97,25 @@ def _recovery_lines(rec: dict | None) -> str:
     """The model card's recovery section (recover.py), or nothing."""
     if not rec:
         return ""
-    lines = ["", "## Recovery", "",
-             f"Distilled from the dense model `{rec.get('teacher')}` ({rec.get('trained')}): {rec.get('steps')} steps, "
-             f"{rec.get('tokens', 0):,} tokens of `{(rec.get('data') or {}).get('source')}` text, "
-             f"{(rec.get('seconds') or {}).get('total', 0):.0f} s."]
+    lines = [
+        "",
+        "## Recovery",
+        "",
+        f"Distilled from the dense model `{rec.get('teacher')}` ({rec.get('trained')}): {rec.get('steps')} steps, "
+        f"{rec.get('tokens', 0):,} tokens of `{(rec.get('data') or {}).get('source')}` text, "
+        f"{(rec.get('seconds') or {}).get('total', 0):.0f} s.",
+    ]
     fid = rec.get("fidelity") or {}
     if fid.get("before") and fid.get("after"):
-        lines.append(f"Held-out KL to the dense model {fid['before']['kl']:.4f} -> {fid['after']['kl']:.4f} nats/token, "
-                     f"top-1 agreement {fid['before']['top1']:.2%} -> {fid['after']['top1']:.2%}.")
+        lines.append(
+            f"Held-out KL to the dense model {fid['before']['kl']:.4f} -> {fid['after']['kl']:.4f} nats/token, "
+            f"top-1 agreement {fid['before']['top1']:.2%} -> {fid['after']['top1']:.2%}."
+        )
     ppl = rec.get("perplexity")
     if ppl:
-        lines.append(f"Perplexity on {ppl['text']} ({ppl['seqlen']}-token windows): {ppl['before']:.2f} -> {ppl['after']:.2f}.")
+        lines.append(
+            f"Perplexity on {ppl['text']} ({ppl['seqlen']}-token windows): {ppl['before']:.2f} -> {ppl['after']:.2f}."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -118,7 +131,9 @@ def read_config(path: Path) -> dict:
     path = Path(path)
     file = path / "config.json"
     if not file.is_file():
-        raise CheckpointError(f"{path} is not a checkpoint directory (no config.json); give the --out of `slimgpt-deploy prune`")
+        raise CheckpointError(
+            f"{path} is not a checkpoint directory (no config.json); give the --out of `slimgpt-deploy prune`"
+        )
     try:
         return json.loads(file.read_text())
     except json.JSONDecodeError as e:
@@ -146,8 +161,21 @@ def safetensors_files(path: Path, error: type[Exception] | None = None) -> list[
 
 # Bytes per element of every safetensors dtype; the floating ones are what model weights may be.
 _DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
 }
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
@@ -260,16 +288,22 @@ def check_tensors(path: Path, config, error: type[Exception] | None = None) -> N
         for name, info in read_safetensors_header(file, error=err).items():
             expected = required.get(name, optional.get(name))
             if expected is None:
-                raise err(f"{file.name}: tensor {name} is not part of a {config.model_type} model with this config.json; "
-                          "re-export the checkpoint or fix config.json")
+                raise err(
+                    f"{file.name}: tensor {name} is not part of a {config.model_type} model with this config.json; "
+                    "re-export the checkpoint or fix config.json"
+                )
             if tuple(info["shape"]) != expected:
-                raise err(f"{file.name}: {name} has shape {info['shape']} but config.json implies {list(expected)}; "
-                          "re-export the checkpoint or fix config.json")
+                raise err(
+                    f"{file.name}: {name} has shape {info['shape']} but config.json implies {list(expected)}; "
+                    "re-export the checkpoint or fix config.json"
+                )
             if name.endswith("inv_freq"):
                 continue
             if info["dtype"] not in FLOAT_DTYPES:
-                raise err(f"{file.name}: {name} has dtype {info['dtype']}; slimgpt-deploy needs floating-point weights "
-                          f"({', '.join(FLOAT_DTYPES)}), not a quantized checkpoint")
+                raise err(
+                    f"{file.name}: {name} has dtype {info['dtype']}; slimgpt-deploy needs floating-point weights "
+                    f"({', '.join(FLOAT_DTYPES)}), not a quantized checkpoint"
+                )
             seen.add(name)
     missing = [n for n in required if n not in seen]
     if missing:

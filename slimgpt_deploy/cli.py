@@ -4,6 +4,7 @@ Each command builds its options, calls one library function and reports.
 Human output goes to stderr (rich); `--json` puts a machine-readable summary
 on stdout. Errors: one line on stderr, exit code from errors.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,13 @@ class Ratio(click.ParamType):
             return value
         text = str(value).strip()
         if text.endswith("%"):
-            self.fail(f"{text!r} is a percentage; give the fraction instead, e.g. {float(text[:-1]) / 100:g}"
-                      if text[:-1].replace(".", "", 1).isdigit() else f"{text!r} is not a number", param, ctx)
+            self.fail(
+                f"{text!r} is a percentage; give the fraction instead, e.g. {float(text[:-1]) / 100:g}"
+                if text[:-1].replace(".", "", 1).isdigit()
+                else f"{text!r} is not a number",
+                param,
+                ctx,
+            )
         try:
             return float(text)
         except ValueError:
@@ -75,10 +81,15 @@ def _run(fn):
 
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        click.echo(f"error: no space left on the device ({e.filename or 'while writing'}); free some space and rerun", err=True)
+        click.echo(
+            f"error: no space left on the device ({e.filename or 'while writing'}); free some space and rerun", err=True
+        )
         sys.exit(2)
     except MemoryError:
-        click.echo("error: out of memory; lower --nsamples/--seqlen, or pass --max-memory to keep activations on disk", err=True)
+        click.echo(
+            "error: out of memory; lower --nsamples/--seqlen, or pass --max-memory to keep activations on disk",
+            err=True,
+        )
         sys.exit(EXIT_INTERNAL)
 
 
@@ -90,7 +101,9 @@ def main(verbose: int):
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    logging.getLogger("lm_eval").setLevel(logging.ERROR if verbose == 0 else level)  # its warnings about in-memory models are expected
+    logging.getLogger("lm_eval").setLevel(
+        logging.ERROR if verbose == 0 else level
+    )  # its warnings about in-memory models are expected
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -114,38 +127,147 @@ def _on_sigterm_interrupt() -> None:
 @main.command()
 @click.argument("model")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory for the slim checkpoint.")
-@click.option("--ratio", type=Ratio(), default=0.2, show_default=True, help="Share of decoder-layer parameters to remove, in [0, 0.9].")
-@click.option("--method", default="slimgpt", show_default=True, type=click.Choice(["slimgpt", "slimgpt-nocomp", "magnitude", "wanda-sp"]))
-@click.option("--schedule", default="log", show_default=True, type=click.Choice(["log", "uniform", "linear", "list"]), help="How the ratio spreads over depth.")
-@click.option("--layer-ratios", callback=_float_list, help="Explicit per-layer ratios, comma-separated (implies --schedule list).")
-@click.option("--gqa-mode", default=None, type=click.Choice(["kv-group", "per-group"]), help="GQA: prune whole KV groups, or the same number of query heads in every group.")
-@click.option("--head-multiple", type=click.IntRange(min=1), default=None, help="Every layer keeps query and KV heads in multiples of N (KV heads may instead divide N, as vLLM replicates them).")
-@click.option("--ffn-multiple", type=click.IntRange(min=1), default=None, help="Every layer keeps FFN channels in multiples of M (e.g. 64 for GPU kernels).")
-@click.option("--tp-size", type=click.IntRange(min=1), default=None, help="Shorthand: shapes that vLLM --tensor-parallel-size T shards (heads and FFN multiples of T).")
-@click.option("--head-share", type=click.FloatRange(0.0, 1.0), default=None,
-              help="Heads are cut at this share of each layer's ratio (whole units); the FFN takes the rest [0.5; SlimGPT: 1.0].")
-@click.option("--calib", default="self", show_default=True, help="Calibration data: 'self', a .txt/.jsonl file, or a dataset name.")
+@click.option(
+    "--ratio",
+    type=Ratio(),
+    default=0.2,
+    show_default=True,
+    help="Share of decoder-layer parameters to remove, in [0, 0.9].",
+)
+@click.option(
+    "--method",
+    default="slimgpt",
+    show_default=True,
+    type=click.Choice(["slimgpt", "slimgpt-nocomp", "magnitude", "wanda-sp"]),
+)
+@click.option(
+    "--schedule",
+    default="log",
+    show_default=True,
+    type=click.Choice(["log", "uniform", "linear", "list"]),
+    help="How the ratio spreads over depth.",
+)
+@click.option(
+    "--layer-ratios", callback=_float_list, help="Explicit per-layer ratios, comma-separated (implies --schedule list)."
+)
+@click.option(
+    "--gqa-mode",
+    default=None,
+    type=click.Choice(["kv-group", "per-group"]),
+    help="GQA: prune whole KV groups, or the same number of query heads in every group.",
+)
+@click.option(
+    "--head-multiple",
+    type=click.IntRange(min=1),
+    default=None,
+    help=(
+        "Every layer keeps query and KV heads in multiples of N "
+        "(KV heads may instead divide N, as vLLM replicates them)."
+    ),
+)
+@click.option(
+    "--ffn-multiple",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Every layer keeps FFN channels in multiples of M (e.g. 64 for GPU kernels).",
+)
+@click.option(
+    "--tp-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Shorthand: shapes that vLLM --tensor-parallel-size T shards (heads and FFN multiples of T).",
+)
+@click.option(
+    "--head-share",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="Heads are cut at this share of each layer's ratio (whole units); the FFN takes the rest [0.5; SlimGPT: 1.0].",
+)
+@click.option(
+    "--calib",
+    default="self",
+    show_default=True,
+    help="Calibration data: 'self', a .txt/.jsonl file, or a dataset name.",
+)
 @click.option("--nsamples", type=int, default=64, show_default=True, help="Calibration samples (paper: 128).")
 @click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration sample (paper: 2048).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True,
-              help="Compute device for the layer being pruned: auto (the GPU when CUDA is available), cpu or cuda[:N].")
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Compute device for the layer being pruned: auto (the GPU when CUDA is available), cpu or cuda[:N].",
+)
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
-@click.option("--hessian-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]), help="Precision of H and its factorizations.")
+@click.option(
+    "--hessian-dtype",
+    default="float32",
+    show_default=True,
+    type=click.Choice(["float32", "float64"]),
+    help="Precision of H and its factorizations.",
+)
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted prune from its last finished layer (same options and model).")
-@click.option("--max-memory", default=None, metavar="SIZE", help="Cap on calibration activations kept in memory, e.g. 8GiB; beyond it they stay on disk (same result).")
-@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True, help="Processes to split the calibration samples over (one GPU each with --device cuda); or run under torchrun.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted prune from its last finished layer (same options and model).",
+)
+@click.option(
+    "--max-memory",
+    default=None,
+    metavar="SIZE",
+    help="Cap on calibration activations kept in memory, e.g. 8GiB; beyond it they stay on disk (same result).",
+)
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Processes to split the calibration samples over (one GPU each with --device cuda); or run under torchrun.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON on stdout.")
-def prune(model, out, ratio, method, schedule, layer_ratios, gqa_mode, head_multiple, ffn_multiple, tp_size, head_share, calib, nsamples, seqlen, seed, device, dtype, hessian_dtype, force, resume, max_memory, nproc, as_json):
+def prune(
+    model,
+    out,
+    ratio,
+    method,
+    schedule,
+    layer_ratios,
+    gqa_mode,
+    head_multiple,
+    ffn_multiple,
+    tp_size,
+    head_share,
+    calib,
+    nsamples,
+    seqlen,
+    seed,
+    device,
+    dtype,
+    hessian_dtype,
+    force,
+    resume,
+    max_memory,
+    nproc,
+    as_json,
+):
     """Prune MODEL (a directory, .gguf file, hub id or 'smollm2-135m') and save a slim checkpoint."""
 
     def go():
         from .config import PruneConfig
 
         options = dict(
-            ratio=ratio, method=method, schedule=schedule, layer_ratios=layer_ratios, calib=calib,
-            nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, dtype=dtype, hessian_dtype=hessian_dtype,
+            ratio=ratio,
+            method=method,
+            schedule=schedule,
+            layer_ratios=layer_ratios,
+            calib=calib,
+            nsamples=nsamples,
+            seqlen=seqlen,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+            hessian_dtype=hessian_dtype,
         )
         if gqa_mode is not None:
             options["gqa_mode"] = gqa_mode
@@ -174,7 +296,9 @@ def prune(model, out, ratio, method, schedule, layer_ratios, gqa_mode, head_mult
             with process_group(config) as config:  # joins torchrun's group when WORLD_SIZE > 1
                 main_rank = is_main()
                 with _layer_progress(console) if main_rank else nullcontext() as on_layer:
-                    result = prune_to_checkpoint(model, out, config, force=force, on_layer=on_layer, resume=resume, max_memory=cap)
+                    result = prune_to_checkpoint(
+                        model, out, config, force=force, on_layer=on_layer, resume=resume, max_memory=cap
+                    )
             if not main_rank:
                 return
             r = result.record
@@ -191,31 +315,95 @@ def prune(model, out, ratio, method, schedule, layer_ratios, gqa_mode, head_mult
 
 @main.command()
 @click.argument("slim_dir", type=click.Path(path_type=Path))
-@click.option("--teacher", required=True, help="The dense model SLIM_DIR was pruned from (directory, .gguf, hub id or 'smollm2-135m').")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory for the recovered slim checkpoint.")
-@click.option("--data", default="self", show_default=True, help="Training text: 'self' (sampled from the teacher), a .txt/.jsonl file, or a dataset name.")
+@click.option(
+    "--teacher",
+    required=True,
+    help="The dense model SLIM_DIR was pruned from (directory, .gguf, hub id or 'smollm2-135m').",
+)
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="Output directory for the recovered slim checkpoint."
+)
+@click.option(
+    "--data",
+    default="self",
+    show_default=True,
+    help="Training text: 'self' (sampled from the teacher), a .txt/.jsonl file, or a dataset name.",
+)
 @click.option("--steps", type=int, default=100, show_default=True, help="Optimizer steps.")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per step.")
 @click.option("--seqlen", type=int, default=256, show_default=True, help="Tokens per training sequence.")
-@click.option("--nsamples", type=int, default=128, show_default=True, help="Training sequences (cycled if steps x batch size is more).")
+@click.option(
+    "--nsamples",
+    type=int,
+    default=128,
+    show_default=True,
+    help="Training sequences (cycled if steps x batch size is more).",
+)
 @click.option("--heldout", type=int, default=8, show_default=True, help="Held-out sequences for fidelity before/after.")
 @click.option("--full", is_flag=True, help="Train the full decoder weights instead of LoRA adapters.")
 @click.option("--rank", type=int, default=8, show_default=True, help="LoRA rank.")
 @click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA alpha (scale alpha/rank).")
-@click.option("--lr", type=float, default=None, help="Peak learning rate [LoRA 1e-3, --full 5e-5]; warm-up then cosine decay.")
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="Distillation temperature T (loss scaled by T^2).")
-@click.option("--lm-weight", type=float, default=0.0, show_default=True, help="Weight of the next-token (LM) loss added to the KL.")
-@click.option("--teacher-topk", type=int, default=0, show_default=True, help="Cache the teacher's top-k log-probs once instead of rerunning it each epoch (0: off).")
-@click.option("--eval-text", type=click.Path(path_type=Path), default=None, help="Text for perplexity before/after (e.g. wikitext-2 test.txt).")
+@click.option(
+    "--lr", type=float, default=None, help="Peak learning rate [LoRA 1e-3, --full 5e-5]; warm-up then cosine decay."
+)
+@click.option(
+    "--temperature", type=float, default=1.0, show_default=True, help="Distillation temperature T (loss scaled by T^2)."
+)
+@click.option(
+    "--lm-weight",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Weight of the next-token (LM) loss added to the KL.",
+)
+@click.option(
+    "--teacher-topk",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Cache the teacher's top-k log-probs once instead of rerunning it each epoch (0: off).",
+)
+@click.option(
+    "--eval-text",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Text for perplexity before/after (e.g. wikitext-2 test.txt).",
+)
 @click.option("--eval-seqlen", type=int, default=2048, show_default=True)
 @click.option("--eval-max-tokens", type=int, default=None, help="Use only the first N tokens of --eval-text.")
 @click.option("--save-every", type=int, default=25, show_default=True, help="Steps between resume-state saves.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--resume", is_flag=True, help="Continue an interrupted recovery from its last saved step (same options).")
+@click.option(
+    "--resume", is_flag=True, help="Continue an interrupted recovery from its last saved step (same options)."
+)
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the recovery record as JSON on stdout.")
-def recover(slim_dir, teacher, out, data, steps, batch_size, seqlen, nsamples, heldout, full, rank, alpha, lr, temperature,
-            lm_weight, teacher_topk, eval_text, eval_seqlen, eval_max_tokens, save_every, seed, resume, force, as_json):
+def recover(
+    slim_dir,
+    teacher,
+    out,
+    data,
+    steps,
+    batch_size,
+    seqlen,
+    nsamples,
+    heldout,
+    full,
+    rank,
+    alpha,
+    lr,
+    temperature,
+    lm_weight,
+    teacher_topk,
+    eval_text,
+    eval_seqlen,
+    eval_max_tokens,
+    save_every,
+    seed,
+    resume,
+    force,
+    as_json,
+):
     """Recover SLIM_DIR's quality by distillation from the dense --teacher; save a slim checkpoint to --out."""
 
     def go():
@@ -223,21 +411,48 @@ def recover(slim_dir, teacher, out, data, steps, batch_size, seqlen, nsamples, h
         from .recover import RecoverConfig, recover_to_checkpoint
 
         config = RecoverConfig(
-            data=data, steps=steps, batch_size=batch_size, seqlen=seqlen, nsamples=nsamples, heldout=heldout, full=full,
-            rank=rank, alpha=alpha, lr=lr, temperature=temperature, lm_weight=lm_weight, teacher_topk=teacher_topk,
-            seed=seed, save_every=save_every,
+            data=data,
+            steps=steps,
+            batch_size=batch_size,
+            seqlen=seqlen,
+            nsamples=nsamples,
+            heldout=heldout,
+            full=full,
+            rank=rank,
+            alpha=alpha,
+            lr=lr,
+            temperature=temperature,
+            lm_weight=lm_weight,
+            teacher_topk=teacher_topk,
+            seed=seed,
+            save_every=save_every,
         )
         check_output_dir(out, force)
         console = _console()
         with _step_progress(console) as on_step:
-            result = recover_to_checkpoint(slim_dir, teacher, out, config, force=force, resume=resume, on_step=on_step,
-                                           eval_text=eval_text, eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens)
+            result = recover_to_checkpoint(
+                slim_dir,
+                teacher,
+                out,
+                config,
+                force=force,
+                resume=resume,
+                on_step=on_step,
+                eval_text=eval_text,
+                eval_seqlen=eval_seqlen,
+                eval_max_tokens=eval_max_tokens,
+            )
         rec = result.record["recovery"]
         fid = rec["fidelity"]
-        line = f"[bold green]saved[/] {out}: {rec['steps']} steps, {rec['tokens']:,} tokens in {rec['seconds']['total']:.1f} s"
+        line = (
+            f"[bold green]saved[/] {out}: {rec['steps']} steps, {rec['tokens']:,} tokens "
+            f"in {rec['seconds']['total']:.1f} s"
+        )
         if fid["before"] and fid["after"]:
-            line += (f"; held-out KL {fid['before']['kl']:.4f} -> {fid['after']['kl']:.4f}, "
-                     f"top-1 {fid['before']['top1']:.2%} -> {fid['after']['top1']:.2%}")
+            line += (
+                f"; held-out KL {fid['before']['kl']:.4f} -> {fid['after']['kl']:.4f}, "
+                f"top-1 {fid['before']['top1']:.2%} -> {fid['after']['top1']:.2%}"
+            )
         if rec["perplexity"]:
             line += f"; perplexity {rec['perplexity']['before']:.2f} -> {rec['perplexity']['after']:.2f}"
         console.print(line)
@@ -254,11 +469,24 @@ class _step_progress:
         self.console = console
 
     def __enter__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.progress = Progress(
-            TextColumn("[bold]recovering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=self.console,
+            TextColumn("[bold]recovering"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=self.console,
         )
         self.progress.start()
         self.task = None
@@ -290,12 +518,25 @@ class _layer_progress:
         self.console = console
 
     def __enter__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.progress = Progress(
-            TextColumn("[bold]pruning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-            console=self.console, transient=False,
+            TextColumn("[bold]pruning"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=self.console,
+            transient=False,
         )
         self.progress.start()
         self.task = None
@@ -304,8 +545,10 @@ class _layer_progress:
     def update(self, i: int, n: int, rec: dict) -> None:
         if self.task is None:
             self.task = self.progress.add_task("prune", total=n, info="")
-        info = (f"layer {i}: heads {rec['q_heads']}/{rec['kv_heads']} ffn {rec['ffn']} "
-                f"err attn {rec['attn_rel_error']:.3f} mlp {rec['mlp_rel_error']:.3f}")
+        info = (
+            f"layer {i}: heads {rec['q_heads']}/{rec['kv_heads']} ffn {rec['ffn']} "
+            f"err attn {rec['attn_rel_error']:.3f} mlp {rec['mlp_rel_error']:.3f}"
+        )
         self.progress.update(self.task, completed=i + 1, info=info)
 
     def __exit__(self, *exc):
@@ -316,29 +559,76 @@ class _layer_progress:
 # build flag -> dotted option (see build/options.py); every flag defaults to None = "not given",
 # so a --config file's value stands unless the flag is on the command line.
 _BUILD_FLAGS = {
-    "ratio": "prune.ratio", "method": "prune.method", "schedule": "prune.schedule", "layer_ratios": "prune.layer_ratios",
-    "gqa_mode": "prune.gqa_mode", "head_multiple": "prune.head_multiple", "ffn_multiple": "prune.ffn_multiple",
-    "tp_size": "prune.tp_size", "head_share": "prune.head_share", "calib": "prune.calib", "nsamples": "prune.nsamples", "seqlen": "prune.seqlen",
-    "seed": "prune.seed", "device": "prune.device", "dtype": "prune.dtype", "hessian_dtype": "prune.hessian_dtype",
-    "vllm_dtype": "vllm.dtype", "onnx_dtype": "onnx.dtype", "onnx_quantize": "onnx.quantize",
-    "backends": "bench.backends", "bench_repeats": "bench.repeats", "bench_decode_tokens": "bench.decode_tokens",
-    "bench_prompt_lens": "bench.prompt_lens", "bench_batch_sizes": "bench.batch_sizes", "bench_threads": "bench.threads",
-    "bench_text": "bench.text", "quality_tokens": "bench.quality_tokens",
-    "preset": "preset", "recover": "recover.enabled", "recover_steps": "recover.steps", "recover_full": "recover.full",
+    "ratio": "prune.ratio",
+    "method": "prune.method",
+    "schedule": "prune.schedule",
+    "layer_ratios": "prune.layer_ratios",
+    "gqa_mode": "prune.gqa_mode",
+    "head_multiple": "prune.head_multiple",
+    "ffn_multiple": "prune.ffn_multiple",
+    "tp_size": "prune.tp_size",
+    "head_share": "prune.head_share",
+    "calib": "prune.calib",
+    "nsamples": "prune.nsamples",
+    "seqlen": "prune.seqlen",
+    "seed": "prune.seed",
+    "device": "prune.device",
+    "dtype": "prune.dtype",
+    "hessian_dtype": "prune.hessian_dtype",
+    "vllm_dtype": "vllm.dtype",
+    "onnx_dtype": "onnx.dtype",
+    "onnx_quantize": "onnx.quantize",
+    "backends": "bench.backends",
+    "bench_repeats": "bench.repeats",
+    "bench_decode_tokens": "bench.decode_tokens",
+    "bench_prompt_lens": "bench.prompt_lens",
+    "bench_batch_sizes": "bench.batch_sizes",
+    "bench_threads": "bench.threads",
+    "bench_text": "bench.text",
+    "quality_tokens": "bench.quality_tokens",
+    "preset": "preset",
+    "recover": "recover.enabled",
+    "recover_steps": "recover.steps",
+    "recover_full": "recover.full",
     "recover_data": "recover.data",
-    "eval_text": "eval.text", "tasks": "eval.tasks", "include_path": "eval.include_path", "num_fewshot": "eval.num_fewshot",
-    "eval_limit": "eval.limit", "gate": "gate",
+    "eval_text": "eval.text",
+    "tasks": "eval.tasks",
+    "include_path": "eval.include_path",
+    "num_fewshot": "eval.num_fewshot",
+    "eval_limit": "eval.limit",
+    "gate": "gate",
 }
 
 
 @main.command()
 @click.argument("model", required=False)
-@click.option("--out", type=click.Path(path_type=Path), default=Path("slimgpt-build"), show_default=True, help="Build directory (reruns skip finished stages).")
-@click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML file with any build option; flags override it.")
-@click.option("--stages", help="Comma-separated subset of: prune,recover,export-vllm,export-onnx,verify-vllm,verify-onnx,eval,bench,report.")
-@click.option("--force", is_flag=True, help="Redo the selected stages even if finished; build in a directory that is not a build.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("slimgpt-build"),
+    show_default=True,
+    help="Build directory (reruns skip finished stages).",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path),
+    help="YAML file with any build option; flags override it.",
+)
+@click.option(
+    "--stages",
+    help="Comma-separated subset of: prune,recover,export-vllm,export-onnx,verify-vllm,verify-onnx,eval,bench,report.",
+)
+@click.option(
+    "--force", is_flag=True, help="Redo the selected stages even if finished; build in a directory that is not a build."
+)
 @click.option("--resume", is_flag=True, help="Continue an interrupted prune from its last finished layer.")
-@click.option("--max-memory", default=None, metavar="SIZE", help="Cap on calibration activations kept in memory while pruning, e.g. 8GiB.")
+@click.option(
+    "--max-memory",
+    default=None,
+    metavar="SIZE",
+    help="Cap on calibration activations kept in memory while pruning, e.g. 8GiB.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("--ratio", type=Ratio(), help="Share of decoder parameters to remove [0.2].")
 @click.option("--method", type=click.Choice(["slimgpt", "slimgpt-nocomp", "magnitude", "wanda-sp"]), help="[slimgpt]")
@@ -348,18 +638,28 @@ _BUILD_FLAGS = {
 @click.option("--head-multiple", type=click.IntRange(min=1), help="Heads kept in multiples of N [1].")
 @click.option("--ffn-multiple", type=click.IntRange(min=1), help="FFN channels kept in multiples of M [1].")
 @click.option("--tp-size", type=click.IntRange(min=1), help="Shapes that vLLM tensor parallelism T shards.")
-@click.option("--head-share", type=click.FloatRange(0.0, 1.0), help="Heads cut at this share of each layer's ratio; the FFN takes the rest [0.5].")
+@click.option(
+    "--head-share",
+    type=click.FloatRange(0.0, 1.0),
+    help="Heads cut at this share of each layer's ratio; the FFN takes the rest [0.5].",
+)
 @click.option("--calib", help="Calibration: 'self', a .txt/.jsonl file or a dataset name [self].")
 @click.option("--nsamples", type=int, help="Calibration samples [64].")
 @click.option("--seqlen", type=int, help="Tokens per calibration sample [512].")
 @click.option("--seed", type=int, help="[0]")
 @click.option("--device", help="auto, cpu or cuda[:N] [auto: the GPU when CUDA is available].")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Model dtype while pruning [float32].")
+@click.option(
+    "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Model dtype while pruning [float32]."
+)
 @click.option("--hessian-dtype", type=click.Choice(["float32", "float64"]), help="[float32]")
-@click.option("--vllm-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="vLLM export dtype [the checkpoint's].")
+@click.option(
+    "--vllm-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="vLLM export dtype [the checkpoint's]."
+)
 @click.option("--onnx-dtype", type=click.Choice(["fp32", "fp16"]), help="ONNX export dtype [fp32].")
 @click.option("--onnx-quantize", type=click.Choice(["int8"]), help="ONNX 8-bit weights.")
-@click.option("--backends", help="Bench back ends, comma-separated: torch,onnx,vllm [all installed; named ones must be].")
+@click.option(
+    "--backends", help="Bench back ends, comma-separated: torch,onnx,vllm [all installed; named ones must be]."
+)
 @click.option("--bench-repeats", type=int, help="Timed runs per measurement [3].")
 @click.option("--bench-decode-tokens", type=int, help="Tokens per decode measurement [32].")
 @click.option("--bench-prompt-lens", callback=_int_list, help="Prefill lengths [128,512].")
@@ -367,19 +667,37 @@ _BUILD_FLAGS = {
 @click.option("--bench-threads", type=int, help="Threads for torch/ONNX Runtime [all cores].")
 @click.option("--bench-text", help="Text file for perplexity [a built-in sample].")
 @click.option("--quality-tokens", type=int, help="Tokens of text for perplexity/KL [4096].")
-@click.option("--preset", type=click.Choice(["release"]), default=None, help="Option preset: release switches recovery on.")
-@click.option("--recover", "recover", is_flag=True, default=None, help="Add the recover stage (distillation from the dense model); exports then ship DIR/recovered.")
+@click.option(
+    "--preset", type=click.Choice(["release"]), default=None, help="Option preset: release switches recovery on."
+)
+@click.option(
+    "--recover",
+    "recover",
+    is_flag=True,
+    default=None,
+    help="Add the recover stage (distillation from the dense model); exports then ship DIR/recovered.",
+)
 @click.option("--recover-steps", type=int, help="Recovery optimizer steps [100].")
-@click.option("--recover-full", is_flag=True, default=None, help="Recovery trains the full decoder weights instead of LoRA.")
+@click.option(
+    "--recover-full", is_flag=True, default=None, help="Recovery trains the full decoder weights instead of LoRA."
+)
 @click.option("--recover-data", help="Recovery text: 'self', a .txt/.jsonl file or a dataset name [self].")
 @click.option("--eval-text", help="eval stage: text file for dense and pruned perplexity (and fidelity).")
 @click.option("--tasks", help="eval stage: lm-eval multiple-choice tasks for dense and pruned, comma-separated.")
 @click.option("--include-path", help="eval stage: directory of extra lm-eval task YAMLs.")
 @click.option("--num-fewshot", type=int, help="eval stage: few-shot examples per task document [0].")
 @click.option("--eval-limit", type=int, help="eval stage: first N documents of each task [all].")
-@click.option("--gate", multiple=True, help="Quality condition, repeatable or comma-separated: ppl_ratio<=1.30, kl<=0.25, top1>=0.6, accuracy_retained>=0.95 (exit 3 when missed).")
+@click.option(
+    "--gate",
+    multiple=True,
+    help=(
+        "Quality condition, repeatable or comma-separated: ppl_ratio<=1.30, kl<=0.25, top1>=0.6, "
+        "accuracy_retained>=0.95 (exit 3 when missed)."
+    ),
+)
 def build(model, out, config_file, stages, force, resume, max_memory, as_json, **flags):
-    """Build MODEL (default: the embedded SmolLM2-135M) into a verified slim checkpoint, vLLM and ONNX exports and a report.
+    """Build MODEL (default: the embedded SmolLM2-135M) into a verified slim checkpoint, vLLM and ONNX exports
+    and a report.
 
     Exit codes: 0 every stage passed; 2 bad input; 3 a verification failed or a --gate
     condition was missed (the report says which); 4 NaN/Inf in the model; 1 internal error.
@@ -402,10 +720,16 @@ def build(model, out, config_file, stages, force, resume, max_memory, as_json, *
         console = _console()
         progress = _BuildProgress(console)
         try:
-            result = run_build(out, options, force=force, resume=resume,
-                               max_memory=parse_size(max_memory) if max_memory is not None else None,
-                               log_fn=lambda msg: console.print(f"  {msg}", highlight=False, markup=False),
-                               on_stage=progress.stage, on_layer=progress.layer)
+            result = run_build(
+                out,
+                options,
+                force=force,
+                resume=resume,
+                max_memory=parse_size(max_memory) if max_memory is not None else None,
+                log_fn=lambda msg: console.print(f"  {msg}", highlight=False, markup=False),
+                on_stage=progress.stage,
+                on_layer=progress.layer,
+            )
         finally:
             progress.close()
         summary = result.to_dict()
@@ -415,12 +739,17 @@ def build(model, out, config_file, stages, force, resume, max_memory, as_json, *
             console.print(f"report: {summary['report']}")
         if result.exit_code:
             failures = [f"{name}: {result.state['stages'][name].get('reason')}" for name in result.verification_failed]
-            problem = "; ".join(([f"verification failed: {'; '.join(failures)}"] if failures else []) +
-                                ([f"quality gate missed: {', '.join(result.gate_failed)}"] if result.gate_failed else []))
+            problem = "; ".join(
+                ([f"verification failed: {'; '.join(failures)}"] if failures else [])
+                + ([f"quality gate missed: {', '.join(result.gate_failed)}"] if result.gate_failed else [])
+            )
             click.echo(f"error: {problem}; artifacts kept, see {summary['report'] or out}", err=True)
             sys.exit(result.exit_code)
         if result.gate:
-            console.print("quality gate passed: " + ", ".join(f"{r['condition']} ({r['value']:.4g})" for r in result.gate["conditions"]))
+            console.print(
+                "quality gate passed: "
+                + ", ".join(f"{r['condition']} ({r['value']:.4g})" for r in result.gate["conditions"])
+            )
         console.print(f"[bold green]build passed[/] {out}")
 
     _run(go)
@@ -429,7 +758,12 @@ def build(model, out, config_file, stages, force, resume, max_memory, as_json, *
 class _BuildProgress:
     """One line per stage on stderr, and the layer bar while pruning."""
 
-    MARKS = {"ok": "[green]done[/]", "cached": "[dim]unchanged, skipped[/]", "failed": "[bold red]FAILED[/]", "skipped": "[yellow]skipped[/]"}
+    MARKS = {
+        "ok": "[green]done[/]",
+        "cached": "[dim]unchanged, skipped[/]",
+        "failed": "[bold red]FAILED[/]",
+        "skipped": "[yellow]skipped[/]",
+    }
 
     def __init__(self, console):
         self.console = console
@@ -457,40 +791,96 @@ class _BuildProgress:
 
 @main.command("eval")
 @click.argument("model")
-@click.option("--text", "text_path", type=click.Path(path_type=Path), help="Text file for perplexity (e.g. wikitext-2 test.txt).")
-@click.option("--seqlen", type=int, default=2048, show_default=True, help="Perplexity window (papers: 2048; LLM-Pruner/SlimGPT also 128).")
+@click.option(
+    "--text", "text_path", type=click.Path(path_type=Path), help="Text file for perplexity (e.g. wikitext-2 test.txt)."
+)
+@click.option(
+    "--seqlen",
+    type=int,
+    default=2048,
+    show_default=True,
+    help="Perplexity window (papers: 2048; LLM-Pruner/SlimGPT also 128).",
+)
 @click.option("--max-tokens", type=int, default=None, help="Evaluate only the first N tokens of --text.")
-@click.option("--reference", help="Reference model for fidelity (KL divergence, top-1 agreement), e.g. the dense model.")
-@click.option("--fidelity-text", type=click.Path(path_type=Path), help="Text for fidelity; default: text sampled from the reference (seeded).")
+@click.option(
+    "--reference", help="Reference model for fidelity (KL divergence, top-1 agreement), e.g. the dense model."
+)
+@click.option(
+    "--fidelity-text",
+    type=click.Path(path_type=Path),
+    help="Text for fidelity; default: text sampled from the reference (seeded).",
+)
 @click.option("--fidelity-seqlen", type=int, default=256, show_default=True)
-@click.option("--fidelity-samples", type=int, default=8, show_default=True, help="Samples of self-generated fidelity text.")
+@click.option(
+    "--fidelity-samples", type=int, default=8, show_default=True, help="Samples of self-generated fidelity text."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--tasks", help="lm-eval multiple-choice tasks, comma-separated (e.g. boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa).")
-@click.option("--include-path", type=click.Path(path_type=Path), help="Directory of extra lm-eval task YAMLs (e.g. a local JSONL task).")
+@click.option(
+    "--tasks",
+    help=(
+        "lm-eval multiple-choice tasks, comma-separated "
+        "(e.g. boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa)."
+    ),
+)
+@click.option(
+    "--include-path",
+    type=click.Path(path_type=Path),
+    help="Directory of extra lm-eval task YAMLs (e.g. a local JSONL task).",
+)
 @click.option("--num-fewshot", type=int, default=0, show_default=True, help="Few-shot examples per task document.")
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N documents of each task.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Batch size for the task log-likelihoods.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON on stdout.")
-def eval_(model, text_path, seqlen, max_tokens, reference, fidelity_text, fidelity_seqlen, fidelity_samples, seed,
-          tasks, include_path, num_fewshot, limit, batch_size, as_json):
+def eval_(
+    model,
+    text_path,
+    seqlen,
+    max_tokens,
+    reference,
+    fidelity_text,
+    fidelity_seqlen,
+    fidelity_samples,
+    seed,
+    tasks,
+    include_path,
+    num_fewshot,
+    limit,
+    batch_size,
+    as_json,
+):
     """Evaluate MODEL: perplexity on a text file, fidelity to a reference model, accuracy on lm-eval tasks."""
 
     def go():
-        from .errors import BadInputError
         from .api import evaluate_model
+        from .errors import BadInputError
         from .tasks import TaskOptions, parse_tasks
 
         task_options = None
         if tasks is not None:
-            task_options = TaskOptions(tasks=parse_tasks(tasks), include_path=include_path, num_fewshot=num_fewshot,
-                                       limit=limit, batch_size=batch_size)
+            task_options = TaskOptions(
+                tasks=parse_tasks(tasks),
+                include_path=include_path,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                batch_size=batch_size,
+            )
         elif include_path is not None or limit is not None:
             raise BadInputError("--include-path and --limit apply to --tasks; name the tasks with --tasks")
         if text_path is None and reference is None and task_options is None:
-            raise BadInputError("nothing to evaluate; give --text FILE for perplexity, --reference MODEL for fidelity and/or --tasks for accuracy")
+            raise BadInputError(
+                "nothing to evaluate; give --text FILE for perplexity, --reference MODEL for fidelity "
+                "and/or --tasks for accuracy"
+            )
         results = evaluate_model(
-            model, text=text_path, seqlen=seqlen, max_tokens=max_tokens, reference=reference,
-            fidelity_text=fidelity_text, fidelity_seqlen=fidelity_seqlen, fidelity_samples=fidelity_samples, seed=seed,
+            model,
+            text=text_path,
+            seqlen=seqlen,
+            max_tokens=max_tokens,
+            reference=reference,
+            fidelity_text=fidelity_text,
+            fidelity_seqlen=fidelity_seqlen,
+            fidelity_samples=fidelity_samples,
+            seed=seed,
             tasks=task_options,
         )
         console = _console()
@@ -523,7 +913,11 @@ def _print_accuracy(console, acc: dict) -> None:
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", required=True, type=click.Choice(["vllm", "onnx"]), help="Target runtime.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
-@click.option("--dtype", default=None, help="Weight dtype: vllm float32|bfloat16|float16 (default: the checkpoint's); onnx fp32|fp16 (default fp32).")
+@click.option(
+    "--dtype",
+    default=None,
+    help="Weight dtype: vllm float32|bfloat16|float16 (default: the checkpoint's); onnx fp32|fp16 (default fp32).",
+)
 @click.option("--quantize", default=None, type=click.Choice(["int8"]), help="ONNX only: 8-bit weights for the MatMuls.")
 @click.option("--no-verify", is_flag=True, help="Skip the comparison with PyTorch (not recommended).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
@@ -532,13 +926,19 @@ def export_(checkpoint, fmt, out, dtype, quantize, no_verify, force, as_json):
     """Export a slim (or dense) CHECKPOINT for vLLM or ONNX Runtime, verified against PyTorch."""
 
     def go():
-        from .atomic import check_output_dir
         from slimgpt_deploy.exporters import get_exporter
+
+        from .atomic import check_output_dir
 
         check_output_dir(out, force)
         console = _console()
         summary = get_exporter(fmt)(
-            checkpoint, out, dtype=dtype, quantize=quantize, force=force, verify=not no_verify,
+            checkpoint,
+            out,
+            dtype=dtype,
+            quantize=quantize,
+            force=force,
+            verify=not no_verify,
             log=lambda msg: console.print(msg, highlight=False),
         )
         verdict = summary.get("verification", {}).get("passed")
@@ -563,8 +963,9 @@ def generate(model, backend, prompts, max_new_tokens, temperature, top_p, seed, 
     """Complete --prompt with MODEL (a checkpoint dir, a vLLM export, or an ONNX export) on one back end."""
 
     def go():
-        from .errors import BadInputError
         from slimgpt_deploy.serving import get_backend
+
+        from .errors import BadInputError
 
         if max_new_tokens < 1:
             raise BadInputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -572,8 +973,13 @@ def generate(model, backend, prompts, max_new_tokens, temperature, top_p, seed, 
             raise BadInputError("--temperature must be >= 0 and --top-p in (0, 1]")
         stream = None if as_json or len(prompts) > 1 else (lambda i, delta: click.echo(delta, nl=False))
         texts = get_backend(backend)(
-            model, list(prompts), max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, seed=seed, on_text=stream,
+            model,
+            list(prompts),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            on_text=stream,
         )
         if as_json:
             click.echo(json.dumps([{"prompt": p, "completion": t} for p, t in zip(prompts, texts)], indent=2))
@@ -592,12 +998,30 @@ def generate(model, backend, prompts, max_new_tokens, temperature, top_p, seed, 
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--api-key", envvar="VLLM_API_KEY", default=None, help="Require this bearer token (or set VLLM_API_KEY).")
 @click.option("--served-model-name", default=None, help="Model name in the API (default: the directory path).")
-@click.option("--max-model-len", type=click.IntRange(min=16), default=None, help="Context length (default: the model's).")
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
-@click.option("--tensor-parallel-size", "-tp", type=click.IntRange(min=1), default=1, show_default=True, help="GPUs to shard over; the per-layer shapes must divide (prune --tp-size).")
-@click.option("--kv-cache-gb", type=click.FloatRange(min=0.01), default=None, help="KV-cache budget in GiB (default on CPU: 1; on GPU: vLLM's memory share).")
+@click.option(
+    "--max-model-len", type=click.IntRange(min=16), default=None, help="Context length (default: the model's)."
+)
+@click.option(
+    "--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"])
+)
+@click.option(
+    "--tensor-parallel-size",
+    "-tp",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="GPUs to shard over; the per-layer shapes must divide (prune --tp-size).",
+)
+@click.option(
+    "--kv-cache-gb",
+    type=click.FloatRange(min=0.01),
+    default=None,
+    help="KV-cache budget in GiB (default on CPU: 1; on GPU: vLLM's memory share).",
+)
 @click.option("--dry-run", is_flag=True, help="Check the model and print the vLLM command instead of running it.")
-def serve(model, host, port, api_key, served_model_name, max_model_len, dtype, tensor_parallel_size, kv_cache_gb, dry_run):
+def serve(
+    model, host, port, api_key, served_model_name, max_model_len, dtype, tensor_parallel_size, kv_cache_gb, dry_run
+):
     """Serve MODEL (a slim checkpoint or a vLLM export) with vLLM's OpenAI-compatible server."""
 
     def go():
@@ -608,8 +1032,11 @@ def serve(model, host, port, api_key, served_model_name, max_model_len, dtype, t
 
         check_servable(model, tensor_parallel_size)
         options = EngineOptions(
-            dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-            kv_cache_bytes=int(kv_cache_gb * (1 << 30)) if kv_cache_gb else None, enforce_eager=False,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
+            kv_cache_bytes=int(kv_cache_gb * (1 << 30)) if kv_cache_gb else None,
+            enforce_eager=False,
         )
         cmd = serve_command(model, host=host, port=port, options=options, served_model_name=served_model_name)
         if dry_run:
@@ -621,7 +1048,8 @@ def serve(model, host, port, api_key, served_model_name, max_model_len, dtype, t
         shown = "0.0.0.0" if host in ("", "0.0.0.0") else host
         _console().print(
             f"[bold]serving[/] {model} with vLLM at [bold]http://{shown}:{port}/v1[/] "
-            f"(model name {served_model_name or str(model)!r}{', API key required' if api_key else ''}); Ctrl-C stops it"
+            f"(model name {served_model_name or str(model)!r}{', API key required' if api_key else ''}); "
+            "Ctrl-C stops it"
         )
         sys.stderr.flush()
         os.execve(cmd[0], cmd, env)
@@ -632,21 +1060,57 @@ def serve(model, host, port, api_key, served_model_name, max_model_len, dtype, t
 @main.command()
 @click.argument("dense")
 @click.argument("pruned")
-@click.option("--backends", default=None, help="Comma-separated: torch,onnx,vllm (default: all, skipping those not installed).")
-@click.option("--text", "text_path", type=click.Path(path_type=Path), default=None, help="Text for perplexity/KL (default: a built-in sample).")
-@click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs per measurement (medians reported).")
+@click.option(
+    "--backends", default=None, help="Comma-separated: torch,onnx,vllm (default: all, skipping those not installed)."
+)
+@click.option(
+    "--text",
+    "text_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Text for perplexity/KL (default: a built-in sample).",
+)
+@click.option(
+    "--repeats", type=int, default=5, show_default=True, help="Timed runs per measurement (medians reported)."
+)
 @click.option("--warmups", type=int, default=1, show_default=True)
 @click.option("--decode-tokens", type=int, default=32, show_default=True, help="Decode steps timed per measurement.")
-@click.option("--prompt-lens", callback=_int_list, default="128,512", show_default=True, help="Prefill (TTFT) prompt lengths, batch 1.")
+@click.option(
+    "--prompt-lens",
+    callback=_int_list,
+    default="128,512",
+    show_default=True,
+    help="Prefill (TTFT) prompt lengths, batch 1.",
+)
 @click.option("--batch-sizes", callback=_int_list, default="1,8", show_default=True, help="Decode batch sizes.")
 @click.option("--threads", type=int, default=None, help="torch / ONNX Runtime threads (default: all cores).")
 @click.option("--quality-tokens", type=int, default=4096, show_default=True, help="Tokens of --text for perplexity/KL.")
 @click.option("--quality-seqlen", type=int, default=512, show_default=True, help="Perplexity/KL window.")
-@click.option("--work-dir", type=click.Path(path_type=Path), default=None, help="Cache for converted models and ONNX exports (default: a temporary directory).")
+@click.option(
+    "--work-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Cache for converted models and ONNX exports (default: a temporary directory).",
+)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the result JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result JSON on stdout.")
-def bench(dense, pruned, backends, text_path, repeats, warmups, decode_tokens, prompt_lens, batch_sizes, threads,
-          quality_tokens, quality_seqlen, work_dir, out, as_json):
+def bench(
+    dense,
+    pruned,
+    backends,
+    text_path,
+    repeats,
+    warmups,
+    decode_tokens,
+    prompt_lens,
+    batch_sizes,
+    threads,
+    quality_tokens,
+    quality_seqlen,
+    work_dir,
+    out,
+    as_json,
+):
     """Benchmark DENSE against PRUNED: latency, memory and quality on torch, ONNX Runtime and vLLM."""
 
     def go():
@@ -656,15 +1120,27 @@ def bench(dense, pruned, backends, text_path, repeats, warmups, decode_tokens, p
         from .bench.tables import markdown
 
         options = BenchOptions(
-            prompt_lens=prompt_lens, batch_sizes=batch_sizes, decode_tokens=decode_tokens, repeats=repeats,
-            warmups=warmups, threads=threads, text=text_path, quality_tokens=quality_tokens, quality_seqlen=quality_seqlen,
+            prompt_lens=prompt_lens,
+            batch_sizes=batch_sizes,
+            decode_tokens=decode_tokens,
+            repeats=repeats,
+            warmups=warmups,
+            threads=threads,
+            text=text_path,
+            quality_tokens=quality_tokens,
+            quality_seqlen=quality_seqlen,
         )
         names = [b.strip() for b in backends.split(",") if b.strip()] if backends is not None else list(BACKENDS)
         console = _console()
         with tempfile.TemporaryDirectory(prefix="slimgpt-bench-") as tmp:
             result = run_bench(
-                dense, pruned, names, options=options, explicit=backends is not None,
-                work_dir=work_dir or Path(tmp), log=lambda msg: console.print(msg, highlight=False),
+                dense,
+                pruned,
+                names,
+                options=options,
+                explicit=backends is not None,
+                work_dir=work_dir or Path(tmp),
+                log=lambda msg: console.print(msg, highlight=False),
             )
         console.print(markdown(result), highlight=False, markup=False, soft_wrap=True)
         text = json.dumps(result, indent=2)

@@ -1,4 +1,5 @@
 """The pruning job's options: one frozen dataclass, validated once, built by the CLI or the API."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -67,9 +68,13 @@ class PruneConfig:
         _choice("dtype", self.dtype, DTYPES)
         _choice("Hessian dtype", self.hessian_dtype, HESSIAN_DTYPES)
         if self.head_multiple < 1 or self.ffn_multiple < 1:
-            raise BadInputError(f"--head-multiple {self.head_multiple} and --ffn-multiple {self.ffn_multiple} must be at least 1")
+            raise BadInputError(
+                f"--head-multiple {self.head_multiple} and --ffn-multiple {self.ffn_multiple} must be at least 1"
+            )
         if not 0.0 <= self.head_share <= 1.0:
-            raise BadInputError(f"head share {self.head_share} must be in [0, 1]: the share of a layer's ratio taken from its heads")
+            raise BadInputError(
+                f"head share {self.head_share} must be in [0, 1]: the share of a layer's ratio taken from its heads"
+            )
         if self.nsamples < 1:
             raise BadInputError(f"--nsamples {self.nsamples} must be at least 1")
         if self.seqlen < 8:

@@ -8,6 +8,7 @@ Exit codes (documented in the README):
   4  numerical failure (NaN/Inf in weights or activations, named by layer)
   130 interrupted (Ctrl-C), 143 terminated (SIGTERM); the message says where resume state is
 """
+
 from __future__ import annotations
 
 

@@ -21,6 +21,7 @@ Losses are computed from float32 log-softmaxes whatever the model dtype; each mo
 on its own device (``model.device``). The large-vocabulary softmaxes are done one window
 at a time, so memory holds one batch of logits plus a window's worth of temporaries.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,18 +43,18 @@ LOSS_DTYPE = torch.float32
 
 @dataclass(frozen=True)
 class PerplexityResult:
-    ppl: float      # exp(nll)
-    nll: float      # mean negative log-likelihood per predicted token, nats
-    tokens: int     # predicted tokens: windows * (seqlen - 1)
+    ppl: float  # exp(nll)
+    nll: float  # mean negative log-likelihood per predicted token, nats
+    tokens: int  # predicted tokens: windows * (seqlen - 1)
     windows: int
     seqlen: int
 
 
 @dataclass(frozen=True)
 class FidelityResult:
-    kl: float       # mean KL(P_ref || P_model) per token position, nats
-    top1: float     # share of positions where both models' argmax agree, in [0, 1]
-    tokens: int     # positions compared: windows * seqlen
+    kl: float  # mean KL(P_ref || P_model) per token position, nats
+    top1: float  # share of positions where both models' argmax agree, in [0, 1]
+    tokens: int  # positions compared: windows * seqlen
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -156,9 +157,7 @@ def perplexity(
             targets = batch[:, 1:].to(logits.device)  # [b, seqlen-1]
             for i in range(batch.shape[0]):
                 # position t predicts token t+1
-                nll_sum += F.cross_entropy(
-                    logits[i, :-1].to(LOSS_DTYPE), targets[i], reduction="sum"
-                ).item()
+                nll_sum += F.cross_entropy(logits[i, :-1].to(LOSS_DTYPE), targets[i], reduction="sum").item()
             del logits
     tokens = windows.shape[0] * (seqlen - 1)
     nll = nll_sum / tokens
@@ -194,7 +193,8 @@ def fidelity(
             if ref_logits.shape != mod_logits.shape:
                 raise BadInputError(
                     f"fidelity needs models with the same vocabulary: reference gives logits "
-                    f"{tuple(ref_logits.shape)}, model {tuple(mod_logits.shape)}; compare a model with its own dense reference"
+                    f"{tuple(ref_logits.shape)}, model {tuple(mod_logits.shape)}; "
+                    "compare a model with its own dense reference"
                 )
             for i in range(batch.shape[0]):
                 log_p = F.log_softmax(ref_logits[i].to(LOSS_DTYPE), dim=-1)  # [seqlen, V]  log P_ref

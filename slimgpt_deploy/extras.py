@@ -1,4 +1,5 @@
 """Optional back ends: import them on demand, or say which extra installs them."""
+
 from __future__ import annotations
 
 import importlib

@@ -5,6 +5,7 @@ describe it (biases, window); every family shares the decoder layer layout
 input_layernorm -> self_attn(q, k, v, o) -> post_attention_layernorm ->
 mlp(gate, up, down), which is what the pruner and the slim model rely on.
 """
+
 from __future__ import annotations
 
 import logging
@@ -123,7 +124,10 @@ def layer_shapes(config) -> list[LayerShape]:
     check_architecture(config)
     n = config.num_hidden_layers
     q = getattr(config, "num_attention_heads_per_layer", None) or [config.num_attention_heads] * n
-    kv = getattr(config, "num_key_value_heads_per_layer", None) or [config.num_key_value_heads or config.num_attention_heads] * n
+    kv = (
+        getattr(config, "num_key_value_heads_per_layer", None)
+        or [config.num_key_value_heads or config.num_attention_heads] * n
+    )
     ffn = getattr(config, "intermediate_size_per_layer", None) or [config.intermediate_size] * n
     fields = FAMILIES[config.model_type](config)
     return [

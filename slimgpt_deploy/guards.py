@@ -5,6 +5,7 @@ check compares it with what the machine has (psutil's available memory,
 shutil.disk_usage of the output's directory) and raises ResourceError with
 the numbers and what to lower.
 """
+
 from __future__ import annotations
 
 import re
@@ -30,8 +31,22 @@ OBS_HESSIAN_COPIES = 4
 # ... and in units of the projection W [hidden, w] in the Hessian dtype: the method's working
 # copy, the original (kept for the reconstruction error), dW and dW @ H.
 OBS_WEIGHT_COPIES = 4
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -122,8 +137,9 @@ def obs_step_peak(hidden: int, width: int, hessian_bytes: int) -> int:
     return (OBS_HESSIAN_COPIES * width * width + OBS_WEIGHT_COPIES * hidden * width) * hessian_bytes
 
 
-def layer_device_peak(hidden: int, q_width: int, kv_width: int, ffn: int, dtype_bytes: int, hessian_bytes: int,
-                      batch_tokens: int) -> int:
+def layer_device_peak(
+    hidden: int, q_width: int, kv_width: int, ffn: int, dtype_bytes: int, hessian_bytes: int, batch_tokens: int
+) -> int:
     """Peak device bytes of pruning one decoder layer, activations between layers not counted.
 
     The dense layer, the half-pruned and the new layer (at most 3 layers' weights), the larger
@@ -142,7 +158,11 @@ def job_size(model_config, prune_config) -> JobSize:
     decoder = sum(s.params() for s in shapes)
     h, vocab = model_config.hidden_size, model_config.vocab_size
     embeddings = vocab * h * (1 if getattr(model_config, "tie_word_embeddings", False) else 2)
-    ratio = (sum(prune_config.layer_ratios) / len(prune_config.layer_ratios)) if prune_config.layer_ratios else prune_config.ratio
+    ratio = (
+        (sum(prune_config.layer_ratios) / len(prune_config.layer_ratios))
+        if prune_config.layer_ratios
+        else prune_config.ratio
+    )
     return JobSize(
         params=decoder + embeddings + h,
         decoder_params=decoder,

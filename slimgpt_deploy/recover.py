@@ -26,6 +26,7 @@ same weights as an uninterrupted run. The teacher's top-k log-probabilities may 
 (``teacher_topk``): computed once per training sequence and stored in the state directory,
 later epochs (and resumed runs) then skip the teacher's forward pass.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,26 +61,31 @@ GRAD_CLIP = 1.0
 class RecoverConfig:
     """Everything that decides a recovery result (and so the resume fingerprint)."""
 
-    data: str = "self"          # 'self' (sampled from the teacher), a .txt/.jsonl file, or a dataset name
+    data: str = "self"  # 'self' (sampled from the teacher), a .txt/.jsonl file, or a dataset name
     steps: int = 100
     batch_size: int = 4
     seqlen: int = 256
-    nsamples: int = 128         # training sequences (the data is cycled when steps * batch_size exceeds it)
-    heldout: int = 8            # held-out sequences of the same data, for fidelity before/after
-    full: bool = False          # train the full decoder weights instead of LoRA adapters
+    nsamples: int = 128  # training sequences (the data is cycled when steps * batch_size exceeds it)
+    heldout: int = 8  # held-out sequences of the same data, for fidelity before/after
+    full: bool = False  # train the full decoder weights instead of LoRA adapters
     rank: int = 8
     alpha: float = 16.0
-    lr: float | None = None     # default: 1e-3 for LoRA, 5e-5 for full
+    lr: float | None = None  # default: 1e-3 for LoRA, 5e-5 for full
     weight_decay: float = 0.0
     temperature: float = 1.0
     lm_weight: float = 0.0
-    teacher_topk: int = 0       # > 0: cache the teacher's top-k log-probs instead of rerunning it
+    teacher_topk: int = 0  # > 0: cache the teacher's top-k log-probs instead of rerunning it
     seed: int = 0
     save_every: int = 25
 
     def __post_init__(self):
-        positive = {"steps": self.steps, "batch_size": self.batch_size, "nsamples": self.nsamples,
-                    "rank": self.rank, "save_every": self.save_every}
+        positive = {
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "nsamples": self.nsamples,
+            "rank": self.rank,
+            "save_every": self.save_every,
+        }
         for name, value in positive.items():
             if value < 1:
                 raise BadInputError(f"recover {name}={value} must be at least 1; give --{name.replace('_', '-')} >= 1")
@@ -102,9 +108,9 @@ class RecoverConfig:
 
 @dataclass
 class RecoverResult:
-    model: torch.nn.Module   # the recovered slim model (LoRA merged), eval mode
+    model: torch.nn.Module  # the recovered slim model (LoRA merged), eval mode
     tokenizer: object
-    record: dict             # the slim record with its "recovery" section
+    record: dict  # the slim record with its "recovery" section
 
 
 # ---------------------------------------------------------------------------- math
@@ -148,7 +154,8 @@ def distill_loss(
 
 
 def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, S, V]`` logits -> the top-k log-probs at ``temperature`` ``[B, S, k]`` float32 and ids ``[B, S, k]`` int32."""
+    """``[B, S, V]`` logits -> the top-k log-probs at ``temperature`` ``[B, S, k]`` float32 and ids ``[B, S, k]``
+    int32."""
     lp = F.log_softmax(teacher_logits.to(LOSS_DTYPE) / temperature, dim=-1)
     values, ids = lp.topk(k, dim=-1)
     return values, ids.to(torch.int32)
@@ -200,11 +207,16 @@ class RecoverState:
             if meta.get("format") != FORMAT or meta.get("fingerprint") != fingerprint(identity):
                 old = (meta.get("identity") or {}).get("options") or {}
                 new = identity.get("options", {})
-                changed = [f"--{k.replace('_', '-')} {old.get(k)!r} there, {new.get(k)!r} now"
-                           for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+                changed = [
+                    f"--{k.replace('_', '-')} {old.get(k)!r} there, {new.get(k)!r} now"
+                    for k in sorted(set(old) | set(new))
+                    if old.get(k) != new.get(k)
+                ]
                 what = ", ".join(changed) or "the student or teacher changed"
-                raise BadInputError(f"recover state in {directory} does not match this run ({what}); "
-                                    f"drop --resume to start over or delete {directory}")
+                raise BadInputError(
+                    f"recover state in {directory} does not match this run ({what}); "
+                    f"drop --resume to start over or delete {directory}"
+                )
             state.meta = meta
             logger.info("resuming recovery from %s at step %d", directory, meta["step"])
             return state
@@ -234,15 +246,23 @@ class RecoverState:
         from safetensors.torch import save_file
 
         try:
-            atomic_write(self.directory / f"{name}.safetensors",
-                         lambda tmp: save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp)))
+            atomic_write(
+                self.directory / f"{name}.safetensors",
+                lambda tmp: save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp)),
+            )
         except OSError as err:
             raise (write_error(err, self.directory) or err) from err
 
     def commit(self, step: int, history: list[dict], extra: dict) -> None:
         """state.json, replaced last: the step the saved weights and moments belong to."""
-        meta = {"format": FORMAT, "fingerprint": fingerprint(self.identity), "identity": self.identity,
-                "step": step, "history": history, **extra}
+        meta = {
+            "format": FORMAT,
+            "fingerprint": fingerprint(self.identity),
+            "identity": self.identity,
+            "step": step,
+            "history": history,
+            **extra,
+        }
         text = json.dumps(meta, indent=1, default=str) + "\n"
         atomic_write(self.directory / STATE_FILE, lambda tmp: tmp.write_text(text))
         fsync_dir(self.directory)
@@ -283,14 +303,20 @@ def check_pair(student, teacher, student_path: str, teacher_src: str) -> None:
     """Refuse a teacher that cannot teach this student (other vocabulary or hidden size)."""
     s, t = student.config, teacher.config
     if s.model_type != "slimgpt":
-        raise CheckpointError(f"{student_path} is not a slim checkpoint (model type {s.model_type!r}); "
-                              "give the --out of `slimgpt-deploy prune`")
+        raise CheckpointError(
+            f"{student_path} is not a slim checkpoint (model type {s.model_type!r}); "
+            "give the --out of `slimgpt-deploy prune`"
+        )
     if int(t.vocab_size) != int(s.vocab_size):
-        raise BadInputError(f"teacher {teacher_src} has a vocabulary of {t.vocab_size}, the slim model {s.vocab_size}; "
-                            "give the dense model the slim checkpoint was pruned from as --teacher")
+        raise BadInputError(
+            f"teacher {teacher_src} has a vocabulary of {t.vocab_size}, the slim model {s.vocab_size}; "
+            "give the dense model the slim checkpoint was pruned from as --teacher"
+        )
     if int(t.hidden_size) != int(s.hidden_size):
-        raise BadInputError(f"teacher {teacher_src} has hidden size {t.hidden_size}, the slim model {s.hidden_size}; "
-                            "give the dense model the slim checkpoint was pruned from as --teacher")
+        raise BadInputError(
+            f"teacher {teacher_src} has hidden size {t.hidden_size}, the slim model {s.hidden_size}; "
+            "give the dense model the slim checkpoint was pruned from as --teacher"
+        )
 
 
 def _trainable(student, config: RecoverConfig):
@@ -308,8 +334,14 @@ def _trainable(student, config: RecoverConfig):
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(config.seed)  # LoRA A's initialisation
-        lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, bias="none",
-                          target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=config.rank,
+            lora_alpha=config.alpha,
+            lora_dropout=0.0,
+            bias="none",
+            target_modules=list(LORA_TARGETS),
+            task_type="CAUSAL_LM",
+        )
         model = get_peft_model(student, lora)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     return model, params
@@ -358,8 +390,11 @@ def recover(
     record = read_record(student_dir) if (student_dir / "slimgpt.json").is_file() else {}
     for stale in ("verification", "build_report"):  # about the input checkpoint's build, not this one
         record.pop(stale, None)
-    identity = {"student": source_identity(str(student_dir)), "teacher": source_identity(teacher),
-                "options": config.to_dict()}
+    identity = {
+        "student": source_identity(str(student_dir)),
+        "teacher": source_identity(teacher),
+        "options": config.to_dict(),
+    }
     state = RecoverState.open(state_dir, identity, resume=resume) if state_dir is not None else None
     with _removed_if_unused(state):
         # ---- data: training + held-out sequences, from the teacher (self) or a text
@@ -369,9 +404,15 @@ def recover(
             train_ids, held_ids = stored["train"], stored["heldout"]
             data_record = state.meta["data"]
         else:
-            calib = get_calibration(config.data, teacher_m.model, teacher_m.tokenizer,
-                                    nsamples=config.nsamples + config.heldout, seqlen=config.seqlen, seed=config.seed)
-            train_ids, held_ids = calib.input_ids[: config.nsamples], calib.input_ids[config.nsamples:]
+            calib = get_calibration(
+                config.data,
+                teacher_m.model,
+                teacher_m.tokenizer,
+                nsamples=config.nsamples + config.heldout,
+                seqlen=config.seqlen,
+                seed=config.seed,
+            )
+            train_ids, held_ids = calib.input_ids[: config.nsamples], calib.input_ids[config.nsamples :]
             data_record = {**calib.describe(), "train_sequences": config.nsamples, "heldout_sequences": config.heldout}
             if state is not None:
                 state.save("data", {"train": train_ids, "heldout": held_ids})
@@ -383,7 +424,11 @@ def recover(
         fid_seqlen = config.seqlen
         t0 = time.perf_counter()
         before = fidelity(student, teach, held_ids.flatten(), seqlen=fid_seqlen) if config.heldout else None
-        ppl_before = perplexity(student, ids_eval, seqlen=eval_seqlen, max_tokens=eval_max_tokens) if ids_eval is not None else None
+        ppl_before = (
+            perplexity(student, ids_eval, seqlen=eval_seqlen, max_tokens=eval_max_tokens)
+            if ids_eval is not None
+            else None
+        )
         seconds["eval_before"] = round(time.perf_counter() - t0, 3)
 
         # ---- teacher cache (top-k log-probs of every training sequence)
@@ -428,7 +473,9 @@ def recover(
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, config.steps, config.learning_rate)
                 logits = model(input_ids=ids, use_cache=False).logits  # [B, S, V]
-                loss, parts = distill_loss(logits, target, ids, temperature=config.temperature, lm_weight=config.lm_weight)
+                loss, parts = distill_loss(
+                    logits, target, ids, temperature=config.temperature, lm_weight=config.lm_weight
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(list(params.values()), GRAD_CLIP))
@@ -449,8 +496,11 @@ def recover(
         except KeyboardInterrupt as err:
             code = getattr(err, "exit_code", 130)
             if state is not None and state.step > 0:
-                raise Interrupted(f"interrupted; recover state in {state.directory} (step {state.step}/{config.steps}); "
-                                  "rerun with --resume", code) from None
+                raise Interrupted(
+                    f"interrupted; recover state in {state.directory} (step {state.step}/{config.steps}); "
+                    "rerun with --resume",
+                    code,
+                ) from None
             raise Interrupted("interrupted; no output was written", code) from None
         seconds["train"] = round(time.perf_counter() - t0, 3)
         cpu["train"] = round(time.process_time() - c0, 3)
@@ -462,7 +512,9 @@ def recover(
 
         t0 = time.perf_counter()
         after = fidelity(slim, teach, held_ids.flatten(), seqlen=fid_seqlen) if config.heldout else None
-        ppl_after = perplexity(slim, ids_eval, seqlen=eval_seqlen, max_tokens=eval_max_tokens) if ids_eval is not None else None
+        ppl_after = (
+            perplexity(slim, ids_eval, seqlen=eval_seqlen, max_tokens=eval_max_tokens) if ids_eval is not None else None
+        )
         seconds["eval_after"] = round(time.perf_counter() - t0, 3)
         seconds["total"] = round(time.perf_counter() - t_start, 3)
         # the recovery proper: making the data, caching the teacher, training (not loading, not the before/after checks)
@@ -473,7 +525,9 @@ def recover(
         record = dict(record)
         record["recovery"] = {
             "method": "distillation",
-            "trained": "full decoder weights" if config.full else f"LoRA r={config.rank} alpha={config.alpha:g} on {', '.join(LORA_TARGETS)} (merged)",
+            "trained": "full decoder weights"
+            if config.full
+            else f"LoRA r={config.rank} alpha={config.alpha:g} on {', '.join(LORA_TARGETS)} (merged)",
             "teacher": teacher,
             "options": config.to_dict(),
             "data": data_record,
@@ -483,18 +537,35 @@ def recover(
             "cpu_seconds": cpu,  # process CPU time (all threads): on a shared machine, wall time alone misleads
             "threads": torch.get_num_threads(),
             "loss": _loss_summary(history),
-            "fidelity": {"text": f"{config.heldout} held-out sequences of {config.seqlen} tokens ({data_record['source']})",
-                         "before": before.__dict__ if before else None, "after": after.__dict__ if after else None},
-            "perplexity": ({"text": str(eval_text), "seqlen": eval_seqlen, "max_tokens": eval_max_tokens,
-                            "before": ppl_before.ppl, "after": ppl_after.ppl} if ppl_after is not None else None),
+            "fidelity": {
+                "text": f"{config.heldout} held-out sequences of {config.seqlen} tokens ({data_record['source']})",
+                "before": before.__dict__ if before else None,
+                "after": after.__dict__ if after else None,
+            },
+            "perplexity": (
+                {
+                    "text": str(eval_text),
+                    "seqlen": eval_seqlen,
+                    "max_tokens": eval_max_tokens,
+                    "before": ppl_before.ppl,
+                    "after": ppl_after.ppl,
+                }
+                if ppl_after is not None
+                else None
+            ),
         }
         from .api import versions
 
         record["recovery"]["versions"] = versions()
         if state is not None:
             record["recovery"]["state_dir"] = str(state.directory)
-        logger.info("recovered %s in %.1f s: held-out KL %s -> %s", student_dir, seconds["total"],
-                    f"{before.kl:.4f}" if before else "-", f"{after.kl:.4f}" if after else "-")
+        logger.info(
+            "recovered %s in %.1f s: held-out KL %s -> %s",
+            student_dir,
+            seconds["total"],
+            f"{before.kl:.4f}" if before else "-",
+            f"{after.kl:.4f}" if after else "-",
+        )
         return RecoverResult(model=slim, tokenizer=student_m.tokenizer, record=record)
 
 
@@ -513,7 +584,7 @@ def _teacher_cache(teacher, train_ids: torch.Tensor, config: RecoverConfig) -> d
     lps, ids = [], []
     with torch.inference_mode():
         for start in range(0, train_ids.shape[0], config.batch_size):
-            logits = teacher(input_ids=train_ids[start:start + config.batch_size], use_cache=False).logits
+            logits = teacher(input_ids=train_ids[start : start + config.batch_size], use_cache=False).logits
             lp, top = teacher_topk(logits, config.teacher_topk, config.temperature)
             lps.append(lp)
             ids.append(top)

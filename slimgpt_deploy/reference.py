@@ -1,4 +1,5 @@
 """PyTorch (transformers) reference outputs that exported artifacts are compared against."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -20,6 +20,7 @@ path, config.json hash, weight file sizes and mtimes), the calibration file's
 identity (size and mtime) and PruneConfig.to_dict(); state with another
 fingerprint is refused, naming what differs.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -73,7 +74,11 @@ def describe_difference(old: dict, new: dict) -> str:
     if old.get("calibration") != new.get("calibration"):
         parts.append("the calibration file changed")
     a, b = old.get("options") or {}, new.get("options") or {}
-    changed = [f"--{k.replace('_', '-')} {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    changed = [
+        f"--{k.replace('_', '-')} {a.get(k)!r} there, {b.get(k)!r} now"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
     if changed:
         parts.append("other options: " + ", ".join(changed))
     return "; ".join(parts) or "another state format"
@@ -111,8 +116,9 @@ class Batches:
     them to its compute device.
     """
 
-    def __init__(self, directory: Path | None = None, tensors: list[torch.Tensor] | None = None,
-                 home: Home | None = None):
+    def __init__(
+        self, directory: Path | None = None, tensors: list[torch.Tensor] | None = None, home: Home | None = None
+    ):
         self.directory = directory
         self.home = home
         self._tensors = tensors if tensors is not None else []
@@ -213,7 +219,9 @@ class ResumeState:
 
     def _clean(self) -> None:
         """Remove what a killed run wrote past the last commit (partial files, later layers)."""
-        keep = {STATE_FILE, CALIB_FILE, f"xs-{self.finished:05d}"} | {f"layer-{i:05d}.safetensors" for i in range(self.finished)}
+        keep = {STATE_FILE, CALIB_FILE, f"xs-{self.finished:05d}"} | {
+            f"layer-{i:05d}.safetensors" for i in range(self.finished)
+        }
         for path in self.directory.iterdir():
             if path.name not in keep:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()

@@ -2,6 +2,7 @@
 
 Every function returns new modules; the dense model is only read.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,7 +60,11 @@ def cut_layer_state(layer: nn.Module, cut: LayerCut, head_dim: int) -> dict[str,
         "mlp.up_proj.weight": mlp.up_proj.weight[ffn],
         "mlp.down_proj.weight": cut.down_proj[:, ffn].to(dtype),
     }
-    for name, proj, rows in (("q_proj", attn.q_proj, q_rows), ("k_proj", attn.k_proj, kv_rows), ("v_proj", attn.v_proj, kv_rows)):
+    for name, proj, rows in (
+        ("q_proj", attn.q_proj, q_rows),
+        ("k_proj", attn.k_proj, kv_rows),
+        ("v_proj", attn.v_proj, kv_rows),
+    ):
         if proj.bias is not None:
             sd[f"self_attn.{name}.bias"] = proj.bias[rows]
     if attn.o_proj.bias is not None:

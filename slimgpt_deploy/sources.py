@@ -12,6 +12,7 @@ safetensors headers too (a truncated shard is named). Weights load through
 safetensors only, and no code shipped with a model is executed
 (`trust_remote_code=False` throughout: the `slimgpt` type is registered locally).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -232,8 +233,14 @@ def _check_local_dir(path: Path) -> None:
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=TRUST_REMOTE_CODE)
     except Exception as err:  # transformers wraps a config's own validation errors in its own types
-        reason = str(err).strip().splitlines()[-1].strip().removeprefix("ValueError: ") if str(err).strip() else type(err).__name__
-        raise ModelSourceError(f"{path / 'config.json'} is inconsistent: {reason}; fix or re-download the model") from None
+        reason = (
+            str(err).strip().splitlines()[-1].strip().removeprefix("ValueError: ")
+            if str(err).strip()
+            else type(err).__name__
+        )
+        raise ModelSourceError(
+            f"{path / 'config.json'} is inconsistent: {reason}; fix or re-download the model"
+        ) from None
     check_tensors(path, config, error=ModelSourceError)
 
 

@@ -17,6 +17,7 @@ JSONL file, which runs without any network). Datasets are resolved *before* any 
 (`prepare_tasks`), so an unknown task or a dataset that cannot be had offline fails in seconds
 with one line that says what to do.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -53,11 +54,18 @@ class TaskOptions:
         if self.batch_size < 1:
             raise BadInputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.include_path is not None and not Path(self.include_path).is_dir():
-            raise BadInputError(f"--include-path {self.include_path} is not a directory; give a directory of lm-eval task YAMLs")
+            raise BadInputError(
+                f"--include-path {self.include_path} is not a directory; give a directory of lm-eval task YAMLs"
+            )
 
     def to_dict(self) -> dict:
-        return {"tasks": list(self.tasks), "include_path": str(self.include_path) if self.include_path else None,
-                "num_fewshot": self.num_fewshot, "limit": self.limit, "batch_size": self.batch_size}
+        return {
+            "tasks": list(self.tasks),
+            "include_path": str(self.include_path) if self.include_path else None,
+            "num_fewshot": self.num_fewshot,
+            "limit": self.limit,
+            "batch_size": self.batch_size,
+        }
 
 
 def parse_tasks(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -106,7 +114,8 @@ def prepare_tasks(options: TaskOptions) -> PreparedTasks:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise BadInputError(
                 f"unknown lm-eval task {name!r}{hint}: list the available ones with `lm-eval ls tasks`"
-                f"{' --include_path ' + include if include else ''}, or add a task YAML in a directory given by --include-path"
+                f"{' --include_path ' + include if include else ''}, "
+                "or add a task YAML in a directory given by --include-path"
             )
     tasks: dict = {}
     for name in options.tasks:
@@ -115,7 +124,8 @@ def prepare_tasks(options: TaskOptions) -> PreparedTasks:
         except Exception as e:  # noqa: BLE001 -- datasets raises many kinds (ConnectionError, FileNotFoundError, ...)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BadInputError(
-                f"task {name!r}: its dataset is not available ({type(e).__name__}: {first}); run once with network access "
+                f"task {name!r}: its dataset is not available ({type(e).__name__}: {first}); "
+                "run once with network access "
                 f"(the Hugging Face datasets cache then keeps it for offline runs), or give a local task YAML "
                 f"(dataset_path: json over a JSONL file) in a directory passed with --include-path"
             ) from e
@@ -144,9 +154,16 @@ def run_tasks(model, tokenizer, prepared: PreparedTasks) -> dict:
     with eval_mode(model):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=o.batch_size)
         raw = lm_eval.simple_evaluate(
-            model=lm, tasks=list(prepared.tasks.values()), num_fewshot=o.num_fewshot, limit=o.limit,
-            task_manager=prepared.manager, log_samples=False,
-            random_seed=0, numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234,
+            model=lm,
+            tasks=list(prepared.tasks.values()),
+            num_fewshot=o.num_fewshot,
+            limit=o.limit,
+            task_manager=prepared.manager,
+            log_samples=False,
+            random_seed=0,
+            numpy_random_seed=1234,
+            torch_random_seed=1234,
+            fewshot_random_seed=1234,
         )
     per_task = {}
     for name in prepared.tasks:
@@ -157,7 +174,9 @@ def run_tasks(model, tokenizer, prepared: PreparedTasks) -> dict:
             stderr = r.get(f"{metric}_stderr,none")  # "N/A" for a single document
             entry[f"{metric}_stderr"] = stderr if isinstance(stderr, (int, float)) else None
         per_task[name] = entry
-        log.info("%s: acc %.4f, acc_norm %.4f over %d documents", name, entry["acc"], entry["acc_norm"], entry["samples"])
+        log.info(
+            "%s: acc %.4f, acc_norm %.4f over %d documents", name, entry["acc"], entry["acc_norm"], entry["samples"]
+        )
     return {
         "harness": HARNESS,
         "harness_version": harness_version(),
@@ -166,4 +185,3 @@ def run_tasks(model, tokenizer, prepared: PreparedTasks) -> dict:
         "tasks": per_task,
         "mean": {m: sum(t[m] for t in per_task.values()) / len(per_task) for m in METRICS},
     }
-

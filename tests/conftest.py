@@ -4,6 +4,7 @@ Every tiny model has the same small shapes (hidden 64, 2 layers, 4 query heads,
 2 KV heads, vocab 128) and a word-level tokenizer built offline, so tests run
 on CPU in well under a second per model without any download.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -87,7 +88,9 @@ def save_uneven_slim(directory: Path, seed: int = 0) -> Path:
     from slimgpt_deploy.prune.schedule import LayerPlan
     from slimgpt_deploy.shrink import LayerCut, assemble, make_slim_config, shrink_layer
 
-    fields = dict(TINY_SIZES, hidden_size=128, num_hidden_layers=3, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    fields = dict(
+        TINY_SIZES, hidden_size=128, num_hidden_layers=3, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True
+    )
     torch.manual_seed(seed)
     dense = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **fields), dtype=torch.float32).eval()
     kept = [  # (query heads, KV heads, FFN channels) per layer
@@ -95,10 +98,18 @@ def save_uneven_slim(directory: Path, seed: int = 0) -> Path:
         ([2, 3], [1], list(range(0, 128, 4)) + list(range(1, 128, 4)) + list(range(2, 128, 4))),
         ([0, 1, 2, 3], [0, 1], list(range(3, 128, 16))),
     ]
-    config = make_slim_config(dense.config, [LayerPlan(q_heads=len(q), kv_heads=len(kv), ffn=len(f), ratio=0.0) for q, kv, f in kept])
+    config = make_slim_config(
+        dense.config, [LayerPlan(q_heads=len(q), kv_heads=len(kv), ffn=len(f), ratio=0.0) for q, kv, f in kept]
+    )
     layers = []
     for i, (layer, (q, kv, f)) in enumerate(zip(dense.model.layers, kept)):
-        cut = LayerCut(q_heads=q, kv_heads=kv, ffn=sorted(f), o_proj=layer.self_attn.o_proj.weight, down_proj=layer.mlp.down_proj.weight)
+        cut = LayerCut(
+            q_heads=q,
+            kv_heads=kv,
+            ffn=sorted(f),
+            o_proj=layer.self_attn.o_proj.weight,
+            down_proj=layer.mlp.down_proj.weight,
+        )
         layers.append(shrink_layer(layer, cut, config, i))
     slim = assemble(dense, layers, config)
     record = {"format": "slimgpt-deploy/1", "source": {"source": "tiny-random", "kind": "test"}}

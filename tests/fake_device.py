@@ -15,6 +15,7 @@ Explicit transfers (`.to`, `.cuda`, `.cpu`, `copy_`) are the only way across. Th
 `torch.cuda.*` calls the engine makes are patched (`is_available`, `mem_get_info`, ...), and
 `pin_memory` returns an ordinary CPU tensor.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,8 +43,14 @@ class OnDevice(torch.Tensor):
     @staticmethod
     def __new__(cls, elem: torch.Tensor, device: torch.device = CUDA):
         r = torch.Tensor._make_wrapper_subclass(
-            cls, elem.size(), strides=elem.stride(), storage_offset=elem.storage_offset(),
-            dtype=elem.dtype, layout=elem.layout, device=device, requires_grad=elem.requires_grad,
+            cls,
+            elem.size(),
+            strides=elem.stride(),
+            storage_offset=elem.storage_offset(),
+            dtype=elem.dtype,
+            layout=elem.layout,
+            device=device,
+            requires_grad=elem.requires_grad,
         )
         r.elem = elem
         return r
@@ -96,14 +103,26 @@ def _check_index(what: str, self_t, index, value=None) -> None:
     for idx in _index_tensors(index):
         if device_of(idx) != dev and not (dev == CUDA and device_of(idx) == CPU):
             raise DeviceMixError(f"{what}: a {dev} tensor indexed with indices on {device_of(idx)} (CUDA refuses this)")
-    if isinstance(value, torch.Tensor) and device_of(value) != dev and not (device_of(value) == CPU and value.dim() == 0):
+    if (
+        isinstance(value, torch.Tensor)
+        and device_of(value) != dev
+        and not (device_of(value) == CPU and value.dim() == 0)
+    ):
         raise DeviceMixError(f"{what}: values on {device_of(value)} written into a {dev} tensor (CUDA refuses this)")
 
 
 _TRANSFERS = {torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.cpu}
-_UNWRAP_TO_PYTHON = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.__int__,
-                     torch.Tensor.__bool__, torch.Tensor.__index__, torch.Tensor.numpy, torch.Tensor.__repr__,
-                     torch.Tensor.__format__}
+_UNWRAP_TO_PYTHON = {
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.__float__,
+    torch.Tensor.__int__,
+    torch.Tensor.__bool__,
+    torch.Tensor.__index__,
+    torch.Tensor.numpy,
+    torch.Tensor.__repr__,
+    torch.Tensor.__format__,
+}
 
 
 def _transfer_target(func, self_t, args, kwargs) -> torch.device:
@@ -124,7 +143,9 @@ def _transfer_target(func, self_t, args, kwargs) -> torch.device:
 
 def _is_getter(func, attr: str) -> bool:
     """`func` is the getter of the tensor property `attr` (what the mode receives for `t.attr`)."""
-    return getattr(func, "__name__", None) == "__get__" and getattr(func, "__self__", None) is getattr(torch._C.TensorBase, attr)
+    return getattr(func, "__name__", None) == "__get__" and getattr(func, "__self__", None) is getattr(
+        torch._C.TensorBase, attr
+    )
 
 
 def _strip_device(value):

@@ -1,4 +1,5 @@
 """Small helpers several test modules share (imported as `helpers`; pytest puts tests/ on sys.path)."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -7,6 +7,7 @@
 
 Tiny models only; the whole file runs in well under two minutes.
 """
+
 from __future__ import annotations
 
 import errno
@@ -39,7 +40,21 @@ class Work:
         self.out = self.tmp / "out"
 
     def prune(self, model, *extra):
-        return ["prune", model, "--out", self.out, "--calib", self.root / "calib.txt", "--nsamples", 8, "--seqlen", 32, "--seed", 3, *extra]
+        return [
+            "prune",
+            model,
+            "--out",
+            self.out,
+            "--calib",
+            self.root / "calib.txt",
+            "--nsamples",
+            8,
+            "--seqlen",
+            32,
+            "--seed",
+            3,
+            *extra,
+        ]
 
     def copy(self, src: Path, name: str) -> Path:
         return Path(shutil.copytree(src, self.tmp / name))
@@ -235,7 +250,12 @@ CASES = {
     "truncated safetensors": (truncated_safetensors, 2, "is truncated or corrupt", False),
     "corrupt safetensors header": (corrupt_safetensors_header, 2, "header is not valid JSON", False),
     "pickle checkpoint only": (pickle_checkpoint, 2, "pickle weights (pytorch_model.bin)", False),
-    "slim per-layer lists disagree with the weights": (per_layer_lists_disagree_with_weights, 2, "model.layers.2.mlp", False),
+    "slim per-layer lists disagree with the weights": (
+        per_layer_lists_disagree_with_weights,
+        2,
+        "model.layers.2.mlp",
+        False,
+    ),
     "export of a slim checkpoint whose lists disagree": (export_of_inconsistent_slim_checkpoint, 2, "layer 2:", False),
     "dense weight of the wrong shape": (dense_weight_of_wrong_shape, 2, "up_proj.weight has shape [100, 64]", False),
     "non-UTF-8 calibration text": (non_utf8_calibration_text, 2, "is not valid UTF-8", False),

@@ -3,6 +3,7 @@
 Tiny models (the uneven slim checkpoint and a dense model of its shapes) and tiny options, so
 the numbers are noise; the tests check the schema, the arithmetic and the error paths.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -13,6 +14,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from conftest import TINY_WORDS, save_tiny_model
 
 from slimgpt_deploy import bench
 from slimgpt_deploy.bench import BACKENDS, BenchOptions, run_bench
@@ -22,11 +24,25 @@ from slimgpt_deploy.cli import main
 from slimgpt_deploy.errors import BadInputError
 from slimgpt_deploy.extras import MissingExtraError
 
-from conftest import TINY_WORDS, save_tiny_model
-
-M_KEYS = {"prefill_ms", "decode_ms_per_token", "decode_tokens_per_s", "peak_rss_bytes", "peak_gpu_bytes",
-          "weight_bytes", "kv_bytes_per_token", "seconds"}
-R_KEYS = {"ideal_decode_speedup", "decode_speedup", "of_ideal", "prefill_speedup", "weight_bytes", "peak_rss", "kv_bytes_per_token"}
+M_KEYS = {
+    "prefill_ms",
+    "decode_ms_per_token",
+    "decode_tokens_per_s",
+    "peak_rss_bytes",
+    "peak_gpu_bytes",
+    "weight_bytes",
+    "kv_bytes_per_token",
+    "seconds",
+}
+R_KEYS = {
+    "ideal_decode_speedup",
+    "decode_speedup",
+    "of_ideal",
+    "prefill_speedup",
+    "weight_bytes",
+    "peak_rss",
+    "kv_bytes_per_token",
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +62,34 @@ def text_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_options(text_file) -> BenchOptions:
     # one thread: on a shared 2-core machine two OpenMP threads can wait ~100x longer than they compute
-    return BenchOptions(prompt_lens=(16, 32), batch_sizes=(1, 2), decode_tokens=4, repeats=2, threads=1,
-                        quality_tokens=256, quality_seqlen=32, text=text_file)
+    return BenchOptions(
+        prompt_lens=(16, 32),
+        batch_sizes=(1, 2),
+        decode_tokens=4,
+        repeats=2,
+        threads=1,
+        quality_tokens=256,
+        quality_seqlen=32,
+        text=text_file,
+    )
 
 
-TINY_CLI = ["--prompt-lens", "16,32", "--batch-sizes", "1,2", "--decode-tokens", "4", "--repeats", "2",
-            "--quality-tokens", "256", "--quality-seqlen", "32", "--threads", "1"]
+TINY_CLI = [
+    "--prompt-lens",
+    "16,32",
+    "--batch-sizes",
+    "1,2",
+    "--decode-tokens",
+    "4",
+    "--repeats",
+    "2",
+    "--quality-tokens",
+    "256",
+    "--quality-seqlen",
+    "32",
+    "--threads",
+    "1",
+]
 
 
 def _vllm_missing(mp: pytest.MonkeyPatch) -> None:
@@ -68,8 +106,14 @@ def torch_onnx_result(dense_dir, uneven_slim_dir, tiny_options, tmp_path_factory
     pytest.importorskip("onnxscript")
     with pytest.MonkeyPatch.context() as mp:
         _vllm_missing(mp)
-        return run_bench(dense_dir, uneven_slim_dir, ["torch", "onnx", "vllm"], options=tiny_options, explicit=False,
-                         work_dir=tmp_path_factory.mktemp("work"))
+        return run_bench(
+            dense_dir,
+            uneven_slim_dir,
+            ["torch", "onnx", "vllm"],
+            options=tiny_options,
+            explicit=False,
+            work_dir=tmp_path_factory.mktemp("work"),
+        )
 
 
 def _check_s(s: dict) -> None:
@@ -90,7 +134,9 @@ def _check_m(m: dict, options: BenchOptions) -> None:
     assert m["weight_bytes"] > 0 and m["kv_bytes_per_token"] > 0 and m["seconds"] > 0
 
 
-def test_torch_and_onnx_give_the_whole_schema_with_consistent_ratios(torch_onnx_result, tiny_options, dense_dir, uneven_slim_dir):
+def test_torch_and_onnx_give_the_whole_schema_with_consistent_ratios(
+    torch_onnx_result, tiny_options, dense_dir, uneven_slim_dir
+):
     r = torch_onnx_result
     json.dumps(r, allow_nan=False)  # JSON-able
     assert set(r) == {"machine", "versions", "options", "models", "backends", "quality"}
@@ -112,7 +158,10 @@ def test_torch_and_onnx_give_the_whole_schema_with_consistent_ratios(torch_onnx_
         d, p, R = e["dense"], e["pruned"], e["ratios"]
         assert set(R) == R_KEYS
         assert p["weight_bytes"] < d["weight_bytes"]
-        assert R["ideal_decode_speedup"] == pytest.approx(d["weight_bytes"] / p["weight_bytes"]) and R["ideal_decode_speedup"] > 1
+        assert (
+            R["ideal_decode_speedup"] == pytest.approx(d["weight_bytes"] / p["weight_bytes"])
+            and R["ideal_decode_speedup"] > 1
+        )
         for b in ("1", "2"):
             speedup = d["decode_ms_per_token"][b]["median"] / p["decode_ms_per_token"][b]["median"]
             assert R["decode_speedup"][b] == pytest.approx(speedup)
@@ -141,7 +190,9 @@ def test_markdown_tables_show_both_models_per_back_end(torch_onnx_result):
     assert "perplexity" in md
 
 
-def test_explicit_missing_back_end_raises_before_any_work(dense_dir, uneven_slim_dir, tiny_options, tmp_path, monkeypatch):
+def test_explicit_missing_back_end_raises_before_any_work(
+    dense_dir, uneven_slim_dir, tiny_options, tmp_path, monkeypatch
+):
     _vllm_missing(monkeypatch)
     with pytest.raises(MissingExtraError, match=r"slimgpt-deploy\[vllm") as info:
         run_bench(dense_dir, uneven_slim_dir, ["torch", "vllm"], options=tiny_options, work_dir=tmp_path / "w")
@@ -169,8 +220,22 @@ def _no_quality(monkeypatch) -> None:
 def test_cli_bench_torch_prints_json_and_writes_out(dense_dir, uneven_slim_dir, text_file, tmp_path, monkeypatch):
     _no_quality(monkeypatch)
     out = tmp_path / "res" / "bench.json"
-    result = CliRunner().invoke(main, ["bench", str(dense_dir), str(uneven_slim_dir), "--backends", "torch", "--json",
-                                       "--text", str(text_file), "--out", str(out), *TINY_CLI])
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(dense_dir),
+            str(uneven_slim_dir),
+            "--backends",
+            "torch",
+            "--json",
+            "--text",
+            str(text_file),
+            "--out",
+            str(out),
+            *TINY_CLI,
+        ],
+    )
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
     assert printed == json.loads(out.read_text())
@@ -199,22 +264,36 @@ def test_options_validate_themselves(text_file, tmp_path):
 
 def test_lengths_beyond_the_model_are_refused(dense_dir, uneven_slim_dir, tmp_path):
     with pytest.raises(BadInputError, match="positions"):  # tiny models have 256 positions
-        run_bench(dense_dir, uneven_slim_dir, ["torch"], options=BenchOptions(prompt_lens=(512,), quality_seqlen=32, quality_tokens=64),
-                  work_dir=tmp_path)
+        run_bench(
+            dense_dir,
+            uneven_slim_dir,
+            ["torch"],
+            options=BenchOptions(prompt_lens=(512,), quality_seqlen=32, quality_tokens=64),
+            work_dir=tmp_path,
+        )
 
 
 def test_ratios_and_stats_arithmetic():
     def m(ms: float, wb: int) -> dict:
         s = stats([ms, ms * 2, ms * 3])
-        return {"prefill_ms": {"8": s}, "decode_ms_per_token": {"1": s}, "weight_bytes": wb,
-                "peak_rss_bytes": wb * 10, "kv_bytes_per_token": 100}
+        return {
+            "prefill_ms": {"8": s},
+            "decode_ms_per_token": {"1": s},
+            "weight_bytes": wb,
+            "peak_rss_bytes": wb * 10,
+            "kv_bytes_per_token": 100,
+        }
 
     assert stats([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
     r = ratios(m(10.0, 1000), m(8.0, 800))
     assert r["ideal_decode_speedup"] == pytest.approx(1.25)
     assert r["decode_speedup"] == {"1": pytest.approx(1.25)} and r["of_ideal"] == {"1": pytest.approx(1.0)}
     assert r["prefill_speedup"]["8"] == pytest.approx(1.25)
-    assert r["weight_bytes"] == pytest.approx(0.8) and r["peak_rss"] == pytest.approx(0.8) and r["kv_bytes_per_token"] == 1.0
+    assert (
+        r["weight_bytes"] == pytest.approx(0.8)
+        and r["peak_rss"] == pytest.approx(0.8)
+        and r["kv_bytes_per_token"] == 1.0
+    )
 
 
 def test_a_failing_back_end_is_reported_not_raised(dense_dir, uneven_slim_dir, tiny_options, tmp_path, monkeypatch):
@@ -228,8 +307,16 @@ def test_a_failing_back_end_is_reported_not_raised(dense_dir, uneven_slim_dir, t
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 def test_vllm_back_end_on_the_tiny_models(dense_dir, uneven_slim_dir, text_file, tmp_path, monkeypatch):
     _no_quality(monkeypatch)
-    options = BenchOptions(prompt_lens=(16, 32), batch_sizes=(1, 2), decode_tokens=16, repeats=2, threads=1,
-                           quality_tokens=256, quality_seqlen=32, text=text_file)
+    options = BenchOptions(
+        prompt_lens=(16, 32),
+        batch_sizes=(1, 2),
+        decode_tokens=16,
+        repeats=2,
+        threads=1,
+        quality_tokens=256,
+        quality_seqlen=32,
+        text=text_file,
+    )
     r = run_bench(dense_dir, uneven_slim_dir, ["vllm"], options=options, work_dir=tmp_path)
     e = r["backends"]["vllm"]
     assert e["status"] == "ok", e

@@ -4,6 +4,7 @@ The tiny model has head_dim 32 (vLLM's CPU attention needs it). One full build (
 vLLM export verified in vLLM) is shared by the tests of this module; the tests that change
 it work on copies.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import assert_refused
 from click.testing import CliRunner
+from helpers import assert_refused
 
 from slimgpt_deploy.build import DEFAULT_STAGES, build_options, read_config_file
 from slimgpt_deploy.cli import main
@@ -33,8 +34,23 @@ bench:
   quality_seqlen: 32
   threads: 1
 """
-REPORT_FIELDS = ("format", "created", "out", "machine", "versions", "options", "passed", "failures", "model",
-                 "layers", "stages", "artifacts", "verification", "bench", "plots")
+REPORT_FIELDS = (
+    "format",
+    "created",
+    "out",
+    "machine",
+    "versions",
+    "options",
+    "passed",
+    "failures",
+    "model",
+    "layers",
+    "stages",
+    "artifacts",
+    "verification",
+    "bench",
+    "plots",
+)
 
 
 def _build(*args, config: Path | None = None):
@@ -78,9 +94,20 @@ def test_build_writes_every_artifact_and_a_complete_report(full_build):
     assert summary["passed"] and summary["exit_code"] == 0
     assert [s for s in summary["stages"]] == list(DEFAULT_STAGES)
     assert all(s["status"] == "ok" for s in summary["stages"].values()), summary["stages"]
-    for path in ("slim/model.safetensors", "slim/config.json", "vllm/config.json", "vllm/export.json",
-                 "onnx/export.json", "onnx/slimgpt_onnx.json", "verify/vllm.json", "verify/onnx.json", "bench/bench.json",
-                 "report/report.json", "report/report.md", "build.json"):
+    for path in (
+        "slim/model.safetensors",
+        "slim/config.json",
+        "vllm/config.json",
+        "vllm/export.json",
+        "onnx/export.json",
+        "onnx/slimgpt_onnx.json",
+        "verify/vllm.json",
+        "verify/onnx.json",
+        "bench/bench.json",
+        "report/report.json",
+        "report/report.md",
+        "build.json",
+    ):
         assert (out / path).exists(), path
     report = json.loads((out / "report" / "report.json").read_text())
     assert set(REPORT_FIELDS) <= set(report)
@@ -110,7 +137,9 @@ def test_rerun_skips_finished_stages_and_leaves_outputs_untouched(full_build, bu
     assert result.exit_code == 0, result.output
     assert all(s["status"] == "cached" for s in summary["stages"].values()), summary["stages"]
     after = _mtimes(out)
-    assert {k: v for k, v in after.items() if k != "build.json"} == {k: v for k, v in before.items() if k != "build.json"}
+    assert {k: v for k, v in after.items() if k != "build.json"} == {
+        k: v for k, v in before.items() if k != "build.json"
+    }
 
 
 def test_changed_option_reruns_exactly_the_stages_that_depend_on_it(full_build, build_config, tiny_dense, tmp_path):
@@ -120,14 +149,24 @@ def test_changed_option_reruns_exactly_the_stages_that_depend_on_it(full_build, 
     result, summary = _build(tiny_dense, "--out", out, "--bench-repeats", 2, config=build_config)
     assert result.exit_code == 0, result.output
     status = {k: v["status"] for k, v in summary["stages"].items()}
-    assert status == {"prune": "cached", "export-vllm": "cached", "export-onnx": "cached", "verify-vllm": "cached",
-                      "verify-onnx": "cached", "bench": "ok", "report": "ok"}
+    assert status == {
+        "prune": "cached",
+        "export-vllm": "cached",
+        "export-onnx": "cached",
+        "verify-vllm": "cached",
+        "verify-onnx": "cached",
+        "bench": "ok",
+        "report": "ok",
+    }
     assert json.loads((out / "bench" / "bench.json").read_text())["options"]["repeats"] == 2
-    assert {k: v for k, v in _mtimes(out / "slim").items() if k not in ("README.md", "slimgpt.json")} == \
-        {k: v for k, v in slim_before.items() if k not in ("README.md", "slimgpt.json")}
+    assert {k: v for k, v in _mtimes(out / "slim").items() if k not in ("README.md", "slimgpt.json")} == {
+        k: v for k, v in slim_before.items() if k not in ("README.md", "slimgpt.json")
+    }
 
 
-def test_a_corrupted_export_fails_verification_with_exit_3_and_the_report_says_which(full_build, build_config, tiny_dense, tmp_path):
+def test_a_corrupted_export_fails_verification_with_exit_3_and_the_report_says_which(
+    full_build, build_config, tiny_dense, tmp_path
+):
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -175,8 +214,6 @@ def test_stages_subset_runs_only_those(tiny_dense, build_config, tmp_path):
 # --- bad input: one line, exit code 2, nothing written ----------------------------------
 
 
-
-
 def test_unknown_stage_isassert_refused(tiny_dense, tmp_path):
     result, _ = _build(tiny_dense, "--out", tmp_path / "o", "--stages", "prune,exprot-onnx")
     assert_refused(result, "unknown stage 'exprot-onnx'", "did you mean 'export-onnx'")
@@ -222,7 +259,9 @@ def test_a_stage_whose_input_is_missing_isassert_refused(tiny_dense, tmp_path):
     assert_refused(result, "stage export-onnx needs the output of stage prune")
 
 
-def test_a_back_end_not_installed_is_skipped_in_the_report_unless_named(tiny_dense, build_config, tmp_path, monkeypatch):
+def test_a_back_end_not_installed_is_skipped_in_the_report_unless_named(
+    tiny_dense, build_config, tmp_path, monkeypatch
+):
     import slimgpt_deploy.bench as bench
 
     real = bench._find_spec

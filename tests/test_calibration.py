@@ -1,4 +1,5 @@
 """Calibration sources on a tiny random LLaMA and a word-level tokenizer (CPU, no network)."""
+
 from __future__ import annotations
 
 import json
@@ -30,9 +31,15 @@ def tiny_tokenizer(words=WORDS, bos: bool = True) -> PreTrainedTokenizerFast:
 def tiny_model(seed: int = 0, vocab_size: int = 128) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=256,
-        bos_token_id=BOS, eos_token_id=EOS,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -53,6 +60,7 @@ def words_text(n: int) -> str:
 
 
 # ---------------------------------------------------------------------------- self
+
 
 def test_self_shape_determinism_and_global_rng(model, tok, monkeypatch):
     monkeypatch.setitem(calibration.SELF_MAX_BATCH_SIZE, "cpu", 2)  # 5 samples -> batches of 2, 2, 1
@@ -132,8 +140,15 @@ def test_self_samples_do_not_depend_on_batch_size(model, tok, monkeypatch):
 
 def test_self_greedy_opening(model, tok):
     """After BOS and the random token, ``greedy_opening`` tokens are the argmax; sampling follows."""
-    ids = get_calibration("self", model, tok, nsamples=4, seqlen=12, seed=0,
-                          sampling=SelfSampling(greedy_opening=3, temperature=5.0, top_p=1.0)).input_ids
+    ids = get_calibration(
+        "self",
+        model,
+        tok,
+        nsamples=4,
+        seqlen=12,
+        seed=0,
+        sampling=SelfSampling(greedy_opening=3, temperature=5.0, top_p=1.0),
+    ).input_ids
     with torch.no_grad():
         argmax = [model(input_ids=ids[:, :t]).logits[:, -1, 3:].argmax(-1) + 3 for t in range(2, 12)]
     greedy = torch.stack(argmax, dim=1) == ids[:, 2:]  # [4, 10]
@@ -169,8 +184,9 @@ def test_self_sequence_bytes(model):
     # tiny model: 2 layers x 2 KV heads x 16 dims x (K, V) x 4 bytes = 512 bytes per token, plus one step's logits
     expect = 512 * 100 + 128 * (4 + calibration.SELF_LOGIT_COPIES * 4)
     assert calibration.self_sequence_bytes(model.config, seqlen=100, vocab=128, elem=4) == expect
-    cfg = types.SimpleNamespace(num_key_value_heads=[1, 3], num_attention_heads=[4, 6], num_hidden_layers=2,
-                                hidden_size=64, head_dim=16)
+    cfg = types.SimpleNamespace(
+        num_key_value_heads=[1, 3], num_attention_heads=[4, 6], num_hidden_layers=2, hidden_size=64, head_dim=16
+    )
     assert calibration.self_sequence_bytes(cfg, seqlen=10, vocab=0, elem=2) == 2 * 4 * 16 * 2 * 10
 
 
@@ -193,8 +209,11 @@ def test_self_samples_on_the_compute_device_when_the_model_fits(tok, monkeypatch
     free = int(need / calibration.SELF_MEMORY_FRACTION) + (1 if fits else -1)
     where = []
     real = calibration._sample_batch
-    monkeypatch.setattr(calibration, "_sample_batch",
-                        lambda model, *a: where.append(isinstance(next(model.parameters()), OnDevice)) or real(model, *a))
+    monkeypatch.setattr(
+        calibration,
+        "_sample_batch",
+        lambda model, *a: where.append(isinstance(next(model.parameters()), OnDevice)) or real(model, *a),
+    )
     with fake_cuda(), monkeypatch.context() as patch, caplog.at_level("INFO", logger="slimgpt_deploy.calibration"):
         patch.setattr("torch.cuda.mem_get_info", lambda *a: (free, 16 * 2**30))
         got = get_calibration("self", m, tok, nsamples=3, seqlen=12, seed=0, device="cuda").input_ids
@@ -261,17 +280,20 @@ def test_sample_top_p_grows_k_for_flat_distributions(monkeypatch):
     picks = sample_top_p(logits, torch.tensor([0.0, 0.999]), top_p=0.95, temperature=1.0)
     assert picks[0] < 100 and picks[1] < 100
     # the last kept token (rank 95) is reachable, rank 96+ never
-    ranks = sample_top_p(torch.linspace(1, 0, 100).repeat(1, 1) * 1e-3, torch.tensor([0.9999]), top_p=0.95, temperature=1.0)
+    ranks = sample_top_p(
+        torch.linspace(1, 0, 100).repeat(1, 1) * 1e-3, torch.tensor([0.9999]), top_p=0.95, temperature=1.0
+    )
     assert 90 <= ranks.item() < 96
 
 
 # ---------------------------------------------------------------------------- files
 
+
 def test_text_file_non_overlapping_windows(model, tok, tmp_path):
     path = tmp_path / "calib.txt"
     path.write_text(words_text(105), encoding="utf-8")  # 10 windows of 10, 5 tokens dropped
     all_ids = torch.tensor(tok(path.read_text(), add_special_tokens=False)["input_ids"])
-    windows = [all_ids[j * 10:(j + 1) * 10] for j in range(10)]
+    windows = [all_ids[j * 10 : (j + 1) * 10] for j in range(10)]
 
     cal = get_calibration(str(path), model, tok, nsamples=4, seqlen=10, seed=0)
     assert cal.input_ids.shape == (4, 10)
@@ -332,7 +354,11 @@ def test_jsonl_file(model, tok, tmp_path):
 
 @pytest.mark.parametrize(
     "bad, needle",
-    [("{not json", "line 2 is not valid JSON"), ('{"txt": "w1"}', 'line 2 has no "text"'), ("[1, 2]", 'line 2 has no "text"')],
+    [
+        ("{not json", "line 2 is not valid JSON"),
+        ('{"txt": "w1"}', 'line 2 has no "text"'),
+        ("[1, 2]", 'line 2 has no "text"'),
+    ],
 )
 def test_jsonl_bad_line_is_named(model, tok, tmp_path, bad, needle):
     path = tmp_path / "bad.jsonl"
@@ -365,6 +391,7 @@ def test_token_ids_outside_model_vocab(tok, tmp_path):
 
 # ---------------------------------------------------------------------------- validation
 
+
 def test_seqlen_above_model_max(model, tok):
     with pytest.raises(CalibrationError) as e:
         get_calibration("self", model, tok, nsamples=1, seqlen=257)
@@ -378,6 +405,7 @@ def test_bad_shape(model, tok, nsamples, seqlen, needle):
 
 
 # ---------------------------------------------------------------------------- hub
+
 
 def test_hub_without_datasets_package(model, tok, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError

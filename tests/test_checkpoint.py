@@ -1,4 +1,5 @@
 """The slim checkpoint contract: files, round trips, remote-code loading without this package."""
+
 import json
 import subprocess
 import sys
@@ -28,8 +29,16 @@ def slim_dir(tiny_model_dir_factory, tmp_path_factory):
 def test_checkpoint_files(slim_dir):
     _, out, _ = slim_dir
     names = {p.name for p in out.iterdir()}
-    for required in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                     "slimgpt.json", "README.md", "configuration_slimgpt.py", "modeling_slimgpt.py"):
+    for required in (
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "slimgpt.json",
+        "README.md",
+        "configuration_slimgpt.py",
+        "modeling_slimgpt.py",
+    ):
         assert required in names, required
     assert not any(n.endswith((".bin", ".pt", ".pth", ".pkl")) for n in names)
     config = json.loads((out / "config.json").read_text())
@@ -38,8 +47,16 @@ def test_checkpoint_files(slim_dir):
     for key in ("num_attention_heads_per_layer", "num_key_value_heads_per_layer", "intermediate_size_per_layer"):
         assert len(config[key]) == config["num_hidden_layers"]
     record = json.loads((out / "slimgpt.json").read_text())
-    for key in ("prune", "calibration", "ratio_target", "ratio_achieved_decoder", "ratio_achieved_model",
-                "layers", "seconds", "versions"):
+    for key in (
+        "prune",
+        "calibration",
+        "ratio_target",
+        "ratio_achieved_decoder",
+        "ratio_achieved_model",
+        "layers",
+        "seconds",
+        "versions",
+    ):
         assert key in record, key
     assert abs(record["ratio_achieved_decoder"] - 0.3) < 0.01
     layer = record["layers"][-1]
@@ -77,7 +94,7 @@ from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
 assert "slimgpt_deploy" not in type(m).__module__, type(m).__module__
 got = m(torch.arange(3, 19)[None]).logits
-exp = torch.load({str(tmp_path / 'expected.pt')!r})
+exp = torch.load({str(tmp_path / "expected.pt")!r})
 assert torch.allclose(got, exp, atol=1e-5), (got - exp).abs().max()
 try:
     import slimgpt_deploy

@@ -2,6 +2,7 @@
 
 Each bad input must give a one-line error, a non-zero exit code and no output.
 """
+
 import json
 
 import pytest
@@ -41,13 +42,26 @@ def test_prune_then_eval(work):
     out = root / "slim"
     result = _invoke(*_prune_args(model, out, root / "calib.txt", "--ratio", "0.25", "--json"))
     assert result.exit_code == 0, result.output
-    record = json.loads(result.stdout[result.stdout.index("{"):])
+    record = json.loads(result.stdout[result.stdout.index("{") :])
     assert abs(record["ratio_achieved_decoder"] - 0.25) < 0.01
     assert (out / "model.safetensors").exists()
-    result = _invoke("eval", out, "--text", root / "calib.txt", "--seqlen", 32, "--reference", model,
-                     "--fidelity-text", root / "calib.txt", "--fidelity-seqlen", 32, "--json")
+    result = _invoke(
+        "eval",
+        out,
+        "--text",
+        root / "calib.txt",
+        "--seqlen",
+        32,
+        "--reference",
+        model,
+        "--fidelity-text",
+        root / "calib.txt",
+        "--fidelity-seqlen",
+        32,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout[result.stdout.index("{"):])
+    report = json.loads(result.stdout[result.stdout.index("{") :])
     assert report["perplexity"]["ppl"] > 1
     assert 0 <= report["fidelity"]["top1"] <= 1 and report["fidelity"]["kl"] >= 0
 
@@ -69,14 +83,64 @@ def _gpt2_dir(tmp_path_factory):
 
 
 BAD = {
-    "nonexistent model path": (lambda w, f, t: _prune_args("/no/such/model", "{out}", w[0] / "calib.txt"), 2, "does not exist"),
+    "nonexistent model path": (
+        lambda w, f, t: _prune_args("/no/such/model", "{out}", w[0] / "calib.txt"),
+        2,
+        "does not exist",
+    ),
     "unsupported architecture": (lambda w, f, t: _prune_args(_gpt2_dir(t), "{out}", w[0] / "calib.txt"), 2, "gpt2"),
-    "ratio above 0.9": (lambda w, f, t: _prune_args(w[1], "{out}", w[0] / "calib.txt", "--ratio", "0.95"), 2, "outside [0, 0.9]"),
-    "negative ratio": (lambda w, f, t: _prune_args(w[1], "{out}", w[0] / "calib.txt", "--ratio", "-0.1"), 2, "outside [0, 0.9]"),
-    "ratio as a percentage": (lambda w, f, t: _prune_args(w[1], "{out}", w[0] / "calib.txt", "--ratio", "20%"), 2, "fraction"),
-    "seqlen above the model maximum": (lambda w, f, t: ["prune", w[1], "--out", "{out}", "--calib", w[0] / "calib.txt", "--nsamples", 1, "--seqlen", 4096], 2, "maximum"),
-    "calibration text too short": (lambda w, f, t: ["prune", w[1], "--out", "{out}", "--calib", w[0] / "calib.txt", "--nsamples", 500, "--seqlen", 64], 2, "fewer than"),
-    "layer ratio list of the wrong length": (lambda w, f, t: _prune_args(w[1], "{out}", w[0] / "calib.txt", "--layer-ratios", "0.1,0.2"), 2, "one per layer"),
+    "ratio above 0.9": (
+        lambda w, f, t: _prune_args(w[1], "{out}", w[0] / "calib.txt", "--ratio", "0.95"),
+        2,
+        "outside [0, 0.9]",
+    ),
+    "negative ratio": (
+        lambda w, f, t: _prune_args(w[1], "{out}", w[0] / "calib.txt", "--ratio", "-0.1"),
+        2,
+        "outside [0, 0.9]",
+    ),
+    "ratio as a percentage": (
+        lambda w, f, t: _prune_args(w[1], "{out}", w[0] / "calib.txt", "--ratio", "20%"),
+        2,
+        "fraction",
+    ),
+    "seqlen above the model maximum": (
+        lambda w, f, t: [
+            "prune",
+            w[1],
+            "--out",
+            "{out}",
+            "--calib",
+            w[0] / "calib.txt",
+            "--nsamples",
+            1,
+            "--seqlen",
+            4096,
+        ],
+        2,
+        "maximum",
+    ),
+    "calibration text too short": (
+        lambda w, f, t: [
+            "prune",
+            w[1],
+            "--out",
+            "{out}",
+            "--calib",
+            w[0] / "calib.txt",
+            "--nsamples",
+            500,
+            "--seqlen",
+            64,
+        ],
+        2,
+        "fewer than",
+    ),
+    "layer ratio list of the wrong length": (
+        lambda w, f, t: _prune_args(w[1], "{out}", w[0] / "calib.txt", "--layer-ratios", "0.1,0.2"),
+        2,
+        "one per layer",
+    ),
     "NaN in the weights": (lambda w, f, t: _prune_args(_nan_model(f), "{out}", w[0] / "calib.txt"), 4, "layer 1"),
 }
 
@@ -116,7 +180,11 @@ def test_tp_aligned_prune_divides_and_serves_with_tensor_parallel(work):
     result = _invoke(*_prune_args(model, out, root / "calib.txt", "--ratio", "0.5", "--tp-size", 2, "--json"))
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
-    for q, kv, f in zip(config["num_attention_heads_per_layer"], config["num_key_value_heads_per_layer"], config["intermediate_size_per_layer"]):
+    for q, kv, f in zip(
+        config["num_attention_heads_per_layer"],
+        config["num_key_value_heads_per_layer"],
+        config["intermediate_size_per_layer"],
+    ):
         assert q % 2 == 0 and kv % 2 == 0 and f % 2 == 0, (q, kv, f)
     assert config["num_attention_heads_per_layer"] != [8] * 4  # heads were pruned, not only FFN
     record = json.loads((out / "slimgpt.json").read_text())

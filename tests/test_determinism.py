@@ -1,4 +1,5 @@
 """Same inputs, options and seed -> bit-identical checkpoints; another seed -> other calibration, same shapes."""
+
 import hashlib
 import json
 
@@ -15,8 +16,23 @@ def test_same_seed_gives_identical_checkpoints_and_another_seed_does_not(tiny_ll
     outs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         out = tmp_path / name
-        result = CliRunner().invoke(main, ["prune", str(tiny_llama_dir), "--out", str(out), "--ratio", "0.3",
-                                           "--nsamples", "8", "--seqlen", "32", "--seed", str(seed)])
+        result = CliRunner().invoke(
+            main,
+            [
+                "prune",
+                str(tiny_llama_dir),
+                "--out",
+                str(out),
+                "--ratio",
+                "0.3",
+                "--nsamples",
+                "8",
+                "--seqlen",
+                "32",
+                "--seed",
+                str(seed),
+            ],
+        )
         assert result.exit_code == 0, result.output
         outs[name] = out
     assert _digest(outs["a"]) == _digest(outs["b"])

@@ -4,6 +4,7 @@
 CUDA refuses. The whole pruner (self-calibration -> heads -> FFN -> shrink -> save) runs there
 and must give the CPU run's result.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_device import DeviceMixError, OnDevice, fake_cuda
 from safetensors.torch import load_file
 
-from fake_device import DeviceMixError, OnDevice, fake_cuda
 from slimgpt_deploy.api import prune_to_checkpoint
 from slimgpt_deploy.config import PruneConfig
 from slimgpt_deploy.errors import NumericalError
@@ -38,7 +39,9 @@ def test_the_harness_refuses_what_cuda_refuses():
             host[torch.sort(W[0]).indices[:2]] = 1.0  # alive[S] = False with S sorted on the device
         with pytest.raises(DeviceMixError, match="in one op"):
             _ = host + W[0]
-        assert float((W[0] + torch.tensor(1.0)).sum()) == pytest.approx(float(W[0].sum()) + 6)  # a 0-dim host scalar is fine
+        assert float((W[0] + torch.tensor(1.0)).sum()) == pytest.approx(
+            float(W[0].sum()) + 6
+        )  # a 0-dim host scalar is fine
         assert not isinstance(W.cpu(), OnDevice) and isinstance(W.cpu().cuda(), OnDevice)
 
 
@@ -46,19 +49,25 @@ def _spy(monkeypatch, module, name, seen):
     real = getattr(module, name)
 
     def spy(*args, **kwargs):
-        seen.append(([a.device.type for a in args if isinstance(a, torch.Tensor)], torch.get_float32_matmul_precision()))
+        seen.append(
+            ([a.device.type for a in args if isinstance(a, torch.Tensor)], torch.get_float32_matmul_precision())
+        )
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, spy)
 
 
 def _prune(model, out: Path, device: str) -> dict:
-    prune_to_checkpoint(model, out, PruneConfig(ratio=0.5, nsamples=8, seqlen=32, batch_size=4, device=device, head_share=1.0))
+    prune_to_checkpoint(
+        model, out, PruneConfig(ratio=0.5, nsamples=8, seqlen=32, batch_size=4, device=device, head_share=1.0)
+    )
     return json.loads((out / "slimgpt.json").read_text())
 
 
 @pytest.mark.parametrize("free_bytes", [8 * 2**30, 2**20], ids=["activations-on-device", "activations-pinned-on-host"])
-def test_whole_pruner_on_a_distinct_compute_device_matches_the_cpu(tiny_model_dir_factory, tmp_path, monkeypatch, free_bytes):
+def test_whole_pruner_on_a_distinct_compute_device_matches_the_cpu(
+    tiny_model_dir_factory, tmp_path, monkeypatch, free_bytes
+):
     model_dir = tiny_model_dir_factory("llama", **GQA)
     ref = _prune(model_dir, tmp_path / "cpu", "cpu")  # a Path works as a source too
     # Loaded on the host as the CLI loads it (transformers' loader is not run under the harness:
@@ -85,7 +94,10 @@ def test_whole_pruner_on_a_distinct_compute_device_matches_the_cpu(tiny_model_di
     assert kept == [(r["kept_q_heads"], r["kept_kv_heads"]) for r in ref["layers"]]
     assert any(len(q) < 8 for q, _ in kept)  # heads were pruned (the greedy head loop ran)
     assert got["calibration"] == ref["calibration"]
-    a, b = load_file(str(tmp_path / "cpu" / "model.safetensors")), load_file(str(tmp_path / "cuda" / "model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "cpu" / "model.safetensors")),
+        load_file(str(tmp_path / "cuda" / "model.safetensors")),
+    )
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)

@@ -5,6 +5,7 @@ The collectives are checked against one process on the same data; the whole prun
 ids: same plans, same kept heads and FFN channels, weights within float tolerance. A
 failure on one rank must end every rank with that rank's one-line message and exit code.
 """
+
 import json
 import os
 import signal
@@ -27,7 +28,9 @@ from slimgpt_deploy.prune.methods import Decision
 from slimgpt_deploy.prune.obs import accumulate_hessian
 
 SHAPE = dict(num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2, intermediate_size=128)
-OPTIONS = dict(ratio=0.3, nsamples=9, seqlen=32, device="cpu", head_share=1.0)  # 5 + 4 samples: unequal shares; gloo even on a GPU host
+OPTIONS = dict(
+    ratio=0.3, nsamples=9, seqlen=32, device="cpu", head_share=1.0
+)  # 5 + 4 samples: unequal shares; gloo even on a GPU host
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "120"}
 TIMEOUT_S = 300
 
@@ -38,12 +41,29 @@ def _bin(name: str) -> str:
 
 def _prune_args(model, out, *extra):
     o = OPTIONS
-    return ["prune", str(model), "--out", str(out), "--ratio", str(o["ratio"]), "--nsamples", str(o["nsamples"]),
-            "--seqlen", str(o["seqlen"]), "--device", o["device"], "--head-share", str(o["head_share"]), *extra]
+    return [
+        "prune",
+        str(model),
+        "--out",
+        str(out),
+        "--ratio",
+        str(o["ratio"]),
+        "--nsamples",
+        str(o["nsamples"]),
+        "--seqlen",
+        str(o["seqlen"]),
+        "--device",
+        o["device"],
+        "--head-share",
+        str(o["head_share"]),
+        *extra,
+    ]
 
 
 def _cli(*args, **kw):
-    return subprocess.run([_bin("slimgpt-deploy"), *args], env=ENV, capture_output=True, text=True, timeout=TIMEOUT_S, **kw)
+    return subprocess.run(
+        [_bin("slimgpt-deploy"), *args], env=ENV, capture_output=True, text=True, timeout=TIMEOUT_S, **kw
+    )
 
 
 # ---------------------------------------------------------------- the collectives, 2 gloo processes
@@ -142,7 +162,7 @@ def _same_prune(a: Path, b: Path, *, exact: bool = False) -> None:
 def test_nproc_2_matches_one_process(single, nproc2):
     out, run = nproc2
     _same_prune(single, out)
-    record = json.loads(run.stdout[run.stdout.index("{"):])
+    record = json.loads(run.stdout[run.stdout.index("{") :])
     assert record["distributed"] == {"world_size": 2, "backend": "gloo"}
     assert json.loads((out / "slimgpt.json").read_text())["distributed"]["world_size"] == 2
     assert "saved" in run.stderr and "pruning" in run.stderr  # rank 0's progress reached the launcher's bar
@@ -152,8 +172,18 @@ def test_nproc_2_matches_one_process(single, nproc2):
 
 def test_torchrun_matches_nproc(model_dir, nproc2, tmp_path):
     out = tmp_path / "slim"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(distributed.free_port()), "-m", "slimgpt_deploy.cli", *_prune_args(model_dir, out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(distributed.free_port()),
+        "-m",
+        "slimgpt_deploy.cli",
+        *_prune_args(model_dir, out),
+    ]
     run = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert run.returncode == 0, run.stderr
     _same_prune(nproc2[0], out, exact=True)  # the same split and reduction order: bit for bit
@@ -195,8 +225,13 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks through /proc")
 def test_a_killed_rank_ends_the_others_without_a_hang(model_dir, tmp_path):
-    proc = subprocess.Popen([_bin("slimgpt-deploy"), *_prune_args(model_dir, tmp_path / "slim", "--nproc", "2")],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [_bin("slimgpt-deploy"), *_prune_args(model_dir, tmp_path / "slim", "--nproc", "2")],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + TIMEOUT_S
         while len(ranks := _children(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < deadline:
@@ -215,12 +250,18 @@ def test_a_killed_rank_ends_the_others_without_a_hang(model_dir, tmp_path):
     assert not (tmp_path / "slim").exists()
 
 
-@pytest.mark.parametrize(("extra", "says"), [
-    (["--resume"], "--resume does not work with --nproc"),
-    (["--nsamples", "1"], "cannot be split over 2 processes"),
-    pytest.param(["--device", "cuda"], "CUDA is not available",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA host")),
-])
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--resume"], "--resume does not work with --nproc"),
+        (["--nsamples", "1"], "cannot be split over 2 processes"),
+        pytest.param(
+            ["--device", "cuda"],
+            "CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA host"),
+        ),
+    ],
+)
 def test_nproc_refuses_what_it_cannot_do(model_dir, tmp_path, extra, says):
     result = CliRunner().invoke(main, [*_prune_args(model_dir, tmp_path / "slim", "--nproc", "2"), *extra])
     assert result.exit_code == 2, result.output

@@ -1,4 +1,5 @@
 """The Dockerfile, checked without a Docker engine: lint, and the commands it runs run here too."""
+
 from __future__ import annotations
 
 import re
@@ -56,7 +57,8 @@ def test_plugin_imports_with_only_what_the_vllm_image_has():
         "from slimgpt_deploy.serving.vllm_plugin import register\n"
         "register()\n"
         "import slimgpt_deploy.serving.vllm_model\n"
-        "assert not {'slimgpt_deploy.cli', 'slimgpt_deploy.sources', 'slimgpt_deploy.prune.engine'} & set(sys.modules)\n"
+        "assert not {'slimgpt_deploy.cli', 'slimgpt_deploy.sources', 'slimgpt_deploy.prune.engine'} "
+        "& set(sys.modules)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

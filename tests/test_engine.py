@@ -1,4 +1,5 @@
 """The layer-wise engine and the physical shrink, end to end on tiny random models."""
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -59,7 +60,9 @@ def _random_cut(shape_q, shape_kv, ffn, keep_kv, keep_q_per_kv, keep_ffn, hidden
     q = [k * q_per_kv + j for k in kv for j in sorted(torch.randperm(q_per_kv, generator=g)[:keep_q_per_kv].tolist())]
     f = sorted(torch.randperm(ffn, generator=g)[:keep_ffn].tolist())
     return LayerCut(
-        q_heads=q, kv_heads=kv, ffn=f,
+        q_heads=q,
+        kv_heads=kv,
+        ffn=f,
         o_proj=torch.randn(hidden, shape_q * head_dim, generator=g),
         down_proj=torch.randn(hidden, ffn, generator=g),
     )
@@ -76,7 +79,11 @@ def test_shrinking_a_masked_model_gives_the_masked_logits(gqa_model):
     ]
     plans = [LayerPlan(len(cut.q_heads), len(cut.kv_heads), len(cut.ffn), 0.0) for cut in cuts]
     slim_config = make_slim_config(c, plans)
-    slim = assemble(gqa_model, [shrink_layer(l, cut, slim_config, i) for i, (l, cut) in enumerate(zip(gqa_model.model.layers, cuts))], slim_config)
+    slim = assemble(
+        gqa_model,
+        [shrink_layer(layer, cut, slim_config, i) for i, (layer, cut) in enumerate(zip(gqa_model.model.layers, cuts))],
+        slim_config,
+    )
 
     masked = _load_copy(gqa_model)
     for layer, cut in zip(masked.model.layers, cuts):
@@ -102,7 +109,9 @@ def test_slimgpt_reconstructs_better_than_baselines(gqa_model):
     errs = {}
     for method in ("slimgpt", "slimgpt-nocomp", "magnitude", "wanda-sp"):
         rec = _prune(gqa_model, ratio=0.4, method=method, schedule="uniform").record
-        errs[method] = sum(l["attn_error"] + l["mlp_error"] for l in rec["layers"][:1])  # first layer: same inputs for all
+        errs[method] = sum(
+            layer_rec["attn_error"] + layer_rec["mlp_error"] for layer_rec in rec["layers"][:1]
+        )  # first layer: same inputs for all
     assert errs["slimgpt"] <= min(errs.values()) + 1e-9
     assert errs["slimgpt"] < errs["slimgpt-nocomp"]
 
@@ -192,8 +201,12 @@ def test_engine_weights_equal_the_closed_form_from_independently_captured_inputs
     d, S = model.config.head_dim, ids.shape[1]
     mask = torch.full((S, S), float("-inf")).triu(1)[None, None]
     layer_inputs = []
-    hooks = [l.register_forward_pre_hook(lambda m, a, k: layer_inputs.append(k.get("hidden_states", a[0] if a else None)),
-                                         with_kwargs=True) for l in slim.model.layers]
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda m, a, k: layer_inputs.append(k.get("hidden_states", a[0] if a else None)), with_kwargs=True
+        )
+        for layer in slim.model.layers
+    ]
     slim(ids)
     for h in hooks:
         h.remove()
@@ -206,13 +219,23 @@ def test_engine_weights_equal_the_closed_form_from_independently_captured_inputs
         h = x + new.self_attn(hidden_states=new.input_layernorm(x), position_embeddings=pos, attention_mask=mask)[0]
         y = dense.post_attention_layernorm(h)
         checks = [
-            (dense.self_attn.o_proj.weight, captured["o"], [q * d + t for q in rec["layers"][i]["kept_q_heads"] for t in range(d)],
-             new.self_attn.o_proj.weight),
-            (dense.mlp.down_proj.weight, dense.mlp.act_fn(dense.mlp.gate_proj(y)) * dense.mlp.up_proj(y),
-             [int((dense.mlp.gate_proj.weight == row).all(dim=1).nonzero()) for row in new.mlp.gate_proj.weight],
-             new.mlp.down_proj.weight),
+            (
+                dense.self_attn.o_proj.weight,
+                captured["o"],
+                [q * d + t for q in rec["layers"][i]["kept_q_heads"] for t in range(d)],
+                new.self_attn.o_proj.weight,
+            ),
+            (
+                dense.mlp.down_proj.weight,
+                dense.mlp.act_fn(dense.mlp.gate_proj(y)) * dense.mlp.up_proj(y),
+                [int((dense.mlp.gate_proj.weight == row).all(dim=1).nonzero()) for row in new.mlp.gate_proj.weight],
+                new.mlp.down_proj.weight,
+            ),
         ]
-        assert len(checks[0][2]) < dense.self_attn.o_proj.in_features and len(checks[1][2]) < dense.mlp.down_proj.in_features
+        assert (
+            len(checks[0][2]) < dense.self_attn.o_proj.in_features
+            and len(checks[1][2]) < dense.mlp.down_proj.in_features
+        )
         for W, X, K, W_new in checks:
             X = X.reshape(-1, X.shape[-1]).double()
             H = 2 / X.shape[0] * X.T @ X

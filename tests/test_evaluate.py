@@ -1,4 +1,5 @@
 """Perplexity and fidelity on tiny random LLaMA models, checked against hand computations."""
+
 from __future__ import annotations
 
 import math
@@ -26,9 +27,15 @@ WIKITEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wik
 def tiny_model(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
-        bos_token_id=0, eos_token_id=1,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -50,12 +57,13 @@ def ids():
 
 # ---------------------------------------------------------------------------- perplexity
 
+
 def test_perplexity_matches_transformers_loss(model, ids):
     seqlen = 16  # 6 windows; the last 4 tokens are dropped
     losses = []
     with torch.no_grad():
         for j in range(6):
-            w = ids[j * seqlen:(j + 1) * seqlen][None]
+            w = ids[j * seqlen : (j + 1) * seqlen][None]
             losses.append(model(input_ids=w, labels=w).loss.item())
     expect_nll = sum(losses) / len(losses)
 
@@ -90,6 +98,7 @@ def test_evaluation_restores_training_mode(ids):
 
 # ---------------------------------------------------------------------------- fidelity
 
+
 def test_fidelity_of_a_model_with_itself(model, ids):
     res = fidelity(model, model, ids, seqlen=16, batch_size=2)
     assert isinstance(res, FidelityResult)
@@ -117,12 +126,15 @@ def test_fidelity_matches_hand_computation(model, other, ids):
 
 # ---------------------------------------------------------------------------- text
 
+
 def _tokenizer_with_bos() -> PreTrainedTokenizerFast:
     vocab = {t: i for i, t in enumerate(["<s>", "</s>", "<unk>", "a", "b", "c"])}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", model_max_length=4)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", model_max_length=4
+    )
 
 
 def test_text_to_ids_adds_no_special_tokens():

@@ -2,6 +2,7 @@
 
 Builds run only prune, eval and report (no exports), so each takes seconds.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,7 @@ eval: {seqlen: 32, fidelity_tokens: 96}
 
 def _build(out: Path, *args, config: Path):
     result = CliRunner().invoke(main, ["build", *map(str, args), "--out", str(out), "--config", str(config), "--json"])
-    summary = json.loads(result.stdout[result.stdout.index("{"):]) if "{" in result.stdout else None
+    summary = json.loads(result.stdout[result.stdout.index("{") :]) if "{" in result.stdout else None
     return result, summary
 
 
@@ -47,8 +48,17 @@ def files(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def passed_build(tiny_dense, files, tmp_path_factory):
     out = tmp_path_factory.mktemp("gate") / "out"
-    result, summary = _build(out, tiny_dense, "--eval-text", files["text"], "--gate", "kl<=100,top1>=0", "--gate", "ppl_ratio<=1000",
-                             config=files["config"])
+    result, summary = _build(
+        out,
+        tiny_dense,
+        "--eval-text",
+        files["text"],
+        "--gate",
+        "kl<=100,top1>=0",
+        "--gate",
+        "ppl_ratio<=1000",
+        config=files["config"],
+    )
     assert result.exit_code == 0, result.output
     return out, summary
 
@@ -58,10 +68,18 @@ def passed_build(tiny_dense, files, tmp_path_factory):
 
 def test_conditions_parse_strictly():
     assert parse_condition(" ppl_ratio <= 1.30 ").threshold == 1.30
-    assert [str(c) for c in parse_gate(["kl<=0.25,top1>=0.6", "accuracy_retained>=0.95", "kl<=0.25"])] == \
-        ["kl<=0.25", "top1>=0.6", "accuracy_retained>=0.95"]
-    for bad, words in (("kl~0.2", "METRIC OP NUMBER"), ("perplexity<=2", "unknown metric 'perplexity'"),
-                       ("kl==0.2", "unsupported operator '=='"), ("kl<=abc", "not a number"), ("kl<=nan", "finite")):
+    assert [str(c) for c in parse_gate(["kl<=0.25,top1>=0.6", "accuracy_retained>=0.95", "kl<=0.25"])] == [
+        "kl<=0.25",
+        "top1>=0.6",
+        "accuracy_retained>=0.95",
+    ]
+    for bad, words in (
+        ("kl~0.2", "METRIC OP NUMBER"),
+        ("perplexity<=2", "unknown metric 'perplexity'"),
+        ("kl==0.2", "unsupported operator '=='"),
+        ("kl<=abc", "not a number"),
+        ("kl<=nan", "finite"),
+    ):
         with pytest.raises(BadInputError, match="gate condition") as e:
             parse_condition(bad)
         assert words in str(e.value)
@@ -89,7 +107,9 @@ def test_eval_runs_only_when_asked_and_gate_needs_what_it_measures(files):
 
 def test_gate_and_eval_in_the_config_file(tmp_path, files):
     path = tmp_path / "b.yaml"
-    path.write_text(f"eval:\n  text: {files['text']}\n  tasks: [a, b]\n  limit: 5\ngate: ['ppl_ratio<=1.3', 'kl<=0.2']\n")
+    path.write_text(
+        f"eval:\n  text: {files['text']}\n  tasks: [a, b]\n  limit: 5\ngate: ['ppl_ratio<=1.3', 'kl<=0.2']\n"
+    )
     options = build_options(read_config_file(path), {})
     assert options.eval.tasks == ("a", "b") and options.eval.limit == 5
     assert [str(c) for c in options.gate] == ["ppl_ratio<=1.3", "kl<=0.2"]
@@ -106,7 +126,9 @@ def test_a_passing_gate_is_in_the_report_and_the_json(passed_build, files):
     assert summary["exit_code"] == 0 and summary["gate"]["passed"]
     assert list(summary["stages"]) == ["prune", "eval", "report"]
     ev = json.loads((out / "eval" / "eval.json").read_text())
-    assert ev["metrics"]["ppl_ratio"] == pytest.approx(ev["pruned"]["perplexity"]["ppl"] / ev["dense"]["perplexity"]["ppl"])
+    assert ev["metrics"]["ppl_ratio"] == pytest.approx(
+        ev["pruned"]["perplexity"]["ppl"] / ev["dense"]["perplexity"]["ppl"]
+    )
     assert ev["metrics"]["kl"] > 0 and 0 <= ev["metrics"]["top1"] <= 1
     by_name = {r["condition"]: r for r in summary["gate"]["conditions"]}
     assert set(by_name) == {"kl<=100", "top1>=0", "ppl_ratio<=1000"}
@@ -118,15 +140,22 @@ def test_a_passing_gate_is_in_the_report_and_the_json(passed_build, files):
     assert "quality gate passed" in (out / "slim" / "README.md").read_text()
 
 
-def test_a_missed_gate_keeps_the_artifacts_names_condition_and_value_and_exits_3(passed_build, files, tiny_dense, tmp_path):
+def test_a_missed_gate_keeps_the_artifacts_names_condition_and_value_and_exits_3(
+    passed_build, files, tiny_dense, tmp_path
+):
     src, _ = passed_build
     out = tmp_path / "out"
     shutil.copytree(src, out)
-    result, summary = _build(out, tiny_dense, "--eval-text", files["text"], "--gate", "kl<=0,top1>=0", config=files["config"])
+    result, summary = _build(
+        out, tiny_dense, "--eval-text", files["text"], "--gate", "kl<=0,top1>=0", config=files["config"]
+    )
     assert result.exit_code == 3, result.output
     kl = json.loads((out / "eval" / "eval.json").read_text())["metrics"]["kl"]
     assert summary["exit_code"] == 3 and not summary["gate"]["passed"]
-    assert [(r["condition"], r["passed"]) for r in summary["gate"]["conditions"]] == [("kl<=0", False), ("top1>=0", True)]
+    assert [(r["condition"], r["passed"]) for r in summary["gate"]["conditions"]] == [
+        ("kl<=0", False),
+        ("top1>=0", True),
+    ]
     # only the gate changed: prune and eval are reused, the report is redone
     assert summary["stages"]["prune"]["status"] == "cached" and summary["stages"]["eval"]["status"] == "cached"
     assert summary["stages"]["report"]["status"] == "ok"
@@ -138,8 +167,11 @@ def test_a_missed_gate_keeps_the_artifacts_names_condition_and_value_and_exits_3
 
 
 def test_bad_gate_syntax_or_an_unmeasured_metric_is_refused_before_any_work(tiny_dense, files, tmp_path):
-    for gate, words in (("kl=<0.2", "unsupported operator"), ("ppl<=2", "needs pruned perplexity"),
-                        ("speed>=2", "unknown metric 'speed'")):
+    for gate, words in (
+        ("kl=<0.2", "unsupported operator"),
+        ("ppl<=2", "needs pruned perplexity"),
+        ("speed>=2", "unknown metric 'speed'"),
+    ):
         out = tmp_path / gate.replace("<", "l").replace("=", "e").replace(">", "g")
         result, _ = _build(out, tiny_dense, "--gate", gate, config=files["config"])
         assert result.exit_code == 2, result.output
@@ -164,14 +196,23 @@ def test_eval_is_skipped_when_unchanged_and_redone_when_its_options_change(passe
 
 def test_build_tasks_give_accuracy_retained(passed_build, files, tiny_dense, tmp_path):
     pytest.importorskip("lm_eval")
-    from test_tasks import write_task, word_docs
+    from test_tasks import word_docs, write_task
 
     src, _ = passed_build
     out = tmp_path / "out"
     shutil.copytree(src, out)
     tasks = write_task(tmp_path / "tasks", word_docs(12))
-    result, summary = _build(out, tiny_dense, "--tasks", "slim_local_mc", "--include-path", tasks,
-                             "--gate", "accuracy_retained>=0", config=files["config"])
+    result, summary = _build(
+        out,
+        tiny_dense,
+        "--tasks",
+        "slim_local_mc",
+        "--include-path",
+        tasks,
+        "--gate",
+        "accuracy_retained>=0",
+        config=files["config"],
+    )
     assert result.exit_code == 0, result.output
     ev = json.loads((out / "eval" / "eval.json").read_text())
     dense, pruned = (ev[m]["accuracy"]["mean"]["acc"] for m in ("dense", "pruned"))
@@ -184,9 +225,11 @@ def test_build_tasks_give_accuracy_retained(passed_build, files, tiny_dense, tmp
 
 def test_an_unknown_build_task_is_refused_before_any_work(tiny_dense, files, tmp_path):
     pytest.importorskip("lm_eval")
-    from test_tasks import write_task, word_docs
+    from test_tasks import word_docs, write_task
 
     tasks = write_task(tmp_path / "tasks", word_docs(3))
-    result, _ = _build(tmp_path / "out", tiny_dense, "--tasks", "slim_local_mcq", "--include-path", tasks, config=files["config"])
+    result, _ = _build(
+        tmp_path / "out", tiny_dense, "--tasks", "slim_local_mcq", "--include-path", tasks, config=files["config"]
+    )
     assert result.exit_code == 2 and "unknown lm-eval task 'slim_local_mcq'" in result.stderr
     assert not (tmp_path / "out").exists()

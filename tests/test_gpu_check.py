@@ -2,6 +2,7 @@
 
 The GPU path itself has not run anywhere yet (no CUDA host here); these tests hold it to its refusals.
 """
+
 import os
 import shutil
 import subprocess
@@ -12,22 +13,26 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
-pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
-                                reason="needs bash and coreutils' timeout")
+pytestmark = pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and coreutils' timeout"
+)
 
 
 def run(tmp_path, *args, env=None):
     env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", **(env or {})}
-    return subprocess.run(["bash", str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=tmp_path,
-                          env=env, timeout=120)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120
+    )
 
 
 def test_script_parses():
     assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
 
 
-@pytest.mark.skipif(torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES") != "",
-                    reason="CUDA_VISIBLE_DEVICES='' hides the GPUs; checked on CPU hosts")
+@pytest.mark.skipif(
+    torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES") != "",
+    reason="CUDA_VISIBLE_DEVICES='' hides the GPUs; checked on CPU hosts",
+)
 def test_refuses_without_cuda(tmp_path):
     proc = run(tmp_path)
     assert proc.returncode == 2

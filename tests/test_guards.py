@@ -1,4 +1,5 @@
 """Resource guards: the estimate's formula (pure), size parsing, and refusals with numbers."""
+
 import pytest
 
 from slimgpt_deploy.config import PruneConfig
@@ -14,8 +15,19 @@ from slimgpt_deploy.guards import (
     parse_size,
 )
 
-JOB = JobSize(params=1000, decoder_params=800, dtype_bytes=4, hessian_bytes=4, nsamples=10, seqlen=20, batch_size=5,
-              hidden=8, max_attn_width=8, max_ffn=16, ratio=0.25)
+JOB = JobSize(
+    params=1000,
+    decoder_params=800,
+    dtype_bytes=4,
+    hessian_bytes=4,
+    nsamples=10,
+    seqlen=20,
+    batch_size=5,
+    hidden=8,
+    max_attn_width=8,
+    max_ffn=16,
+    ratio=0.25,
+)
 
 
 def test_estimate_formula():
@@ -67,8 +79,10 @@ def test_refusals_give_the_estimate_the_available_amount_and_what_to_lower(tmp_p
         check_fits(e, available_ram=e.ram_bytes, free_disk=10, where=tmp_path)
 
 
-@pytest.mark.parametrize("text, size", [("8GiB", 8 * 2**30), ("512MB", 512 * 10**6), ("1.5G", 1_500_000_000),
-                                        ("1000", 1000), ("64 kib", 65536)])
+@pytest.mark.parametrize(
+    "text, size",
+    [("8GiB", 8 * 2**30), ("512MB", 512 * 10**6), ("1.5G", 1_500_000_000), ("1000", 1000), ("64 kib", 65536)],
+)
 def test_parse_size(text, size):
     assert parse_size(text) == size
 

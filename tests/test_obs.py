@@ -1,4 +1,5 @@
 """The OBS math against closed forms, on small random tensors (float64)."""
+
 import pytest
 import torch
 
@@ -11,7 +12,6 @@ from slimgpt_deploy.prune.obs import (
     inverse_hessian,
     obs_remove,
 )
-
 
 
 @pytest.fixture(autouse=True)

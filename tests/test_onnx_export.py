@@ -1,4 +1,5 @@
 """ONNX export of a tiny slim checkpoint with uneven layers, checked in ONNX Runtime against transformers."""
+
 from __future__ import annotations
 
 import json
@@ -108,9 +109,13 @@ def test_onnx_greedy_tokens_identical_to_transformers(uneven_onnx, reference):
     for prompt in ([1, 3, 4, 5], [1, 9, 10, 11, 12, 13, 14], [7]):
         with torch.no_grad():
             want = reference.generate(
-                torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0,
-            )[0, len(prompt):].tolist()
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=32,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(prompt) :].tolist()
         got = decoder.generate_ids([prompt], max_new_tokens=32, eos_token_ids=())[0]
         assert got == want
 
@@ -158,8 +163,10 @@ def test_untie_transposed_weights_makes_lm_head_quantizable():
     w = np.arange(12, dtype=np.float32).reshape(4, 3)  # an embedding [V=4, H=3]
     graph = helper.make_graph(
         [helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]), helper.make_node("MatMul", ["x", "Et"], ["y"])],
-        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], [numpy_helper.from_array(w, "E")],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(w, "E")],
     )
     model = helper.make_model(graph)
     assert onnx_export.untie_transposed_weights(model) == ["E.T"]
@@ -199,11 +206,14 @@ def test_cli_checkpoint_that_fails_to_load(make_bad, uneven_slim_dir, tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(dtype="int4"), "fp32, fp16"),
-    (dict(quantize="int4"), "int8"),
-    (dict(dtype="fp16", quantize="int8"), "--dtype fp32"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(dtype="int4"), "fp32, fp16"),
+        (dict(quantize="int4"), "int8"),
+        (dict(dtype="fp16", quantize="int8"), "--dtype fp32"),
+    ],
+)
 def test_bad_dtype_or_quantize_is_refused_before_any_work(kwargs, words, uneven_slim_dir, tmp_path):
     with pytest.raises(BadInputError, match=words):
         onnx_export.export(uneven_slim_dir, tmp_path / "out", **kwargs)
@@ -219,12 +229,16 @@ def test_failed_verification_raises_and_leaves_nothing(uneven_slim_dir, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_fp16_export_runs_on_cpu_and_a_runtime_without_fp16_is_a_bad_input(uneven_slim_dir, uneven_onnx, tmp_path, monkeypatch):
+def test_cli_fp16_export_runs_on_cpu_and_a_runtime_without_fp16_is_a_bad_input(
+    uneven_slim_dir, uneven_onnx, tmp_path, monkeypatch
+):
     """ORT 1.32's CPU provider runs our fp16 graph (measured); a runtime that cannot gets a clear error."""
     import onnxruntime
 
     out = tmp_path / "fp16"
-    result = CliRunner().invoke(main, ["export", str(uneven_slim_dir), "--format", "onnx", "--out", str(out), "--dtype", "fp16", "--json"])
+    result = CliRunner().invoke(
+        main, ["export", str(uneven_slim_dir), "--format", "onnx", "--out", str(out), "--dtype", "fp16", "--json"]
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "export.json").read_text())
     assert summary["dtype"] == "fp16" and summary["verification"]["passed"]

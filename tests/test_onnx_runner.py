@@ -1,4 +1,5 @@
 """The ONNX Runtime runner: sampling, batching with left padding, streaming, and bad export dirs."""
+
 from __future__ import annotations
 
 import json
@@ -98,7 +99,9 @@ def test_generation_stops_at_eos_per_row(decoder):
 
 def test_sampling_is_seeded(decoder):
     def run(seed):
-        return decoder.generate_ids([[1, 3, 4], [5]], max_new_tokens=16, temperature=1.5, top_p=0.9, seed=seed, eos_token_ids=())
+        return decoder.generate_ids(
+            [[1, 3, 4], [5]], max_new_tokens=16, temperature=1.5, top_p=0.9, seed=seed, eos_token_ids=()
+        )
 
     assert run(3) == run(3)
     assert run(3) != run(4)
@@ -106,8 +109,15 @@ def test_sampling_is_seeded(decoder):
 
 def test_generate_streams_the_returned_text(onnx_dir):
     deltas: dict[int, list[str]] = {}
-    texts = generate(onnx_dir, PROMPTS, max_new_tokens=10, temperature=0.0, top_p=1.0, seed=0,
-                     on_text=lambda i, d: deltas.setdefault(i, []).append(d))
+    texts = generate(
+        onnx_dir,
+        PROMPTS,
+        max_new_tokens=10,
+        temperature=0.0,
+        top_p=1.0,
+        seed=0,
+        on_text=lambda i, d: deltas.setdefault(i, []).append(d),
+    )
     assert len(texts) == len(PROMPTS)
     for i, text in enumerate(texts):
         assert "".join(deltas.get(i, [])) == text
@@ -115,16 +125,33 @@ def test_generate_streams_the_returned_text(onnx_dir):
 
 
 def test_cli_generate_with_onnx_backend(onnx_dir):
-    result = CliRunner().invoke(main, [
-        "generate", str(onnx_dir), "--backend", "onnx", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
-        "--max-new-tokens", "8", "--json",
-    ])
+    result = CliRunner().invoke(
+        main,
+        [
+            "generate",
+            str(onnx_dir),
+            "--backend",
+            "onnx",
+            "--prompt",
+            PROMPTS[0],
+            "--prompt",
+            PROMPTS[1],
+            "--max-new-tokens",
+            "8",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    body = result.output[result.output.index("["):]
+    body = result.output[result.output.index("[") :]
     rows = json.loads(body[: body.rindex("]") + 1])
     assert [r["prompt"] for r in rows] == PROMPTS[:2]
-    assert rows == [{"prompt": p, "completion": c} for p, c in zip(PROMPTS[:2], generate(
-        onnx_dir, PROMPTS[:2], max_new_tokens=8, temperature=0.0, top_p=1.0, seed=0, on_text=None))]
+    assert rows == [
+        {"prompt": p, "completion": c}
+        for p, c in zip(
+            PROMPTS[:2],
+            generate(onnx_dir, PROMPTS[:2], max_new_tokens=8, temperature=0.0, top_p=1.0, seed=0, on_text=None),
+        )
+    ]
 
 
 def test_runner_accepts_the_model_file_path(onnx_dir):
@@ -150,15 +177,18 @@ def _set_kv(spec, layer, kv):
     spec["cache"]["layers"][layer]["num_key_value_heads"] = kv
 
 
-@pytest.mark.parametrize("damage, words", [
-    (lambda d: (d / SPEC_FILE).unlink(), f"no {SPEC_FILE}"),
-    (lambda d: (d / SPEC_FILE).write_text("{not json"), "malformed"),
-    (lambda d: _edit_spec(d, lambda s: _set_kv(s, 1, 2)), "past_key_values.1.key has shape"),
-    (lambda d: _edit_spec(d, lambda s: s.update(head_dim=8)), "JSON says"),
-    (lambda d: _edit_spec(d, lambda s: s["cache"]["layers"].pop() and s.update(num_layers=2)), "unexpected"),
-    (lambda d: _edit_spec(d, lambda s: s["cache"]["layers"][0].update(inputs=["k", "v"])), "I/O names"),
-    (lambda d: _edit_spec(d, lambda s: s.update(dtype="float16")), "cache dtype"),
-])
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda d: (d / SPEC_FILE).unlink(), f"no {SPEC_FILE}"),
+        (lambda d: (d / SPEC_FILE).write_text("{not json"), "malformed"),
+        (lambda d: _edit_spec(d, lambda s: _set_kv(s, 1, 2)), "past_key_values.1.key has shape"),
+        (lambda d: _edit_spec(d, lambda s: s.update(head_dim=8)), "JSON says"),
+        (lambda d: _edit_spec(d, lambda s: s["cache"]["layers"].pop() and s.update(num_layers=2)), "unexpected"),
+        (lambda d: _edit_spec(d, lambda s: s["cache"]["layers"][0].update(inputs=["k", "v"])), "I/O names"),
+        (lambda d: _edit_spec(d, lambda s: s.update(dtype="float16")), "cache dtype"),
+    ],
+)
 def test_runner_refuses_missing_or_inconsistent_json(damage, words, onnx_dir, tmp_path):
     bad = _copy(onnx_dir, tmp_path)
     damage(bad)

@@ -3,6 +3,7 @@
 One fp32 export (~1.5 min on 2 cores) is shared; the int8 model is quantized from it
 (`quantize_dir`), which is exactly what `export --quantize int8` does after its fp32 step.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,9 +73,11 @@ def test_runner_greedy_equals_transformers_for_32_tokens(smollm2_onnx, reference
         ids = tokenizer(prompt)["input_ids"]
         with torch.no_grad():
             out = reference.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=32, do_sample=False,
-            )[0, len(ids):].tolist()
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=32,
+                do_sample=False,
+            )[0, len(ids) :].tolist()
         want = out[: next((i for i, t in enumerate(out) if t in eos), len(out))]
         got = decoder.generate_ids([ids], max_new_tokens=32)[0]
         assert got == want, prompt
@@ -111,8 +114,18 @@ def test_int8_kl_and_top1_to_fp32_export(smollm2_onnx, smollm2_slim_dir, tmp_pat
 
 
 def test_cli_generate_streams_text(smollm2_onnx):
-    result = CliRunner().invoke(main, [
-        "generate", str(smollm2_onnx), "--backend", "onnx", "--prompt", PROMPTS[0], "--max-new-tokens", "12",
-    ])
+    result = CliRunner().invoke(
+        main,
+        [
+            "generate",
+            str(smollm2_onnx),
+            "--backend",
+            "onnx",
+            "--prompt",
+            PROMPTS[0],
+            "--max-new-tokens",
+            "12",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert len(result.output.strip()) > 0

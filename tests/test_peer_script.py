@@ -1,9 +1,10 @@
 """benchmarks/peer_torch_pruning.py: its ratio arithmetic and its Torch-Pruning run on a tiny random LLaMA."""
+
 import math
 
 import pytest
-from helpers import load_benchmark
 import torch
+from helpers import load_benchmark
 from transformers import AutoModelForCausalLM
 
 pytest.importorskip("torch_pruning")

@@ -3,6 +3,7 @@
 The tiny teacher has sharp next-token distributions (a large initializer range), so pruning
 half of it visibly changes its outputs and distillation has something to win back.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,11 +13,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import assert_refused
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 from conftest import TINY_WORDS
+from helpers import assert_refused
 from safetensors.torch import load_file
 
 from slimgpt_deploy.api import prune_to_checkpoint
@@ -25,10 +26,18 @@ from slimgpt_deploy.cli import main
 from slimgpt_deploy.config import PruneConfig
 from slimgpt_deploy.errors import BadInputError, Interrupted
 from slimgpt_deploy.recover import (
-    RecoverConfig, batch_order, default_state_dir, distill_loss, lr_at, recover, recover_to_checkpoint, teacher_topk,
+    RecoverConfig,
+    batch_order,
+    default_state_dir,
+    distill_loss,
+    lr_at,
+    recover,
+    recover_to_checkpoint,
+    teacher_topk,
 )
 
 pytest.importorskip("peft")
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -140,8 +149,13 @@ def test_recovery_is_deterministic_and_resume_gives_the_uninterrupted_result(pai
     got = resumed.model.state_dict()
     assert all(torch.equal(whole[k], got[k]) for k in whole)
     with pytest.raises(BadInputError, match="does not match this run.*--steps 7 there, 8 now"):
-        recover(slim, str(dense), RecoverConfig(**{**SMALL, "steps": 8, "save_every": 2}, teacher_topk=16),
-                state_dir=state, resume=True)
+        recover(
+            slim,
+            str(dense),
+            RecoverConfig(**{**SMALL, "steps": 8, "save_every": 2}, teacher_topk=16),
+            state_dir=state,
+            resume=True,
+        )
 
 
 # --- the command line ----------------------------------------------------------------------
@@ -151,13 +165,29 @@ def _cli(*args):
     return CliRunner().invoke(main, ["recover", *map(str, args)])
 
 
-
-
 def test_cli_recovers_and_prints_json(pair, tmp_path):
     dense, slim = pair
     out = tmp_path / "rec"
-    result = CliRunner().invoke(main, ["recover", str(slim), "--teacher", str(dense), "--out", str(out), "--steps", "4",
-                                       "--nsamples", "8", "--seqlen", "32", "--heldout", "2", "--json"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "recover",
+            str(slim),
+            "--teacher",
+            str(dense),
+            "--out",
+            str(out),
+            "--steps",
+            "4",
+            "--nsamples",
+            "8",
+            "--seqlen",
+            "32",
+            "--heldout",
+            "2",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     rec = json.loads(result.stdout)
     assert rec["steps"] == 4 and rec["fidelity"]["after"]["tokens"] == 64
@@ -175,7 +205,11 @@ def test_bad_input_is_refused_with_one_line_and_nothing_written(pair, tiny_model
     assert_refused(_cli(slim, "--teacher", tmp_path / "no-teacher", "--out", out), "no-teacher")
     assert_refused(_cli(dense, "--teacher", dense, "--out", out), "not a slim checkpoint")
     assert_refused(_cli(slim, "--teacher", dense, "--out", out, "--steps", "0"), "steps")
-    assert_refused(_cli(slim, "--teacher", dense, "--out", out, "--data", tmp_path / "missing.txt"), "missing.txt", "does not exist")
+    assert_refused(
+        _cli(slim, "--teacher", dense, "--out", out, "--data", tmp_path / "missing.txt"),
+        "missing.txt",
+        "does not exist",
+    )
     assert not out.exists() and not default_state_dir(out).exists()
 
 
@@ -189,14 +223,24 @@ def test_build_options_switch_the_recover_stage():
     off = build_options({}, {})
     assert "recover" not in off.stages and off.stages == DEFAULT_STAGES and not off.recover.enabled
     assert stage_inputs("export-onnx", off) == (("prune",), ())
-    for on in (build_options({"recover.enabled": True}, {}), build_options({}, {"preset": "release"}),
-               build_options({"preset": "release", "recover.steps": 5}, {})):
+    for on in (
+        build_options({"recover.enabled": True}, {}),
+        build_options({}, {"preset": "release"}),
+        build_options({"preset": "release", "recover.steps": 5}, {}),
+    ):
         assert on.stages == tuple(s for s in STAGES if s != "eval") and on.recover.enabled  # eval: off unless asked
-        assert stage_inputs("export-onnx", on) == (("recover",), ()) and stage_inputs("bench", on) == (("recover",), ("export-onnx",))
-    assert build_options({"recover.steps": 5, "recover.full": True}, {"recover.enabled": True}).recover.config.steps == 5
+        assert stage_inputs("export-onnx", on) == (("recover",), ()) and stage_inputs("bench", on) == (
+            ("recover",),
+            ("export-onnx",),
+        )
+    assert (
+        build_options({"recover.steps": 5, "recover.full": True}, {"recover.enabled": True}).recover.config.steps == 5
+    )
     both = build_options({"recover.enabled": True, "gate": ["kl<=0.25"]}, {})
     assert both.stages == STAGES  # recovery and the gate's eval stage together
-    assert build_options({"preset": "release"}, {"recover.enabled": False}).recover.enabled is False  # flags over presets
+    assert (
+        build_options({"preset": "release"}, {"recover.enabled": False}).recover.enabled is False
+    )  # flags over presets
     with pytest.raises(BadInputError, match="stage recover is off; pass --recover"):
         build_options({}, {"stages": ["prune", "recover"]})
     with pytest.raises(BadInputError, match="unknown build option 'recover.stpes'.*recover.steps"):
@@ -210,21 +254,41 @@ def test_build_options_switch_the_recover_stage():
 def test_build_with_recover_ships_the_recovered_checkpoint(pair, tmp_path):
     dense, _ = pair
     cfg = tmp_path / "build.yaml"
-    cfg.write_text("prune: {ratio: 0.5, nsamples: 4, seqlen: 32}\n"
-                   "recover: {steps: 3, nsamples: 4, seqlen: 32, heldout: 2, batch_size: 2}\n")
+    cfg.write_text(
+        "prune: {ratio: 0.5, nsamples: 4, seqlen: 32}\n"
+        "recover: {steps: 3, nsamples: 4, seqlen: 32, heldout: 2, batch_size: 2}\n"
+    )
     out = tmp_path / "b"
-    argv = ["build", str(dense), "--out", str(out), "--config", str(cfg), "--stages", "prune,recover,report", "--recover", "--json"]
+    argv = [
+        "build",
+        str(dense),
+        "--out",
+        str(out),
+        "--config",
+        str(cfg),
+        "--stages",
+        "prune,recover,report",
+        "--recover",
+        "--json",
+    ]
     result = CliRunner().invoke(main, argv)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert list(summary["stages"]) == ["prune", "recover", "report"] and summary["artifacts"]["recover"] == str(out / "recovered")
+    assert list(summary["stages"]) == ["prune", "recover", "report"] and summary["artifacts"]["recover"] == str(
+        out / "recovered"
+    )
     assert read_record(out / "recovered")["recovery"]["steps"] == 3
     report = json.loads((out / "report" / "report.json").read_text())
-    assert report["model"]["recovery"]["steps"] == 3 and "Recovered by distillation" in (out / "report" / "report.md").read_text()
+    assert (
+        report["model"]["recovery"]["steps"] == 3
+        and "Recovered by distillation" in (out / "report" / "report.md").read_text()
+    )
     assert "build_report" in read_record(out / "recovered")  # the shipped checkpoint links the report
     # a rerun skips it; the exports now need the recovered checkpoint, not the pruned one
     again = json.loads(CliRunner().invoke(main, argv).stdout)
     assert again["stages"]["recover"]["status"] == "cached"
     shutil.rmtree(out / "recovered")
-    result = CliRunner().invoke(main, ["build", str(dense), "--out", str(out), "--config", str(cfg), "--stages", "export-onnx", "--recover"])
+    result = CliRunner().invoke(
+        main, ["build", str(dense), "--out", str(out), "--config", str(cfg), "--stages", "export-onnx", "--recover"]
+    )
     assert_refused(result, "stage export-onnx needs the output of stage recover")

@@ -5,6 +5,7 @@ The kill is exact: a subprocess runs the Python API with an `on_layer` callback 
 SIGKILLs its own process after layer k (the engine commits the layer before calling it),
 or kills it inside the commit, before the state file says the layer is finished.
 """
+
 import hashlib
 import json
 import os
@@ -20,7 +21,18 @@ from slimgpt_deploy.cli import main
 from slimgpt_deploy.resume import default_state_dir
 
 GQA = dict(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, intermediate_size=128)
-OPTIONS = ["--ratio", "0.3", "--nsamples", "8", "--seqlen", "32", "--seed", "3", "--head-share", "1.0"]  # calibration: self-sampled; heads cut
+OPTIONS = [
+    "--ratio",
+    "0.3",
+    "--nsamples",
+    "8",
+    "--seqlen",
+    "32",
+    "--seed",
+    "3",
+    "--head-share",
+    "1.0",
+]  # calibration: self-sampled; heads cut
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
@@ -43,7 +55,9 @@ KILLER = textwrap.dedent("""
             write_meta(self)
         ResumeState._write_meta = killing_write_meta
 
-    prune_to_checkpoint(src, out, PruneConfig(ratio=0.3, nsamples=8, seqlen=32, seed=3, head_share=1.0), on_layer=after_layer)
+    prune_to_checkpoint(
+        src, out, PruneConfig(ratio=0.3, nsamples=8, seqlen=32, seed=3, head_share=1.0), on_layer=after_layer
+    )
     raise SystemExit("not killed")
 """)
 
@@ -86,8 +100,13 @@ def reference(model, tmp_path_factory):
 def test_sigkill_after_layer_k_then_resume_is_bit_identical(model, reference, tmp_path, k, where, resume_extra):
     out = tmp_path / "slim"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(model), str(out), str(k), where],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, str(model), str(out), str(k), where],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     state = default_state_dir(out)
     assert not out.exists()  # nothing that looks like an output
@@ -101,7 +120,9 @@ def test_sigkill_after_layer_k_then_resume_is_bit_identical(model, reference, tm
     assert not state.exists()
     ours, theirs = (json.loads((p / "slimgpt.json").read_text()) for p in (out, reference))
     assert ours["calibration"] == theirs["calibration"]
-    assert [l["kept_q_heads"] for l in ours["layers"]] == [l["kept_q_heads"] for l in theirs["layers"]]
+    assert [layer_rec["kept_q_heads"] for layer_rec in ours["layers"]] == [
+        layer_rec["kept_q_heads"] for layer_rec in theirs["layers"]
+    ]
 
 
 def test_ctrl_c_prints_where_the_state_is_and_resume_finishes(model, reference, tmp_path, monkeypatch):
@@ -184,6 +205,7 @@ def test_resume_refuses_a_changed_model(model, tiny_model_dir_factory, tmp_path,
     src = tmp_path / "model"
     shutil.copytree(model, src)
     out = tmp_path / "slim"
+
     def interrupt(self, i, n, rec):
         raise KeyboardInterrupt
 

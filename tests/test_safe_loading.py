@@ -1,5 +1,6 @@
 """Safe loading: no code shipped with a model runs, and every tensor's shape, dtype and bytes
 are checked against config.json from the safetensors headers before any weights are read."""
+
 import json
 import shutil
 import struct
@@ -30,8 +31,11 @@ def _with_remote_code(src, tmp_path, model_type):
     (model / "evil.py").write_text(EVIL.format(marker=str(marker), model_type=model_type))
     config = json.loads((model / "config.json").read_text())
     config["model_type"] = model_type
-    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilForCausalLM",
-                          "AutoTokenizer": ["evil.EvilTokenizer", None]}
+    config["auto_map"] = {
+        "AutoConfig": "evil.EvilConfig",
+        "AutoModelForCausalLM": "evil.EvilForCausalLM",
+        "AutoTokenizer": ["evil.EvilTokenizer", None],
+    }
     (model / "config.json").write_text(json.dumps(config))
     return model, marker
 
@@ -81,7 +85,10 @@ def _no_weight_reads(monkeypatch):
     [
         (lambda b: b[:4], "shorter than the 8-byte header length"),
         (lambda b: struct.pack("<Q", 10**7) + b[8:], "runs past the end of the file"),
-        (lambda b: b[:8] + b"\x00" * (struct.unpack("<Q", b[:8])[0]) + b[8 + struct.unpack("<Q", b[:8])[0]:], "not valid JSON"),
+        (
+            lambda b: b[:8] + b"\x00" * (struct.unpack("<Q", b[:8])[0]) + b[8 + struct.unpack("<Q", b[:8])[0] :],
+            "not valid JSON",
+        ),
         (lambda b: b[: len(b) - 100], "the header describes"),
     ],
     ids=["shorter-than-length", "length-past-end", "bad-json", "data-short"],
@@ -103,9 +110,16 @@ def test_a_truncated_second_shard_is_named(tiny_llama_dir, tmp_path):
     names = sorted(weights)
     (model / "model.safetensors").unlink()
     half = len(names) // 2
-    save_file({k: weights[k] for k in names[:half]}, model / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
-    save_file({k: weights[k] for k in names[half:]}, model / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
-    index = {"metadata": {}, "weight_map": {k: f"model-0000{1 + (i >= half)}-of-00002.safetensors" for i, k in enumerate(names)}}
+    save_file(
+        {k: weights[k] for k in names[:half]}, model / "model-00001-of-00002.safetensors", metadata={"format": "pt"}
+    )
+    save_file(
+        {k: weights[k] for k in names[half:]}, model / "model-00002-of-00002.safetensors", metadata={"format": "pt"}
+    )
+    index = {
+        "metadata": {},
+        "weight_map": {k: f"model-0000{1 + (i >= half)}-of-00002.safetensors" for i, k in enumerate(names)},
+    }
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
     assert load_model(str(model)).model is not None  # sharded and whole: loads
     second = model / "model-00002-of-00002.safetensors"
@@ -123,10 +137,21 @@ def _rewrite(model, edit):
 @pytest.mark.parametrize(
     "edit, words",
     [
-        (lambda w: w.update({"model.layers.0.self_attn.q_proj.weight": w["model.layers.0.self_attn.q_proj.weight"][:, :32].contiguous()}),
-         r"q_proj.weight has shape \[64, 32\] but config.json implies \[64, 64\]"),
+        (
+            lambda w: w.update(
+                {
+                    "model.layers.0.self_attn.q_proj.weight": w["model.layers.0.self_attn.q_proj.weight"][
+                        :, :32
+                    ].contiguous()
+                }
+            ),
+            r"q_proj.weight has shape \[64, 32\] but config.json implies \[64, 64\]",
+        ),
         (lambda w: w.pop("model.layers.1.mlp.down_proj.weight"), "model.layers.1.mlp.down_proj.weight missing"),
-        (lambda w: w.update({"model.layers.5.mlp.up_proj.weight": torch.zeros(128, 64)}), "model.layers.5.mlp.up_proj.weight is not part"),
+        (
+            lambda w: w.update({"model.layers.5.mlp.up_proj.weight": torch.zeros(128, 64)}),
+            "model.layers.5.mlp.up_proj.weight is not part",
+        ),
         (lambda w: w.update({"model.norm.weight": w["model.norm.weight"].to(torch.int32)}), "dtype I32"),
     ],
     ids=["shape", "missing", "extra-layer", "integer-dtype"],

@@ -1,10 +1,11 @@
 """benchmarks/scale.py: the cost model's features, fit and predictions, and its timed engine run on a tiny model."""
+
 import json
 import math
 
 import pytest
-from helpers import load_benchmark
 import torch
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -14,16 +15,31 @@ def scale():
 
 def test_shapes_have_the_public_parameter_counts(scale):
     # Parameter counts the checkpoints publish: the shapes in the script are the real ones.
-    expected = {"smollm2-135m": 134.5e6, "smollm2-360m": 361.8e6, "qwen2.5-0.5b": 494e6,
-                "llama-3.2-1b": 1.236e9, "qwen2.5-1.5b": 1.544e9, "llama-2-7b": 6.74e9,
-                "llama-2-13b": 13.0e9, "llama-3-70b": 70.6e9}
+    expected = {
+        "smollm2-135m": 134.5e6,
+        "smollm2-360m": 361.8e6,
+        "qwen2.5-0.5b": 494e6,
+        "llama-3.2-1b": 1.236e9,
+        "qwen2.5-1.5b": 1.544e9,
+        "llama-2-7b": 6.74e9,
+        "llama-2-13b": 13.0e9,
+        "llama-3-70b": 70.6e9,
+    }
     for name, shape in {**scale.SHAPES, **scale.PREDICT_SHAPES}.items():
         assert scale.param_count(shape) == pytest.approx(expected[name], rel=0.01), name
 
 
 def test_param_count_matches_transformers(scale):
-    tiny = dict(model_type="qwen2", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=100, tie_word_embeddings=False)
+    tiny = dict(
+        model_type="qwen2",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        tie_word_embeddings=False,
+    )
     model = scale.build_model(tiny)
     assert scale.param_count(tiny) == sum(p.numel() for p in model.parameters())
 
@@ -79,8 +95,18 @@ def test_predictions_cover_7b_13b_70b_and_grow(scale):
 
 def test_timed_run_on_a_tiny_model(scale, monkeypatch):
     # The measuring child end to end on a tiny shape: every bucket timed, the times add up.
-    tiny = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, vocab_size=128, tie_word_embeddings=True, max_position_embeddings=64)
+    tiny = dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=128,
+        tie_word_embeddings=True,
+        max_position_embeddings=64,
+    )
     monkeypatch.setitem(scale.SHAPES, "tiny", tiny)
     import slimgpt_deploy.prune.engine as engine
     import slimgpt_deploy.prune.methods as methods

@@ -1,4 +1,5 @@
 """Ratio schedules and integer layer plans."""
+
 import pytest
 
 from slimgpt_deploy.errors import BadInputError
@@ -52,13 +53,16 @@ LLAMA3_8B = [LayerShape(q_heads=32, kv_heads=8, ffn=14336, head_dim=128, hidden=
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.2, 0.3, 0.5])
-@pytest.mark.parametrize("shapes, mode, heads, ffn", [
-    (LLAMA7B, "kv-group", 8, 128),  # TP 8 on GPUs, FFN in 128-channel tiles
-    (LLAMA3_8B, "per-group", 4, 64),  # GQA: query heads in every group, 8 KV heads kept
-    (LLAMA3_8B, "kv-group", 2, 2),  # whole KV groups, TP 2
-    (SMOLLM2, "per-group", 3, 64),
-    (SMOLLM2, "kv-group", 2, 2),  # 3 KV heads: TP 2 needs 2 (or 1) KV heads
-])
+@pytest.mark.parametrize(
+    "shapes, mode, heads, ffn",
+    [
+        (LLAMA7B, "kv-group", 8, 128),  # TP 8 on GPUs, FFN in 128-channel tiles
+        (LLAMA3_8B, "per-group", 4, 64),  # GQA: query heads in every group, 8 KV heads kept
+        (LLAMA3_8B, "kv-group", 2, 2),  # whole KV groups, TP 2
+        (SMOLLM2, "per-group", 3, 64),
+        (SMOLLM2, "kv-group", 2, 2),  # 3 KV heads: TP 2 needs 2 (or 1) KV heads
+    ],
+)
 def test_aligned_plans_divide_and_still_land_on_target(ratio, shapes, mode, heads, ffn):
     plans = plan_layers(shapes, layer_ratios("log", ratio, [s.params() for s in shapes]), mode, heads, ffn)
     for p in plans:
@@ -114,7 +118,6 @@ def test_head_share_outside_zero_one_is_refused():
 
 def test_head_share_reaches_the_prune_config_from_the_build_file_and_flags():
     from slimgpt_deploy.build import build_options
-
     from slimgpt_deploy.prune.schedule import DEFAULT_HEAD_SHARE
 
     assert build_options({}, {}).prune.head_share == DEFAULT_HEAD_SHARE == 0.5  # one default for config and plans

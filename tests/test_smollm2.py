@@ -2,6 +2,7 @@
 
 Calibration and evaluation text are sampled from the model itself, so no dataset is needed.
 """
+
 import pytest
 import torch
 
@@ -43,7 +44,11 @@ def test_compensation_helps(kl_by_method):
 def test_smollm2_shapes_under_gqa(smollm2):
     calib = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
     for mode in ("per-group", "kv-group"):
-        slim = LayerwisePruner(smollm2.model, PruneConfig(ratio=0.2, gqa_mode=mode, nsamples=4, seqlen=32, head_share=1.0)).run(calib).model
+        slim = (
+            LayerwisePruner(smollm2.model, PruneConfig(ratio=0.2, gqa_mode=mode, nsamples=4, seqlen=32, head_share=1.0))
+            .run(calib)
+            .model
+        )
         c = slim.config
         assert all(q % kv == 0 for q, kv in zip(c.num_attention_heads_per_layer, c.num_key_value_heads_per_layer))
         if mode == "per-group":

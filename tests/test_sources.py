@@ -1,4 +1,5 @@
 """Model sources: local directories, architecture checks, errors, the embedded model."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -64,9 +65,14 @@ def test_other_supported_families_load(tiny_model_dir_factory, model_type):
 
 def test_slim_checkpoint_loads_without_remote_code(tmp_path, tiny_tokenizer):
     config = SlimGPTConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
-        num_attention_heads_per_layer=[4, 2], num_key_value_heads_per_layer=[2, 1],
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_attention_heads_per_layer=[4, 2],
+        num_key_value_heads_per_layer=[2, 1],
     )
     SlimGPTForCausalLM(config).save_pretrained(tmp_path)
     tiny_tokenizer.save_pretrained(tmp_path)
@@ -208,8 +214,16 @@ def write_tiny_gguf(model, path):
 @pytest.mark.parametrize("tied", [True, False])
 def test_gguf_file_loads_dense_with_same_logits(tmp_path, tied):
     config = AutoConfig.for_model(
-        "llama", vocab_size=len(GGUF_TOKENS), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
+        "llama",
+        vocab_size=len(GGUF_TOKENS),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(0)
     original = AutoModelForCausalLM.from_config(config).eval()
@@ -337,7 +351,10 @@ def test_pickle_weights_are_refused_with_a_conversion_hint(tiny_llama_dir, tmp_p
         if f.suffix != ".safetensors":
             (pickled / f.name).write_bytes(f.read_bytes())
     torch.save(load_file(tiny_llama_dir / "model.safetensors"), pickled / "pytorch_model.bin")
-    with pytest.raises(ModelSourceError, match=r"pickle weights \(pytorch_model\.bin\); slimgpt-deploy loads safetensors only.*save_pretrained"):
+    with pytest.raises(
+        ModelSourceError,
+        match=r"pickle weights \(pytorch_model\.bin\); slimgpt-deploy loads safetensors only.*save_pretrained",
+    ):
         load_model(str(pickled))
 
 

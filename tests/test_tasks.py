@@ -5,6 +5,7 @@ accuracies lm-eval reports are checked against ones computed in this file from t
 own log-likelihoods of each choice: acc = argmax of the summed log-probabilities of
 " " + choice after the context; acc_norm = the same divided by the choice's length in characters.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import TINY_WORDS
 
 pytest.importorskip("lm_eval")
@@ -57,8 +57,13 @@ def word_docs(n: int, seed: int = 0) -> list[dict]:
     for _ in range(n):
         k = rng.randint(2, 4)
         choices = list(dict.fromkeys(" ".join(rng.choices(TINY_WORDS, k=rng.randint(1, 3))) for _ in range(k)))
-        docs.append({"context": " ".join(rng.choices(TINY_WORDS, k=rng.randint(3, 6))), "choices": choices,
-                     "label": rng.randrange(len(choices))})
+        docs.append(
+            {
+                "context": " ".join(rng.choices(TINY_WORDS, k=rng.randint(3, 6))),
+                "choices": choices,
+                "label": rng.randrange(len(choices)),
+            }
+        )
     return docs
 
 
@@ -84,7 +89,7 @@ def expected_accuracy(model, tokenizer, docs: list[dict]) -> tuple[float, float]
 
 def run_eval(*args):
     result = CliRunner().invoke(main, ["eval", *map(str, args), "--json"])
-    return result, (json.loads(result.stdout[result.stdout.index("{"):]) if result.exit_code == 0 else None)
+    return result, (json.loads(result.stdout[result.stdout.index("{") :]) if result.exit_code == 0 else None)
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +158,14 @@ def test_a_local_task_whose_data_file_is_missing_is_refused(tiny_llama_dir, tmp_
 def test_a_hub_task_offline_is_one_line_naming_it_exit_2(tiny_llama_dir, tmp_path):
     """boolq's dataset is a download: offline, one line that names the task and the way out, nothing on stdout."""
     env = {**os.environ, **OFFLINE}
-    proc = subprocess.run([sys.executable, "-m", "slimgpt_deploy.cli", "eval", str(tiny_llama_dir), "--tasks", "boolq", "--json"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "slimgpt_deploy.cli", "eval", str(tiny_llama_dir), "--tasks", "boolq", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "task 'boolq'" in errors[0] and "--include-path" in errors[0] and "network" in errors[0]
@@ -163,9 +174,12 @@ def test_a_hub_task_offline_is_one_line_naming_it_exit_2(tiny_llama_dir, tmp_pat
 
 
 def test_task_options_are_checked(tiny_llama_dir, tmp_path):
-    for args, words in ((["--tasks", TASK, "--limit", "0"], "--limit"), (["--tasks", TASK, "--num-fewshot", "-1"], "--num-fewshot"),
-                        (["--tasks", TASK, "--include-path", str(tmp_path / "nope")], "not a directory"),
-                        (["--limit", "3"], "--tasks")):
+    for args, words in (
+        (["--tasks", TASK, "--limit", "0"], "--limit"),
+        (["--tasks", TASK, "--num-fewshot", "-1"], "--num-fewshot"),
+        (["--tasks", TASK, "--include-path", str(tmp_path / "nope")], "not a directory"),
+        (["--limit", "3"], "--tasks"),
+    ):
         result = CliRunner().invoke(main, ["eval", str(tiny_llama_dir), *args])
         assert result.exit_code == 2 and words in result.output, (args, result.output)
 
@@ -184,7 +198,7 @@ def test_smollm2_accuracy_equals_the_one_computed_from_its_loglikelihoods(tmp_pa
     ]
     docs = []
     for i, (ctx, right, wrong) in enumerate(sentences):
-        choices = wrong[: i % 2 + 1] + [right] + wrong[i % 2 + 1:]
+        choices = wrong[: i % 2 + 1] + [right] + wrong[i % 2 + 1 :]
         docs.append({"context": ctx, "choices": choices, "label": choices.index(right)})
     result, out = run_eval("smollm2-135m", "--tasks", TASK, "--include-path", write_task(tmp_path / "tasks", docs))
     assert result.exit_code == 0, result.output

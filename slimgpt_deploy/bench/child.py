@@ -7,6 +7,7 @@ Writes FILE: the measurement plus this process's peak RSS (and CUDA peak), or
 {"error": message, "exit_code": code} for a typed error. Anything else is a crash:
 a traceback on stderr and a non-zero exit, which the parent reports by its last line.
 """
+
 from __future__ import annotations
 
 import json

@@ -3,6 +3,7 @@
 Protocol (docs/DESIGN.md, "Benchmark method"): `warmups` untimed runs, then `repeats`
 timed ones; a measurement is reported as its median, min and max (`stats`).
 """
+
 from __future__ import annotations
 
 import resource
@@ -44,7 +45,9 @@ def decode_samples(decode_s: Sequence[float], batch: int, tokens: int) -> tuple[
     return ms, rate
 
 
-def latency(options, vocab: int, prefill_s: Callable[[list[list[int]]], float], decode_s: Callable[[int], float]) -> dict:
+def latency(
+    options, vocab: int, prefill_s: Callable[[list[list[int]]], float], decode_s: Callable[[int], float]
+) -> dict:
     """The latency part of M, the same protocol on every back end.
 
     prefill_s(prompts) -> seconds to the first token for one batch-1 prompt of each length in

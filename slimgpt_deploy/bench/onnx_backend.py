@@ -5,6 +5,7 @@ first token, cache buffers included). decode_ms_per_token[b]: one `generate_ids`
 1 + decode_tokens tokens at batch b (EOS ignored); the decode time is from the first
 generated token to the last, so the prefill is not in it.
 """
+
 from __future__ import annotations
 
 import time

@@ -5,6 +5,7 @@ tokenizer, cut into windows of `quality_seqlen`): perplexity of both models, and
 KL(P_dense || P_pruned) with top-1 agreement per token, averaged
 (slimgpt_deploy.evaluate.perplexity / fidelity).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -5,6 +5,7 @@ Latency cells are "median (min-max)". Perplexity on the built-in sample text
 shows the pruned model still models English and how far it moved from the dense
 one, not a benchmark comparable with published numbers (use WikiText-2 for that).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -43,10 +44,16 @@ def _setup(result: Mapping) -> list[str]:
 
 
 def _models(result: Mapping) -> list[str]:
-    lines = ["| model | source | parameters | weight MB read per token | KV-cache bytes per token |", "|---|---|---|---|---|"]
+    lines = [
+        "| model | source | parameters | weight MB read per token | KV-cache bytes per token |",
+        "|---|---|---|---|---|",
+    ]
     for role in MODELS:
         info = result["models"][role]
-        lines.append(f"| {role} | `{info['source']}` | {info['params']:,} | {info['weight_bytes'] / 1e6:.1f} | {info['kv_bytes_per_token']:,} |")
+        lines.append(
+            f"| {role} | `{info['source']}` | {info['params']:,} | {info['weight_bytes'] / 1e6:.1f} | "
+            f"{info['kv_bytes_per_token']:,} |"
+        )
     return lines
 
 
@@ -61,15 +68,24 @@ def _mib(n: int | None) -> str:
 def _latency(entries: Mapping) -> list[str]:
     first = next(iter(entries.values()))["dense"]
     lens, batches = list(first["prefill_ms"]), list(first["decode_ms_per_token"])
-    head = (["back end", "model"] + [f"prefill {n} ms" for n in lens] + [f"decode b{b} ms/step" for b in batches]
-            + [f"decode b{b} tok/s" for b in batches] + ["weight MB", "peak RSS MiB", "peak GPU MiB"])
+    head = (
+        ["back end", "model"]
+        + [f"prefill {n} ms" for n in lens]
+        + [f"decode b{b} ms/step" for b in batches]
+        + [f"decode b{b} tok/s" for b in batches]
+        + ["weight MB", "peak RSS MiB", "peak GPU MiB"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, e in entries.items():
         for role in MODELS:
             r = e[role]
-            cells = ([name, role] + [_s(r["prefill_ms"][n]) for n in lens] + [_s(r["decode_ms_per_token"][b], 2) for b in batches]
-                     + [_s(r["decode_tokens_per_s"][b]) for b in batches]
-                     + [f"{r['weight_bytes'] / 1e6:.1f}", _mib(r["peak_rss_bytes"]), _mib(r.get("peak_gpu_bytes"))])
+            cells = (
+                [name, role]
+                + [_s(r["prefill_ms"][n]) for n in lens]
+                + [_s(r["decode_ms_per_token"][b], 2) for b in batches]
+                + [_s(r["decode_tokens_per_s"][b]) for b in batches]
+                + [f"{r['weight_bytes'] / 1e6:.1f}", _mib(r["peak_rss_bytes"]), _mib(r.get("peak_gpu_bytes"))]
+            )
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -77,15 +93,21 @@ def _latency(entries: Mapping) -> list[str]:
 def _ratios(entries: Mapping) -> list[str]:
     first = next(iter(entries.values()))["ratios"]
     lens, batches = list(first["prefill_speedup"]), list(first["decode_speedup"])
-    head = (["back end", "ideal decode speed-up"] + [f"decode b{b} speed-up (of ideal)" for b in batches]
-            + [f"prefill {n} speed-up" for n in lens] + ["weight bytes", "peak RSS", "KV bytes/token"])
+    head = (
+        ["back end", "ideal decode speed-up"]
+        + [f"decode b{b} speed-up (of ideal)" for b in batches]
+        + [f"prefill {n} speed-up" for n in lens]
+        + ["weight bytes", "peak RSS", "KV bytes/token"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, e in entries.items():
         r = e["ratios"]
-        cells = ([name, f"{r['ideal_decode_speedup']:.3f}x"]
-                 + [f"{r['decode_speedup'][b]:.3f}x ({r['of_ideal'][b]:.2f})" for b in batches]
-                 + [f"{r['prefill_speedup'][n]:.3f}x" for n in lens]
-                 + [f"{r['weight_bytes']:.3f}", f"{r['peak_rss']:.3f}", f"{r['kv_bytes_per_token']:.3f}"])
+        cells = (
+            [name, f"{r['ideal_decode_speedup']:.3f}x"]
+            + [f"{r['decode_speedup'][b]:.3f}x ({r['of_ideal'][b]:.2f})" for b in batches]
+            + [f"{r['prefill_speedup'][n]:.3f}x" for n in lens]
+            + [f"{r['weight_bytes']:.3f}", f"{r['peak_rss']:.3f}", f"{r['kv_bytes_per_token']:.3f}"]
+        )
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -95,7 +117,8 @@ def _quality(q: Mapping) -> list[str]:
         return [f"Not measured: {q.get('reason', 'no quality result')}."]
     sample = q["text"] == "built-in sample"
     lines = [
-        f"On {'the built-in sample text' if sample else '`' + q['text'] + '`'}: {q['tokens']:,} tokens in windows of {q['seqlen']}. "
+        f"On {'the built-in sample text' if sample else '`' + q['text'] + '`'}: "
+        f"{q['tokens']:,} tokens in windows of {q['seqlen']}. "
         "KL(dense || pruned) in nats per token and top-1 agreement with the dense model, per token.",
         "",
         "| model | perplexity | KL vs dense | top-1 vs dense |",
@@ -104,5 +127,11 @@ def _quality(q: Mapping) -> list[str]:
         f"| pruned | {q['pruned']['perplexity']:.3f} | {q['kl']:.4f} | {q['top1']:.3f} |",
     ]
     if sample:
-        lines += ["", "The built-in sample's perplexity is a sanity figure, not a benchmark: pass --text (e.g. WikiText-2 test) for one."]
+        lines += [
+            "",
+            (
+                "The built-in sample's perplexity is a sanity figure, not a benchmark: "
+                "pass --text (e.g. WikiText-2 test) for one."
+            ),
+        ]
     return lines

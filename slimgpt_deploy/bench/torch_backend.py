@@ -6,6 +6,7 @@ decode_ms_per_token[b]: after a prefill of `decode_context` tokens at batch b (u
 `decode_tokens` greedy steps, each one forward of one token per sequence with
 past_key_values; the timed loop divided by the steps.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -8,6 +8,7 @@ prefill_ms[n]: `generate` of one token from n random prompt tokens at batch 1;
 decode time at batch b: t(max_tokens = 1 + decode_tokens) - t(max_tokens = 1) on the
 same prompts (prefill subtracted out), divided by the steps.
 """
+
 from __future__ import annotations
 
 import time
@@ -48,7 +49,8 @@ def measure(model: Path, options) -> dict:
 
 
 def _bind_threads(threads: int) -> None:
-    """vLLM on CPU binds its OpenMP threads itself: give it the first `threads` cores we may use (unless the user set it)."""
+    """vLLM on CPU binds its OpenMP threads itself: give it the first `threads` cores we may use (unless the user
+    set it)."""
     import os
 
     cores = sorted(os.sched_getaffinity(0))[:threads]

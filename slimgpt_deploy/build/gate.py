@@ -12,6 +12,7 @@ A condition is METRIC OP THRESHOLD. Metrics (measured by the eval stage, DIR/eva
 Conditions are parsed strictly and checked for measurability before any work; a missed
 condition keeps every artifact and makes the build exit with code 3.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,12 @@ METRICS: dict[str, Metric] = {
     "accuracy": Metric("pruned mean acc over eval.tasks", "tasks"),
     "accuracy_retained": Metric("pruned mean acc / dense mean acc over eval.tasks", "tasks"),
 }
-OPERATORS: dict[str, Callable[[float, float], bool]] = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
+OPERATORS: dict[str, Callable[[float, float], bool]] = {
+    "<=": operator.le,
+    ">=": operator.ge,
+    "<": operator.lt,
+    ">": operator.gt,
+}
 NEEDS_FLAG = {"text": "--eval-text FILE (eval.text)", "tasks": "--tasks T1,T2 (eval.tasks)"}
 _CONDITION = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|==|!=|=<|=>|<|>|=)\s*(\S+)\s*$")
 
@@ -93,8 +99,10 @@ def check_measurable(conditions: Iterable[Condition], measured: set[str]) -> Non
     for c in conditions:
         need = METRICS[c.metric].needs
         if need is not None and need not in measured:
-            raise BadInputError(f"gate condition {c} needs {METRICS[c.metric].description}, which the eval does not measure; "
-                                f"give {NEEDS_FLAG[need]} or drop the condition")
+            raise BadInputError(
+                f"gate condition {c} needs {METRICS[c.metric].description}, which the eval does not measure; "
+                f"give {NEEDS_FLAG[need]} or drop the condition"
+            )
 
 
 def measured_metrics(dense: dict, pruned: dict, fidelity: dict | None) -> dict[str, float | None]:
@@ -116,8 +124,16 @@ def check_gate(conditions: Iterable[Condition], metrics: dict[str, float | None]
     rows = []
     for c in conditions:
         value = metrics.get(c.metric)
-        rows.append({"condition": str(c), "metric": c.metric, "op": c.op, "threshold": c.threshold, "value": value,
-                     "passed": value is not None and c.holds(value)})
+        rows.append(
+            {
+                "condition": str(c),
+                "metric": c.metric,
+                "op": c.op,
+                "threshold": c.threshold,
+                "value": value,
+                "passed": value is not None and c.holds(value),
+            }
+        )
     return {"passed": all(r["passed"] for r in rows), "conditions": rows}
 
 
@@ -132,5 +148,8 @@ def check_gate_file(conditions: Iterable[Condition], eval_json: Path) -> dict:
 
 def failures(gate: dict) -> list[str]:
     """One phrase per missed condition: `kl<=0.25 (measured 0.4132)`."""
-    return [f"{r['condition']} (measured {'nothing' if r['value'] is None else format(r['value'], '.4g')})"
-            for r in gate["conditions"] if not r["passed"]]
+    return [
+        f"{r['condition']} (measured {'nothing' if r['value'] is None else format(r['value'], '.4g')})"
+        for r in gate["conditions"]
+        if not r["passed"]
+    ]

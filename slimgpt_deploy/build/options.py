@@ -19,6 +19,7 @@ Internally every option has a dotted name ("prune.ratio"); the schema below is t
 list of them, with the type each accepts. A key that does not exist is refused with the
 closest valid name; a value of the wrong type is refused naming the key and the type.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -43,21 +44,51 @@ DEFAULT_MODEL = "smollm2-135m"
 
 # dotted key -> (expected type, element type for lists, None allowed)
 _PRUNE_TYPES = {
-    "ratio": float, "method": str, "schedule": str, "layer_ratios": list, "gqa_mode": str,
-    "head_multiple": int, "ffn_multiple": int, "tp_size": int, "head_share": float, "calib": str, "nsamples": int,
-    "seqlen": int, "seed": int, "device": str, "dtype": str, "hessian_dtype": str,
+    "ratio": float,
+    "method": str,
+    "schedule": str,
+    "layer_ratios": list,
+    "gqa_mode": str,
+    "head_multiple": int,
+    "ffn_multiple": int,
+    "tp_size": int,
+    "head_share": float,
+    "calib": str,
+    "nsamples": int,
+    "seqlen": int,
+    "seed": int,
+    "device": str,
+    "dtype": str,
+    "hessian_dtype": str,
 }
 _RECOVER_TYPES = {
-    "enabled": bool, "data": str, "steps": int, "batch_size": int, "seqlen": int, "nsamples": int, "heldout": int,
-    "full": bool, "rank": int, "alpha": float, "lr": float, "weight_decay": float, "temperature": float,
-    "lm_weight": float, "teacher_topk": int, "seed": int, "save_every": int,
+    "enabled": bool,
+    "data": str,
+    "steps": int,
+    "batch_size": int,
+    "seqlen": int,
+    "nsamples": int,
+    "heldout": int,
+    "full": bool,
+    "rank": int,
+    "alpha": float,
+    "lr": float,
+    "weight_decay": float,
+    "temperature": float,
+    "lm_weight": float,
+    "teacher_topk": int,
+    "seed": int,
+    "save_every": int,
 }
 SCHEMA: dict[str, tuple[type, type | None, bool]] = {
     "model": (str, None, False),
     "preset": (str, None, True),
     **{f"recover.{k}": (t, None, k == "lr") for k, t in _RECOVER_TYPES.items()},
     "stages": (list, str, False),
-    **{f"prune.{k}": (t, float if t is list else None, k in ("layer_ratios", "gqa_mode", "tp_size")) for k, t in _PRUNE_TYPES.items()},
+    **{
+        f"prune.{k}": (t, float if t is list else None, k in ("layer_ratios", "gqa_mode", "tp_size"))
+        for k, t in _PRUNE_TYPES.items()
+    },
     "vllm.dtype": (str, None, True),
     "onnx.dtype": (str, None, False),
     "onnx.quantize": (str, None, True),
@@ -181,7 +212,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, Mapping):
-        raise BadInputError(f"config file {path} must hold a mapping of options (model:, prune:, ...), not {type(data).__name__}")
+        raise BadInputError(
+            f"config file {path} must hold a mapping of options (model:, prune:, ...), not {type(data).__name__}"
+        )
     flat: dict[str, Any] = {}
     for key, value in data.items():
         key = str(key)
@@ -213,10 +246,14 @@ def check_value(key: str, value: Any, where: str = "") -> None:
             return
         raise BadInputError(f"build option {key!r}{where} must be {_TYPE_NAMES[kind]}, not empty")
     if not _is(value, kind):
-        raise BadInputError(f"build option {key!r}{where} must be {_TYPE_NAMES[kind]}, got {value!r} ({type(value).__name__})")
+        raise BadInputError(
+            f"build option {key!r}{where} must be {_TYPE_NAMES[kind]}, got {value!r} ({type(value).__name__})"
+        )
     if element is not None and not all(_is(v, element) for v in value):
         bad = next(v for v in value if not _is(v, element))
-        raise BadInputError(f"build option {key!r}{where} must be a list of {_PLURAL[element]}, got {bad!r} ({type(bad).__name__})")
+        raise BadInputError(
+            f"build option {key!r}{where} must be a list of {_PLURAL[element]}, got {bad!r} ({type(bad).__name__})"
+        )
 
 
 def _is(value: Any, kind: type) -> bool:
@@ -267,7 +304,9 @@ def build_options(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]
     recover = {k.split(".", 1)[1]: v for k, v in merged.items() if k.startswith("recover.")}
     recover_on = bool(recover.pop("enabled", False))
     if "stages" in merged and "recover" in merged["stages"] and not recover_on:
-        raise BadInputError("stage recover is off; pass --recover (or recover.enabled: true, or --preset release) to run it")
+        raise BadInputError(
+            "stage recover is off; pass --recover (or recover.enabled: true, or --preset release) to run it"
+        )
     prune = {k.split(".", 1)[1]: v for k, v in merged.items() if k.startswith("prune.")}
     tp = prune.pop("tp_size", None)
     if tp is not None:
@@ -331,13 +370,17 @@ def _eval_and_gate(merged: Mapping[str, Any]) -> tuple[EvalSection, tuple[Condit
         values["tasks"] = parse_tasks(list(values["tasks"]))
     for key in ("batch_size", "seqlen", "fidelity_tokens", "limit", "max_tokens"):
         if values.get(key) is not None and values[key] < (2 if key == "seqlen" else 1):
-            raise BadInputError(f"build option 'eval.{key}' must be at least {2 if key == 'seqlen' else 1}, got {values[key]}")
+            raise BadInputError(
+                f"build option 'eval.{key}' must be at least {2 if key == 'seqlen' else 1}, got {values[key]}"
+            )
     if values.get("num_fewshot", 0) < 0:
         raise BadInputError(f"build option 'eval.num_fewshot' must be >= 0, got {values['num_fewshot']}")
     for key in ("text", "include_path"):
         if values.get(key) is not None and not Path(values[key]).exists():
-            raise BadInputError(f"build option 'eval.{key}': {values[key]} does not exist; give an existing "
-                                f"{'UTF-8 text file' if key == 'text' else 'directory of lm-eval task YAMLs'}")
+            raise BadInputError(
+                f"build option 'eval.{key}': {values[key]} does not exist; give an existing "
+                f"{'UTF-8 text file' if key == 'text' else 'directory of lm-eval task YAMLs'}"
+            )
     evaluation = EvalSection(**values)
     gate = parse_gate(merged.get("gate"))
     check_measurable(gate, {name for name, on in (("text", evaluation.text), ("tasks", evaluation.tasks)) if on})

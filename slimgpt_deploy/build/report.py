@@ -7,6 +7,7 @@ the dense model as reference, latency and memory dense vs pruned per back end, q
 vs pruned. The slim checkpoint's README.md and slimgpt.json gain the headline numbers and a
 link to the report.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,18 +39,20 @@ def layer_table(config: dict, record: dict) -> list[dict]:
     rows = []
     for i in range(n):
         r = per_layer.get(i, {})
-        rows.append({
-            "layer": i,
-            "q_heads": config["num_attention_heads_per_layer"][i],
-            "kv_heads": config["num_key_value_heads_per_layer"][i],
-            "ffn": config["intermediate_size_per_layer"][i],
-            "dense_q_heads": config["num_attention_heads"],
-            "dense_kv_heads": config.get("num_key_value_heads") or config["num_attention_heads"],
-            "dense_ffn": config["intermediate_size"],
-            "ratio_target": r.get("ratio_target"),
-            "attn_rel_error": r.get("attn_rel_error"),
-            "mlp_rel_error": r.get("mlp_rel_error"),
-        })
+        rows.append(
+            {
+                "layer": i,
+                "q_heads": config["num_attention_heads_per_layer"][i],
+                "kv_heads": config["num_key_value_heads_per_layer"][i],
+                "ffn": config["intermediate_size_per_layer"][i],
+                "dense_q_heads": config["num_attention_heads"],
+                "dense_kv_heads": config.get("num_key_value_heads") or config["num_attention_heads"],
+                "dense_ffn": config["intermediate_size"],
+                "ratio_target": r.get("ratio_target"),
+                "attn_rel_error": r.get("attn_rel_error"),
+                "mlp_rel_error": r.get("mlp_rel_error"),
+            }
+        )
     return rows
 
 
@@ -61,14 +64,20 @@ def collect(ctx: BuildContext) -> dict:
     config = _read_json(slim / "config.json")
     stages = {
         name: {k: rec.get(k) for k in ("status", "seconds", "finished_at", "reason") if rec.get(k) is not None}
-        for name, rec in state["stages"].items() if name != "report"
+        for name, rec in state["stages"].items()
+        if name != "report"
     }
-    verification = {name.split("-", 1)[1]: _read_json(ctx.path(name)) for name in VERIFY_STAGES if ctx.path(name).exists()}
+    verification = {
+        name.split("-", 1)[1]: _read_json(ctx.path(name)) for name in VERIFY_STAGES if ctx.path(name).exists()
+    }
     artifacts = {}
     for stage, label in (("prune", "slim"), ("recover", "recovered"), ("export-vllm", "vllm"), ("export-onnx", "onnx")):
         path = ctx.path(stage)
         if path.exists():
-            artifacts[label] = {"path": str(path), "bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file())}
+            artifacts[label] = {
+                "path": str(path),
+                "bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
+            }
     bench = _read_json(ctx.path("bench"))
     failed = [f"{name}: {rec.get('reason')}" for name, rec in state["stages"].items() if rec.get("status") == "failed"]
     gate = None
@@ -88,7 +97,16 @@ def collect(ctx: BuildContext) -> dict:
         "failures": failed,
         "model": {
             "source": ctx.options.model,
-            **{k: record.get(k) for k in ("ratio_target", "ratio_achieved_decoder", "ratio_achieved_model", "params_dense", "params_slim")},
+            **{
+                k: record.get(k)
+                for k in (
+                    "ratio_target",
+                    "ratio_achieved_decoder",
+                    "ratio_achieved_model",
+                    "params_dense",
+                    "params_slim",
+                )
+            },
             "calibration": record.get("calibration"),
             "prune_seconds": record.get("seconds"),
             "recovery": record.get("recovery"),
@@ -180,14 +198,23 @@ def plot_memory(bench: dict, path: Path) -> None:
     plt = _pyplot()
     models, backends = bench["models"], _ok_backends(bench)
     fig, (ax_w, ax_r) = plt.subplots(1, 2, figsize=(10, 3.6))
-    _bars(ax_w, ["weights (MB)", "KV cache (KB/token)"],
-          [models["dense"]["weight_bytes"] / 1e6, models["dense"]["kv_bytes_per_token"] / 1e3],
-          [models["pruned"]["weight_bytes"] / 1e6, models["pruned"]["kv_bytes_per_token"] / 1e3],
-          "model size", "MB / KB")
+    _bars(
+        ax_w,
+        ["weights (MB)", "KV cache (KB/token)"],
+        [models["dense"]["weight_bytes"] / 1e6, models["dense"]["kv_bytes_per_token"] / 1e3],
+        [models["pruned"]["weight_bytes"] / 1e6, models["pruned"]["kv_bytes_per_token"] / 1e3],
+        "model size",
+        "MB / KB",
+    )
     peak = "peak_gpu_bytes" if any(b["dense"].get("peak_gpu_bytes") for b in backends.values()) else "peak_rss_bytes"
-    _bars(ax_r, list(backends), [b["dense"][peak] / 2**30 for b in backends.values()],
-          [b["pruned"][peak] / 2**30 for b in backends.values()],
-          "peak GPU memory" if peak == "peak_gpu_bytes" else "peak RSS of the process", "GiB")
+    _bars(
+        ax_r,
+        list(backends),
+        [b["dense"][peak] / 2**30 for b in backends.values()],
+        [b["pruned"][peak] / 2**30 for b in backends.values()],
+        "peak GPU memory" if peak == "peak_gpu_bytes" else "peak RSS of the process",
+        "GiB",
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -196,10 +223,22 @@ def plot_memory(bench: dict, path: Path) -> None:
 def plot_quality(quality: dict, path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.6, 3.6))
-    _bars(ax, ["perplexity"], [quality["dense"]["perplexity"]], [quality["pruned"]["perplexity"]],
-          "quality", "perplexity (lower is better)")
-    ax.text(0.02, 0.97, f"KL(dense||pruned) {quality['kl']:.3f}\ntop-1 agreement {quality['top1']:.1%}",
-            transform=ax.transAxes, va="top", fontsize=8)
+    _bars(
+        ax,
+        ["perplexity"],
+        [quality["dense"]["perplexity"]],
+        [quality["pruned"]["perplexity"]],
+        "quality",
+        "perplexity (lower is better)",
+    )
+    ax.text(
+        0.02,
+        0.97,
+        f"KL(dense||pruned) {quality['kl']:.3f}\ntop-1 agreement {quality['top1']:.1%}",
+        transform=ax.transAxes,
+        va="top",
+        fontsize=8,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -236,18 +275,31 @@ def markdown(data: dict) -> str:
     if m.get("params_dense"):
         lines += [
             f"Pruned {_pct(m['ratio_achieved_decoder'])} of decoder parameters (target {_pct(m['ratio_target'])}), "
-            f"{_pct(m['ratio_achieved_model'])} of the whole model: {m['params_dense']:,} -> {m['params_slim']:,} parameters.",
+            f"{_pct(m['ratio_achieved_model'])} of the whole model: "
+            f"{m['params_dense']:,} -> {m['params_slim']:,} parameters.",
             "",
         ]
     rec = m.get("recovery")
     if rec:
         fid = rec.get("fidelity") or {}
-        kl = (f"; held-out KL vs dense {fid['before']['kl']:.4f} -> {fid['after']['kl']:.4f}, top-1 "
-              f"{fid['before']['top1']:.2%} -> {fid['after']['top1']:.2%}") if fid.get("before") and fid.get("after") else ""
-        lines += [f"Recovered by distillation from the dense model ({rec['trained']}): {rec['steps']} steps, "
-                  f"{rec['tokens']:,} tokens of `{rec['data']['source']}` text in {rec['seconds']['total']:.0f} s{kl}.", ""]
-    lines += [f"Machine: {mach['platform']}, {mach['cores']} cores, {mach['ram_gib']} GiB RAM, GPU: {mach['gpu'] or 'none'}. "
-              f"Versions: {', '.join(f'{k} {v}' for k, v in data['versions'].items())}.", ""]
+        kl = (
+            (
+                f"; held-out KL vs dense {fid['before']['kl']:.4f} -> {fid['after']['kl']:.4f}, top-1 "
+                f"{fid['before']['top1']:.2%} -> {fid['after']['top1']:.2%}"
+            )
+            if fid.get("before") and fid.get("after")
+            else ""
+        )
+        lines += [
+            f"Recovered by distillation from the dense model ({rec['trained']}): {rec['steps']} steps, "
+            f"{rec['tokens']:,} tokens of `{rec['data']['source']}` text in {rec['seconds']['total']:.0f} s{kl}.",
+            "",
+        ]
+    lines += [
+        f"Machine: {mach['platform']}, {mach['cores']} cores, {mach['ram_gib']} GiB RAM, GPU: {mach['gpu'] or 'none'}. "
+        f"Versions: {', '.join(f'{k} {v}' for k, v in data['versions'].items())}.",
+        "",
+    ]
     lines += ["## Stages", "", "| stage | status | seconds | note |", "|---|---|---|---|"]
     for name, s in data["stages"].items():
         lines.append(f"| {name} | {s.get('status')} | {s.get('seconds', '-')} | {s.get('reason') or ''} |")
@@ -281,11 +333,19 @@ def markdown(data: dict) -> str:
     if plots:
         lines += ["## Plots", ""] + [f"![{name}]({file})" for name, file in plots.items()] + [""]
     if data["layers"]:
-        lines += ["## Per-layer shapes", "", "| layer | query heads | KV heads | FFN | target ratio | attn err | mlp err |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Per-layer shapes",
+            "",
+            "| layer | query heads | KV heads | FFN | target ratio | attn err | mlp err |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in data["layers"]:
             err = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-            lines.append(f"| {r['layer']} | {r['q_heads']}/{r['dense_q_heads']} | {r['kv_heads']}/{r['dense_kv_heads']} | "
-                         f"{r['ffn']}/{r['dense_ffn']} | {_pct(r['ratio_target'])} | {err(r['attn_rel_error'])} | {err(r['mlp_rel_error'])} |")
+            lines.append(
+                f"| {r['layer']} | {r['q_heads']}/{r['dense_q_heads']} | {r['kv_heads']}/{r['dense_kv_heads']} | "
+                f"{r['ffn']}/{r['dense_ffn']} | {_pct(r['ratio_target'])} | "
+                f"{err(r['attn_rel_error'])} | {err(r['mlp_rel_error'])} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -296,20 +356,34 @@ def eval_markdown(ev: dict) -> list[str]:
     d, p, f = ev["dense"], ev["pruned"], ev["fidelity"]
     if "perplexity" in d:
         pd_, pp = d["perplexity"], p["perplexity"]
-        lines.append(f"Perplexity on {pd_['text']} ({pd_['windows']} windows of {pd_['seqlen']} tokens): "
-                     f"dense {pd_['ppl']:.3f}, pruned {pp['ppl']:.3f} (ratio {pp['ppl'] / pd_['ppl']:.3f}).")
-    lines += [f"Fidelity on {f['text']} ({f['tokens']} tokens): KL(dense || pruned) {f['kl']:.4f} nats/token, "
-              f"top-1 agreement {f['top1']:.2%}.", ""]
+        lines.append(
+            f"Perplexity on {pd_['text']} ({pd_['windows']} windows of {pd_['seqlen']} tokens): "
+            f"dense {pd_['ppl']:.3f}, pruned {pp['ppl']:.3f} (ratio {pp['ppl'] / pd_['ppl']:.3f})."
+        )
+    lines += [
+        f"Fidelity on {f['text']} ({f['tokens']} tokens): KL(dense || pruned) {f['kl']:.4f} nats/token, "
+        f"top-1 agreement {f['top1']:.2%}.",
+        "",
+    ]
     if "accuracy" in d:
         a = d["accuracy"]
         limit = "" if a["limit"] is None else f", first {a['limit']} documents per task"
-        lines += [f"Accuracy ({a['harness']} {a['harness_version']}, {a['num_fewshot']}-shot{limit}):", "",
-                  "| task | documents | dense acc | pruned acc | dense acc_norm | pruned acc_norm |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"Accuracy ({a['harness']} {a['harness_version']}, {a['num_fewshot']}-shot{limit}):",
+            "",
+            "| task | documents | dense acc | pruned acc | dense acc_norm | pruned acc_norm |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, t in a["tasks"].items():
             q = p["accuracy"]["tasks"][name]
-            lines.append(f"| {name} | {t['samples']} | {t['acc']:.4f} | {q['acc']:.4f} | {t['acc_norm']:.4f} | {q['acc_norm']:.4f} |")
-        lines.append(f"| mean | | {a['mean']['acc']:.4f} | {p['accuracy']['mean']['acc']:.4f} | "
-                     f"{a['mean']['acc_norm']:.4f} | {p['accuracy']['mean']['acc_norm']:.4f} |")
+            lines.append(
+                f"| {name} | {t['samples']} | {t['acc']:.4f} | {q['acc']:.4f} | "
+                f"{t['acc_norm']:.4f} | {q['acc_norm']:.4f} |"
+            )
+        lines.append(
+            f"| mean | | {a['mean']['acc']:.4f} | {p['accuracy']['mean']['acc']:.4f} | "
+            f"{a['mean']['acc_norm']:.4f} | {p['accuracy']['mean']['acc_norm']:.4f} |"
+        )
         lines.append("")
     return lines
 
@@ -329,20 +403,28 @@ def link_model_card(slim: Path, data: dict) -> None:
     bench = data.get("bench") or {}
     for name, b in _ok_backends(bench).items():
         r = b["ratios"]
-        lines.append(f"- {name}: decode speed-up at batch 1 {r['decode_speedup'].get('1', float('nan')):.2f}x "
-                     f"(weight-bytes ideal {r['ideal_decode_speedup']:.2f}x)")
+        lines.append(
+            f"- {name}: decode speed-up at batch 1 {r['decode_speedup'].get('1', float('nan')):.2f}x "
+            f"(weight-bytes ideal {r['ideal_decode_speedup']:.2f}x)"
+        )
     gate = data.get("gate")
     if gate:
-        conditions = ", ".join(f"{r['condition']} ({'-' if r['value'] is None else format(r['value'], '.4g')})" for r in gate["conditions"])
+        conditions = ", ".join(
+            f"{r['condition']} ({'-' if r['value'] is None else format(r['value'], '.4g')})" for r in gate["conditions"]
+        )
         lines.append(f"- quality gate {'passed' if gate['passed'] else 'FAILED'}: {conditions}")
     q = bench.get("quality")
     if q:
-        lines.append(f"- perplexity on {q['text']}: dense {q['dense']['perplexity']:.2f}, pruned {q['pruned']['perplexity']:.2f}")
+        lines.append(
+            f"- perplexity on {q['text']}: dense {q['dense']['perplexity']:.2f}, pruned {q['pruned']['perplexity']:.2f}"
+        )
     text = card.read_text()
     text = text.split(CARD_MARKER)[0].rstrip() + "\n\n" + "\n".join(lines) + "\n"
     _replace_file(card, text)
     record = json.loads(record_path.read_text())
-    record["verification"] = {fmt: {"passed": v.get("passed"), "failures": v.get("failures", [])} for fmt, v in data["verification"].items()}
+    record["verification"] = {
+        fmt: {"passed": v.get("passed"), "failures": v.get("failures", [])} for fmt, v in data["verification"].items()
+    }
     record["build_report"] = rel
     if gate:
         record["gate"] = gate
@@ -362,5 +444,9 @@ def write_report(ctx: BuildContext) -> dict:
         (tmp / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
         (tmp / "report.md").write_text(markdown(data))
     link_model_card(ctx.checkpoint, data)
-    return {"report": str(ctx.path("report") / "report.md"), "plots": sorted(data["plots"].values()), "passed": data["passed"],
-            **({"gate": data["gate"]} if data["gate"] else {})}
+    return {
+        "report": str(ctx.path("report") / "report.md"),
+        "plots": sorted(data["plots"].values()),
+        "passed": data["passed"],
+        **({"gate": data["gate"]} if data["gate"] else {}),
+    }

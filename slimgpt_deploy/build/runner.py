@@ -11,6 +11,7 @@ Directory fingerprints are over relative paths, sizes and modification times (no
 gigabytes); the slim checkpoint's README.md and slimgpt.json are left out, since the report
 stage adds the build's numbers to them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,7 +26,16 @@ from pathlib import Path
 from .. import __version__
 from ..errors import BadInputError, OutputExistsError
 from .options import STAGES, BuildOptions
-from .stages import OUTPUTS, REQUIRES, STAGE_FUNCTIONS, VERIFY_STAGES, BuildContext, prepare_eval, stage_inputs, write_json_atomic
+from .stages import (
+    OUTPUTS,
+    REQUIRES,
+    STAGE_FUNCTIONS,
+    VERIFY_STAGES,
+    BuildContext,
+    prepare_eval,
+    stage_inputs,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +76,23 @@ class BuildResult:
 
     def to_dict(self) -> dict:
         """The machine-readable summary `build --json` prints."""
-        stages = {s.name: {"status": s.status, "seconds": round(s.seconds, 2), **({"reason": s.reason} if s.reason else {})} for s in self.stages}
-        verification = {
-            name.split("-", 1)[1]: {"passed": rec["summary"].get("passed"), "failures": rec["summary"].get("failures", [])}
-            for name, rec in self.state["stages"].items() if name in VERIFY_STAGES
+        stages = {
+            s.name: {"status": s.status, "seconds": round(s.seconds, 2), **({"reason": s.reason} if s.reason else {})}
+            for s in self.stages
         }
-        artifacts = {name: str(self.out / OUTPUTS[name]) for name in ("prune", "recover", "export-vllm", "export-onnx", "report")
-                     if (self.out / OUTPUTS[name]).exists()}
+        verification = {
+            name.split("-", 1)[1]: {
+                "passed": rec["summary"].get("passed"),
+                "failures": rec["summary"].get("failures", []),
+            }
+            for name, rec in self.state["stages"].items()
+            if name in VERIFY_STAGES
+        }
+        artifacts = {
+            name: str(self.out / OUTPUTS[name])
+            for name in ("prune", "recover", "export-vllm", "export-onnx", "report")
+            if (self.out / OUTPUTS[name]).exists()
+        }
         return {
             "out": str(self.out),
             "exit_code": self.exit_code,
@@ -155,7 +175,10 @@ def check_build_dir(out: Path, force: bool) -> dict:
         if isinstance(state, dict) and state.get("format") == STATE_FORMAT:
             return state
         if not force:
-            raise OutputExistsError(f"{state_path} is not a slimgpt-deploy build record; choose a new --out, or pass --force to rebuild there")
+            raise OutputExistsError(
+                f"{state_path} is not a slimgpt-deploy build record; "
+                "choose a new --out, or pass --force to rebuild there"
+            )
         return {}
     if out.exists():
         foreign = sorted(p.name for p in out.iterdir())
@@ -198,8 +221,16 @@ def run_build(
     out.mkdir(parents=True, exist_ok=True)
     state = {"format": STATE_FORMAT, "stages": {}, **state}
     state["options"] = options.to_dict()
-    ctx = BuildContext(out=out, options=options, resume=resume, max_memory=max_memory, log=log_fn, on_layer=on_layer,
-                       state=state, tasks=tasks)
+    ctx = BuildContext(
+        out=out,
+        options=options,
+        resume=resume,
+        max_memory=max_memory,
+        log=log_fn,
+        on_layer=on_layer,
+        state=state,
+        tasks=tasks,
+    )
     notify = on_stage or (lambda name, status, seconds: None)
     runs: list[StageRun] = []
     for stage in STAGES:
@@ -207,13 +238,26 @@ def run_build(
             continue
         failed_checks = [r.name for r in runs if r.name in VERIFY_STAGES and r.status == "failed"]
         if stage == "bench" and failed_checks:
-            runs.append(StageRun(stage, "skipped", reason=f"{', '.join(failed_checks)} failed; not benchmarking an artifact that disagrees with PyTorch"))
+            runs.append(
+                StageRun(
+                    stage,
+                    "skipped",
+                    reason=(
+                        f"{', '.join(failed_checks)} failed; not benchmarking an artifact that disagrees with PyTorch"
+                    ),
+                )
+            )
             notify(stage, "skipped", 0.0)
             continue
         fingerprint = stage_fingerprint(out, stage, options)
         rec = state["stages"].get(stage)
-        if (not force and rec and rec.get("status") == "ok" and rec.get("fingerprint") == fingerprint
-                and rec.get("output_fingerprint") == output_fingerprint(out, stage)):
+        if (
+            not force
+            and rec
+            and rec.get("status") == "ok"
+            and rec.get("fingerprint") == fingerprint
+            and rec.get("output_fingerprint") == output_fingerprint(out, stage)
+        ):
             runs.append(StageRun(stage, "cached", summary=rec.get("summary", {})))
             notify(stage, "cached", 0.0)
             continue
@@ -224,8 +268,14 @@ def run_build(
         except BaseException as e:
             seconds = time.perf_counter() - t0
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            state["stages"][stage] = {"status": "failed", "fingerprint": fingerprint, "seconds": round(seconds, 2),
-                                      "reason": reason, "error": type(e).__name__, "finished_at": _now()}
+            state["stages"][stage] = {
+                "status": "failed",
+                "fingerprint": fingerprint,
+                "seconds": round(seconds, 2),
+                "reason": reason,
+                "error": type(e).__name__,
+                "finished_at": _now(),
+            }
             _save_state(out, state)
             notify(stage, "failed", seconds)
             raise
@@ -233,8 +283,13 @@ def run_build(
         status = "failed" if stage in VERIFY_STAGES and not summary.get("passed") else "ok"
         reason = "; ".join(summary.get("failures", [])) or None if status == "failed" else None
         state["stages"][stage] = {
-            "status": status, "fingerprint": fingerprint, "output_fingerprint": output_fingerprint(out, stage),
-            "seconds": round(seconds, 2), "finished_at": _now(), "summary": summary, **({"reason": reason} if reason else {}),
+            "status": status,
+            "fingerprint": fingerprint,
+            "output_fingerprint": output_fingerprint(out, stage),
+            "seconds": round(seconds, 2),
+            "finished_at": _now(),
+            "summary": summary,
+            **({"reason": reason} if reason else {}),
         }
         _save_state(out, state)
         runs.append(StageRun(stage, status, seconds, summary, reason))

@@ -17,6 +17,7 @@ Exports run unverified and verification is its own stage, so a failed check is r
 build exit with the verification code. Each function returns a JSON-able summary that the
 runner stores in DIR/build.json.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,7 +52,12 @@ INPUTS = {
     "report": ((), ("prune", "export-vllm", "export-onnx", "verify-vllm", "verify-onnx", "eval", "bench")),
 }
 # stage -> the modules it needs, checked (without importing them) before any stage runs
-REQUIRES = {"recover": ("peft",), "export-onnx": ("onnx", "onnxscript"), "verify-vllm": ("vllm",), "verify-onnx": ("onnxruntime",)}
+REQUIRES = {
+    "recover": ("peft",),
+    "export-onnx": ("onnx", "onnxscript"),
+    "verify-vllm": ("vllm",),
+    "verify-onnx": ("onnxruntime",),
+}
 WORK_DIR = ".work"  # caches owned by the build: prune resume state, bench's model copies and dense ONNX
 # Stages that read the shipped checkpoint: DIR/slim, or DIR/recovered when the recover stage is on.
 READS_CHECKPOINT = ("export-vllm", "export-onnx", "verify-vllm", "verify-onnx", "eval", "bench", "report")
@@ -104,10 +110,19 @@ def prune(ctx: BuildContext) -> dict:
     from ..resume import default_state_dir
 
     out = ctx.path("prune")
-    ctx.log(f"pruning {ctx.options.model} by {ctx.options.prune.ratio:.0%} ({ctx.options.prune.schedule} schedule, calibration {ctx.options.prune.calib})")
+    ctx.log(
+        f"pruning {ctx.options.model} by {ctx.options.prune.ratio:.0%} "
+        f"({ctx.options.prune.schedule} schedule, calibration {ctx.options.prune.calib})"
+    )
     result = prune_to_checkpoint(
-        ctx.options.model, out, ctx.options.prune, force=True, on_layer=ctx.on_layer,
-        resume=ctx.resume, state_dir=default_state_dir(out), max_memory=ctx.max_memory,
+        ctx.options.model,
+        out,
+        ctx.options.prune,
+        force=True,
+        on_layer=ctx.on_layer,
+        resume=ctx.resume,
+        state_dir=default_state_dir(out),
+        max_memory=ctx.max_memory,
     )
     r = result.record
     return {
@@ -125,10 +140,19 @@ def recover(ctx: BuildContext) -> dict:
     from ..recover import recover_to_checkpoint
 
     out, config = ctx.path("recover"), ctx.options.recover.config
-    ctx.log(f"recovering {ctx.path('prune')} by distillation from {ctx.options.model} "
-            f"({config.steps} steps, {'full weights' if config.full else f'LoRA r={config.rank}'}, data {config.data})")
-    result = recover_to_checkpoint(ctx.path("prune"), ctx.options.model, out, config, force=True, resume=ctx.resume,
-                                   state_dir=ctx.work / "recover-state")
+    ctx.log(
+        f"recovering {ctx.path('prune')} by distillation from {ctx.options.model} "
+        f"({config.steps} steps, {'full weights' if config.full else f'LoRA r={config.rank}'}, data {config.data})"
+    )
+    result = recover_to_checkpoint(
+        ctx.path("prune"),
+        ctx.options.model,
+        out,
+        config,
+        force=True,
+        resume=ctx.resume,
+        state_dir=ctx.work / "recover-state",
+    )
     r = result.record["recovery"]
     return {"checkpoint": str(out), **{k: r[k] for k in ("steps", "tokens", "seconds", "fidelity")}}
 
@@ -136,7 +160,9 @@ def recover(ctx: BuildContext) -> dict:
 def _export(fmt: str, ctx: BuildContext, **kwargs) -> dict:
     from ..exporters import get_exporter
 
-    summary = get_exporter(fmt)(ctx.checkpoint, ctx.path(f"export-{fmt}"), force=True, verify=False, log=ctx.log, **kwargs)
+    summary = get_exporter(fmt)(
+        ctx.checkpoint, ctx.path(f"export-{fmt}"), force=True, verify=False, log=ctx.log, **kwargs
+    )
     summary.pop("verification", None)  # verified by its own stage
     return summary
 
@@ -178,17 +204,29 @@ def bench(ctx: BuildContext) -> dict:
 
     b = ctx.options.bench
     options = BenchOptions(
-        prompt_lens=b.prompt_lens, batch_sizes=b.batch_sizes, decode_tokens=b.decode_tokens, repeats=b.repeats,
-        warmups=b.warmups, threads=b.threads, text=Path(b.text) if b.text else None,
-        quality_tokens=b.quality_tokens, quality_seqlen=b.quality_seqlen,
+        prompt_lens=b.prompt_lens,
+        batch_sizes=b.batch_sizes,
+        decode_tokens=b.decode_tokens,
+        repeats=b.repeats,
+        warmups=b.warmups,
+        threads=b.threads,
+        text=Path(b.text) if b.text else None,
+        quality_tokens=b.quality_tokens,
+        quality_seqlen=b.quality_seqlen,
     )
     # The build's own ONNX export is reused when it is what bench measures (fp32, not quantized).
     onnx_dir, o = ctx.path("export-onnx"), ctx.options
     reuse = (onnx_dir / "export.json").exists() and o.onnx_dtype == "fp32" and o.onnx_quantize is None
     onnx_dirs = {"pruned": onnx_dir} if reuse else None
     result = run_bench(
-        ctx.options.model, ctx.checkpoint, list(b.backends), options=options, explicit=b.explicit,
-        work_dir=ctx.work / "bench", onnx_dirs=onnx_dirs, log=ctx.log,
+        ctx.options.model,
+        ctx.checkpoint,
+        list(b.backends),
+        options=options,
+        explicit=b.explicit,
+        work_dir=ctx.work / "bench",
+        onnx_dirs=onnx_dirs,
+        log=ctx.log,
     )
     write_json_atomic(ctx.path("bench"), result)
     return {name: {"status": r["status"], "reason": r.get("reason")} for name, r in result["backends"].items()}
@@ -201,8 +239,15 @@ def prepare_eval(options: BuildOptions):
         return None
     from ..tasks import TaskOptions, prepare_tasks
 
-    return prepare_tasks(TaskOptions(tasks=e.tasks, include_path=Path(e.include_path) if e.include_path else None,
-                                     num_fewshot=e.num_fewshot, limit=e.limit, batch_size=e.batch_size))
+    return prepare_tasks(
+        TaskOptions(
+            tasks=e.tasks,
+            include_path=Path(e.include_path) if e.include_path else None,
+            num_fewshot=e.num_fewshot,
+            limit=e.limit,
+            batch_size=e.batch_size,
+        )
+    )
 
 
 def eval_(ctx: BuildContext) -> dict:

@@ -3,6 +3,7 @@
 Importing this package registers the `slimgpt` model type with transformers'
 Auto classes, so slim checkpoints load without `trust_remote_code`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .configuration_slimgpt import SlimGPTConfig
-from .modeling_slimgpt import SlimGPTDecoderLayer, SlimGPTForCausalLM, LayerConfigView
+from .modeling_slimgpt import LayerConfigView, SlimGPTDecoderLayer, SlimGPTForCausalLM
 
 # Files copied into every checkpoint (loaded there with trust_remote_code=True).
 REMOTE_CODE_FILES = (

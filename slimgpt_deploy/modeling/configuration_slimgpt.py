@@ -10,6 +10,7 @@ has its own query heads, KV heads and FFN width, recorded as lists of length
 and `intermediate_size` keep the dense model's values (rotary embeddings and
 tools that read them still see a consistent dense reference).
 """
+
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
@@ -53,9 +54,7 @@ class SlimGPTConfig(LlamaConfig):
             return
         for i, (q, kv) in enumerate(zip(self.num_attention_heads_per_layer, self.num_key_value_heads_per_layer)):
             if q < 1 or kv < 1 or q % kv != 0:
-                raise ValueError(
-                    f"layer {i}: {q} query heads and {kv} KV heads; need q >= 1, kv >= 1 and q % kv == 0"
-                )
+                raise ValueError(f"layer {i}: {q} query heads and {kv} KV heads; need q >= 1, kv >= 1 and q % kv == 0")
         for i, f in enumerate(self.intermediate_size_per_layer or []):
             if f < 1:
                 raise ValueError(f"layer {i}: FFN width {f}; every layer keeps at least one channel")

@@ -8,6 +8,7 @@ decoder layer is transformers' `LlamaDecoderLayer` built from a per-layer view
 of the config (its own query heads, KV heads and FFN width); the model's
 forward, masks, rotary embeddings, KV cache and generation are inherited.
 """
+
 from __future__ import annotations
 
 from torch import nn

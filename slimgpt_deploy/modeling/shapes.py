@@ -4,6 +4,7 @@ One source of truth for everything that checks weights against a config before
 computing with them: the checkpoint validator, the vLLM plugin's weight loader,
 the exporters.
 """
+
 from __future__ import annotations
 
 import re
@@ -29,7 +30,9 @@ def layer_weight_shapes(config: SlimGPTConfig, i: int) -> dict[str, tuple[int, .
         "mlp.down_proj.weight": (h, f),
     }
     if config.attention_bias:
-        shapes.update({"self_attn.q_proj.bias": (q * d,), "self_attn.k_proj.bias": (kv * d,), "self_attn.v_proj.bias": (kv * d,)})
+        shapes.update(
+            {"self_attn.q_proj.bias": (q * d,), "self_attn.k_proj.bias": (kv * d,), "self_attn.v_proj.bias": (kv * d,)}
+        )
     if config.o_proj_bias:
         shapes["self_attn.o_proj.bias"] = (h,)
     if getattr(config, "mlp_bias", False):

@@ -21,6 +21,7 @@ processes on a free localhost port (NCCL with one GPU per rank when the device i
 CUDA, else gloo), streams rank 0's progress back and ends every rank on the first
 failure with that rank's one-line message and exit code.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -176,8 +177,10 @@ def _meta(value) -> tuple[type | None, object]:
     if not dataclasses.is_dataclass(value):
         return None, value
     fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    return type(value), {k: _TensorSpec(tuple(v.shape), v.dtype, v.device.type == "cpu") if isinstance(v, torch.Tensor) else v
-                         for k, v in fields.items()}
+    return type(value), {
+        k: _TensorSpec(tuple(v.shape), v.dtype, v.device.type == "cpu") if isinstance(v, torch.Tensor) else v
+        for k, v in fields.items()
+    }
 
 
 def from_rank0(fn: Callable[[], object], device: torch.device | str = "cpu"):
@@ -199,7 +202,11 @@ def from_rank0(fn: Callable[[], object], device: torch.device | str = "cpu"):
     fields = dict(payload)
     for k, spec in payload.items():
         if isinstance(spec, _TensorSpec):
-            t = getattr(value, k).to(device).contiguous() if is_main() else torch.empty(spec.shape, dtype=spec.dtype, device=device)
+            t = (
+                getattr(value, k).to(device).contiguous()
+                if is_main()
+                else torch.empty(spec.shape, dtype=spec.dtype, device=device)
+            )
             dist.broadcast(t, src=0)
             fields[k] = t.cpu() if spec.on_cpu else t
     return value if is_main() else cls(**fields)
@@ -245,7 +252,9 @@ def check_nproc(nproc: int, config, *, resume: bool = False) -> None:
     if active() or env_world_size() > 1:
         raise BadInputError("--nproc cannot be used under torchrun (it already started the processes); drop --nproc")
     if config.nsamples < nproc:
-        raise BadInputError(f"--nsamples {config.nsamples} cannot be split over {nproc} processes; raise --nsamples or lower --nproc")
+        raise BadInputError(
+            f"--nsamples {config.nsamples} cannot be split over {nproc} processes; raise --nsamples or lower --nproc"
+        )
     if backend_for(config.device) == "nccl" and torch.cuda.device_count() < nproc:
         raise BadInputError(
             f"--nproc {nproc} on {config.device} needs one GPU per process but {torch.cuda.device_count()} are "
@@ -261,7 +270,9 @@ def check_memory(nproc: int, model: str, config, *, max_memory: int | None) -> N
 
     share = dataclasses.replace(config, nsamples=math.ceil(config.nsamples / nproc))
     one = estimate_prune(job_size(model_config(model), share), max_memory=max_memory)
-    total = dataclasses.replace(one, ram_bytes=nproc * one.ram_bytes, parts={f"{nproc} x {k}": v for k, v in one.parts.items()})
+    total = dataclasses.replace(
+        one, ram_bytes=nproc * one.ram_bytes, parts={f"{nproc} x {k}": v for k, v in one.parts.items()}
+    )
     check_fits(total, available_ram=available_ram(), free_disk=None)
 
 
@@ -292,7 +303,9 @@ def launch(
     ctx = mp.get_context("spawn")  # CUDA and torch's thread pools do not survive fork
     events = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, nproc, port, job, events), name=f"slimgpt-rank{r}") for r in range(nproc)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, nproc, port, job, events), name=f"slimgpt-rank{r}") for r in range(nproc)
+    ]
     try:
         for p in procs:
             p.start()
@@ -323,7 +336,9 @@ def _supervise(procs, events, on_layer) -> dict:
         codes = [p.exitcode for p in procs]
         if failed_at is None and any(c not in (None, 0) for c in codes):
             failed_at = time.monotonic()
-        if failed_at is not None and (time.monotonic() - failed_at > FAILURE_GRACE_S or all(c is not None for c in codes)):
+        if failed_at is not None and (
+            time.monotonic() - failed_at > FAILURE_GRACE_S or all(c is not None for c in codes)
+        ):
             raise _failure(procs, codes, errors)
         if all(c == 0 for c in codes):
             if event is None and events.empty():
@@ -366,9 +381,17 @@ def _stop(procs) -> None:
 
 def _worker(r: int, nproc: int, port: int, job: _Job, events) -> None:
     """One rank of `launch`: join the group, prune, report to the launcher; exit with the error's code."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), LOCAL_RANK=str(r),
-                      WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
-    logging.basicConfig(level=job.log_level, format=f"%(levelname)s [rank {r}] %(name)s: %(message)s", stream=sys.stderr)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(r),
+        LOCAL_RANK=str(r),
+        WORLD_SIZE=str(nproc),
+        LOCAL_WORLD_SIZE=str(nproc),
+    )
+    logging.basicConfig(
+        level=job.log_level, format=f"%(levelname)s [rank {r}] %(name)s: %(message)s", stream=sys.stderr
+    )
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
@@ -381,8 +404,9 @@ def _worker(r: int, nproc: int, port: int, job: _Job, events) -> None:
     try:
         with process_group(job.config) as config:
             on_layer = (lambda i, n, rec: events.put(("layer", i, n, rec))) if r == 0 else None
-            result = prune_to_checkpoint(job.model, job.out, config, force=job.force, on_layer=on_layer,
-                                         max_memory=job.max_memory)
+            result = prune_to_checkpoint(
+                job.model, job.out, config, force=job.force, on_layer=on_layer, max_memory=job.max_memory
+            )
         if r == 0:
             events.put(("done", result.record))
     except SlimGPTError as err:
@@ -403,7 +427,8 @@ def _peer_failure(err: BaseException) -> bool:
     dist_error = getattr(dist, "DistError", ())
     text = str(err)
     return isinstance(err, dist_error) or (
-        isinstance(err, RuntimeError) and any(w in text for w in ("gloo", "NCCL", "Connection", "connection", "timed out"))
+        isinstance(err, RuntimeError)
+        and any(w in text for w in ("gloo", "NCCL", "Connection", "connection", "timed out"))
     )
 
 

@@ -14,6 +14,7 @@ While pruning, float32 matmuls run in full precision (no TF32), restored after.
 With a `ResumeState`, every finished layer is committed to disk and a later
 run continues after the last one, giving the same weights bit for bit.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -103,8 +104,14 @@ def activation_home(device: torch.device, activation_bytes: int, layer_peak: int
     free = free_memory(device)
     if ACTIVATION_COPIES * activation_bytes + layer_peak <= free:
         return Home(device)
-    log.info("calibration activations (%.2f GiB x %d) do not fit beside the layer's peak in %.2f GiB free on %s; "
-             "keeping them in pinned host memory", activation_bytes / 2**30, ACTIVATION_COPIES, free / 2**30, device)
+    log.info(
+        "calibration activations (%.2f GiB x %d) do not fit beside the layer's peak in %.2f GiB free on %s; "
+        "keeping them in pinned host memory",
+        activation_bytes / 2**30,
+        ACTIVATION_COPIES,
+        free / 2**30,
+        device,
+    )
     return Home(torch.device("cpu"), pin=True)
 
 
@@ -138,7 +145,7 @@ def _head_column_norms(attn, units: HeadUnits) -> torch.Tensor:
     q = attn.q_proj.weight.float().pow(2).sum(dim=1)  # [q_heads * d]
     if units.mode == "per-group":
         return q
-    kv = (attn.k_proj.weight.float().pow(2).sum(dim=1) + attn.v_proj.weight.float().pow(2).sum(dim=1))
+    kv = attn.k_proj.weight.float().pow(2).sum(dim=1) + attn.v_proj.weight.float().pow(2).sum(dim=1)
     kv = kv.reshape(s.kv_heads, 1, s.head_dim).expand(s.kv_heads, s.q_per_kv, s.head_dim).reshape(-1)
     return q + kv / s.q_per_kv
 
@@ -155,11 +162,15 @@ class LayerwisePruner:
 
     def plans(self) -> tuple[list[LayerShape], list[LayerPlan]]:
         shapes = layer_shapes(self.model.config)
-        ratios = layer_ratios(
-            self.cfg.schedule, self.cfg.ratio, [s.params() for s in shapes], self.cfg.layer_ratios
+        ratios = layer_ratios(self.cfg.schedule, self.cfg.ratio, [s.params() for s in shapes], self.cfg.layer_ratios)
+        return shapes, plan_layers(
+            shapes,
+            ratios,
+            self.cfg.gqa_mode,
+            self.cfg.head_multiple,
+            self.cfg.ffn_multiple,
+            head_share=self.cfg.head_share,
         )
-        return shapes, plan_layers(shapes, ratios, self.cfg.gqa_mode, self.cfg.head_multiple, self.cfg.ffn_multiple,
-                                   head_share=self.cfg.head_share)
 
     @torch.no_grad()
     @full_precision_matmul()
@@ -251,9 +262,18 @@ class LayerwisePruner:
         c = self.model.config
         dtype_bytes = self.model.model.embed_tokens.weight.element_size()
         shapes = layer_shapes(c)
-        peak = max(layer_device_peak(c.hidden_size, s.q_heads * s.head_dim, s.kv_heads * s.head_dim, s.ffn, dtype_bytes,
-                                     self.hdtype.itemsize, min(self.cfg.batch_size, len(input_ids)) * input_ids.shape[1])
-                   for s in shapes)
+        peak = max(
+            layer_device_peak(
+                c.hidden_size,
+                s.q_heads * s.head_dim,
+                s.kv_heads * s.head_dim,
+                s.ffn,
+                dtype_bytes,
+                self.hdtype.itemsize,
+                min(self.cfg.batch_size, len(input_ids)) * input_ids.shape[1],
+            )
+            for s in shapes
+        )
         return activation_home(self.device, input_ids.numel() * c.hidden_size * dtype_bytes, peak)
 
     def _embed(self, input_ids: torch.Tensor, xs: Batches) -> Batches:
@@ -269,7 +289,10 @@ class LayerwisePruner:
     def _prune_layer(self, i, layer, shape: LayerShape, plan: LayerPlan, slim_config, xs: Batches, pos, mask, batches):
         dev, attn, mlp = self.device, layer.self_attn, layer.mlp
         # 1. attention: H of o_proj's inputs under the (already pruned) previous layers.
-        H_o, n = torch.zeros(shape.q_heads * shape.head_dim, shape.q_heads * shape.head_dim, dtype=self.hdtype, device=dev), 0
+        H_o, n = (
+            torch.zeros(shape.q_heads * shape.head_dim, shape.q_heads * shape.head_dim, dtype=self.hdtype, device=dev),
+            0,
+        )
 
         def grab(_module, args):
             nonlocal H_o, n
@@ -286,15 +309,23 @@ class LayerwisePruner:
         units = HeadUnits.of(shape, self.cfg.gqa_mode)
         W_o = attn.o_proj.weight.to(self.hdtype)
         with _naming_layer(i, "attention heads"):
-            heads = from_rank0(lambda: self.method.heads(  # decided once, the same on every rank
-                self._stats(W_o, H_o, _head_column_norms(attn, units)), units, units.steps(plan.q_heads, plan.kv_heads)), dev)
+            heads = from_rank0(
+                lambda: self.method.heads(  # decided once, the same on every rank
+                    self._stats(W_o, H_o, _head_column_norms(attn, units)),
+                    units,
+                    units.steps(plan.q_heads, plan.kv_heads),
+                ),
+                dev,
+            )
         q_keep, kv_keep = units.kept_heads(heads.removed)
         assert (len(q_keep), len(kv_keep)) == (plan.q_heads, plan.kv_heads), "head plan not met"
         attn_err, attn_rel = _reconstruction(W_o, heads.W, H_o)
-        del H_o
+        H_o = None  # free the [d, d] Hessian before the MLP's is built
 
         # 2. MLP: H of down_proj's inputs under the pruned attention.
-        partial = LayerCut(q_heads=q_keep, kv_heads=kv_keep, ffn=list(range(shape.ffn)), o_proj=heads.W, down_proj=mlp.down_proj.weight)
+        partial = LayerCut(
+            q_heads=q_keep, kv_heads=kv_keep, ffn=list(range(shape.ffn)), o_proj=heads.W, down_proj=mlp.down_proj.weight
+        )
         half = shrink_layer(layer, partial, _with_ffn(slim_config, i, shape.ffn), i).to(dev)
         H_d, n = torch.zeros(shape.ffn, shape.ffn, dtype=self.hdtype, device=dev), 0
         hs = batches("h-scratch")
@@ -308,11 +339,14 @@ class LayerwisePruner:
         W_d = mlp.down_proj.weight.to(self.hdtype)
         tied = mlp.gate_proj.weight.float().pow(2).sum(dim=1) + mlp.up_proj.weight.float().pow(2).sum(dim=1)
         with _naming_layer(i, "FFN channels"):
-            ffn = from_rank0(lambda: self.method.ffn(self._stats(W_d, H_d, tied), shape.ffn - plan.ffn, self.cfg.ffn_group_fraction), dev)
+            ffn = from_rank0(
+                lambda: self.method.ffn(self._stats(W_d, H_d, tied), shape.ffn - plan.ffn, self.cfg.ffn_group_fraction),
+                dev,
+            )
         gone = set(ffn.removed)
         ffn_keep = [c for c in range(shape.ffn) if c not in gone]
         mlp_err, mlp_rel = _reconstruction(W_d, ffn.W, H_d)
-        del H_d
+        H_d = None  # free it before the next layer
 
         # 3. the pruned layer, and its outputs as the next layer's inputs.
         cut = LayerCut(q_heads=q_keep, kv_heads=kv_keep, ffn=ffn_keep, o_proj=heads.W, down_proj=ffn.W)

@@ -7,6 +7,7 @@ removes the same number of units per layer (the plan), so comparisons are honest
   magnitude       lowest L2 norm of all the unit's weights, no update
   wanda-sp        lowest sum |W| * ||X|| over the unit's output-projection columns (An et al. / FLAP), no update
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -62,7 +63,9 @@ class LayerStats:
     W: torch.Tensor  # [out, in] output projection (o_proj or down_proj), Hessian dtype
     H: torch.Tensor  # [in, in] 2/n sum x x^T of its inputs
     percdamp: float
-    unit_norms: torch.Tensor  # [in] per input column: squared norm of every weight tied to it (q/k/v rows or gate/up rows)
+    unit_norms: (
+        torch.Tensor
+    )  # [in] per input column: squared norm of every weight tied to it (q/k/v rows or gate/up rows)
 
 
 @dataclass(frozen=True)

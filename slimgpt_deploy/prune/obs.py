@@ -21,6 +21,7 @@ loops (`obs_remove_`, and the loops with `inplace=True`) overwrite the W and Hin
 handed, to keep the device peak at about 4 H (guards.obs_step_peak); the other entry points
 return new tensors. All work stays on W's device.
 """
+
 from __future__ import annotations
 
 import logging

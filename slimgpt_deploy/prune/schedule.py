@@ -8,6 +8,7 @@ layer's ratio into whole query heads, KV heads and FFN channels; the FFN, the
 fine-grained part, absorbs the rounding of the heads so every layer and the
 model as a whole land on target.
 """
+
 from __future__ import annotations
 
 import math
@@ -148,7 +149,8 @@ def _head_drop(shape: LayerShape, gqa_mode: str, r: float, multiple: int, layer:
     allowed = [d for d in range(units) if heads_aligned(*_heads_after(shape, gqa_mode, d), multiple)]
     if not allowed:
         raise BadInputError(
-            f"layer {layer} ({shape.q_heads} query / {shape.kv_heads} KV heads, GQA mode {effective_gqa_mode(shape, gqa_mode)}) "
+            f"layer {layer} ({shape.q_heads} query / {shape.kv_heads} KV heads, "
+            f"GQA mode {effective_gqa_mode(shape, gqa_mode)}) "
             f"has no head count that is a multiple of {multiple}; lower --head-multiple/--tp-size"
             + (" or try --gqa-mode kv-group" if gqa_mode == "per-group" else "")
         )
@@ -156,8 +158,13 @@ def _head_drop(shape: LayerShape, gqa_mode: str, r: float, multiple: int, layer:
 
 
 def plan_layers(
-    shapes: list[LayerShape], ratios: list[float], gqa_mode: str, head_multiple: int = 1, ffn_multiple: int = 1,
-    *, head_share: float = DEFAULT_HEAD_SHARE,
+    shapes: list[LayerShape],
+    ratios: list[float],
+    gqa_mode: str,
+    head_multiple: int = 1,
+    ffn_multiple: int = 1,
+    *,
+    head_share: float = DEFAULT_HEAD_SHARE,
 ) -> list[LayerPlan]:
     """Whole heads and channels per layer, landing on the ratios in parameter count.
 
@@ -177,7 +184,9 @@ def plan_layers(
     for i, (shape, r) in enumerate(zip(shapes, ratios)):
         cap = shape.ffn // ffn_multiple * ffn_multiple  # the widest aligned FFN
         if cap < ffn_multiple:
-            raise BadInputError(f"layer {i} has FFN width {shape.ffn}, less than --ffn-multiple {ffn_multiple}; lower it")
+            raise BadInputError(
+                f"layer {i} has FFN width {shape.ffn}, less than --ffn-multiple {ffn_multiple}; lower it"
+            )
         q, kv = _heads_after(shape, gqa_mode, _head_drop(shape, gqa_mode, head_share * r, head_multiple, i))
         want_removed = r * shape.params()
         attn_removed = shape.attn_params(shape.q_heads, shape.kv_heads) - shape.attn_params(q, kv)
