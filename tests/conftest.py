@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 TINY_SIZES = dict(
@@ -36,10 +36,49 @@ def build_tiny_tokenizer(vocab_size: int = TINY_SIZES["vocab_size"]) -> PreTrain
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def save_tiny_model(directory: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
+BPE_TEXT = [
+    "the cat sat on the mat and the dog ran to the park",
+    "def fibonacci(n): return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+    "Once upon a time, there was a big red dog; 12345 apples cost $3.50.",
+    "The capital of France is Paris. The three laws of thermodynamics are",
+]
+
+
+def build_bpe_tokenizer(vocab_size: int = 300, split: str | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained here on BPE_TEXT (256 byte tokens, merges, <unk> <s> </s>).
+
+    The pre-tokenizer is GPT-2's (`split` None) or a regex split followed by byte-level mapping
+    (how Llama 3 and Qwen2 tokenizers are built). What GGUF's llama.cpp tokenizer can carry.
+    """
+    backend = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
+    backend.pre_tokenizer = (
+        byte_level
+        if split is None
+        else pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"), byte_level])
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(BPE_TEXT * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def save_tiny_model(
+    directory: Path,
+    model_type: str = "llama",
+    seed: int = 0,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    **overrides,
+) -> Path:
     """Save a tiny random `model_type` causal LM (+ tokenizer) into `directory`; return it.
 
-    `overrides` replace config fields (e.g. tie_word_embeddings=False).
+    `overrides` replace config fields (e.g. tie_word_embeddings=False); `tokenizer` replaces the
+    word-level one (its vocabulary must fit the config's vocab_size).
     Llama models tie their embeddings by default, like SmolLM2.
     """
     fields = dict(TINY_SIZES, bos_token_id=1, eos_token_id=2)
@@ -51,7 +90,7 @@ def save_tiny_model(directory: Path, model_type: str = "llama", seed: int = 0, *
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     directory = Path(directory)
     model.save_pretrained(directory)
-    build_tiny_tokenizer(config.vocab_size).save_pretrained(directory)
+    (tokenizer or build_tiny_tokenizer(config.vocab_size)).save_pretrained(directory)
     return directory
 
 
@@ -76,13 +115,14 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return build_tiny_tokenizer()
 
 
-def save_uneven_slim(directory: Path, seed: int = 0) -> Path:
+def save_uneven_slim(directory: Path, seed: int = 0, tokenizer: PreTrainedTokenizerFast | None = None) -> Path:
     """A tiny random *slim* checkpoint with deliberately uneven layers, saved like `prune` saves.
 
     3 layers of a tiny Llama (hidden 128, head_dim 32 -- the smallest vLLM's CPU attention
     supports -- 4 query / 2 KV heads, FFN 128) cut to:
     layer 0 dense; layer 1 one KV group left (2 query / 1 KV heads), FFN 96;
     layer 2 4 query / 2 KV heads but a much narrower FFN (8).
+    With `tokenizer` (e.g. build_bpe_tokenizer()), the vocabulary is 320 and that tokenizer is saved.
     """
     from slimgpt_deploy.checkpoint import save_checkpoint
     from slimgpt_deploy.prune.schedule import LayerPlan
@@ -91,6 +131,8 @@ def save_uneven_slim(directory: Path, seed: int = 0) -> Path:
     fields = dict(
         TINY_SIZES, hidden_size=128, num_hidden_layers=3, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True
     )
+    if tokenizer is not None:
+        fields["vocab_size"] = 320
     torch.manual_seed(seed)
     dense = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **fields), dtype=torch.float32).eval()
     kept = [  # (query heads, KV heads, FFN channels) per layer
@@ -113,7 +155,7 @@ def save_uneven_slim(directory: Path, seed: int = 0) -> Path:
         layers.append(shrink_layer(layer, cut, config, i))
     slim = assemble(dense, layers, config)
     record = {"format": "slimgpt-deploy/1", "source": {"source": "tiny-random", "kind": "test"}}
-    save_checkpoint(slim, build_tiny_tokenizer(), record, Path(directory))
+    save_checkpoint(slim, tokenizer or build_tiny_tokenizer(), record, Path(directory))
     return Path(directory)
 
 
@@ -121,6 +163,12 @@ def save_uneven_slim(directory: Path, seed: int = 0) -> Path:
 def uneven_slim_dir(tmp_path_factory) -> Path:
     """A tiny slim checkpoint whose layers differ in query heads, KV heads and FFN width; do not modify."""
     return save_uneven_slim(tmp_path_factory.mktemp("uneven") / "slim")
+
+
+@pytest.fixture(scope="session")
+def uneven_slim_bpe_dir(tmp_path_factory) -> Path:
+    """The uneven slim checkpoint with a byte-level BPE tokenizer (vocab 320), as GGUF needs; do not modify."""
+    return save_uneven_slim(tmp_path_factory.mktemp("uneven-bpe") / "slim", tokenizer=build_bpe_tokenizer())
 
 
 @pytest.fixture(scope="session")

@@ -245,6 +245,46 @@ def unsupported_architecture_with_remote_code(w: Work, mp):
     return w.prune(model)
 
 
+def gguf(w: Work, checkpoint: Path, *extra):
+    return ["export", checkpoint, "--format", "gguf", "--out", w.out, *extra]
+
+
+def gguf_of_word_level_tokenizer(w: Work, mp):
+    return gguf(w, w.slim)  # the tiny word-level tokenizer has no byte-level BPE vocab
+
+
+def gguf_unsupported_type(w: Work, mp):
+    return gguf(w, w.slim, "--quantize", "int8")
+
+
+def gguf_head_size_differs(w: Work, mp):
+    from conftest import build_bpe_tokenizer, save_tiny_model
+
+    model = save_tiny_model(w.tmp / "model", tokenizer=build_bpe_tokenizer(), vocab_size=320)
+    config = json.loads((model / "config.json").read_text())
+    config["head_dim"] = 8  # the weights hold 4 heads of 16
+    (model / "config.json").write_text(json.dumps(config))
+    return gguf(w, model)
+
+
+def gguf_unknown_rope_scaling(w: Work, mp):
+    from conftest import build_bpe_tokenizer, save_tiny_model
+
+    rope = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+    model = save_tiny_model(w.tmp / "model", tokenizer=build_bpe_tokenizer(), vocab_size=320, rope_parameters=rope)
+    return gguf(w, model)
+
+
+def gguf_runtime_without_deci(w: Work, mp):
+    from conftest import build_bpe_tokenizer, save_tiny_model
+
+    from slimgpt_deploy.serving import llamacpp_runner
+
+    mp.setattr(llamacpp_runner, "_RUNTIME", None)
+    mp.setattr(llamacpp_runner, "_has_deci", lambda library: False)
+    return gguf(w, save_tiny_model(w.tmp / "model", tokenizer=build_bpe_tokenizer(), vocab_size=320))
+
+
 # case -> (arguments, exit code, words in the error line, resume state expected to remain)
 CASES = {
     "truncated safetensors": (truncated_safetensors, 2, "is truncated or corrupt", False),
@@ -279,6 +319,11 @@ CASES = {
     "generate --max-new-tokens 0": (generate_zero_new_tokens, 2, "--max-new-tokens must be at least 1", False),
     "serve with a bad tensor-parallel size": (serve_with_bad_tp_size, 2, "tensor-parallel size 3", False),
     "unsupported architecture shipping remote code": (unsupported_architecture_with_remote_code, 2, "'evil'", False),
+    "GGUF of a word-level tokenizer": (gguf_of_word_level_tokenizer, 2, "byte-level BPE tokenizers", False),
+    "GGUF of an unsupported type": (gguf_unsupported_type, 2, "GGUF type 'int8' is not supported", False),
+    "GGUF of a head size that differs": (gguf_head_size_differs, 2, "one head size in every layer", False),
+    "GGUF of an unknown RoPE scaling": (gguf_unknown_rope_scaling, 2, "RoPE scaling 'linear'", False),
+    "GGUF with a llama.cpp lacking deci": (gguf_runtime_without_deci, 2, "no `deci` architecture", False),
 }
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import build_bpe_tokenizer
 from helpers import assert_refused
 
 from slimgpt_deploy.build import DEFAULT_STAGES, build_options, read_config_file
@@ -68,7 +69,9 @@ def _mtimes(directory: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def tiny_dense(tiny_model_dir_factory) -> Path:
-    return tiny_model_dir_factory("llama", hidden_size=128, num_hidden_layers=3)
+    # A byte-level BPE tokenizer: the GGUF stages carry the tokenizer to llama.cpp, which has no word-level one.
+    bpe = build_bpe_tokenizer()
+    return tiny_model_dir_factory("llama", hidden_size=128, num_hidden_layers=3, tokenizer=bpe, vocab_size=320)
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +156,10 @@ def test_changed_option_reruns_exactly_the_stages_that_depend_on_it(full_build, 
         "prune": "cached",
         "export-vllm": "cached",
         "export-onnx": "cached",
+        "export-gguf": "cached",
         "verify-vllm": "cached",
         "verify-onnx": "cached",
+        "verify-gguf": "cached",
         "bench": "ok",
         "report": "ok",
     }
@@ -190,6 +195,24 @@ def test_a_corrupted_export_fails_verification_with_exit_3_and_the_report_says_w
     assert not report["passed"] and report["failures"][0].startswith("verify-onnx")
     assert not report["verification"]["onnx"]["passed"] and report["verification"]["onnx"]["failures"]
     assert "FAILED" in (out / "report" / "report.md").read_text()
+
+
+def test_a_corrupted_gguf_fails_its_verification(full_build, build_config, tiny_dense, tmp_path):
+    from gguf import GGUFReader
+
+    out = tmp_path / "copy"
+    shutil.copytree(full_build[0], out, copy_function=shutil.copy2)
+    path = out / "gguf" / "model-q8_0.gguf"  # the build's default type
+    tensor = next(t for t in GGUFReader(path).tensors if t.name == "token_embd.weight")
+    data = bytearray(path.read_bytes())
+    data[tensor.data_offset : tensor.data_offset + tensor.n_bytes] = bytes(tensor.n_bytes)  # zero scales: W = 0
+    path.write_bytes(bytes(data))
+
+    result, summary = _build(tiny_dense, "--out", out, "--stages", "verify-gguf,report", config=build_config)
+    assert result.exit_code == 3, result.output
+    assert summary["stages"]["verify-gguf"]["status"] == "failed"
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert any("KL" in f or "top-1" in f for f in report["verification"]["gguf"]["failures"])
 
 
 def test_config_file_and_flag_precedence(build_config):

@@ -30,10 +30,24 @@ from typing import Any
 
 from ..config import PruneConfig
 from ..errors import BadInputError
+from ..exporters import QUANTIZE
 from ..recover import RecoverConfig
 from .gate import Condition, check_measurable, parse_gate
 
-STAGES = ("prune", "recover", "export-vllm", "export-onnx", "verify-vllm", "verify-onnx", "eval", "bench", "report")
+GGUF_TYPES = QUANTIZE["gguf"]
+STAGES = (
+    "prune",
+    "recover",
+    "export-vllm",
+    "export-onnx",
+    "export-gguf",
+    "verify-vllm",
+    "verify-onnx",
+    "verify-gguf",
+    "eval",
+    "bench",
+    "report",
+)
 # In the default stages only when switched on: recover by recover.enabled, eval by an eval option or a gate.
 OPTIONAL_STAGES = ("recover", "eval")
 DEFAULT_STAGES = tuple(s for s in STAGES if s not in OPTIONAL_STAGES)
@@ -92,6 +106,7 @@ SCHEMA: dict[str, tuple[type, type | None, bool]] = {
     "vllm.dtype": (str, None, True),
     "onnx.dtype": (str, None, False),
     "onnx.quantize": (str, None, True),
+    "gguf.type": (str, None, False),
     "bench.backends": (list, str, False),
     "bench.repeats": (int, None, False),
     "bench.warmups": (int, None, False),
@@ -160,6 +175,7 @@ class BuildOptions:
     vllm_dtype: str | None = None
     onnx_dtype: str = "fp32"
     onnx_quantize: str | None = None
+    gguf_type: str = "q8_0"
     bench: BenchSection = field(default_factory=BenchSection)
     eval: EvalSection = field(default_factory=EvalSection)
     gate: tuple[Condition, ...] = ()
@@ -171,8 +187,10 @@ class BuildOptions:
             "recover": {"model": self.model, "recover": self.recover.config.to_dict()},
             "export-vllm": {"dtype": self.vllm_dtype},
             "export-onnx": {"dtype": self.onnx_dtype, "quantize": self.onnx_quantize},
+            "export-gguf": {"type": self.gguf_type},
             "verify-vllm": {},
             "verify-onnx": {},
+            "verify-gguf": {},
             "bench": {"model": self.model, **{f.name: getattr(self.bench, f.name) for f in fields(BenchSection)}},
             "eval": {"model": self.model, **{f.name: getattr(self.eval, f.name) for f in fields(EvalSection)}},
             "report": {"gate": [str(c) for c in self.gate]},
@@ -187,6 +205,7 @@ class BuildOptions:
             "recover": {"enabled": self.recover.enabled, **self.recover.config.to_dict()},
             "vllm": {"dtype": self.vllm_dtype},
             "onnx": {"dtype": self.onnx_dtype, "quantize": self.onnx_quantize},
+            "gguf": {"type": self.gguf_type},
             "bench": {f.name: _plain(getattr(self.bench, f.name)) for f in fields(BenchSection)},
             "eval": {f.name: _plain(getattr(self.eval, f.name)) for f in fields(EvalSection)},
             "gate": [str(c) for c in self.gate],
@@ -337,6 +356,9 @@ def build_options(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]
     quantize = merged.get("onnx.quantize")
     if quantize not in (None, "int8"):
         raise BadInputError(f"unsupported onnx.quantize {quantize!r}; choose int8 or leave it empty")
+    gguf_type = merged.get("gguf.type", "q8_0")
+    if gguf_type not in GGUF_TYPES:
+        raise BadInputError(f"unsupported gguf.type {gguf_type!r}; choose one of: {', '.join(GGUF_TYPES)}")
     vllm_dtype = merged.get("vllm.dtype")
     if vllm_dtype not in (None, "float32", "bfloat16", "float16"):
         raise BadInputError(f"unsupported vllm.dtype {vllm_dtype!r}; choose one of: float32, bfloat16, float16")
@@ -355,6 +377,7 @@ def build_options(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]
         vllm_dtype=vllm_dtype,
         onnx_dtype=onnx_dtype,
         onnx_quantize=quantize,
+        gguf_type=gguf_type,
         bench=BenchSection(**bench),
         eval=evaluation,
         gate=gate,

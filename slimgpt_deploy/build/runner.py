@@ -90,7 +90,7 @@ class BuildResult:
         }
         artifacts = {
             name: str(self.out / OUTPUTS[name])
-            for name in ("prune", "recover", "export-vllm", "export-onnx", "report")
+            for name in ("prune", "recover", "export-vllm", "export-onnx", "export-gguf", "report")
             if (self.out / OUTPUTS[name]).exists()
         }
         return {

@@ -5,8 +5,10 @@
                  and then the exports, verification and bench read DIR/recovered instead of DIR/slim)
     export-vllm  DIR/slim -> DIR/vllm          (exporters.vllm, unverified here)
     export-onnx  DIR/slim -> DIR/onnx          (exporters.onnx, unverified here)
+    export-gguf  DIR/slim -> DIR/gguf          (exporters.gguf, llama.cpp's deci architecture, gguf.type)
     verify-vllm  DIR/vllm vs DIR/slim -> DIR/verify/vllm.json
     verify-onnx  DIR/onnx vs DIR/slim -> DIR/verify/onnx.json
+    verify-gguf  DIR/gguf vs DIR/slim -> DIR/verify/gguf.json (llama.cpp itself)
     eval         dense vs DIR/slim: perplexity on eval.text, fidelity (KL, top-1), lm-eval
                  accuracies on eval.tasks -> DIR/eval/eval.json (only when asked; see gate.py)
     bench        dense vs DIR/slim on torch/onnx/vllm -> DIR/bench/bench.json
@@ -33,8 +35,10 @@ OUTPUTS = {
     "recover": "recovered",
     "export-vllm": "vllm",
     "export-onnx": "onnx",
+    "export-gguf": "gguf",
     "verify-vllm": "verify/vllm.json",
     "verify-onnx": "verify/onnx.json",
+    "verify-gguf": "verify/gguf.json",
     "eval": "eval/eval.json",
     "bench": "bench/bench.json",
     "report": "report",
@@ -45,11 +49,26 @@ INPUTS = {
     "recover": (("prune",), ()),
     "export-vllm": (("prune",), ()),
     "export-onnx": (("prune",), ()),
+    "export-gguf": (("prune",), ()),
     "verify-vllm": (("prune", "export-vllm"), ()),
     "verify-onnx": (("prune", "export-onnx"), ()),
+    "verify-gguf": (("prune", "export-gguf"), ()),
     "eval": (("prune",), ()),
     "bench": (("prune",), ("export-onnx",)),
-    "report": ((), ("prune", "export-vllm", "export-onnx", "verify-vllm", "verify-onnx", "eval", "bench")),
+    "report": (
+        (),
+        (
+            "prune",
+            "export-vllm",
+            "export-onnx",
+            "export-gguf",
+            "verify-vllm",
+            "verify-onnx",
+            "verify-gguf",
+            "eval",
+            "bench",
+        ),
+    ),
 }
 # stage -> the modules it needs, checked (without importing them) before any stage runs
 REQUIRES = {
@@ -57,10 +76,22 @@ REQUIRES = {
     "export-onnx": ("onnx", "onnxscript"),
     "verify-vllm": ("vllm",),
     "verify-onnx": ("onnxruntime",),
+    "export-gguf": ("gguf", "llama_cpp_py_sync"),  # llama.cpp's quantizer makes q8_0 / q4_k_m
+    "verify-gguf": ("llama_cpp_py_sync",),
 }
 WORK_DIR = ".work"  # caches owned by the build: prune resume state, bench's model copies and dense ONNX
 # Stages that read the shipped checkpoint: DIR/slim, or DIR/recovered when the recover stage is on.
-READS_CHECKPOINT = ("export-vllm", "export-onnx", "verify-vllm", "verify-onnx", "eval", "bench", "report")
+READS_CHECKPOINT = (
+    "export-vllm",
+    "export-onnx",
+    "export-gguf",
+    "verify-vllm",
+    "verify-onnx",
+    "verify-gguf",
+    "eval",
+    "bench",
+    "report",
+)
 
 
 def stage_inputs(stage: str, options: BuildOptions) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -175,6 +206,10 @@ def export_onnx(ctx: BuildContext) -> dict:
     return _export("onnx", ctx, dtype=ctx.options.onnx_dtype, quantize=ctx.options.onnx_quantize)
 
 
+def export_gguf(ctx: BuildContext) -> dict:
+    return _export("gguf", ctx, quantize=ctx.options.gguf_type)
+
+
 def _verify(fmt: str, ctx: BuildContext) -> dict:
     """Run the format's verifier; an artifact that cannot even be loaded is a failed check, not a crash."""
     from ..exporters import get_verifier
@@ -197,6 +232,10 @@ def verify_vllm(ctx: BuildContext) -> dict:
 
 def verify_onnx(ctx: BuildContext) -> dict:
     return _verify("onnx", ctx)
+
+
+def verify_gguf(ctx: BuildContext) -> dict:
+    return _verify("gguf", ctx)
 
 
 def bench(ctx: BuildContext) -> dict:
@@ -293,10 +332,12 @@ STAGE_FUNCTIONS: dict[str, Callable[[BuildContext], dict]] = {
     "recover": recover,
     "export-vllm": export_vllm,
     "export-onnx": export_onnx,
+    "export-gguf": export_gguf,
     "verify-vllm": verify_vllm,
     "verify-onnx": verify_onnx,
+    "verify-gguf": verify_gguf,
     "eval": eval_,
     "bench": bench,
     "report": report,
 }
-VERIFY_STAGES = ("verify-vllm", "verify-onnx")
+VERIFY_STAGES = ("verify-vllm", "verify-onnx", "verify-gguf")
