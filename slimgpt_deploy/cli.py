@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from slimgpt_deploy.build.stages import STAGES
 from slimgpt_deploy.exporters import EXPORTERS, QUANTIZE
 from slimgpt_deploy.serving import BACKENDS as GENERATE_BACKENDS
 
@@ -621,7 +622,7 @@ _BUILD_FLAGS = {
 )
 @click.option(
     "--stages",
-    help="Comma-separated subset of: prune,recover,export-vllm,export-onnx,verify-vllm,verify-onnx,eval,bench,report.",
+    help=f"Comma-separated subset of: {','.join(STAGES)}.",
 )
 @click.option(
     "--force", is_flag=True, help="Redo the selected stages even if finished; build in a directory that is not a build."

@@ -314,3 +314,15 @@ def test_a_missing_runtime_is_refused_before_any_work(tiny_dense, build_config, 
     result, _ = _build(tiny_dense, "--out", out, "--stages", "prune,export-vllm,verify-vllm", config=build_config)
     assert_refused(result, "vllm")
     assert not out.exists()  # refused before the prune stage, not after it
+
+
+def test_the_stage_table_is_consistent_and_the_help_reads_it():
+    from slimgpt_deploy.build.stages import STAGES, TABLE
+
+    order = {s.name: i for i, s in enumerate(TABLE)}
+    for s in TABLE:  # a stage reads only stages that run before it
+        assert all(order[n] < order[s.name] for n in (*s.needs, *s.uses)), s.name
+        assert s.verifies == s.name.startswith("verify-")
+    assert set(DEFAULT_STAGES) == {s.name for s in TABLE if not s.optional}
+    help_text = " ".join(CliRunner().invoke(main, ["build", "--help"]).output.split())
+    assert ",".join(STAGES).replace("-", "") in help_text.replace("- ", "").replace("-", "")

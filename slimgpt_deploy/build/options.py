@@ -33,23 +33,11 @@ from ..errors import BadInputError
 from ..exporters import QUANTIZE
 from ..recover import RecoverConfig
 from .gate import Condition, check_measurable, parse_gate
+from .stages import STAGE, STAGES, TABLE
 
 GGUF_TYPES = QUANTIZE["gguf"]
-STAGES = (
-    "prune",
-    "recover",
-    "export-vllm",
-    "export-onnx",
-    "export-gguf",
-    "verify-vllm",
-    "verify-onnx",
-    "verify-gguf",
-    "eval",
-    "bench",
-    "report",
-)
 # In the default stages only when switched on: recover by recover.enabled, eval by an eval option or a gate.
-OPTIONAL_STAGES = ("recover", "eval")
+OPTIONAL_STAGES = tuple(s.name for s in TABLE if s.optional)
 DEFAULT_STAGES = tuple(s for s in STAGES if s not in OPTIONAL_STAGES)
 BENCH_BACKENDS = ("torch", "onnx", "vllm")
 # A preset sets option values below the config file and the flags.
@@ -182,20 +170,7 @@ class BuildOptions:
 
     def stage_options(self, stage: str) -> dict:
         """The options a stage's result depends on (its fingerprint's own part)."""
-        by_stage = {
-            "prune": {"model": self.model, "prune": self.prune.to_dict()},
-            "recover": {"model": self.model, "recover": self.recover.config.to_dict()},
-            "export-vllm": {"dtype": self.vllm_dtype},
-            "export-onnx": {"dtype": self.onnx_dtype, "quantize": self.onnx_quantize},
-            "export-gguf": {"type": self.gguf_type},
-            "verify-vllm": {},
-            "verify-onnx": {},
-            "verify-gguf": {},
-            "bench": {"model": self.model, **{f.name: getattr(self.bench, f.name) for f in fields(BenchSection)}},
-            "eval": {"model": self.model, **{f.name: getattr(self.eval, f.name) for f in fields(EvalSection)}},
-            "report": {"gate": [str(c) for c in self.gate]},
-        }
-        return by_stage[stage]
+        return STAGE[stage].options(self)
 
     def to_dict(self) -> dict:
         return {

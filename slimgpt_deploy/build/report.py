@@ -18,7 +18,7 @@ from pathlib import Path
 from ..atomic import atomic_output_dir
 from ..bench import machine, versions
 from ..checkpoint import RECORD_FILE
-from .stages import OUTPUTS, VERIFY_STAGES, BuildContext
+from .stages import STAGE, VERIFY_STAGES, BuildContext
 
 REPORT_FORMAT = "slimgpt-deploy-report/1"
 CARD_MARKER = "<!-- slimgpt-deploy build report -->"
@@ -396,7 +396,7 @@ def link_model_card(slim: Path, data: dict) -> None:
     card, record_path = slim / "README.md", slim / RECORD_FILE
     if not card.exists() or not record_path.exists():
         return
-    rel = os.path.relpath(Path(data["out"]) / OUTPUTS["report"] / "report.md", slim)
+    rel = os.path.relpath(Path(data["out"]) / STAGE["report"].output / "report.md", slim)
     lines = [CARD_MARKER, "## Build report", "", f"Full report: [{rel}]({rel}) (machine, versions, every number).", ""]
     for fmt, v in data["verification"].items():
         lines.append(f"- {fmt} export verified against PyTorch: {'passed' if v.get('passed') else 'FAILED'}")

@@ -25,17 +25,8 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import BadInputError, OutputExistsError
-from .options import STAGES, BuildOptions
-from .stages import (
-    OUTPUTS,
-    REQUIRES,
-    STAGE_FUNCTIONS,
-    VERIFY_STAGES,
-    BuildContext,
-    prepare_eval,
-    stage_inputs,
-    write_json_atomic,
-)
+from .options import BuildOptions
+from .stages import STAGE, STAGES, TABLE, VERIFY_STAGES, BuildContext, prepare_eval, stage_inputs, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +79,7 @@ class BuildResult:
             for name, rec in self.state["stages"].items()
             if name in VERIFY_STAGES
         }
-        artifacts = {
-            name: str(self.out / OUTPUTS[name])
-            for name in ("prune", "recover", "export-vllm", "export-onnx", "export-gguf", "report")
-            if (self.out / OUTPUTS[name]).exists()
-        }
+        artifacts = {s.name: str(self.out / s.output) for s in TABLE if s.artifact and (self.out / s.output).exists()}
         return {
             "out": str(self.out),
             "exit_code": self.exit_code,
@@ -146,14 +133,14 @@ def _hash(data) -> str:
 
 
 def output_fingerprint(out: Path, stage: str) -> str | None:
-    return path_fingerprint(out / OUTPUTS[stage], FINGERPRINT_EXCLUDES.get(stage, set()))
+    return path_fingerprint(out / STAGE[stage].output, FINGERPRINT_EXCLUDES.get(stage, set()))
 
 
 def stage_fingerprint(out: Path, stage: str, options: BuildOptions) -> str:
     needs, uses = stage_inputs(stage, options)
     upstream = {name: output_fingerprint(out, name) for name in (*needs, *uses)}
     own = options.stage_options(stage)
-    if stage in ("prune", "recover", "bench", "eval"):
+    if STAGE[stage].source:
         own = {**own, "source": source_fingerprint(options.model)}
     return _hash({"stage": stage, "version": __version__, "options": own, "upstream": upstream})
 
@@ -264,7 +251,7 @@ def run_build(
         notify(stage, "running", 0.0)
         t0 = time.perf_counter()
         try:
-            summary = STAGE_FUNCTIONS[stage](ctx)
+            summary = STAGE[stage].run(ctx)
         except BaseException as e:
             seconds = time.perf_counter() - t0
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -305,16 +292,16 @@ def gate_result(out: Path, options: BuildOptions) -> dict | None:
     """The gate checked against DIR/eval/eval.json; None without a gate."""
     from .gate import check_gate_file
 
-    return check_gate_file(options.gate, out / OUTPUTS["eval"]) if options.gate else None
+    return check_gate_file(options.gate, out / STAGE["eval"].output) if options.gate else None
 
 
 def _check_inputs(out: Path, stage: str, options: BuildOptions) -> None:
     """Refuse, before any work, a stage whose required input is neither on disk nor made in this run."""
     needs, _ = stage_inputs(stage, options)
     for need in needs:
-        if need not in options.stages and not (out / OUTPUTS[need]).exists():
+        if need not in options.stages and not (out / STAGE[need].output).exists():
             raise BadInputError(
-                f"stage {stage} needs the output of stage {need} ({out / OUTPUTS[need]}), which does not exist; "
+                f"stage {stage} needs the output of stage {need} ({out / STAGE[need].output}), which does not exist; "
                 f"add {need} to --stages or run the full build first"
             )
 
@@ -324,7 +311,7 @@ def _check_extras(options: BuildOptions) -> None:
     from ..bench import REQUIRES as BENCH_REQUIRES
     from ..bench import missing_extra
 
-    needs = [m for stage in options.stages for m in REQUIRES.get(stage, ())]
+    needs = [m for stage in options.stages for m in STAGE[stage].requires]
     if "bench" in options.stages and options.bench.explicit:  # unnamed back ends are skipped by bench instead
         needs += [m for backend in options.bench.backends for m in BENCH_REQUIRES[backend]]
     problem = missing_extra(list(dict.fromkeys(needs)))

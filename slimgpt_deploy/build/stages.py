@@ -24,83 +24,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .options import BuildOptions
+if TYPE_CHECKING:  # options.py reads the stage table, so only the type is imported here
+    from .options import BuildOptions
 
-# stage -> its output, relative to the build directory
-OUTPUTS = {
-    "prune": "slim",
-    "recover": "recovered",
-    "export-vllm": "vllm",
-    "export-onnx": "onnx",
-    "export-gguf": "gguf",
-    "verify-vllm": "verify/vllm.json",
-    "verify-onnx": "verify/onnx.json",
-    "verify-gguf": "verify/gguf.json",
-    "eval": "eval/eval.json",
-    "bench": "bench/bench.json",
-    "report": "report",
-}
-# stage -> (stages whose outputs it needs, stages whose outputs it uses when present)
-INPUTS = {
-    "prune": ((), ()),
-    "recover": (("prune",), ()),
-    "export-vllm": (("prune",), ()),
-    "export-onnx": (("prune",), ()),
-    "export-gguf": (("prune",), ()),
-    "verify-vllm": (("prune", "export-vllm"), ()),
-    "verify-onnx": (("prune", "export-onnx"), ()),
-    "verify-gguf": (("prune", "export-gguf"), ()),
-    "eval": (("prune",), ()),
-    "bench": (("prune",), ("export-onnx",)),
-    "report": (
-        (),
-        (
-            "prune",
-            "export-vllm",
-            "export-onnx",
-            "export-gguf",
-            "verify-vllm",
-            "verify-onnx",
-            "verify-gguf",
-            "eval",
-            "bench",
-        ),
-    ),
-}
-# stage -> the modules it needs, checked (without importing them) before any stage runs
-REQUIRES = {
-    "recover": ("peft",),
-    "export-onnx": ("onnx", "onnxscript"),
-    "verify-vllm": ("vllm",),
-    "verify-onnx": ("onnxruntime",),
-    "export-gguf": ("gguf", "llama_cpp_py_sync"),  # llama.cpp's quantizer makes q8_0 / q4_k_m
-    "verify-gguf": ("llama_cpp_py_sync",),
-}
 WORK_DIR = ".work"  # caches owned by the build: prune resume state, bench's model copies and dense ONNX
-# Stages that read the shipped checkpoint: DIR/slim, or DIR/recovered when the recover stage is on.
-READS_CHECKPOINT = (
-    "export-vllm",
-    "export-onnx",
-    "export-gguf",
-    "verify-vllm",
-    "verify-onnx",
-    "verify-gguf",
-    "eval",
-    "bench",
-    "report",
-)
-
-
-def stage_inputs(stage: str, options: BuildOptions) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """INPUTS[stage], with the recovered checkpoint in place of the pruned one when recovery is on."""
-    needs, uses = INPUTS[stage]
-    if options.recover.enabled and stage in READS_CHECKPOINT:
-        swap = lambda names: tuple("recover" if n == "prune" else n for n in names)  # noqa: E731
-        return swap(needs), swap(uses)
-    return needs, uses
 
 
 @dataclass
@@ -115,7 +46,7 @@ class BuildContext:
     tasks: object | None = None  # the eval stage's lm-eval tasks, resolved before any work (tasks.PreparedTasks)
 
     def path(self, stage: str) -> Path:
-        return self.out / OUTPUTS[stage]
+        return self.out / STAGE[stage].output
 
     @property
     def checkpoint(self) -> Path:
@@ -327,17 +258,159 @@ def report(ctx: BuildContext) -> dict:
     return write_report(ctx)
 
 
-STAGE_FUNCTIONS: dict[str, Callable[[BuildContext], dict]] = {
-    "prune": prune,
-    "recover": recover,
-    "export-vllm": export_vllm,
-    "export-onnx": export_onnx,
-    "export-gguf": export_gguf,
-    "verify-vllm": verify_vllm,
-    "verify-onnx": verify_onnx,
-    "verify-gguf": verify_gguf,
-    "eval": eval_,
-    "bench": bench,
-    "report": report,
-}
-VERIFY_STAGES = ("verify-vllm", "verify-onnx", "verify-gguf")
+# --- the stage table: everything the runner, the options, `--stages` and the report know of a stage
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One build stage. Adding a stage is one row below and its function above."""
+
+    name: str
+    run: Callable[[BuildContext], dict]
+    output: str  # relative to the build directory
+    about: str  # one line for `--stages` help and the README
+    needs: tuple[str, ...] = ()  # stages whose outputs it needs (refused before any work when missing)
+    uses: tuple[str, ...] = ()  # stages whose outputs it reads when they are there
+    requires: tuple[str, ...] = ()  # modules it needs, checked (without importing them) before any stage runs
+    options: Callable[[BuildOptions], dict] = lambda o: {}  # what its result depends on (its fingerprint)
+    source: bool = False  # its result depends on the model source too
+    verifies: bool = False  # a check: a failure is recorded, bench is skipped, the build exits 3
+    optional: bool = False  # in the default stages only when switched on (see options.build_options)
+    artifact: bool = False  # its output is a deliverable, listed in `build --json`
+    reads_checkpoint: bool = False  # reads DIR/slim, or DIR/recovered when the recover stage is on
+
+
+def _fields(section) -> dict:
+    return {f.name: getattr(section, f.name) for f in fields(section)}
+
+
+TABLE: tuple[Stage, ...] = (
+    Stage(
+        "prune",
+        prune,
+        "slim",
+        "SlimGPT prune, shrink, save the slim checkpoint",
+        options=lambda o: {"model": o.model, "prune": o.prune.to_dict()},
+        source=True,
+        artifact=True,
+    ),
+    Stage(
+        "recover",
+        recover,
+        "recovered",
+        "distillation from the dense model (when switched on)",
+        needs=("prune",),
+        requires=("peft",),
+        options=lambda o: {"model": o.model, "recover": o.recover.config.to_dict()},
+        source=True,
+        optional=True,
+        artifact=True,
+    ),
+    Stage(
+        "export-vllm",
+        export_vllm,
+        "vllm",
+        "the checkpoint for vLLM",
+        needs=("prune",),
+        options=lambda o: {"dtype": o.vllm_dtype},
+        artifact=True,
+        reads_checkpoint=True,
+    ),
+    Stage(
+        "export-onnx",
+        export_onnx,
+        "onnx",
+        "ONNX decoder with a KV cache",
+        needs=("prune",),
+        requires=("onnx", "onnxscript"),
+        options=lambda o: {"dtype": o.onnx_dtype, "quantize": o.onnx_quantize},
+        artifact=True,
+        reads_checkpoint=True,
+    ),
+    Stage(
+        "export-gguf",
+        export_gguf,
+        "gguf",
+        "GGUF for llama.cpp",
+        needs=("prune",),
+        requires=("gguf", "llama_cpp_py_sync"),  # llama.cpp's quantizer makes q8_0 / q4_k_m
+        options=lambda o: {"type": o.gguf_type},
+        artifact=True,
+        reads_checkpoint=True,
+    ),
+    Stage(
+        "verify-vllm",
+        verify_vllm,
+        "verify/vllm.json",
+        "vLLM vs transformers",
+        needs=("prune", "export-vllm"),
+        requires=("vllm",),
+        verifies=True,
+        reads_checkpoint=True,
+    ),
+    Stage(
+        "verify-onnx",
+        verify_onnx,
+        "verify/onnx.json",
+        "ONNX Runtime vs PyTorch",
+        needs=("prune", "export-onnx"),
+        requires=("onnxruntime",),
+        verifies=True,
+        reads_checkpoint=True,
+    ),
+    Stage(
+        "verify-gguf",
+        verify_gguf,
+        "verify/gguf.json",
+        "llama.cpp vs transformers",
+        needs=("prune", "export-gguf"),
+        requires=("llama_cpp_py_sync",),
+        verifies=True,
+        reads_checkpoint=True,
+    ),
+    Stage(
+        "eval",
+        eval_,
+        "eval/eval.json",
+        "perplexity, fidelity, lm-eval accuracies, dense vs pruned (when asked)",
+        needs=("prune",),
+        options=lambda o: {"model": o.model, **_fields(o.eval)},
+        source=True,
+        optional=True,
+        reads_checkpoint=True,
+    ),
+    Stage(
+        "bench",
+        bench,
+        "bench/bench.json",
+        "dense vs pruned on each back end",
+        needs=("prune",),
+        uses=("export-onnx",),
+        options=lambda o: {"model": o.model, **_fields(o.bench)},
+        source=True,
+        reads_checkpoint=True,
+    ),
+    Stage(
+        "report",
+        report,
+        "report",
+        "report.json, report.md, plots",
+        options=lambda o: {"gate": [str(c) for c in o.gate]},
+        artifact=True,
+        reads_checkpoint=True,
+    ),
+)
+# The report reads every other stage's output that is there (recover's through the checkpoint swap).
+TABLE = (*TABLE[:-1], replace(TABLE[-1], uses=tuple(s.name for s in TABLE[:-1] if s.name != "recover")))
+STAGE: dict[str, Stage] = {s.name: s for s in TABLE}
+STAGES: tuple[str, ...] = tuple(STAGE)  # in the order they run
+VERIFY_STAGES = tuple(s.name for s in TABLE if s.verifies)
+
+
+def stage_inputs(stage: str, options: BuildOptions) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(stages it needs, stages it uses); with recovery on, the recovered checkpoint stands in for the pruned one."""
+    needs, uses = STAGE[stage].needs, STAGE[stage].uses
+    if options.recover.enabled and STAGE[stage].reads_checkpoint:
+        swap = lambda names: tuple("recover" if n == "prune" else n for n in names)  # noqa: E731
+        return swap(needs), swap(uses)
+    return needs, uses
