@@ -86,7 +86,7 @@ def _quiet(lib, ffi) -> None:
 
 
 class LlamaCpp:
-    """One GGUF model in llama.cpp with one context: `n_ctx` positions, `threads` CPU threads."""
+    """One GGUF model in llama.cpp with one context: `n_seq` sequences of `n_ctx` positions, `threads` CPU threads."""
 
     def __init__(
         self,
@@ -96,6 +96,7 @@ class LlamaCpp:
         threads: int | None = None,
         kv_type: str = "f32",
         flash_attn: bool | None = None,
+        n_seq: int = 1,
     ):
         rt = require_llamacpp()
         self.lib, self.ffi = rt.lib, rt.ffi
@@ -105,7 +106,9 @@ class LlamaCpp:
         if self.model == self.ffi.NULL:
             raise BadInputError(f"llama.cpp could not load {path} (set SLIMGPT_LLAMACPP_LOG=1 to see why)")
         params = self.lib.llama_context_default_params()
-        params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
+        params.n_ctx = n_ctx * n_seq
+        params.n_batch = params.n_ubatch = max(n_ctx, n_seq)
+        params.n_seq_max = n_seq
         params.n_threads = params.n_threads_batch = threads
         params.type_k = params.type_v = GGML_TYPE[kv_type]
         params.no_perf = True
@@ -136,25 +139,30 @@ class LlamaCpp:
         self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
 
     def decode(self, tokens: Sequence[int], start: int, every_position: bool = False) -> np.ndarray:
-        """Run `tokens` at positions start.. on the cache.
+        """Run `tokens` at positions start.. of sequence 0.
 
         Returns logits [n, vocab] of every position, or [1, vocab] of the last one.
         """
         if start + len(tokens) > self.n_ctx:
             raise BadInputError(f"{start + len(tokens)} positions exceed the llama.cpp context of {self.n_ctx}")
-        batch = self.lib.llama_batch_init(len(tokens), 0, 1)
+        last = len(tokens) - 1
+        rows = [(t, start + i, 0, every_position or i == last) for i, t in enumerate(tokens)]
+        return self.decode_rows(rows)
+
+    def decode_rows(self, rows: Sequence[tuple[int, int, int, bool]]) -> np.ndarray:
+        """One llama_decode of (token, position, sequence, want logits) rows; logits [wanted rows, vocab]."""
+        batch = self.lib.llama_batch_init(len(rows), 0, 1)
         try:
-            batch.n_tokens = len(tokens)
-            for i, token in enumerate(tokens):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0] = token, start + i, 1, 0
-                batch.logits[i] = 1 if every_position or i == len(tokens) - 1 else 0
+            batch.n_tokens = len(rows)
+            for i, (token, pos, seq, want) in enumerate(rows):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0] = token, pos, 1, seq
+                batch.logits[i] = 1 if want else 0
             code = self.lib.llama_decode(self.ctx, batch)
         finally:
             self.lib.llama_batch_free(batch)
         if code != 0:
             raise RuntimeError(f"llama_decode returned {code}")
-        rows = range(len(tokens)) if every_position else [len(tokens) - 1]
-        return np.stack([self._logits(i) for i in rows])
+        return np.stack([self._logits(i) for i, row in enumerate(rows) if row[3]])
 
     def _logits(self, i: int) -> np.ndarray:
         ptr = self.lib.llama_get_logits_ith(self.ctx, i)

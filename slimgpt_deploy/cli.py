@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from slimgpt_deploy.bench import BACKENDS as BENCH_BACKENDS
 from slimgpt_deploy.build.stages import STAGES
 from slimgpt_deploy.exporters import EXPORTERS, QUANTIZE
 from slimgpt_deploy.serving import BACKENDS as GENERATE_BACKENDS
@@ -664,7 +665,8 @@ _BUILD_FLAGS = {
 @click.option("--onnx-quantize", type=click.Choice(list(QUANTIZE["onnx"])), help="ONNX 8-bit weights.")
 @click.option("--gguf-type", type=click.Choice(list(QUANTIZE["gguf"])), help="GGUF file type for llama.cpp [q8_0].")
 @click.option(
-    "--backends", help="Bench back ends, comma-separated: torch,onnx,vllm [all installed; named ones must be]."
+    "--backends",
+    help=f"Bench back ends, comma-separated: {','.join(BENCH_BACKENDS)} [all installed; named ones must be].",
 )
 @click.option("--bench-repeats", type=int, help="Timed runs per measurement [3].")
 @click.option("--bench-decode-tokens", type=int, help="Tokens per decode measurement [32].")
@@ -1078,7 +1080,9 @@ def serve(
 @click.argument("dense")
 @click.argument("pruned")
 @click.option(
-    "--backends", default=None, help="Comma-separated: torch,onnx,vllm (default: all, skipping those not installed)."
+    "--backends",
+    default=None,
+    help=f"Comma-separated: {','.join(BENCH_BACKENDS)} (default: all, skipping those not installed).",
 )
 @click.option(
     "--text",

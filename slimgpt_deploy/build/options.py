@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..bench import BACKENDS
 from ..config import PruneConfig
 from ..errors import BadInputError
 from ..exporters import QUANTIZE
@@ -39,7 +40,7 @@ GGUF_TYPES = QUANTIZE["gguf"]
 # In the default stages only when switched on: recover by recover.enabled, eval by an eval option or a gate.
 OPTIONAL_STAGES = tuple(s.name for s in TABLE if s.optional)
 DEFAULT_STAGES = tuple(s for s in STAGES if s not in OPTIONAL_STAGES)
-BENCH_BACKENDS = ("torch", "onnx", "vllm")
+BENCH_BACKENDS = tuple(BACKENDS)  # bench's registry, in its order
 # A preset sets option values below the config file and the flags.
 PRESETS: dict[str, dict[str, Any]] = {"release": {"recover.enabled": True}}
 DEFAULT_MODEL = "smollm2-135m"

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..atomic import atomic_output_dir
 from ..bench import machine, versions
 from ..checkpoint import RECORD_FILE
-from .stages import STAGE, VERIFY_STAGES, BuildContext
+from .stages import STAGE, TABLE, VERIFY_STAGES, BuildContext
 
 REPORT_FORMAT = "slimgpt-deploy-report/1"
 CARD_MARKER = "<!-- slimgpt-deploy build report -->"
@@ -71,8 +71,8 @@ def collect(ctx: BuildContext) -> dict:
         name.split("-", 1)[1]: _read_json(ctx.path(name)) for name in VERIFY_STAGES if ctx.path(name).exists()
     }
     artifacts = {}
-    for stage, label in (("prune", "slim"), ("recover", "recovered"), ("export-vllm", "vllm"), ("export-onnx", "onnx")):
-        path = ctx.path(stage)
+    for stage in (s for s in TABLE if s.artifact and s.name != "report"):
+        path, label = ctx.path(stage.name), stage.output
         if path.exists():
             artifacts[label] = {
                 "path": str(path),
