@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slimgpt_deploy.errors import BadInputError
+from slimgpt_deploy.errors import BadInputError, first_line
 from slimgpt_deploy.extras import require
 
 PACKAGE = "llama_cpp_py_sync"
@@ -55,7 +55,7 @@ def require_llamacpp() -> Runtime:
                 "llama.cpp's prebuilt library needs glibc 2.38 symbols this system lacks; run "
                 "`python -m slimgpt_deploy.serving.llamacpp_compat` once (make venv does) and retry"
             ) from None
-        raise BadInputError(f"llama.cpp's library does not load: {str(e).splitlines()[0]}") from None
+        raise BadInputError(f"llama.cpp's library does not load: {first_line(e)}") from None
     build = getattr(package, "__llama_cpp_tag__", "unknown")
     if not _has_deci(Path(bindings._find_library())):
         raise BadInputError(

@@ -101,6 +101,16 @@ def atomic_write(path: Path, write: Callable[[Path], None], *, fsync: bool = Tru
     return path
 
 
+def write_json(path: Path, data, *, indent: int = 2) -> Path:
+    """`data` as JSON (and a final newline) at `path`, written atomically (see `atomic_write`); parents made."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, indent=indent, default=str) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
 def fsync_dir(directory: Path) -> None:
     """Make renames inside `directory` durable (best effort: not every platform allows it)."""
     try:

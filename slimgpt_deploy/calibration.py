@@ -55,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-from slimgpt_deploy.errors import BadInputError, CalibrationError
+from slimgpt_deploy.errors import BadInputError, CalibrationError, first_line
 from slimgpt_deploy.evaluate import eval_mode, load_text, model_device, text_to_ids
 from slimgpt_deploy.guards import FREE_MEMORY, free_memory  # noqa: F401  (FREE_MEMORY: the probes, by device type)
 
@@ -514,7 +514,7 @@ def _from_hub(name: str, req: _Request) -> tuple[torch.Tensor, str]:
     except CalibrationError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure of the hub client ends here, explained
-        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        detail = first_line(str(e))[:200]
         raise CalibrationError(
             f"could not load Hugging Face dataset '{name}' (the hub is unreachable or the name is wrong: "
             f"{type(e).__name__}: {detail}); pass a local .txt/.jsonl file or 'self'"

@@ -70,6 +70,14 @@ class Interrupted(KeyboardInterrupt):
         self.exit_code = exit_code
 
 
+def first_line(err: BaseException | str) -> str:
+    """The first line of an error's message (or of a text); an exception with no message gives its type's name."""
+    text = str(err).strip()
+    if text:
+        return text.splitlines()[0]
+    return "" if isinstance(err, str) else type(err).__name__
+
+
 def last_error_line(output: str) -> str:
     """The most telling line of a child process's output: its last exception line, else its last line."""
     import re

@@ -42,7 +42,7 @@ from transformers import (
 
 from . import modeling  # noqa: F401  (registers the `slimgpt` model type with the Auto classes)
 from .checkpoint import check_tensors, safetensors_files
-from .errors import ModelSourceError
+from .errors import ModelSourceError, first_line
 from .families import check_architecture
 
 logger = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def embedded_model_dir(name: str = "smollm2-135m") -> Path:
         _publish(tmp, target)
     except (OSError, ValueError, SafetensorError) as err:
         raise ModelSourceError(
-            f"converting embedded model {name} into {target} failed: {_first_line(err)}; "
+            f"converting embedded model {name} into {target} failed: {first_line(err)}; "
             f"check free space and permissions there, or set {CACHE_ENV} to another directory"
         ) from err
     finally:
@@ -221,7 +221,7 @@ def _hf_dir_source(source: str) -> _Plan | None:
     try:
         check_architecture(json.loads(config_file.read_text()))
     except (OSError, ValueError) as err:
-        raise ModelSourceError(f"cannot read {config_file}: {_first_line(err)}; fix or re-download the model") from err
+        raise ModelSourceError(f"cannot read {config_file}: {first_line(err)}; fix or re-download the model") from err
     _check_local_dir(path)
     path = path.resolve()
     return _Plan("hf-dir", str(path), {}, path)
@@ -316,11 +316,6 @@ def _file_stamp(path: Path) -> list[int]:
 # --- helpers ------------------------------------------------------------------------------
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _causes(err: BaseException):
     while err is not None:
         yield err
@@ -338,13 +333,13 @@ def _hub_error(source: str, err: BaseException) -> ModelSourceError:
         return ModelSourceError(
             f"hub model {source} was not found or is not accessible; check the id, or log in with `hf auth login`"
         )
-    return ModelSourceError(f"cannot load {source} from the Hugging Face Hub: {_first_line(err)}")
+    return ModelSourceError(f"cannot load {source} from the Hugging Face Hub: {first_line(err)}")
 
 
 def _load_error(plan: _Plan, err: BaseException) -> ModelSourceError:
     where = Path(plan.path) / plan.kwargs.get("gguf_file", "")
     return ModelSourceError(
-        f"cannot load the model in {where}: {_first_line(err)}; check that its files are complete and readable"
+        f"cannot load the model in {where}: {first_line(err)}; check that its files are complete and readable"
     )
 
 

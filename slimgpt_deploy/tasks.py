@@ -25,7 +25,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadInputError
+from .errors import BadInputError, first_line
 from .extras import require
 
 log = logging.getLogger(__name__)
@@ -122,9 +122,8 @@ def prepare_tasks(options: TaskOptions) -> PreparedTasks:
         try:
             loaded = manager.load([name])
         except Exception as e:  # noqa: BLE001 -- datasets raises many kinds (ConnectionError, FileNotFoundError, ...)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BadInputError(
-                f"task {name!r}: its dataset is not available ({type(e).__name__}: {first}); "
+                f"task {name!r}: its dataset is not available ({type(e).__name__}: {first_line(e)}); "
                 "run once with network access "
                 f"(the Hugging Face datasets cache then keeps it for offline runs), or give a local task YAML "
                 f"(dataset_path: json over a JSONL file) in a directory passed with --include-path"

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..errors import BadInputError, SlimGPTError, last_error_line
+from ..errors import BadInputError, SlimGPTError, first_line, last_error_line
 
 logger = logging.getLogger(__name__)
 
@@ -369,7 +369,7 @@ def _bench_backend(name, dirs, models, options, work_dir, onnx_dirs, log) -> dic
     except SlimGPTError as err:
         return _failed(name, f"{what} export failed: {err}", log)
     except Exception as err:  # an exporter bug must not lose the other back ends' results
-        return _failed(name, f"{what} export failed: {type(err).__name__}: {_first_line(str(err))}", log)
+        return _failed(name, f"{what} export failed: {type(err).__name__}: {first_line(str(err))}", log)
     entry = {"status": "ok", "reason": None}
     for role in ("dense", "pruned"):
         log(f"bench {name}: {role} ({run_dirs[role]})")
@@ -476,10 +476,6 @@ def run_child(job: dict, stem: Path, timeout: float = CHILD_TIMEOUT_S) -> tuple[
         )
     result["seconds"] = round(seconds, 2)
     return True, result
-
-
-def _first_line(text: str) -> str:
-    return (text.strip().splitlines() or [""])[0]
 
 
 # --- where it ran ---------------------------------------------------------------------------------

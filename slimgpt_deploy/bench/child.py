@@ -11,7 +11,6 @@ a traceback on stderr and a non-zero exit, which the parent reports by its last 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -43,9 +42,9 @@ def peak_gpu_bytes() -> int | None:
 
 
 def _write(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    from ..atomic import write_json
+
+    write_json(path, data)
 
 
 def main(job_path: str) -> int:

@@ -30,7 +30,7 @@ from typing import Any
 
 from ..bench import BACKENDS
 from ..config import PruneConfig
-from ..errors import BadInputError
+from ..errors import BadInputError, first_line
 from ..exporters import QUANTIZE
 from ..recover import RecoverConfig
 from .gate import Condition, check_measurable, parse_gate
@@ -202,8 +202,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInputError(f"config file {path} is not valid YAML ({first}); fix the syntax") from e
+        raise BadInputError(f"config file {path} is not valid YAML ({first_line(e)}); fix the syntax") from e
     if data is None:
         return {}
     if not isinstance(data, Mapping):

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
-from ..errors import BadInputError, OutputExistsError
+from ..atomic import write_json
+from ..errors import BadInputError, OutputExistsError, first_line
 from .options import BuildOptions
-from .stages import STAGE, STAGES, TABLE, VERIFY_STAGES, BuildContext, prepare_eval, stage_inputs, write_json_atomic
+from .stages import STAGE, STAGES, TABLE, VERIFY_STAGES, BuildContext, prepare_eval, stage_inputs
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +255,7 @@ def run_build(
             summary = STAGE[stage].run(ctx)
         except BaseException as e:
             seconds = time.perf_counter() - t0
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            reason = first_line(e)
             state["stages"][stage] = {
                 "status": "failed",
                 "fingerprint": fingerprint,
@@ -320,7 +321,7 @@ def _check_extras(options: BuildOptions) -> None:
 
 
 def _save_state(out: Path, state: dict) -> None:
-    write_json_atomic(out / STATE_FILE, state)
+    write_json(out / STATE_FILE, state)
 
 
 def _now() -> str:

@@ -22,11 +22,12 @@ runner stores in DIR/build.json.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from ..atomic import write_json
 
 if TYPE_CHECKING:  # options.py reads the stage table, so only the type is imported here
     from .options import BuildOptions
@@ -56,15 +57,6 @@ class BuildContext:
     @property
     def work(self) -> Path:
         return self.out / WORK_DIR
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON next to `path` and rename it into place, so a reader never sees half a file."""
-    from ..atomic import atomic_write
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(data, indent=2, default=str) + "\n"
-    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def prune(ctx: BuildContext) -> dict:
@@ -143,6 +135,7 @@ def export_gguf(ctx: BuildContext) -> dict:
 
 def _verify(fmt: str, ctx: BuildContext) -> dict:
     """Run the format's verifier; an artifact that cannot even be loaded is a failed check, not a crash."""
+    from ..errors import first_line
     from ..exporters import get_verifier
     from ..extras import MissingExtraError
 
@@ -151,9 +144,8 @@ def _verify(fmt: str, ctx: BuildContext) -> dict:
     except MissingExtraError:
         raise
     except Exception as e:  # noqa: BLE001 -- a broken artifact must be reported, whatever the runtime raised
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        result = {"passed": False, "failures": [f"{fmt} could not run the export: {type(e).__name__}: {first}"]}
-    write_json_atomic(ctx.path(f"verify-{fmt}"), result)
+        result = {"passed": False, "failures": [f"{fmt} could not run the export: {type(e).__name__}: {first_line(e)}"]}
+    write_json(ctx.path(f"verify-{fmt}"), result)
     return result
 
 
@@ -198,7 +190,7 @@ def bench(ctx: BuildContext) -> dict:
         onnx_dirs=onnx_dirs,
         log=ctx.log,
     )
-    write_json_atomic(ctx.path("bench"), result)
+    write_json(ctx.path("bench"), result)
     return {name: {"status": r["status"], "reason": r.get("reason")} for name, r in result["backends"].items()}
 
 
@@ -248,7 +240,7 @@ def eval_(ctx: BuildContext) -> dict:
             ctx.log(f"lm-eval tasks {', '.join(e.tasks)} on the {name} model")
             results[name]["accuracy"] = run_tasks(m.model, m.tokenizer, tasks)
     metrics = measured_metrics(results["dense"], results["pruned"], fid_record)
-    write_json_atomic(ctx.path("eval"), {**results, "fidelity": fid_record, "metrics": metrics})
+    write_json(ctx.path("eval"), {**results, "fidelity": fid_record, "metrics": metrics})
     return {k: v for k, v in metrics.items() if v is not None}
 
 

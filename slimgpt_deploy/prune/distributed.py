@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..errors import BadInputError, SlimGPTError
+from ..errors import BadInputError, SlimGPTError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -416,8 +416,7 @@ def _worker(r: int, nproc: int, port: int, job: _Job, events) -> None:
         secondary = _peer_failure(err)
         if not secondary or log.isEnabledFor(logging.DEBUG):
             traceback.print_exc()
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        events.put(("error", r, f"{type(err).__name__}: {first}", 1, not secondary))
+        events.put(("error", r, f"{type(err).__name__}: {first_line(str(err))}", 1, not secondary))
         _exit(events, 1)
     _exit(events, 0)
 
