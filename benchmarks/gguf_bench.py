@@ -4,14 +4,15 @@
     .venv/bin/python benchmarks/gguf_bench.py --markdown  # rewrite gguf.md from gguf.json
 
 Models: dense SmolLM2-135M (the embedded model, converted by transformers and saved as a
-checkpoint) and the pruned checkpoint given with --pruned (default: the demo build's,
-20%, pruned with the demo's settings into build/bench/gguf/slim-20 when missing). Each is
+checkpoint) and the pruned checkpoints given with --pruned NAME=DIR (default: `pruned`, the
+demo build's 20% checkpoint, pruned with the demo's settings into build/bench/gguf/slim-20 when
+missing, and `pruned-ffn32`, the same prune with `--ffn-multiple 32` when it is there). Each is
 exported with `export --format gguf` per type, verified in llama.cpp against transformers
 (the verification's figures are recorded), then timed in llama.cpp as users run it
 (flash attention and KV-cache type at llama.cpp's defaults), one model at a time:
 
-  decode   tokens/s at batch 1 after a 128-token prompt: 64 greedy steps, median of 3 runs
-           after one warm-up run
+  decode   tokens/s at batch 1 after a 128-token prompt: 64 greedy steps, median of 7 runs
+           after one warm-up run; the models of one type are timed in interleaved rounds
   prefill  tokens/s of the 128-token prompt (same runs)
 
 Ideal decode speed-up = dense file bytes / pruned file bytes (decode reads every weight once
@@ -38,7 +39,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "build" / "bench" / "gguf"
 DEMO_SLIM = ROOT / "build" / "bench" / "build-time" / "slim"
 TYPES = ("f32", "q8_0", "q4_k_m")
-PROMPT, DECODE, REPEATS = 128, 64, 3
+PROMPT, DECODE, REPEATS = 128, 64, 7
 
 
 def dense_checkpoint() -> Path:
@@ -52,16 +53,17 @@ def dense_checkpoint() -> Path:
     return out
 
 
-def pruned_checkpoint(path: Path | None) -> Path:
-    if path is not None:
-        return path
-    if (DEMO_SLIM / "config.json").is_file():
-        return DEMO_SLIM
-    out = WORK / "slim-20"
-    if not (out / "config.json").is_file():
-        cmd = [sys.executable, "-m", "slimgpt_deploy.cli", "prune", "smollm2-135m", "--out", str(out)]
+def pruned_checkpoints(given: list[str]) -> dict[str, Path]:
+    if given:
+        return {name: Path(path) for name, _, path in (g.partition("=") for g in given)}
+    demo = DEMO_SLIM if (DEMO_SLIM / "config.json").is_file() else WORK / "slim-20"
+    if not (demo / "config.json").is_file():
+        cmd = [sys.executable, "-m", "slimgpt_deploy.cli", "prune", "smollm2-135m", "--out", str(demo)]
         subprocess.run([*cmd, "--nsamples", "32", "--seqlen", "256"], check=True)
-    return out
+    models = {"pruned": demo}
+    if (WORK / "slim-20-ffn32" / "config.json").is_file():
+        models["pruned-ffn32"] = WORK / "slim-20-ffn32"
+    return models
 
 
 def export(name: str, checkpoint: Path, ftype: str) -> dict:
@@ -74,25 +76,38 @@ def export(name: str, checkpoint: Path, ftype: str) -> dict:
     return json.loads(summary_file.read_text()) | {"dir": str(out)}
 
 
-def time_decode(path: Path, threads: int) -> dict:
+def time_models(paths: dict[str, Path], threads: int) -> dict[str, dict]:
+    """Prefill and decode tokens/s of each model, timed in interleaved rounds (one run of each per round).
+
+    Interleaving spreads the shared machine's drift over every model alike; the first round warms up.
+    """
     from slimgpt_deploy.serving.llamacpp_runner import LlamaCpp
 
     prompt = [(i * 7919) % 40000 + 100 for i in range(PROMPT)]  # fixed ids, no tokenizer in the timing
-    runs = []
-    with LlamaCpp(path, n_ctx=PROMPT + DECODE + 8, threads=threads, kv_type="f16") as llm:
+    n_ctx = PROMPT + DECODE + 8
+    models = {name: LlamaCpp(path, n_ctx=n_ctx, threads=threads, kv_type="f16") for name, path in paths.items()}
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
+    try:
         for r in range(REPEATS + 1):
-            llm.reset()
-            t0 = time.perf_counter()
-            logits = llm.decode(prompt, 0)[0]
-            t1 = time.perf_counter()
-            for step in range(DECODE):
-                logits = llm.decode([int(logits.argmax())], PROMPT + step)[0]
-            t2 = time.perf_counter()
-            if r:  # the first run warms caches and threads
-                runs.append((PROMPT / (t1 - t0), DECODE / (t2 - t1)))
+            for name, llm in models.items():
+                llm.reset()
+                t0 = time.perf_counter()
+                logits = llm.decode(prompt, 0)[0]
+                t1 = time.perf_counter()
+                for step in range(DECODE):
+                    logits = llm.decode([int(logits.argmax())], PROMPT + step)[0]
+                t2 = time.perf_counter()
+                if r:
+                    runs[name].append((PROMPT / (t1 - t0), DECODE / (t2 - t1)))
+    finally:
+        for llm in models.values():
+            llm.close()
     return {
-        "prefill_tok_s": round(statistics.median(p for p, _ in runs), 1),
-        "decode_tok_s": round(statistics.median(d for _, d in runs), 1),
+        name: {
+            "prefill_tok_s": round(statistics.median(p for p, _ in rs), 1),
+            "decode_tok_s": round(statistics.median(d for _, d in rs), 1),
+        }
+        for name, rs in runs.items()
     }
 
 
@@ -120,38 +135,49 @@ def machine(threads: int) -> dict:
     }
 
 
-def run(threads: int, pruned: Path | None) -> dict:
-    models = {"dense": dense_checkpoint(), "pruned": pruned_checkpoint(pruned)}
-    results = {"machine": machine(threads), "date": time.strftime("%Y-%m-%d"), "models": {}, "rows": []}
+def run(threads: int, pruned: list[str]) -> dict:
+    models = {"dense": dense_checkpoint(), **pruned_checkpoints(pruned)}
+    results = {"machine": machine(threads), "date": time.strftime("%Y-%m-%d"), "rows": []}
     results["models"] = {name: str(path) for name, path in models.items()}
     for ftype in TYPES:
-        row = {"type": ftype}
+        measured, files = {}, {}
         for name, checkpoint in models.items():
             summary = export(name, checkpoint, ftype)
-            file = Path(summary["dir"]) / summary["file"]
+            files[name] = file = Path(summary["dir"]) / summary["file"]
             v = summary["verification"]
-            row[name] = {
+            measured[name] = {
                 "bytes": file.stat().st_size,
                 "verified": v.get("passed"),
                 "kl_mean": v.get("kl_mean"),
                 "top1": v.get("top1_agreement"),
                 "greedy_equal": v.get("greedy_tokens_equal"),
-                **time_decode(file, threads),
+                "tensor_types": tensor_types(file),
             }
-            if name == "pruned" and ftype == "q4_k_m":
-                row["pruned_tensor_types"] = tensor_types(file)
-            print(ftype, name, row[name], flush=True)
-        d, p = row["dense"], row["pruned"]
-        row["ideal_speedup"] = round(d["bytes"] / p["bytes"], 3)
-        row["decode_speedup"] = round(p["decode_tok_s"] / d["decode_tok_s"], 3)
-        row["of_ideal"] = round(row["decode_speedup"] / row["ideal_speedup"], 3)
-        results["rows"].append(row)
+        for name, timing in time_models(files, threads).items():
+            measured[name] |= timing
+            print(ftype, name, measured[name], flush=True)
+        dense = measured.pop("dense")
+        for name, m in measured.items():
+            ideal = dense["bytes"] / m["bytes"]
+            speedup = m["decode_tok_s"] / dense["decode_tok_s"]
+            results["rows"].append(
+                {
+                    "type": ftype,
+                    "model": name,
+                    "dense": dense,
+                    "pruned": m,
+                    "ideal_speedup": round(ideal, 3),
+                    "decode_speedup": round(speedup, 3),
+                    "of_ideal": round(speedup / ideal, 3),
+                }
+            )
     results["machine"]["load_average_end"] = os.getloadavg()[0]
     return results
 
 
 def markdown(results: dict) -> str:
     m = results["machine"]
+    pruned = ", ".join(f"`{k}` = `{v}`" for k, v in results["models"].items() if k != "dense")
     lines = [
         "# GGUF in llama.cpp: dense vs pruned SmolLM2-135M",
         "",
@@ -159,36 +185,41 @@ def markdown(results: dict) -> str:
         f"{m['threads']} threads of {m['cores']} cores, load average {m['load_average_start']:.2f} at the start "
         f"and {m['load_average_end']:.2f} at the end. `python benchmarks/gguf_bench.py`.",
         "",
-        f"Pruned: `{results['models']['pruned']}`. Decode: batch 1 after a {PROMPT}-token prompt, "
-        f"{DECODE} greedy steps, median of {REPEATS} runs; llama.cpp's default attention and f16 KV cache.",
+        f"Pruned (20%): {pruned}. Decode: batch 1 after a {PROMPT}-token prompt, {DECODE} greedy steps, "
+        f"median of {REPEATS} runs in interleaved rounds; llama.cpp's default attention and f16 KV cache. "
+        "Dense is measured once per type; every ratio is against it.",
         "",
-        "| type | dense MB | pruned MB | dense decode tok/s | pruned decode tok/s | speed-up | ideal | of ideal "
-        "| pruned prefill tok/s | pruned KL / top-1 vs transformers |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| type | pruned model | dense MB | pruned MB | dense tok/s | pruned tok/s | speed-up | ideal | of ideal "
+        "| pruned KL / top-1 vs transformers | pruned tensor types |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         d, p = r["dense"], r["pruned"]
+        types = ", ".join(f"{k} {v}" for k, v in sorted(p["tensor_types"].items()))
         lines.append(
-            f"| {r['type']} | {d['bytes'] / 1e6:.1f} | {p['bytes'] / 1e6:.1f} | {d['decode_tok_s']} "
+            f"| {r['type']} | {r['model']} | {d['bytes'] / 1e6:.1f} | {p['bytes'] / 1e6:.1f} | {d['decode_tok_s']} "
             f"| {p['decode_tok_s']} | {r['decode_speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {r['of_ideal']:.2f} "
-            f"| {p['prefill_tok_s']} | {p['kl_mean']:.4g} / {p['top1']:.3f} |"
+            f"| {p['kl_mean']:.4g} / {p['top1']:.3f} | {types} |"
         )
-    q4 = next((r for r in results["rows"] if r["type"] == "q4_k_m"), None)
-    if q4:
-        types = ", ".join(f"{k} {v}" for k, v in sorted(q4["pruned_tensor_types"].items()))
-        lines += [
-            "",
-            f"Tensor types in the pruned q4_k_m file: {types}. Rows that are not a multiple of 256 (the pruned "
-            "FFN widths, read by ffn_down) cannot take k-quants; llama.cpp falls back for them, so the file is "
-            "larger than a 256-aligned one. `prune --ffn-multiple 256` keeps every width a multiple of 256.",
-        ]
+    lines += ["", READING]
     return "\n".join(lines) + "\n"
+
+
+READING = (
+    "Reading: llama.cpp's q8_0 and q5_0 blocks are 32 values wide and its k-quants 256; a tensor whose rows "
+    "(its input width) the block does not divide keeps a wider type. SmolLM2's hidden size, 576, is not a "
+    "multiple of 256, so even the dense q4_k_m file falls back (to q5_0) for most tensors. Pruned FFN widths "
+    "that 32 does not divide leave `ffn_down` in f16 in the q8_0 and q4_k_m files, which is why the plain "
+    "pruned q8_0 file is barely smaller than dense and its q4_k_m file is larger; pruned with "
+    "`--ffn-multiple 32`, `ffn_down` quantizes too. Recommendation: prune with `--ffn-multiple 32` for "
+    "q8_0 / q4_0 / q5_0 files, and `--ffn-multiple 256` for k-quants on models whose hidden size 256 divides."
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--pruned", type=Path, default=None)
+    parser.add_argument("--pruned", action="append", default=[], help="NAME=DIR, repeatable")
     parser.add_argument("--markdown", action="store_true", help="only rewrite gguf.md from gguf.json")
     args = parser.parse_args()
     out = RESULTS / "gguf.json"
