@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 OUT    ?= slimgpt-build
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test test-fast lint clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,12 @@ test: venv
 	# Some tests run several processes at once (vLLM's engine, 2 distributed ranks) on 2 cores:
 	# OpenMP threads that sleep instead of spinning while they wait keep them from starving each other.
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q tests
+
+test-fast: venv
+	# The edit loop: every test that needs neither the embedded SmolLM2 nor a vLLM engine.
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q tests -m "not slow" \
+		--ignore=tests/test_vllm.py --ignore=tests/test_build.py --ignore=tests/test_smollm2.py \
+		-k "not vllm_back_end and not embedded_model"
 
 lint: venv
 	# ruff's lint (pycodestyle, pyflakes, import order) and its formatter, as pyproject.toml configures them.
