@@ -15,7 +15,9 @@ from pathlib import Path
 import click
 
 from slimgpt_deploy.bench import BACKENDS as BENCH_BACKENDS
+from slimgpt_deploy.build.options import PRESETS
 from slimgpt_deploy.build.stages import STAGES
+from slimgpt_deploy.config import DTYPES, GQA_MODES, HESSIAN_DTYPES, METHODS, SCHEDULES
 from slimgpt_deploy.exporters import EXPORTERS, QUANTIZE
 from slimgpt_deploy.serving import BACKENDS as GENERATE_BACKENDS
 
@@ -143,13 +145,13 @@ def _on_sigterm_interrupt() -> None:
     "--method",
     default="slimgpt",
     show_default=True,
-    type=click.Choice(["slimgpt", "slimgpt-nocomp", "magnitude", "wanda-sp"]),
+    type=click.Choice(list(METHODS)),
 )
 @click.option(
     "--schedule",
     default="log",
     show_default=True,
-    type=click.Choice(["log", "uniform", "linear", "list"]),
+    type=click.Choice(list(SCHEDULES)),
     help="How the ratio spreads over depth.",
 )
 @click.option(
@@ -158,7 +160,7 @@ def _on_sigterm_interrupt() -> None:
 @click.option(
     "--gqa-mode",
     default=None,
-    type=click.Choice(["kv-group", "per-group"]),
+    type=click.Choice(list(GQA_MODES)),
     help="GQA: prune whole KV groups, or the same number of query heads in every group.",
 )
 @click.option(
@@ -203,12 +205,12 @@ def _on_sigterm_interrupt() -> None:
     show_default=True,
     help="Compute device for the layer being pruned: auto (the GPU when CUDA is available), cpu or cuda[:N].",
 )
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)))
 @click.option(
     "--hessian-dtype",
     default="float32",
     show_default=True,
-    type=click.Choice(["float32", "float64"]),
+    type=click.Choice(list(HESSIAN_DTYPES)),
     help="Precision of H and its factorizations.",
 )
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
@@ -637,10 +639,10 @@ _BUILD_FLAGS = {
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("--ratio", type=Ratio(), help="Share of decoder parameters to remove [0.2].")
-@click.option("--method", type=click.Choice(["slimgpt", "slimgpt-nocomp", "magnitude", "wanda-sp"]), help="[slimgpt]")
-@click.option("--schedule", type=click.Choice(["log", "uniform", "linear", "list"]), help="[log]")
+@click.option("--method", type=click.Choice(list(METHODS)), help="[slimgpt]")
+@click.option("--schedule", type=click.Choice(list(SCHEDULES)), help="[log]")
 @click.option("--layer-ratios", callback=_float_list, help="Explicit per-layer ratios, comma-separated.")
-@click.option("--gqa-mode", type=click.Choice(["kv-group", "per-group"]), help="[per-group]")
+@click.option("--gqa-mode", type=click.Choice(list(GQA_MODES)), help="[per-group]")
 @click.option("--head-multiple", type=click.IntRange(min=1), help="Heads kept in multiples of N [1].")
 @click.option("--ffn-multiple", type=click.IntRange(min=1), help="FFN channels kept in multiples of M [1].")
 @click.option("--tp-size", type=click.IntRange(min=1), help="Shapes that vLLM tensor parallelism T shards.")
@@ -654,10 +656,8 @@ _BUILD_FLAGS = {
 @click.option("--seqlen", type=int, help="Tokens per calibration sample [512].")
 @click.option("--seed", type=int, help="[0]")
 @click.option("--device", help="auto, cpu or cuda[:N] [auto: the GPU when CUDA is available].")
-@click.option(
-    "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Model dtype while pruning [float32]."
-)
-@click.option("--hessian-dtype", type=click.Choice(["float32", "float64"]), help="[float32]")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), help="Model dtype while pruning [float32].")
+@click.option("--hessian-dtype", type=click.Choice(list(HESSIAN_DTYPES)), help="[float32]")
 @click.option(
     "--vllm-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="vLLM export dtype [the checkpoint's]."
 )
@@ -676,7 +676,7 @@ _BUILD_FLAGS = {
 @click.option("--bench-text", help="Text file for perplexity [a built-in sample].")
 @click.option("--quality-tokens", type=int, help="Tokens of text for perplexity/KL [4096].")
 @click.option(
-    "--preset", type=click.Choice(["release"]), default=None, help="Option preset: release switches recovery on."
+    "--preset", type=click.Choice(list(PRESETS)), default=None, help="Option preset: release switches recovery on."
 )
 @click.option(
     "--recover",

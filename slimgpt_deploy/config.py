@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .errors import BadInputError
+from .prune.methods import METHODS as PRUNE_METHODS
 from .prune.schedule import DEFAULT_HEAD_SHARE, GQA_MODES, SCHEDULES
 
-METHODS = ("slimgpt", "slimgpt-nocomp", "magnitude", "wanda-sp")
+METHODS = tuple(PRUNE_METHODS)  # the registry that implements them
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 MAX_RATIO = 0.9
