@@ -15,6 +15,10 @@ exported with `export --format gguf` per type, verified in llama.cpp against tra
            after one warm-up run; the models of one type are timed in interleaved rounds
   prefill  tokens/s of the 128-token prompt (same runs)
 
+Beside them, in the same interleaved rounds as the q8_0 files: ONNX Runtime int8 (our
+`export --format onnx --quantize int8`, weight-only MatMulNBits) of the same checkpoints, timed
+through our runner on the same prompt ids (`--no-onnx` leaves it out).
+
 Ideal decode speed-up = dense file bytes / pruned file bytes (decode reads every weight once
 per token). The pruned q4_k_m file's tensor types are counted: llama.cpp's k-quants need rows
 that are a multiple of 256, so pruned FFN widths fall back to another type for ffn_down.
@@ -76,29 +80,35 @@ def export(name: str, checkpoint: Path, ftype: str) -> dict:
     return json.loads(summary_file.read_text()) | {"dir": str(out)}
 
 
-def time_models(paths: dict[str, Path], threads: int) -> dict[str, dict]:
+def time_models(paths: dict[str, Path], threads: int, onnx: dict[str, Path] | None = None) -> dict[str, dict]:
     """Prefill and decode tokens/s of each model, timed in interleaved rounds (one run of each per round).
 
     Interleaving spreads the shared machine's drift over every model alike; the first round warms up.
+    `onnx` adds ONNX Runtime exports ({name: dir}) to the same rounds.
     """
     from slimgpt_deploy.serving.llamacpp_runner import LlamaCpp
 
     prompt = [(i * 7919) % 40000 + 100 for i in range(PROMPT)]  # fixed ids, no tokenizer in the timing
     n_ctx = PROMPT + DECODE + 8
     models = {name: LlamaCpp(path, n_ctx=n_ctx, threads=threads, kv_type="f16") for name, path in paths.items()}
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
+    timers = {name: OnnxTimer(path, threads) for name, path in (onnx or {}).items()}
+
+    def llama_run(llm) -> tuple[float, float]:
+        llm.reset()
+        t0 = time.perf_counter()
+        logits = llm.decode(prompt, 0)[0]
+        t1 = time.perf_counter()
+        for step in range(DECODE):
+            logits = llm.decode([int(logits.argmax())], PROMPT + step)[0]
+        return PROMPT / (t1 - t0), DECODE / (time.perf_counter() - t1)
+
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in (*models, *timers)}
     try:
         for r in range(REPEATS + 1):
-            for name, llm in models.items():
-                llm.reset()
-                t0 = time.perf_counter()
-                logits = llm.decode(prompt, 0)[0]
-                t1 = time.perf_counter()
-                for step in range(DECODE):
-                    logits = llm.decode([int(logits.argmax())], PROMPT + step)[0]
-                t2 = time.perf_counter()
+            for name in runs:
+                sample = llama_run(models[name]) if name in models else timers[name].run(prompt)
                 if r:
-                    runs[name].append((PROMPT / (t1 - t0), DECODE / (t2 - t1)))
+                    runs[name].append(sample)
     finally:
         for llm in models.values():
             llm.close()
@@ -109,6 +119,37 @@ def time_models(paths: dict[str, Path], threads: int) -> dict[str, dict]:
         }
         for name, rs in runs.items()
     }
+
+
+def onnx_int8(name: str, checkpoint: Path) -> dict:
+    from slimgpt_deploy.exporters.onnx import dir_model_bytes
+    from slimgpt_deploy.exporters.onnx import export as export_onnx
+
+    out = WORK / f"{name}-onnx-int8"
+    if not (out / "export.json").is_file():
+        export_onnx(checkpoint, out, dtype="fp32", quantize="int8", force=True)
+    v = json.loads((out / "export.json").read_text()).get("verification", {})
+    return {"dir": out, "bytes": dir_model_bytes(out), "verified": v.get("passed")}
+
+
+class OnnxTimer:
+    """An ONNX export in our runner with the llama.cpp timer's interface (reset / decode of fixed ids)."""
+
+    def __init__(self, directory: Path, threads: int):
+        from slimgpt_deploy.serving.onnx_runner import OnnxDecoder
+
+        self.decoder = OnnxDecoder(directory, threads=threads)
+
+    def run(self, prompt: list[int]) -> tuple[float, float]:
+        stamps: list[float] = []
+        t0 = time.perf_counter()
+        self.decoder.generate_ids(
+            [prompt],
+            max_new_tokens=1 + DECODE,
+            eos_token_ids=(),
+            on_token=lambda row, t: stamps.append(time.perf_counter()),
+        )
+        return PROMPT / (stamps[0] - t0), DECODE / (stamps[-1] - stamps[0])
 
 
 def tensor_types(path: Path) -> dict[str, int]:
@@ -130,12 +171,14 @@ def machine(threads: int) -> dict:
         "cores": os.cpu_count(),
         "threads": threads,
         "llama_cpp": LLAMA_CPP_BUILD,
+        # PASSIVE (what make test sets) makes llama.cpp's OpenMP threads sleep at every op's barrier: 4x slower.
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "python": platform.python_version(),
         "load_average_start": os.getloadavg()[0],
     }
 
 
-def run(threads: int, pruned: list[str]) -> dict:
+def run(threads: int, pruned: list[str], with_onnx: bool = True) -> dict:
     models = {"dense": dense_checkpoint(), **pruned_checkpoints(pruned)}
     results = {"machine": machine(threads), "date": time.strftime("%Y-%m-%d"), "rows": []}
     results["models"] = {name: str(path) for name, path in models.items()}
@@ -153,7 +196,18 @@ def run(threads: int, pruned: list[str]) -> dict:
                 "greedy_equal": v.get("greedy_tokens_equal"),
                 "tensor_types": tensor_types(file),
             }
-        for name, timing in time_models(files, threads).items():
+        onnx = {}
+        if ftype == "q8_0" and with_onnx:
+            for name, checkpoint in models.items():
+                results.setdefault("onnx_int8", {})[name] = info = onnx_int8(name, checkpoint)
+                onnx[f"onnx-int8:{name}"] = info["dir"]
+        for name, timing in time_models(files, threads, onnx).items():
+            if name.startswith("onnx-int8:"):
+                model = name.split(":", 1)[1]
+                results["onnx_int8"][model] |= timing
+                results["onnx_int8"][model]["dir"] = str(results["onnx_int8"][model]["dir"])
+                print("onnx int8", model, results["onnx_int8"][model], flush=True)
+                continue
             measured[name] |= timing
             print(ftype, name, measured[name], flush=True)
         dense = measured.pop("dense")
@@ -183,7 +237,8 @@ def markdown(results: dict) -> str:
         "",
         f"{results['date']}, llama.cpp {m['llama_cpp']} (llama-cpp-py-sync wheel), {m['cpu']}, "
         f"{m['threads']} threads of {m['cores']} cores, load average {m['load_average_start']:.2f} at the start "
-        f"and {m['load_average_end']:.2f} at the end. `python benchmarks/gguf_bench.py`.",
+        f"and {m['load_average_end']:.2f} at the end, OMP_WAIT_POLICY {m.get('omp_wait_policy') or 'unset'}. "
+        "`python benchmarks/gguf_bench.py`.",
         "",
         f"Pruned (20%): {pruned}. Decode: batch 1 after a {PROMPT}-token prompt, {DECODE} greedy steps, "
         f"median of {REPEATS} runs in interleaved rounds; llama.cpp's default attention and f16 KV cache. "
@@ -201,6 +256,23 @@ def markdown(results: dict) -> str:
             f"| {p['decode_tok_s']} | {r['decode_speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {r['of_ideal']:.2f} "
             f"| {p['kl_mean']:.4g} / {p['top1']:.3f} | {types} |"
         )
+    if results.get("onnx_int8"):
+        q8 = {r["model"]: r for r in results["rows"] if r["type"] == "q8_0"}
+        lines += [
+            "",
+            "Same rounds as the q8_0 files: llama.cpp q8_0 against ONNX Runtime int8 (weight-only MatMulNBits, "
+            "our runner) of the same checkpoints.",
+            "",
+            "| model | ORT int8 MB | ORT int8 decode tok/s | llama.cpp q8_0 MB | llama.cpp q8_0 decode tok/s "
+            "| llama.cpp / ORT |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, o in results["onnx_int8"].items():
+            g = q8[name]["pruned"] if name in q8 else next(iter(q8.values()))["dense"]
+            lines.append(
+                f"| {name} | {o['bytes'] / 1e6:.1f} | {o['decode_tok_s']} | {g['bytes'] / 1e6:.1f} "
+                f"| {g['decode_tok_s']} | {g['decode_tok_s'] / o['decode_tok_s']:.2f}x |"
+            )
     lines += ["", READING]
     return "\n".join(lines) + "\n"
 
@@ -217,14 +289,17 @@ READING = (
 
 
 def main() -> None:
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        sys.exit("error: OMP_WAIT_POLICY=PASSIVE slows llama.cpp's decode about 4x; run without it")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pruned", action="append", default=[], help="NAME=DIR, repeatable")
     parser.add_argument("--markdown", action="store_true", help="only rewrite gguf.md from gguf.json")
+    parser.add_argument("--no-onnx", action="store_true", help="leave out the ONNX Runtime int8 comparison")
     args = parser.parse_args()
     out = RESULTS / "gguf.json"
     if not args.markdown:
-        out.write_text(json.dumps(run(args.threads, args.pruned), indent=2) + "\n")
+        out.write_text(json.dumps(run(args.threads, args.pruned, not args.no_onnx), indent=2, default=str) + "\n")
     (RESULTS / "gguf.md").write_text(markdown(json.loads(out.read_text())))
     print((RESULTS / "gguf.md").read_text())
 
