@@ -177,14 +177,16 @@ def export(
 
 @dataclass
 class Tokenizer:
-    model: str  # tokenizer.ggml.model: "gpt2" (byte-level BPE)
-    pre: str  # tokenizer.ggml.pre: llama.cpp's name of the pre-tokenizer
+    model: str  # tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece-style, byte fallback)
+    pre: str | None  # tokenizer.ggml.pre: llama.cpp's name of the pre-tokenizer (gpt2 only)
     tokens: list[str]
-    types: list[int]  # llama.cpp token types: 1 normal, 3 control, 4 user-defined, 5 unused
-    merges: list[str]
+    types: list[int]  # llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
+    merges: list[str]  # gpt2 only
     special: dict[str, int]  # bos / eos / unk / pad -> id
     add_bos: bool
     chat_template: str | None
+    scores: list[float] | None = None  # llama only: llama.cpp merges the adjacent pair whose token scores highest
+    add_space_prefix: bool | None = None  # llama only: "▁" before the text, as the normalizer / Metaspace does
 
 
 @dataclass
@@ -274,12 +276,14 @@ def read_tokenizer(checkpoint: Path, config: dict) -> Tokenizer:
         raise BadInputError(f"{checkpoint} has no tokenizer.json; GGUF needs the tokenizer's vocab and merges")
     spec = json.loads(file.read_text())
     model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        kind = "SentencePiece-style BPE (byte fallback)" if model.get("byte_fallback") else model.get("type")
+    if model.get("type") != "BPE":
         raise BadInputError(
-            f"the tokenizer is {kind}; GGUF export carries byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM) only"
+            f"the tokenizer is {model.get('type')}; GGUF export carries BPE tokenizers (byte-level: Llama 3, "
+            "Qwen2, SmolLM; SentencePiece-style with byte fallback: Llama 2, Mistral) only"
         )
-    pre = _pre_tokenizer(spec.get("pre_tokenizer"))
+    spm = bool(model.get("byte_fallback"))
+    pre = None if spm else _pre_tokenizer(spec.get("pre_tokenizer"))
+    space_prefix = _space_prefix(spec) if spm else None
     vocab_size = config["vocab_size"]
     tokens: list[str | None] = [None] * vocab_size
     types = [5] * vocab_size  # unused until filled
@@ -292,7 +296,22 @@ def read_tokenizer(checkpoint: Path, config: dict) -> Tokenizer:
     tokens = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     if not merges:
-        raise BadInputError(f"{file} has no BPE merges; llama.cpp's byte-level BPE needs them")
+        raise BadInputError(f"{file} has no BPE merges; llama.cpp's BPE tokenizers need them")
+    scores = None
+    if spm:
+        # llama.cpp's SentencePiece tokenizer merges the adjacent pair whose joined token scores highest;
+        # a token's score is minus the rank of the merge that makes it, so merges run in BPE's order.
+        scores = [0.0] * vocab_size
+        for rank, merge in enumerate(merges):
+            i = model["vocab"].get(merge.replace(" ", "", 1))
+            if i is not None and i < vocab_size:
+                scores[i] = -float(rank)
+        for token, i in model["vocab"].items():
+            if i < vocab_size and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                types[i] = 6  # a byte of the fallback
+        unk = model.get("unk_token")
+        if unk in model["vocab"] and model["vocab"][unk] < vocab_size:
+            types[model["vocab"][unk]] = 2
 
     hf = AutoTokenizer.from_pretrained(checkpoint)
     special = {
@@ -306,8 +325,28 @@ def read_tokenizer(checkpoint: Path, config: dict) -> Tokenizer:
     probe = hf("a").input_ids
     add_bos = "bos" in special and bool(probe) and probe[0] == special["bos"]
     template = getattr(hf, "chat_template", None)
-    return Tokenizer(
-        "gpt2", pre, tokens, types, merges, special, add_bos, template if isinstance(template, str) else None
+    template = template if isinstance(template, str) else None
+    if spm:
+        return Tokenizer("llama", None, tokens, types, [], special, add_bos, template, scores, space_prefix)
+    return Tokenizer("gpt2", pre, tokens, types, merges, special, add_bos, template)
+
+
+def _space_prefix(spec: dict) -> bool:
+    """Whether a SentencePiece-style tokenizer puts "▁" before the text; BadInputError for a layout llama.cpp lacks.
+
+    Two layouts map to llama.cpp's: a normalizer that prepends "▁" and replaces spaces with it (Llama 2), or a
+    Metaspace pre-tokenizer (newer conversions, Mistral), prepending unless its scheme is "never".
+    """
+    norm, pre = spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}
+    steps = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm] if norm else []
+    kinds = [s.get("type") for s in steps]
+    if kinds in (["Prepend", "Replace"], ["Replace"]) and not pre:
+        return kinds[0] == "Prepend"
+    if pre.get("type") == "Metaspace" and not steps:
+        return pre.get("prepend_scheme", "always") != "never"
+    raise BadInputError(
+        f"the SentencePiece-style tokenizer's normalizer ({' + '.join(map(str, kinds)) or 'none'}) and "
+        f"pre-tokenizer ({pre.get('type') or 'none'}) have no llama.cpp equivalent known here; export to ONNX or vLLM"
     )
 
 
@@ -400,10 +439,14 @@ def write_gguf(plan: GGUFPlan, path: Path, ftype: str) -> None:
     w.add_vocab_size(c["vocab_size"])
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if ftype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
     w.add_tokenizer_model(tok.model)
-    w.add_tokenizer_pre(tok.pre)
     w.add_token_list(tok.tokens)
     w.add_token_types(tok.types)
-    w.add_token_merges(tok.merges)
+    if tok.model == "llama":
+        w.add_token_scores(tok.scores)
+        w.add_add_space_prefix(tok.add_space_prefix)
+    else:
+        w.add_tokenizer_pre(tok.pre)
+        w.add_token_merges(tok.merges)
     for name, token_id in tok.special.items():
         getattr(
             w,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 TINY_SIZES = dict(
@@ -65,6 +65,27 @@ def build_bpe_tokenizer(vocab_size: int = 300, split: str | None = None) -> PreT
         show_progress=False,
     )
     backend.train_from_iterator(BPE_TEXT * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def build_spm_tokenizer(vocab_size: int = 400, metaspace: bool = False) -> PreTrainedTokenizerFast:
+    """A SentencePiece-style BPE tokenizer (byte fallback, "▁" for spaces, BOS added) trained on BPE_TEXT.
+
+    Llama 2's layout (a normalizer prepends "▁" and replaces spaces), or with `metaspace` the newer
+    one (a Metaspace pre-tokenizer, as Mistral's). Ids: <unk> 0, <s> 1, </s> 2, then the 256 byte tokens.
+    """
+    backend = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    if metaspace:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    else:
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    backend.train_from_iterator(BPE_TEXT * 20, trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import build_bpe_tokenizer, save_tiny_model
+from conftest import build_bpe_tokenizer, build_spm_tokenizer, save_tiny_model
 
 from slimgpt_deploy.cli import main
 from slimgpt_deploy.errors import VerificationError
@@ -128,6 +128,25 @@ LLAMA3_ROPE = {
 SHARP = {"initializer_range": 0.1}
 
 
+@pytest.mark.parametrize("metaspace", [False, True], ids=["llama2-normalizer", "metaspace"])
+def test_sentencepiece_style_tokenizer(metaspace, tmp_path):
+    """Byte-fallback BPE (Llama 2, Mistral) becomes llama.cpp's `llama` vocab: scores, byte tokens, space prefix."""
+    tokenizer = build_spm_tokenizer(metaspace=metaspace)
+    model = save_tiny_model(tmp_path / "model", "mistral", tokenizer=tokenizer, vocab_size=448, **SHARP)
+    summary = gguf.export(model, tmp_path / "out")
+    v = summary["verification"]
+    assert v["passed"] and v["tokenizer_equal"], v["failures"]  # the non-ASCII check text goes through byte tokens
+    assert summary["tokenizer"] == {"model": "llama", "pre": None}
+    from gguf import GGUFReader
+
+    reader = GGUFReader(tmp_path / "out" / "model-f32.gguf")
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert types[0] == 2 and types[1] == 3 and types[3:259] == [6] * 256  # unknown, control, the 256 bytes
+    assert reader.fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    diff, agree = torch_vs_llamacpp(model, tmp_path / "out" / "model-f32.gguf")
+    assert diff < 1e-4 and agree == 1.0, (diff, agree)
+
+
 @pytest.mark.parametrize(
     "family,overrides,split",
     [
@@ -192,3 +211,18 @@ def test_pruned_smollm2(ftype, smollm2_slim_dir, tmp_path):
         assert v["greedy_tokens_equal"] >= 3 and v["max_logprob_diff"] < 1e-3
     else:
         assert v["kl_mean"] < 0.02 and v["top1_agreement"] >= 0.9
+
+
+def test_sentencepiece_scores_decide_the_merges(tmp_path, monkeypatch):
+    """With every score equal llama.cpp merges in another order: the tokenizer check must catch it."""
+    model = save_tiny_model(tmp_path / "model", "mistral", tokenizer=build_spm_tokenizer(), vocab_size=448)
+    real = gguf.read_tokenizer
+
+    def flat_scores(checkpoint, config):
+        tok = real(checkpoint, config)
+        tok.scores = [0.0] * len(tok.scores)
+        return tok
+
+    monkeypatch.setattr(gguf, "read_tokenizer", flat_scores)
+    with pytest.raises(VerificationError, match="tokenizes"):
+        gguf.export(model, tmp_path / "out")
