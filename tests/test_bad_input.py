@@ -319,7 +319,7 @@ CASES = {
     "generate --max-new-tokens 0": (generate_zero_new_tokens, 2, "--max-new-tokens must be at least 1", False),
     "serve with a bad tensor-parallel size": (serve_with_bad_tp_size, 2, "tensor-parallel size 3", False),
     "unsupported architecture shipping remote code": (unsupported_architecture_with_remote_code, 2, "'evil'", False),
-    "GGUF of a word-level tokenizer": (gguf_of_word_level_tokenizer, 2, "byte-level BPE tokenizers", False),
+    "GGUF of a word-level tokenizer": (gguf_of_word_level_tokenizer, 2, "the tokenizer is WordLevel", False),
     "GGUF of an unsupported type": (gguf_unsupported_type, 2, "GGUF type 'int8' is not supported", False),
     "GGUF of a head size that differs": (gguf_head_size_differs, 2, "one head size in every layer", False),
     "GGUF of an unknown RoPE scaling": (gguf_unknown_rope_scaling, 2, "RoPE scaling 'linear'", False),
