@@ -24,8 +24,12 @@ import sys
 from pathlib import Path
 
 PACKAGE = "llama_cpp_py_sync"
-C23_SYMBOLS = {"__isoc23_strtol": "strtol", "__isoc23_strtoul": "strtoul", "__isoc23_strtoull": "strtoull"}
-C23_SYMBOLS["__isoc23_sscanf"] = "sscanf"
+C23_SYMBOLS = {
+    "__isoc23_strtol": "strtol",
+    "__isoc23_strtoul": "strtoul",
+    "__isoc23_strtoull": "strtoull",
+    "__isoc23_sscanf": "sscanf",
+}
 GLIBC_238 = b"GLIBC_2.38"
 SHT_GNU_VERNEED = 0x6FFFFFFE
 VER_FLG_WEAK = 0x2

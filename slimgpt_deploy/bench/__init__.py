@@ -54,7 +54,7 @@ RUN_DTYPE_BYTES = 4  # every back end runs float32
 CHILD_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
 # Per back end: variables its child runs without. llama.cpp's OpenMP threads meet at a barrier after
 # every op; OMP_WAIT_POLICY=PASSIVE (make test sets it for its parallel processes) puts them to sleep
-# there, and decode ran 4x slower (q8_0 SmolLM2 at 20%, 2 threads: 42 vs 160 tokens/s).
+# there, and decode ran 3.6x slower (q8_0 SmolLM2 at 20%, 2 threads: 36.6 vs 131.7 tokens/s).
 CHILD_ENV_UNSET = {"llamacpp": ("OMP_WAIT_POLICY",)}
 CHILD_TIMEOUT_S = 3 * 3600
 MODEL_MARKER = "bench_source.json"
@@ -319,44 +319,38 @@ def model_info(source: str, path: Path) -> dict:
     }
 
 
-def _gguf_dirs(dirs: Mapping[str, Path], work_dir: Path, log) -> dict[str, Path]:
-    """f32 GGUF exports (unverified: the bench measures, `export` verifies) made once per checkpoint."""
+# back end -> (export format, exporter arguments, what the export.json of a reusable export says for a checkpoint)
+BACKEND_EXPORTS: dict[str, tuple[str, dict, Callable[[Path], dict]]] = {
+    "onnx": (
+        "onnx",
+        {"dtype": "fp32", "quantize": None},
+        lambda c: {"checkpoint": str(c), "dtype": "fp32", "quantize": None},
+    ),
+    "llamacpp": ("gguf", {"quantize": "f32"}, lambda c: {"source": str(c), "type": "f32"}),
+}
+
+
+def _export_dirs(name: str, dirs: Mapping[str, Path], work_dir: Path, given: Mapping[str, Path] | None, log):
+    """The back end's exports of each model: `given`, a complete earlier one, or one made now (unverified:
+    the bench measures, `export` verifies) in work_dir/<format>/<role>."""
     from ..exporters import get_exporter
 
-    out = {}
-    for role, checkpoint in dirs.items():
-        target = work_dir / "gguf" / role
-        summary = target / "export.json"
-        if summary.is_file():
-            s = json.loads(summary.read_text())
-            if s.get("source") == str(checkpoint) and s.get("type") == "f32":
-                out[role] = target
-                continue
-        log(f"exporting the {role} model to GGUF (f32) in {target}")
-        get_exporter("gguf")(checkpoint, target, quantize="f32", force=True, verify=False, log=log)
-        out[role] = target
-    return out
-
-
-def _onnx_dirs(dirs: Mapping[str, Path], work_dir: Path, given: Mapping[str, Path] | None, log) -> dict[str, Path]:
-    """Existing exports, or fp32 exports (unverified: the bench measures, `export` verifies) made once."""
-    from ..exporters import get_exporter
-
+    fmt, kwargs, expected = BACKEND_EXPORTS[name]
     given = given or {}
     out = {}
     for role, checkpoint in dirs.items():
         if role in given:
             out[role] = Path(given[role])
             continue
-        target = work_dir / "onnx" / role
+        target = work_dir / fmt / role
         summary = target / "export.json"
         if summary.is_file():
             s = json.loads(summary.read_text())
-            if s.get("checkpoint") == str(checkpoint) and s.get("dtype") == "fp32" and s.get("quantize") is None:
+            if all(s.get(k) == v for k, v in expected(checkpoint).items()):
                 out[role] = target
                 continue
-        log(f"exporting the {role} model to ONNX (fp32) in {target}")
-        get_exporter("onnx")(checkpoint, target, dtype="fp32", quantize=None, force=True, verify=False, log=log)
+        log(f"exporting the {role} model to {fmt.upper()} ({kwargs}) in {target}")
+        get_exporter(fmt)(checkpoint, target, force=True, verify=False, log=log, **kwargs)
         out[role] = target
     return out
 
@@ -365,11 +359,11 @@ def _bench_backend(name, dirs, models, options, work_dir, onnx_dirs, log) -> dic
     """Dense then pruned, each in its own child; {"status": "failed", ...} on the first failure."""
     from .measure import ratios
 
-    exports = {"onnx": ("ONNX", lambda: _onnx_dirs(dirs, work_dir, onnx_dirs, log))}
-    exports["llamacpp"] = ("GGUF", lambda: _gguf_dirs(dirs, work_dir, log))
-    what, make = exports.get(name, (None, lambda: dict(dirs)))
+    what = BACKEND_EXPORTS[name][0] if name in BACKEND_EXPORTS else None
     try:
-        run_dirs = make()
+        run_dirs = (
+            _export_dirs(name, dirs, work_dir, onnx_dirs if name == "onnx" else None, log) if what else dict(dirs)
+        )
     except SlimGPTError as err:
         return _failed(name, f"{what} export failed: {err}", log)
     except Exception as err:  # an exporter bug must not lose the other back ends' results
