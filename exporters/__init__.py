@@ -27,12 +27,14 @@ EXPORTERS: dict[str, str] = {
     "vllm": "slimgpt_deploy.exporters.vllm:export",
     "onnx": "slimgpt_deploy.exporters.onnx:export",
     "gguf": "slimgpt_deploy.exporters.gguf:export",
+    "genai": "slimgpt_deploy.exporters.genai:export",
 }
 
 VERIFIERS: dict[str, str] = {
     "vllm": "slimgpt_deploy.exporters.vllm:verify",
     "onnx": "slimgpt_deploy.exporters.onnx:verify",
     "gguf": "slimgpt_deploy.exporters.gguf:verify",
+    "genai": "slimgpt_deploy.exporters.genai:verify",
 }
 
 # What `--quantize` takes per format (kept here, import-light, for the CLI's choices); each
@@ -41,6 +43,7 @@ QUANTIZE: dict[str, tuple[str, ...]] = {
     "vllm": (),
     "onnx": ("int8",),
     "gguf": ("f32", "f16", "q8_0", "q4_k_m"),
+    "genai": ("int8",),
 }
 
 

@@ -20,6 +20,7 @@ BACKENDS: dict[str, str] = {
     "vllm": "slimgpt_deploy.serving.vllm_backend:generate",
     "onnx": "slimgpt_deploy.serving.onnx_runner:generate",
     "llamacpp": "slimgpt_deploy.serving.llamacpp_runner:generate",
+    "genai": "slimgpt_deploy.serving.genai_runner:generate",
 }
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from slimgpt_deploy.bench import BACKENDS as BENCH_BACKENDS
-from slimgpt_deploy.build.options import PRESETS
+from slimgpt_deploy.build.options import GENAI_WEIGHTS, PRESETS
 from slimgpt_deploy.build.stages import STAGES
 from slimgpt_deploy.config import DTYPES, GQA_MODES, HESSIAN_DTYPES, METHODS, SCHEDULES
 from slimgpt_deploy.exporters import EXPORTERS, QUANTIZE
@@ -586,6 +586,7 @@ _BUILD_FLAGS = {
     "onnx_dtype": "onnx.dtype",
     "onnx_quantize": "onnx.quantize",
     "gguf_type": "gguf.type",
+    "genai_weights": "genai.weights",
     "backends": "bench.backends",
     "bench_repeats": "bench.repeats",
     "bench_decode_tokens": "bench.decode_tokens",
@@ -664,6 +665,7 @@ _BUILD_FLAGS = {
 @click.option("--onnx-dtype", type=click.Choice(["fp32", "fp16"]), help="ONNX export dtype [fp32].")
 @click.option("--onnx-quantize", type=click.Choice(list(QUANTIZE["onnx"])), help="ONNX 8-bit weights.")
 @click.option("--gguf-type", type=click.Choice(list(QUANTIZE["gguf"])), help="GGUF file type for llama.cpp [q8_0].")
+@click.option("--genai-weights", type=click.Choice(list(GENAI_WEIGHTS)), help="ONNX Runtime GenAI weights [int8].")
 @click.option(
     "--backends",
     help=f"Bench back ends, comma-separated: {','.join(BENCH_BACKENDS)} [all installed; named ones must be].",
@@ -924,25 +926,25 @@ def _print_accuracy(console, acc: dict) -> None:
     "fmt",
     required=True,
     type=click.Choice(list(EXPORTERS)),
-    help="Target runtime: vLLM, ONNX Runtime, llama.cpp.",
+    help="Target runtime: vLLM, ONNX Runtime, llama.cpp (gguf), ONNX Runtime GenAI (genai).",
 )
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option(
     "--dtype",
     default=None,
-    help="Weight dtype: vllm float32|bfloat16|float16 (default: the checkpoint's); onnx fp32|fp16 (default fp32).",
+    help="Weight dtype: vllm float32|bfloat16|float16 (default: the checkpoint's); onnx, genai fp32|fp16 [fp32].",
 )
 @click.option(
     "--quantize",
     default=None,
     type=click.Choice(sorted({q for types in QUANTIZE.values() for q in types})),
-    help="onnx: int8 (8-bit MatMul weights); gguf: the file type, f32 (default), f16, q8_0 or q4_k_m.",
+    help="onnx, genai: int8 (8-bit MatMul weights); gguf: the file type, f32 (default), f16, q8_0 or q4_k_m.",
 )
 @click.option("--no-verify", is_flag=True, help="Skip the comparison with PyTorch (not recommended).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON on stdout.")
 def export_(checkpoint, fmt, out, dtype, quantize, no_verify, force, as_json):
-    """Export a slim (or dense) CHECKPOINT for vLLM, ONNX Runtime or llama.cpp (GGUF), verified against PyTorch."""
+    """Export a slim (or dense) CHECKPOINT for vLLM, ONNX Runtime, llama.cpp (GGUF) or ONNX Runtime GenAI, verified."""
 
     def go():
         from slimgpt_deploy.exporters import get_exporter

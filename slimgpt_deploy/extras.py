@@ -16,6 +16,7 @@ EXTRAS = {
     "peft": "recover",
     "lm_eval": "lm-eval",
     "llama_cpp_py_sync": "llamacpp",
+    "onnxruntime_genai": "genai",
 }
 
 

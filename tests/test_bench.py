@@ -199,6 +199,23 @@ def test_llamacpp_measures_f32_gguf_exports_of_both_models(uneven_slim_bpe_dir, 
     assert e["ratios"]["ideal_decode_speedup"] > 1
 
 
+def test_genai_measures_fp32_genai_exports_of_both_models(uneven_slim_bpe_dir, tiny_options, tmp_path):
+    """ONNX Runtime GenAI as a bench back end: fp32 GenAI folders made in the work dir, the same schema."""
+    pytest.importorskip("onnxruntime_genai")
+    dense = save_tiny_model(
+        tmp_path / "dense", hidden_size=128, num_hidden_layers=3, tokenizer=build_bpe_tokenizer(), vocab_size=320
+    )
+    r = run_bench(dense, uneven_slim_bpe_dir, ["genai"], options=tiny_options, work_dir=tmp_path / "w")
+    e = r["backends"]["genai"]
+    assert e["status"] == "ok", e
+    for role in ("dense", "pruned"):
+        _check_m(e[role], tiny_options)
+        folder = tmp_path / "w" / "genai" / role
+        assert (folder / "genai_config.json").is_file()
+        assert e[role]["weight_bytes"] == sum(p.stat().st_size for p in folder.glob("model.onnx*"))
+    assert e["ratios"]["ideal_decode_speedup"] > 1
+
+
 def test_markdown_tables_show_both_models_per_back_end(torch_onnx_result):
     md = markdown(torch_onnx_result)
     for name in ("torch", "onnx"):

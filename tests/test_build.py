@@ -106,6 +106,8 @@ def test_build_writes_every_artifact_and_a_complete_report(full_build):
         "onnx/slimgpt_onnx.json",
         "verify/vllm.json",
         "verify/onnx.json",
+        "genai/genai_config.json",
+        "verify/genai.json",
         "bench/bench.json",
         "report/report.json",
         "report/report.md",
@@ -115,7 +117,7 @@ def test_build_writes_every_artifact_and_a_complete_report(full_build):
     report = json.loads((out / "report" / "report.json").read_text())
     assert set(REPORT_FIELDS) <= set(report)
     assert report["passed"] and report["failures"] == []
-    assert report["verification"]["vllm"]["passed"] and report["verification"]["onnx"]["passed"]
+    assert all(report["verification"][f]["passed"] for f in ("vllm", "onnx", "gguf", "genai"))
     assert len(report["layers"]) == 3 and report["layers"][0]["dense_q_heads"] == 4
     assert 0.25 < report["model"]["ratio_achieved_decoder"] < 0.35
     assert {"torch", "onnx"} <= set(report["bench"]["backends"])
@@ -157,9 +159,11 @@ def test_changed_option_reruns_exactly_the_stages_that_depend_on_it(full_build, 
         "export-vllm": "cached",
         "export-onnx": "cached",
         "export-gguf": "cached",
+        "export-genai": "cached",
         "verify-vllm": "cached",
         "verify-onnx": "cached",
         "verify-gguf": "cached",
+        "verify-genai": "cached",
         "bench": "ok",
         "report": "ok",
     }
@@ -213,6 +217,28 @@ def test_a_corrupted_gguf_fails_its_verification(full_build, build_config, tiny_
     assert summary["stages"]["verify-gguf"]["status"] == "failed"
     report = json.loads((out / "report" / "report.json").read_text())
     assert any("KL" in f or "top-1" in f for f in report["verification"]["gguf"]["failures"])
+
+
+def test_a_corrupted_genai_folder_fails_its_verification(full_build, build_config, tiny_dense, tmp_path):
+    import onnx
+
+    out = tmp_path / "copy"
+    shutil.copytree(full_build[0], out, copy_function=shutil.copy2)
+    import numpy as np
+    from onnx import numpy_helper
+
+    path = out / "genai" / "model.onnx"
+    model = onnx.load(str(path))
+    embed = next(t for t in model.graph.initializer if t.name == "model.embed_tokens.weight")
+    embed.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(embed)), embed.name))  # all zero
+    (out / "genai" / "model.onnx.data").unlink(missing_ok=True)  # int8 (the default) keeps weights inline
+    onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
+
+    result, summary = _build(tiny_dense, "--out", out, "--stages", "verify-genai,report", config=build_config)
+    assert result.exit_code == 3, result.output
+    assert summary["stages"]["verify-genai"]["status"] == "failed"
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert any("KL" in f or "top-1" in f for f in report["verification"]["genai"]["failures"])
 
 
 def test_config_file_and_flag_precedence(build_config):

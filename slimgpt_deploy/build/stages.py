@@ -6,9 +6,11 @@
     export-vllm  DIR/slim -> DIR/vllm          (exporters.vllm, unverified here)
     export-onnx  DIR/slim -> DIR/onnx          (exporters.onnx, unverified here)
     export-gguf  DIR/slim -> DIR/gguf          (exporters.gguf, llama.cpp's deci architecture, gguf.type)
+    export-genai DIR/slim -> DIR/genai         (exporters.genai, an ONNX Runtime GenAI folder, genai.weights)
     verify-vllm  DIR/vllm vs DIR/slim -> DIR/verify/vllm.json
     verify-onnx  DIR/onnx vs DIR/slim -> DIR/verify/onnx.json
     verify-gguf  DIR/gguf vs DIR/slim -> DIR/verify/gguf.json (llama.cpp itself)
+    verify-genai DIR/genai vs DIR/slim -> DIR/verify/genai.json (ONNX Runtime GenAI itself)
     eval         dense vs DIR/slim: perplexity on eval.text, fidelity (KL, top-1), lm-eval
                  accuracies on eval.tasks -> DIR/eval/eval.json (only when asked; see gate.py)
     bench        dense vs DIR/slim on torch/onnx/vllm -> DIR/bench/bench.json
@@ -133,6 +135,11 @@ def export_gguf(ctx: BuildContext) -> dict:
     return _export("gguf", ctx, quantize=ctx.options.gguf_type)
 
 
+def export_genai(ctx: BuildContext) -> dict:
+    w = ctx.options.genai_weights
+    return _export("genai", ctx, dtype="fp32" if w == "int8" else w, quantize="int8" if w == "int8" else None)
+
+
 def _verify(fmt: str, ctx: BuildContext) -> dict:
     """Run the format's verifier; an artifact that cannot even be loaded is a failed check, not a crash."""
     from ..errors import first_line
@@ -159,6 +166,10 @@ def verify_onnx(ctx: BuildContext) -> dict:
 
 def verify_gguf(ctx: BuildContext) -> dict:
     return _verify("gguf", ctx)
+
+
+def verify_genai(ctx: BuildContext) -> dict:
+    return _verify("genai", ctx)
 
 
 def bench(ctx: BuildContext) -> dict:
@@ -331,6 +342,17 @@ TABLE: tuple[Stage, ...] = (
         reads_checkpoint=True,
     ),
     Stage(
+        "export-genai",
+        export_genai,
+        "genai",
+        "an ONNX Runtime GenAI folder (GroupQueryAttention per layer)",
+        needs=("prune",),
+        requires=("onnx", "onnxruntime"),
+        options=lambda o: {"weights": o.genai_weights},
+        artifact=True,
+        reads_checkpoint=True,
+    ),
+    Stage(
         "verify-vllm",
         verify_vllm,
         "verify/vllm.json",
@@ -357,6 +379,16 @@ TABLE: tuple[Stage, ...] = (
         "llama.cpp vs transformers",
         needs=("prune", "export-gguf"),
         requires=("llama_cpp_py_sync",),
+        verifies=True,
+        reads_checkpoint=True,
+    ),
+    Stage(
+        "verify-genai",
+        verify_genai,
+        "verify/genai.json",
+        "ONNX Runtime GenAI vs transformers",
+        needs=("prune", "export-genai"),
+        requires=("onnxruntime_genai",),
         verifies=True,
         reads_checkpoint=True,
     ),
