@@ -114,6 +114,20 @@ for share in (1.0, 0.5, 0.0):  # at 50% a share of 0.5 cuts one query head per g
         "nospecial",
         prune={"ratio": 0.5, "head_share": share},
     )
+# The sampler changes (2) and (3) again on the heads-kept prune (the default split for SmolLM2 at 20%).
+_variant(
+    "heads0-greedy4",
+    "(9) heads kept, no BOS, 4 greedy tokens after the random one",
+    "nospecial-heads0",
+    bos=False,
+    greedy_opening=4,
+)
+_variant(
+    "heads0-filter1.25",
+    "(9) heads kept, no BOS, 4 greedy tokens, 1.25x over-generation with repeats and worst self-perplexity dropped",
+    "heads0-greedy4",
+    overgenerate=1.25,
+)
 _variant(
     "wikitext-valid-heads0",
     "real data (WikiText-2 valid), heads kept (head_share 0)",

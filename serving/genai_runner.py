@@ -128,12 +128,18 @@ class GenAIModel:
         return self.og.Generator(self.model, params)
 
     def greedy(self, prompts: list[list[int]], steps: int) -> list[list[int]]:
-        """Greedy continuations of equal-length prompts in one batch, `steps` tokens each (EOS does not stop)."""
-        width = len(prompts[0])
-        if any(len(p) != width for p in prompts):
-            raise ValueError("greedy() batches prompts of one length")
+        """Greedy continuations of prompts in one batch, `steps` tokens each (EOS does not stop).
+
+        Shorter prompts are padded on the right with the config's pad_token_id, which GenAI masks
+        (GroupQueryAttention then places each row's new tokens after its own last real one);
+        measured here: left padding gives wrong tokens for the shorter row, right padding the
+        tokens of that prompt run alone.
+        """
+        width = max(len(p) for p in prompts)
+        pad = int(self.info.config["model"]["pad_token_id"])
+        rows = [p + [pad] * (width - len(p)) for p in prompts]
         gen = self.generator(len(prompts), width + steps, do_sample=False, min_length=width + steps)
-        gen.append_tokens(np.asarray(prompts, dtype=np.int32))
+        gen.append_tokens(np.asarray(rows, dtype=np.int32))
         for _ in range(steps):
             gen.generate_next_token()
         return [[int(t) for t in gen.get_sequence(b)[width : width + steps]] for b in range(len(prompts))]
