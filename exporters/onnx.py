@@ -124,8 +124,11 @@ def export(
     force: bool = False,
     verify: bool = True,
     log: Callable[[str], None] = logger.info,
+    fuse: bool = True,
 ) -> dict:
-    """Export `checkpoint` to an ONNX directory `out` (atomically), verified unless `verify=False`."""
+    """Export `checkpoint` to an ONNX directory `out` (atomically), verified unless `verify=False`.
+
+    `fuse`: ONNX Runtime's norm fusions (`fuse_norms`); False keeps the graph in standard ONNX ops only."""
     from slimgpt_deploy.sources import load_model
 
     dtype, quantize = _validate(dtype, quantize)
@@ -137,6 +140,10 @@ def export(
     with atomic_output_dir(out, force) as tmp:
         log(f"exporting {checkpoint} to ONNX ({kind}, opset {OPSET}) with torch.onnx dynamo exporter")
         spec, model_bytes = write_onnx(loaded.model, tmp, dtype=DTYPES[dtype])
+        fused = None
+        if fuse:
+            log("fusing RMSNorm and residual adds with ONNX Runtime's transformer optimizer")
+            fused = fuse_norms(tmp)
         if quantize is not None:
             log(f"quantizing MatMul weights: {QUANTIZERS[quantize].weights}")
             QUANTIZERS[quantize].fn(tmp, tmp)
@@ -150,6 +157,7 @@ def export(
             "quantize": quantize,
             "weights": spec.weights,
             "opset": OPSET,
+            "fused": fused,
             "file_bytes": dir_model_bytes(tmp),
             "export_seconds": None,
             "verification": {"passed": None, "skipped": True},
@@ -309,6 +317,27 @@ def _save_onnx(model, directory: Path) -> None:
         location=EXTERNAL_DATA_FILE,
         size_threshold=1024,
     )
+
+
+# --- fusion ----------------------------------------------------------------------------------
+
+
+def fuse_norms(directory: Path) -> dict[str, int]:
+    """ONNX Runtime's transformer optimizer on DIR/model.onnx, in place: RMSNorm -> SimplifiedLayerNormalization,
+    residual add + RMSNorm -> com.microsoft SkipSimplifiedLayerNormalization (what it finds in this graph; its
+    attention and rotary fusions match no pattern here). Returns the count of each fused op type."""
+    require("onnxruntime")
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_by_fusion
+
+    options = FusionOptions("gpt2")
+    options.enable_attention = options.enable_gelu = options.enable_bias_gelu = False
+    options.enable_embed_layer_norm = options.enable_bias_skip_layer_norm = False
+    with _quiet_quantizer():
+        fused = optimize_by_fusion(_load_onnx(directory), "gpt2", 0, 0, options).model
+    _save_onnx(fused, directory)
+    ops = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding")
+    return {op: n for op in ops if (n := sum(1 for node in fused.graph.node if node.op_type == op))}
 
 
 def untie_transposed_weights(model) -> list[str]:

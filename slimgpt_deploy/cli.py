@@ -17,7 +17,7 @@ import click
 from slimgpt_deploy.bench import BACKENDS as BENCH_BACKENDS
 from slimgpt_deploy.build.options import GENAI_WEIGHTS, PRESETS
 from slimgpt_deploy.build.stages import STAGES
-from slimgpt_deploy.config import DTYPES, GQA_MODES, HESSIAN_DTYPES, METHODS, SCHEDULES
+from slimgpt_deploy.config import DTYPES, GQA_MODES, HESSIAN_DTYPES, METHODS, SCHEDULES, PruneConfig
 from slimgpt_deploy.exporters import EXPORTERS, QUANTIZE
 from slimgpt_deploy.serving import BACKENDS as GENERATE_BACKENDS
 
@@ -131,88 +131,91 @@ def _on_sigterm_interrupt() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+# The prune flags, shared by `prune` and `build`: (flag, click arguments, PruneConfig field whose default `prune` shows,
+# or None where `prune` leaves the value unset, help).
+_PRUNE_FLAGS = (
+    ("--ratio", {"type": Ratio()}, "ratio", "Share of decoder-layer parameters to remove, in [0, 0.9]."),
+    ("--method", {"type": click.Choice(list(METHODS))}, "method", "Pruning method."),
+    ("--schedule", {"type": click.Choice(list(SCHEDULES))}, "schedule", "How the ratio spreads over depth."),
+    (
+        "--layer-ratios",
+        {"callback": _float_list},
+        None,
+        "Explicit per-layer ratios, comma-separated (implies --schedule list).",
+    ),
+    (
+        "--gqa-mode",
+        {"type": click.Choice(list(GQA_MODES))},
+        None,
+        "GQA: prune whole KV groups, or the same number of query heads in every group [per-group].",
+    ),
+    (
+        "--head-multiple",
+        {"type": click.IntRange(min=1)},
+        None,
+        "Every layer keeps query and KV heads in multiples of N (KV heads may instead divide N, as vLLM "
+        "replicates them) [1].",
+    ),
+    (
+        "--ffn-multiple",
+        {"type": click.IntRange(min=1)},
+        None,
+        "Every layer keeps FFN channels in multiples of M (e.g. 64 for GPU kernels) [1].",
+    ),
+    (
+        "--tp-size",
+        {"type": click.IntRange(min=1)},
+        None,
+        "Shorthand: shapes that vLLM --tensor-parallel-size T shards (heads and FFN multiples of T).",
+    ),
+    (
+        "--head-share",
+        {"type": click.FloatRange(0.0, 1.0)},
+        None,
+        "Heads are cut at this share of each layer's ratio (whole units); the FFN takes the rest "
+        f"[{PruneConfig.head_share}; SlimGPT: 1.0].",
+    ),
+    ("--calib", {}, "calib", "Calibration data: 'self', a .txt/.jsonl file, or a dataset name."),
+    ("--nsamples", {"type": int}, "nsamples", "Calibration samples (paper: 128)."),
+    ("--seqlen", {"type": int}, "seqlen", "Tokens per calibration sample (paper: 2048)."),
+    ("--seed", {"type": int}, "seed", "Calibration sampling seed."),
+    (
+        "--device",
+        {},
+        "device",
+        "Compute device for the layer being pruned: auto (the GPU when CUDA is available), cpu or cuda[:N].",
+    ),
+    ("--dtype", {"type": click.Choice(list(DTYPES))}, "dtype", "Model dtype while pruning."),
+    (
+        "--hessian-dtype",
+        {"type": click.Choice(list(HESSIAN_DTYPES))},
+        "hessian_dtype",
+        "Precision of H and its factorizations.",
+    ),
+)
+
+
+def prune_options(build: bool):
+    """The prune flags. `prune` shows PruneConfig's defaults; `build` passes None for a flag not given (the
+    config file, then the same defaults, decide) and names the default in the help."""
+
+    def decorate(fn):
+        for flag, kwargs, field, text in reversed(_PRUNE_FLAGS):
+            default = getattr(PruneConfig, field) if field else None
+            if build or default is None:
+                shown = f"{text} [{default}]" if build and default is not None else text
+                fn = click.option(flag, default=None, help=shown, **kwargs)(fn)
+            else:
+                fn = click.option(flag, default=default, show_default=True, help=text, **kwargs)(fn)
+        return fn
+
+    return decorate
+
+
 @main.command()
 @click.argument("model")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory for the slim checkpoint.")
-@click.option(
-    "--ratio",
-    type=Ratio(),
-    default=0.2,
-    show_default=True,
-    help="Share of decoder-layer parameters to remove, in [0, 0.9].",
-)
-@click.option(
-    "--method",
-    default="slimgpt",
-    show_default=True,
-    type=click.Choice(list(METHODS)),
-)
-@click.option(
-    "--schedule",
-    default="log",
-    show_default=True,
-    type=click.Choice(list(SCHEDULES)),
-    help="How the ratio spreads over depth.",
-)
-@click.option(
-    "--layer-ratios", callback=_float_list, help="Explicit per-layer ratios, comma-separated (implies --schedule list)."
-)
-@click.option(
-    "--gqa-mode",
-    default=None,
-    type=click.Choice(list(GQA_MODES)),
-    help="GQA: prune whole KV groups, or the same number of query heads in every group.",
-)
-@click.option(
-    "--head-multiple",
-    type=click.IntRange(min=1),
-    default=None,
-    help=(
-        "Every layer keeps query and KV heads in multiples of N "
-        "(KV heads may instead divide N, as vLLM replicates them)."
-    ),
-)
-@click.option(
-    "--ffn-multiple",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Every layer keeps FFN channels in multiples of M (e.g. 64 for GPU kernels).",
-)
-@click.option(
-    "--tp-size",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Shorthand: shapes that vLLM --tensor-parallel-size T shards (heads and FFN multiples of T).",
-)
-@click.option(
-    "--head-share",
-    type=click.FloatRange(0.0, 1.0),
-    default=None,
-    help="Heads are cut at this share of each layer's ratio (whole units); the FFN takes the rest [0.5; SlimGPT: 1.0].",
-)
-@click.option(
-    "--calib",
-    default="self",
-    show_default=True,
-    help="Calibration data: 'self', a .txt/.jsonl file, or a dataset name.",
-)
-@click.option("--nsamples", type=int, default=64, show_default=True, help="Calibration samples (paper: 128).")
-@click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration sample (paper: 2048).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--device",
-    default="auto",
-    show_default=True,
-    help="Compute device for the layer being pruned: auto (the GPU when CUDA is available), cpu or cuda[:N].",
-)
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)))
-@click.option(
-    "--hessian-dtype",
-    default="float32",
-    show_default=True,
-    type=click.Choice(list(HESSIAN_DTYPES)),
-    help="Precision of H and its factorizations.",
-)
+@prune_options(build=False)
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option(
     "--resume",
@@ -585,6 +588,7 @@ _BUILD_FLAGS = {
     "vllm_dtype": "vllm.dtype",
     "onnx_dtype": "onnx.dtype",
     "onnx_quantize": "onnx.quantize",
+    "onnx_fuse": "onnx.fuse",
     "gguf_type": "gguf.type",
     "genai_weights": "genai.weights",
     "backends": "bench.backends",
@@ -639,31 +643,13 @@ _BUILD_FLAGS = {
     help="Cap on calibration activations kept in memory while pruning, e.g. 8GiB.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
-@click.option("--ratio", type=Ratio(), help="Share of decoder parameters to remove [0.2].")
-@click.option("--method", type=click.Choice(list(METHODS)), help="[slimgpt]")
-@click.option("--schedule", type=click.Choice(list(SCHEDULES)), help="[log]")
-@click.option("--layer-ratios", callback=_float_list, help="Explicit per-layer ratios, comma-separated.")
-@click.option("--gqa-mode", type=click.Choice(list(GQA_MODES)), help="[per-group]")
-@click.option("--head-multiple", type=click.IntRange(min=1), help="Heads kept in multiples of N [1].")
-@click.option("--ffn-multiple", type=click.IntRange(min=1), help="FFN channels kept in multiples of M [1].")
-@click.option("--tp-size", type=click.IntRange(min=1), help="Shapes that vLLM tensor parallelism T shards.")
-@click.option(
-    "--head-share",
-    type=click.FloatRange(0.0, 1.0),
-    help="Heads cut at this share of each layer's ratio; the FFN takes the rest [0.5].",
-)
-@click.option("--calib", help="Calibration: 'self', a .txt/.jsonl file or a dataset name [self].")
-@click.option("--nsamples", type=int, help="Calibration samples [64].")
-@click.option("--seqlen", type=int, help="Tokens per calibration sample [512].")
-@click.option("--seed", type=int, help="[0]")
-@click.option("--device", help="auto, cpu or cuda[:N] [auto: the GPU when CUDA is available].")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), help="Model dtype while pruning [float32].")
-@click.option("--hessian-dtype", type=click.Choice(list(HESSIAN_DTYPES)), help="[float32]")
+@prune_options(build=True)
 @click.option(
     "--vllm-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="vLLM export dtype [the checkpoint's]."
 )
 @click.option("--onnx-dtype", type=click.Choice(["fp32", "fp16"]), help="ONNX export dtype [fp32].")
 @click.option("--onnx-quantize", type=click.Choice(list(QUANTIZE["onnx"])), help="ONNX 8-bit weights.")
+@click.option("--onnx-fuse/--onnx-no-fuse", default=None, help="ONNX Runtime's norm fusions in the ONNX export [on].")
 @click.option("--gguf-type", type=click.Choice(list(QUANTIZE["gguf"])), help="GGUF file type for llama.cpp [q8_0].")
 @click.option("--genai-weights", type=click.Choice(list(GENAI_WEIGHTS)), help="ONNX Runtime GenAI weights [int8].")
 @click.option(
@@ -940,18 +926,26 @@ def _print_accuracy(console, acc: dict) -> None:
     type=click.Choice(sorted({q for types in QUANTIZE.values() for q in types})),
     help="onnx, genai: int8 (8-bit MatMul weights); gguf: the file type, f32 (default), f16, q8_0 or q4_k_m.",
 )
+@click.option(
+    "--no-fuse",
+    is_flag=True,
+    help="onnx: keep standard ONNX ops only (no ONNX Runtime RMSNorm / skip-norm fusion), for other runtimes.",
+)
 @click.option("--no-verify", is_flag=True, help="Skip the comparison with PyTorch (not recommended).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON on stdout.")
-def export_(checkpoint, fmt, out, dtype, quantize, no_verify, force, as_json):
+def export_(checkpoint, fmt, out, dtype, quantize, no_fuse, no_verify, force, as_json):
     """Export a slim (or dense) CHECKPOINT for vLLM, ONNX Runtime, llama.cpp (GGUF) or ONNX Runtime GenAI, verified."""
 
     def go():
         from slimgpt_deploy.exporters import get_exporter
 
         from .atomic import check_output_dir
+        from .errors import BadInputError
 
         check_output_dir(out, force)
+        if no_fuse and fmt != "onnx":
+            raise BadInputError(f"--no-fuse is an ONNX export option; drop it for --format {fmt}")
         console = _console()
         summary = get_exporter(fmt)(
             checkpoint,
@@ -961,6 +955,7 @@ def export_(checkpoint, fmt, out, dtype, quantize, no_verify, force, as_json):
             force=force,
             verify=not no_verify,
             log=lambda msg: console.print(msg, highlight=False),
+            **({"fuse": False} if no_fuse else {}),
         )
         verdict = summary.get("verification", {}).get("passed")
         tail = "verified" if verdict else "not verified (--no-verify)"

@@ -84,6 +84,30 @@ def test_export_writes_graph_cache_json_and_tokenizer(uneven_onnx, uneven_slim_d
     assert summary["verification"]["checks"]["max_abs_diff"] < 1e-4
 
 
+def test_norms_are_fused_and_no_fuse_keeps_standard_ops(uneven_onnx, uneven_slim_dir, tmp_path):
+    """The default export fuses RMSNorm (+ residual add) with ONNX Runtime's optimizer; --no-fuse keeps plain ONNX."""
+    import onnx
+
+    summary = json.loads((uneven_onnx / "export.json").read_text())
+    assert summary["fused"] == {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 6}  # 3 layers
+    ops = lambda d: {n.op_type for n in onnx.load(d / "model.onnx", load_external_data=False).graph.node}  # noqa: E731
+    assert "SkipSimplifiedLayerNormalization" in ops(uneven_onnx)
+    out = tmp_path / "plain"
+    result = CliRunner().invoke(
+        main, ["export", str(uneven_slim_dir), "--format", "onnx", "--out", str(out), "--no-fuse"]
+    )
+    assert result.exit_code == 0, result.output
+    plain = json.loads((out / "export.json").read_text())
+    assert plain["fused"] is None and plain["verification"]["passed"]
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    assert {n.domain for n in graph.node} <= {"", "ai.onnx"}  # no com.microsoft contrib op: any ONNX runtime
+    assert "ReduceMean" in ops(out) and "SimplifiedLayerNormalization" not in ops(out)
+    refused = CliRunner().invoke(
+        main, ["export", str(uneven_slim_dir), "--format", "vllm", "--out", str(tmp_path / "v"), "--no-fuse"]
+    )
+    assert refused.exit_code == 2 and "--no-fuse is an ONNX export option" in refused.output
+
+
 def test_onnx_logits_match_pytorch_prefill_and_8_cached_steps(uneven_onnx, reference):
     """ONNX Runtime with its own cache vs transformers with DynamicCache, step by step."""
     decoder = OnnxDecoder(uneven_onnx)

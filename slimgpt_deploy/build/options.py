@@ -96,6 +96,7 @@ SCHEMA: dict[str, tuple[type, type | None, bool]] = {
     "vllm.dtype": (str, None, True),
     "onnx.dtype": (str, None, False),
     "onnx.quantize": (str, None, True),
+    "onnx.fuse": (bool, None, False),
     "gguf.type": (str, None, False),
     "genai.weights": (str, None, False),
     "bench.backends": (list, str, False),
@@ -166,6 +167,7 @@ class BuildOptions:
     vllm_dtype: str | None = None
     onnx_dtype: str = "fp32"
     onnx_quantize: str | None = None
+    onnx_fuse: bool = True
     gguf_type: str = "q8_0"
     genai_weights: str = "int8"
     bench: BenchSection = field(default_factory=BenchSection)
@@ -183,7 +185,7 @@ class BuildOptions:
             "prune": self.prune.to_dict(),
             "recover": {"enabled": self.recover.enabled, **self.recover.config.to_dict()},
             "vllm": {"dtype": self.vllm_dtype},
-            "onnx": {"dtype": self.onnx_dtype, "quantize": self.onnx_quantize},
+            "onnx": {"dtype": self.onnx_dtype, "quantize": self.onnx_quantize, "fuse": self.onnx_fuse},
             "gguf": {"type": self.gguf_type},
             "genai": {"weights": self.genai_weights},
             "bench": {f.name: _plain(getattr(self.bench, f.name)) for f in fields(BenchSection)},
@@ -359,6 +361,7 @@ def build_options(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]
         vllm_dtype=vllm_dtype,
         onnx_dtype=onnx_dtype,
         onnx_quantize=quantize,
+        onnx_fuse=merged.get("onnx.fuse", True),
         gguf_type=gguf_type,
         genai_weights=genai_weights,
         bench=BenchSection(**bench),

@@ -128,7 +128,8 @@ def export_vllm(ctx: BuildContext) -> dict:
 
 
 def export_onnx(ctx: BuildContext) -> dict:
-    return _export("onnx", ctx, dtype=ctx.options.onnx_dtype, quantize=ctx.options.onnx_quantize)
+    o = ctx.options
+    return _export("onnx", ctx, dtype=o.onnx_dtype, quantize=o.onnx_quantize, fuse=o.onnx_fuse)
 
 
 def export_gguf(ctx: BuildContext) -> dict:
@@ -189,7 +190,7 @@ def bench(ctx: BuildContext) -> dict:
     )
     # The build's own ONNX export is reused when it is what bench measures (fp32, not quantized).
     onnx_dir, o = ctx.path("export-onnx"), ctx.options
-    reuse = (onnx_dir / "export.json").exists() and o.onnx_dtype == "fp32" and o.onnx_quantize is None
+    reuse = (onnx_dir / "export.json").exists() and o.onnx_dtype == "fp32" and o.onnx_quantize is None and o.onnx_fuse
     onnx_dirs = {"pruned": onnx_dir} if reuse else None
     result = run_bench(
         ctx.options.model,
@@ -326,7 +327,7 @@ TABLE: tuple[Stage, ...] = (
         "ONNX decoder with a KV cache",
         needs=("prune",),
         requires=("onnx", "onnxscript"),
-        options=lambda o: {"dtype": o.onnx_dtype, "quantize": o.onnx_quantize},
+        options=lambda o: {"dtype": o.onnx_dtype, "quantize": o.onnx_quantize, "fuse": o.onnx_fuse},
         artifact=True,
         reads_checkpoint=True,
     ),
