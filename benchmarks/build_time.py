@@ -25,7 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 OUT = ROOT / "build" / "bench" / "build-time"
 TARGET_S = 600
-DEMO_FLAGS = ["--nsamples", "32", "--seqlen", "256"]  # as in the Makefile's demo target
+DEMO_FLAGS = (  # as in the Makefile's demo target
+    "--nsamples 32 --seqlen 256 --bench-prompt-lens 128 --bench-batch-sizes 1,4 --bench-repeats 2 "
+    "--bench-decode-tokens 16"
+).split()
 
 
 def machine() -> dict:

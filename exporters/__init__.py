@@ -47,6 +47,16 @@ QUANTIZE: dict[str, tuple[str, ...]] = {
 }
 
 
+# What `--dtype` takes per format (the weights' float type; import-light, for the CLI and the build
+# options); each exporter's own table is checked against it by a test.
+DTYPES: dict[str, tuple[str, ...]] = {
+    "vllm": ("float32", "bfloat16", "float16"),
+    "onnx": ("fp32", "fp16"),
+    "gguf": ("f32", "f16"),
+    "genai": ("fp32", "fp16"),
+}
+
+
 def get_verifier(fmt: str) -> Callable[..., dict]:
     from ..extras import resolve
 

@@ -56,7 +56,7 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = MODEL_FILE + ".data"
 SUMMARY_FILE = "export.json"
 OPSET = 21
-WEIGHTS = ("fp32", "fp16", "int8")
+WEIGHTS = ("fp32", "fp16", "int8")  # --dtype fp32|fp16 (exporters.DTYPES) or --quantize int8
 VERIFY_PROMPTS = (
     "The capital of France is",
     "the cat sat on the mat and the dog ran to the park",

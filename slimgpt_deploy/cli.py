@@ -18,6 +18,7 @@ from slimgpt_deploy.bench import BACKENDS as BENCH_BACKENDS
 from slimgpt_deploy.build.options import GENAI_WEIGHTS, PRESETS
 from slimgpt_deploy.build.stages import STAGES
 from slimgpt_deploy.config import DTYPES, GQA_MODES, HESSIAN_DTYPES, METHODS, SCHEDULES, PruneConfig
+from slimgpt_deploy.exporters import DTYPES as EXPORT_DTYPES
 from slimgpt_deploy.exporters import EXPORTERS, QUANTIZE
 from slimgpt_deploy.serving import BACKENDS as GENERATE_BACKENDS
 
@@ -645,9 +646,9 @@ _BUILD_FLAGS = {
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @prune_options(build=True)
 @click.option(
-    "--vllm-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="vLLM export dtype [the checkpoint's]."
+    "--vllm-dtype", type=click.Choice(list(EXPORT_DTYPES["vllm"])), help="vLLM export dtype [the checkpoint's]."
 )
-@click.option("--onnx-dtype", type=click.Choice(["fp32", "fp16"]), help="ONNX export dtype [fp32].")
+@click.option("--onnx-dtype", type=click.Choice(list(EXPORT_DTYPES["onnx"])), help="ONNX export dtype [fp32].")
 @click.option("--onnx-quantize", type=click.Choice(list(QUANTIZE["onnx"])), help="ONNX 8-bit weights.")
 @click.option("--onnx-fuse/--onnx-no-fuse", default=None, help="ONNX Runtime's norm fusions in the ONNX export [on].")
 @click.option("--gguf-type", type=click.Choice(list(QUANTIZE["gguf"])), help="GGUF file type for llama.cpp [q8_0].")
@@ -1017,9 +1018,7 @@ def generate(model, backend, prompts, max_new_tokens, temperature, top_p, seed, 
 @click.option(
     "--max-model-len", type=click.IntRange(min=16), default=None, help="Context length (default: the model's)."
 )
-@click.option(
-    "--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"])
-)
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", *EXPORT_DTYPES["vllm"]]))
 @click.option(
     "--tensor-parallel-size",
     "-tp",

@@ -4,6 +4,7 @@ Each bad input must give a one-line error, a non-zero exit code and no output.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -200,3 +201,28 @@ def test_tp_size_folds_into_the_multiples(work):
     assert result.exit_code == 2
     assert "no head count that is a multiple of 3" in result.output
     assert not (root / "tp-bad").exists()
+
+
+def test_demo_flags_are_the_build_time_benchmarks():
+    """benchmarks/build_time.py measures what `make demo` runs."""
+    import importlib.util
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "Makefile").read_text().replace("\\\n", " ")
+    make_flags = re.search(r"^DEMO_FLAGS := (.*)$", text, re.M).group(1).split()
+    spec = importlib.util.spec_from_file_location("build_time", root / "benchmarks" / "build_time.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert make_flags == module.DEMO_FLAGS
+
+
+def test_export_dtype_choices_are_each_exporters_own():
+    """The CLI's and build's dtype choices (exporters.DTYPES) are what each exporter accepts."""
+    from slimgpt_deploy.exporters import DTYPES, genai, gguf, onnx, vllm
+
+    assert DTYPES["vllm"] == tuple(vllm.DTYPES)
+    assert DTYPES["onnx"] == tuple(onnx.DTYPES)
+    assert DTYPES["genai"] == genai.WEIGHTS[:2]
+    for dtype in DTYPES["gguf"]:
+        assert gguf.resolve_type(dtype, None) == dtype

@@ -31,13 +31,13 @@ from typing import Any
 from ..bench import BACKENDS
 from ..config import PruneConfig
 from ..errors import BadInputError, first_line
-from ..exporters import QUANTIZE
+from ..exporters import DTYPES, QUANTIZE
 from ..recover import RecoverConfig
 from .gate import Condition, check_measurable, parse_gate
 from .stages import STAGE, STAGES, TABLE
 
 GGUF_TYPES = QUANTIZE["gguf"]
-GENAI_WEIGHTS = ("fp32", "fp16", *QUANTIZE["genai"])  # exporters/genai.WEIGHTS (a test checks)
+GENAI_WEIGHTS = (*DTYPES["genai"], *QUANTIZE["genai"])  # exporters/genai.WEIGHTS (a test checks)
 # In the default stages only when switched on: recover by recover.enabled, eval by an eval option or a gate.
 OPTIONAL_STAGES = tuple(s.name for s in TABLE if s.optional)
 DEFAULT_STAGES = tuple(s for s in STAGES if s not in OPTIONAL_STAGES)
@@ -332,8 +332,8 @@ def build_options(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]
         if key in bench and (not bench[key] or min(bench[key]) < 1):
             raise BadInputError(f"build option 'bench.{key}' must be a non-empty list of positive integers")
     onnx_dtype = merged.get("onnx.dtype", "fp32")
-    if onnx_dtype not in ("fp32", "fp16"):
-        raise BadInputError(f"unsupported onnx.dtype {onnx_dtype!r}; choose one of: fp32, fp16")
+    if onnx_dtype not in DTYPES["onnx"]:
+        raise BadInputError(f"unsupported onnx.dtype {onnx_dtype!r}; choose one of: {', '.join(DTYPES['onnx'])}")
     quantize = merged.get("onnx.quantize")
     if quantize not in (None, "int8"):
         raise BadInputError(f"unsupported onnx.quantize {quantize!r}; choose int8 or leave it empty")
@@ -344,8 +344,8 @@ def build_options(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]
     if genai_weights not in GENAI_WEIGHTS:
         raise BadInputError(f"unsupported genai.weights {genai_weights!r}; choose one of: {', '.join(GENAI_WEIGHTS)}")
     vllm_dtype = merged.get("vllm.dtype")
-    if vllm_dtype not in (None, "float32", "bfloat16", "float16"):
-        raise BadInputError(f"unsupported vllm.dtype {vllm_dtype!r}; choose one of: float32, bfloat16, float16")
+    if vllm_dtype not in (None, *DTYPES["vllm"]):
+        raise BadInputError(f"unsupported vllm.dtype {vllm_dtype!r}; choose one of: {', '.join(DTYPES['vllm'])}")
     evaluation, gate = _eval_and_gate(merged)
     eval_on = bool(gate) or any(k.startswith("eval.") for k in merged)
     switched_on = {"recover": recover_on, "eval": eval_on}
