@@ -1,6 +1,7 @@
 """Run a checkpoint in vLLM: engine settings, an isolated offline run, `generate`, `serve` arguments.
 
-vLLM runs in a child process (`python -m slimgpt_deploy.serving.vllm_backend`):
+vLLM runs in a child process (`python -m slimgpt_deploy.serving.vllm_backend`, the protocol of
+`slimgpt_deploy.child_process`, as bench's measurements):
 its memory and worker threads go away with it, its environment is set before it
 is imported, and the caller never imports vLLM. The plugin (entry point
 `vllm.general_plugins`) is what lets vLLM load slim checkpoints; this module only
@@ -13,10 +14,7 @@ explicit byte budget instead (`CPU_KV_CACHE_BYTES`), which skips that check.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -26,8 +24,6 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 1 << 30  # 1 GiB: ~23k tokens of dense SmolLM2-135M KV cache in float32
-# One process: no engine-core child, no spawn of this module's importers.
-CHILD_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def on_cpu() -> bool:
@@ -109,27 +105,17 @@ def run(
     `logprobs`: per generated token a {token_id: logprob} dict of the top k.
     Raises BadInputError if vLLM is missing, SlimGPTError with vLLM's last error line otherwise.
     """
-    from slimgpt_deploy.errors import SlimGPTError, last_error_line
+    from slimgpt_deploy.child_process import ChildFailed
+    from slimgpt_deploy.child_process import run as run_child
+    from slimgpt_deploy.errors import SlimGPTError
 
     require_vllm()
+    job = {"llm": options.llm_kwargs(Path(model)), "requests": [r.__dict__ for r in requests]}
     with tempfile.TemporaryDirectory(prefix="slimgpt-vllm-") as tmp:
-        job, out = Path(tmp) / "job.json", Path(tmp) / "out.json"
-        job.write_text(
-            json.dumps(
-                {
-                    "llm": options.llm_kwargs(Path(model)),
-                    "requests": [r.__dict__ for r in requests],
-                    "out": str(out),
-                }
-            )
-        )
-        env = {**os.environ, **CHILD_ENV}
-        proc = subprocess.run(
-            [sys.executable, "-m", __name__, str(job)], env=env, capture_output=True, text=True, timeout=timeout
-        )
-        if proc.returncode != 0 or not out.exists():
-            raise SlimGPTError(f"vLLM failed on {model}: {last_error_line(proc.stderr)}")
-        return json.loads(out.read_text())
+        try:
+            return run_child(__name__, job, Path(tmp) / "vllm", timeout=timeout)["results"]
+        except ChildFailed as err:
+            raise SlimGPTError(f"vLLM failed on {model}: {err}") from None
 
 
 def require_vllm() -> None:
@@ -213,9 +199,8 @@ def serve_command(
     return cmd + options.serve_args()
 
 
-def _child(job_path: str) -> None:
-    """The child process: build the engine once, run every request, write the results."""
-    job = json.loads(Path(job_path).read_text())
+def _child(job: dict) -> dict:
+    """The child process: build the engine once, run every request; {"results": [one dict per request]}."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(**job["llm"])
@@ -241,8 +226,10 @@ def _child(job_path: str) -> None:
         if o.logprobs is not None:
             item["logprobs"] = [{str(t): lp.logprob for t, lp in step.items()} for step in o.logprobs]
         results.append(item)
-    Path(job["out"]).write_text(json.dumps(results))
+    return {"results": results}
 
 
 if __name__ == "__main__":
-    _child(sys.argv[1])
+    from slimgpt_deploy.child_process import main
+
+    sys.exit(main(_child))

@@ -15,7 +15,8 @@ from pathlib import Path
 import click
 
 from slimgpt_deploy.bench import BACKENDS as BENCH_BACKENDS
-from slimgpt_deploy.build.options import GENAI_WEIGHTS, PRESETS
+from slimgpt_deploy.bench import BenchOptions
+from slimgpt_deploy.build.options import GENAI_WEIGHTS, PRESETS, BenchSection
 from slimgpt_deploy.build.stages import STAGES
 from slimgpt_deploy.config import DTYPES, GQA_MODES, HESSIAN_DTYPES, METHODS, SCHEDULES, PruneConfig
 from slimgpt_deploy.exporters import DTYPES as EXPORT_DTYPES
@@ -64,6 +65,10 @@ def _int_list(ctx, param, value):
         return tuple(int(v) for v in value.split(","))
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 128,512")
+
+
+def _csv(values) -> str:
+    return ",".join(map(str, values))
 
 
 def _console():
@@ -657,13 +662,13 @@ _BUILD_FLAGS = {
     "--backends",
     help=f"Bench back ends, comma-separated: {','.join(BENCH_BACKENDS)} [all installed; named ones must be].",
 )
-@click.option("--bench-repeats", type=int, help="Timed runs per measurement [3].")
-@click.option("--bench-decode-tokens", type=int, help="Tokens per decode measurement [32].")
-@click.option("--bench-prompt-lens", callback=_int_list, help="Prefill lengths [128,512].")
-@click.option("--bench-batch-sizes", callback=_int_list, help="Decode batch sizes [1,8].")
+@click.option("--bench-repeats", type=int, help=f"Timed runs per measurement [{BenchSection.repeats}].")
+@click.option("--bench-decode-tokens", type=int, help=f"Tokens per decode measurement [{BenchSection.decode_tokens}].")
+@click.option("--bench-prompt-lens", callback=_int_list, help=f"Prefill lengths [{_csv(BenchSection.prompt_lens)}].")
+@click.option("--bench-batch-sizes", callback=_int_list, help=f"Decode batch sizes [{_csv(BenchSection.batch_sizes)}].")
 @click.option("--bench-threads", type=int, help="Threads for torch/ONNX Runtime [all cores].")
 @click.option("--bench-text", help="Text file for perplexity [a built-in sample].")
-@click.option("--quality-tokens", type=int, help="Tokens of text for perplexity/KL [4096].")
+@click.option("--quality-tokens", type=int, help=f"Tokens of text for perplexity/KL [{BenchSection.quality_tokens}].")
 @click.option(
     "--preset", type=click.Choice(list(PRESETS)), default=None, help="Option preset: release switches recovery on."
 )
@@ -1043,7 +1048,8 @@ def serve(
         import os
         import shlex
 
-        from slimgpt_deploy.serving.vllm_backend import CHILD_ENV, EngineOptions, check_servable, serve_command
+        from slimgpt_deploy.child_process import CHILD_ENV
+        from slimgpt_deploy.serving.vllm_backend import EngineOptions, check_servable, serve_command
 
         check_servable(model, tensor_parallel_size)
         options = EngineOptions(
@@ -1088,21 +1094,45 @@ def serve(
     help="Text for perplexity/KL (default: a built-in sample).",
 )
 @click.option(
-    "--repeats", type=int, default=5, show_default=True, help="Timed runs per measurement (medians reported)."
+    "--repeats",
+    type=int,
+    default=BenchOptions.repeats,
+    show_default=True,
+    help="Timed runs per measurement (medians reported).",
 )
-@click.option("--warmups", type=int, default=1, show_default=True)
-@click.option("--decode-tokens", type=int, default=32, show_default=True, help="Decode steps timed per measurement.")
+@click.option("--warmups", type=int, default=BenchOptions.warmups, show_default=True)
+@click.option(
+    "--decode-tokens",
+    type=int,
+    default=BenchOptions.decode_tokens,
+    show_default=True,
+    help="Decode steps timed per measurement.",
+)
 @click.option(
     "--prompt-lens",
     callback=_int_list,
-    default="128,512",
+    default=_csv(BenchOptions.prompt_lens),
     show_default=True,
     help="Prefill (TTFT) prompt lengths, batch 1.",
 )
-@click.option("--batch-sizes", callback=_int_list, default="1,8", show_default=True, help="Decode batch sizes.")
+@click.option(
+    "--batch-sizes",
+    callback=_int_list,
+    default=_csv(BenchOptions.batch_sizes),
+    show_default=True,
+    help="Decode batch sizes.",
+)
 @click.option("--threads", type=int, default=None, help="torch / ONNX Runtime threads (default: all cores).")
-@click.option("--quality-tokens", type=int, default=4096, show_default=True, help="Tokens of --text for perplexity/KL.")
-@click.option("--quality-seqlen", type=int, default=512, show_default=True, help="Perplexity/KL window.")
+@click.option(
+    "--quality-tokens",
+    type=int,
+    default=BenchOptions.quality_tokens,
+    show_default=True,
+    help="Tokens of --text for perplexity/KL.",
+)
+@click.option(
+    "--quality-seqlen", type=int, default=BenchOptions.quality_seqlen, show_default=True, help="Perplexity/KL window."
+)
 @click.option(
     "--work-dir",
     type=click.Path(path_type=Path),

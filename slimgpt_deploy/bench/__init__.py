@@ -22,14 +22,12 @@ import json
 import logging
 import os
 import platform
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..errors import BadInputError, SlimGPTError, first_line, last_error_line
+from ..errors import BadInputError, SlimGPTError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +51,6 @@ ONNX_EXPORT_REQUIRES = ("onnx", "onnxscript")  # only when the ONNX models must 
 QUALITY = "slimgpt_deploy.bench.quality:measure"
 SAMPLE_TEXT = Path(__file__).with_name("sample.txt")
 RUN_DTYPE_BYTES = 4  # every back end runs float32
-CHILD_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
 # Per back end: variables its child runs without. llama.cpp's OpenMP threads meet at a barrier after
 # every op; OMP_WAIT_POLICY=PASSIVE (make test sets it for its parallel processes) puts them to sleep
 # there, and decode ran 3.6x slower (q8_0 SmolLM2 at 20%, 2 threads: 36.6 vs 131.7 tokens/s).
@@ -439,46 +436,17 @@ def _quality(dirs, options: BenchOptions, work_dir: Path, log) -> dict:
 
 
 def run_child(job: dict, stem: Path, timeout: float = CHILD_TIMEOUT_S) -> tuple[bool, dict | str | SlimGPTError]:
-    """Run one job in `python -m slimgpt_deploy.bench.child`; (True, result) or (False, reason).
+    """Run one job in `python -m slimgpt_deploy.bench.child` (the child_process protocol); (True, result) or
+    (False, reason): a typed error raised in the child as that error, anything else as its last error line."""
+    from ..child_process import ChildFailed, run
 
-    A typed error raised in the child comes back as that error (bad input stays bad input);
-    anything else as its last error line. The child's output is kept in `stem`.log.
-    """
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    job_file, out, log_file = stem.with_suffix(".job.json"), stem.with_suffix(".result.json"), stem.with_suffix(".log")
-    out.unlink(missing_ok=True)
-    job_file.write_text(json.dumps({**job, "out": str(out)}, indent=2))
-    env = {**os.environ, **CHILD_ENV}
-    for name in CHILD_ENV_UNSET.get(job.get("backend"), ()):
-        env.pop(name, None)
-    t0 = time.perf_counter()
     try:
-        with open(log_file, "w") as logf:
-            proc = subprocess.run(
-                [sys.executable, "-m", "slimgpt_deploy.bench.child", str(job_file)],
-                env=env,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                timeout=timeout,
-            )
-    except subprocess.TimeoutExpired:
-        return False, f"timed out after {timeout:.0f} s (log: {log_file})"
-    seconds = time.perf_counter() - t0
-    result = json.loads(out.read_text()) if out.is_file() else None
-    if result is not None and "error" in result:
-        err = (
-            BadInputError(result["error"])
-            if result.get("exit_code") == BadInputError.exit_code
-            else SlimGPTError(result["error"])
-        )
+        unset = CHILD_ENV_UNSET.get(job.get("backend"), ())
+        return True, run("slimgpt_deploy.bench.child", job, stem, timeout=timeout, unset=unset)
+    except ChildFailed as err:
+        return False, str(err)
+    except SlimGPTError as err:
         return False, err
-    if proc.returncode != 0 or result is None:
-        return (
-            False,
-            f"{last_error_line(log_file.read_text(errors='replace'))} (exit code {proc.returncode}; log: {log_file})",
-        )
-    result["seconds"] = round(seconds, 2)
-    return True, result
 
 
 # --- where it ran ---------------------------------------------------------------------------------

@@ -10,11 +10,9 @@ a traceback on stderr and a non-zero exit, which the parent reports by its last 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from ..errors import SlimGPTError
 from ..extras import resolve
 from . import BACKENDS, QUALITY, BenchOptions
 from .measure import peak_rss_bytes
@@ -41,30 +39,17 @@ def peak_gpu_bytes() -> int | None:
     return int(torch.cuda.max_memory_allocated())
 
 
-def _write(path: Path, data: dict) -> None:
-    from ..atomic import write_json
-
-    write_json(path, data)
-
-
-def main(job_path: str) -> int:
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    job = json.loads(Path(job_path).read_text())
-    out = Path(job["out"])
-    try:
-        options = BenchOptions.from_dict(job["options"])
-        result = TASKS[job["task"]](job, options)
-    except SlimGPTError as err:
-        _write(out, {"error": str(err), "exit_code": err.exit_code})
-        print(f"{type(err).__name__}: {err}", file=sys.stderr)
-        return err.exit_code
+def run_job(job: dict) -> dict:
+    result = TASKS[job["task"]](job, BenchOptions.from_dict(job["options"]))
     result["peak_rss_bytes"] = peak_rss_bytes()
     result["peak_gpu_bytes"] = peak_gpu_bytes()
-    _write(out, result)
-    return 0
+    return result
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    import logging
+
+    from ..child_process import main
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    sys.exit(main(run_job))

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..bench import BACKENDS
+from ..bench import BACKENDS, BenchOptions
 from ..config import PruneConfig
 from ..errors import BadInputError, first_line
 from ..exporters import DTYPES, QUANTIZE
@@ -125,18 +125,17 @@ _PLURAL = {str: "strings", int: "integers", float: "numbers"}
 
 
 @dataclass(frozen=True)
-class BenchSection:
+class BenchSection(BenchOptions):
+    """bench's own options (one type: `BenchOptions`, validated there) and which back ends to run.
+
+    The build's default is 3 repeats (bench's 5): its bench is a pipeline check beside the exports."""
+
+    repeats: int = 3
     backends: tuple[str, ...] = BENCH_BACKENDS
     explicit: bool = False  # back ends named by the user: a missing one fails instead of being skipped
-    repeats: int = 3
-    warmups: int = 1
-    decode_tokens: int = 32
-    prompt_lens: tuple[int, ...] = (128, 512)
-    batch_sizes: tuple[int, ...] = (1, 8)
-    threads: int | None = None
-    text: str | None = None
-    quality_tokens: int = 4096
-    quality_seqlen: int = 512
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "backends": list(self.backends)}
 
 
 @dataclass(frozen=True)
@@ -188,7 +187,7 @@ class BuildOptions:
             "onnx": {"dtype": self.onnx_dtype, "quantize": self.onnx_quantize, "fuse": self.onnx_fuse},
             "gguf": {"type": self.gguf_type},
             "genai": {"weights": self.genai_weights},
-            "bench": {f.name: _plain(getattr(self.bench, f.name)) for f in fields(BenchSection)},
+            "bench": self.bench.to_dict(),
             "eval": {f.name: _plain(getattr(self.eval, f.name)) for f in fields(EvalSection)},
             "gate": [str(c) for c in self.gate],
         }

@@ -177,17 +177,7 @@ def bench(ctx: BuildContext) -> dict:
     from ..bench import BenchOptions, run_bench
 
     b = ctx.options.bench
-    options = BenchOptions(
-        prompt_lens=b.prompt_lens,
-        batch_sizes=b.batch_sizes,
-        decode_tokens=b.decode_tokens,
-        repeats=b.repeats,
-        warmups=b.warmups,
-        threads=b.threads,
-        text=Path(b.text) if b.text else None,
-        quality_tokens=b.quality_tokens,
-        quality_seqlen=b.quality_seqlen,
-    )
+    options = BenchOptions.from_dict(b.to_dict())  # the measuring options, without the back-end choice
     # The build's own ONNX export is reused when it is what bench measures (fp32, not quantized).
     onnx_dir, o = ctx.path("export-onnx"), ctx.options
     reuse = (onnx_dir / "export.json").exists() and o.onnx_dtype == "fp32" and o.onnx_quantize is None and o.onnx_fuse
@@ -411,7 +401,7 @@ TABLE: tuple[Stage, ...] = (
         "dense vs pruned on each back end",
         needs=("prune",),
         uses=("export-onnx",),
-        options=lambda o: {"model": o.model, **_fields(o.bench)},
+        options=lambda o: {"model": o.model, **o.bench.to_dict(), "explicit": o.bench.explicit},
         source=True,
         reads_checkpoint=True,
     ),
