@@ -314,7 +314,8 @@ def test_a_back_end_not_installed_is_skipped_in_the_report_unless_named(
     import slimgpt_deploy.bench as bench
 
     real = bench._find_spec
-    monkeypatch.setattr(bench, "_find_spec", lambda module: None if module in ("vllm", "onnxruntime") else real(module))
+    missing = ("vllm", "onnxruntime", "llama_cpp_py_sync", "onnxruntime_genai")  # every back end but torch
+    monkeypatch.setattr(bench, "_find_spec", lambda module: None if module in missing else real(module))
     cfg = tmp_path / "all-backends.yaml"
     cfg.write_text(build_config.read_text().replace("  backends: [torch, onnx]\n", ""))  # default: every back end
     out = tmp_path / "o"
@@ -325,6 +326,8 @@ def test_a_back_end_not_installed_is_skipped_in_the_report_unless_named(
     assert backends["torch"]["status"] == "ok"
     assert backends["vllm"]["status"] == "skipped" and "vllm" in backends["vllm"]["reason"]
     assert backends["onnx"]["status"] == "skipped" and "onnx" in backends["onnx"]["reason"]
+    assert backends["llamacpp"]["status"] == "skipped" and "llamacpp" in backends["llamacpp"]["reason"]
+    assert backends["genai"]["status"] == "skipped" and "genai" in backends["genai"]["reason"]
     assert "skipped" in (out / "report" / "report.md").read_text()
 
     result, _ = _build(tiny_dense, "--out", out, "--stages", "bench", "--backends", "torch,vllm", config=cfg)

@@ -207,7 +207,7 @@ def run_bench(
 
 def missing_extra(modules: Sequence[str]):
     """The MissingExtraError for the first of `modules` that is not installed, else None (nothing imported)."""
-    from ..extras import MissingExtraError, require
+    from ..extras import EXTRAS, MissingExtraError, require
 
     for module in modules:
         if _find_spec(module) is None:
@@ -215,7 +215,10 @@ def missing_extra(modules: Sequence[str]):
                 require(module)  # raises the one-line "install the extra" error
             except MissingExtraError as err:
                 return err
-            return MissingExtraError(f"{module} is not installed")
+            extra = EXTRAS.get(module, module).split()[0]
+            return MissingExtraError(
+                f"{module} is not installed; install it with pip install 'slimgpt-deploy[{extra}]'"
+            )
     return None
 
 
