@@ -160,6 +160,13 @@ the `nospecial` row gave 34.57 on 2026-11-29 and 34.21 today):
 - **At 50%** (`r0.5-heads*`, self-calibration) heads cut at the layer ratio give 86.18 / 68.57;
   head_share 0.5 (one query head per group goes in the deepest layers) 62.13 / 51.65; heads kept
   65.37 / 41.60. 0.5 is best on WikiText-2, 0 on the Python docs; both far ahead of 1.0.
+- **With the heads kept (the default split at 20%), the sampler changes (2) and (3) do not help**
+  (2026-12-02): no BOS and 4 greedy tokens after the random one (`heads0-greedy4`) give 30.05 /
+  17.63 against 28.63 / 17.95; adding 1.25x over-generation with repeats and the worst
+  self-perplexity samples dropped (`heads0-filter1.25`) 31.12 / 17.99. The samples read more like
+  prose (see the openings) and the Python-docs perplexity moves by less than the machine spread,
+  but WikiText-2 gets worse. 128 samples instead of 64 with damping 0.001 (`heads0-damp0.001` x 128)
+  give 28.18 / 17.76: no gain over 64 (28.16 / 17.79).
 - **The target (<= 26.0 on WikiText-2 with no data) is not met**: the best data-free row is 28.16.
 """
 
