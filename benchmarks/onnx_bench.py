@@ -246,10 +246,12 @@ def ensure_pruned(ratio: float) -> Path:
     return out
 
 
-def ensure_export(checkpoint: Path, name: str) -> Path:
-    out = WORK / "onnx" / f"{name}-fp32"
+def ensure_export(checkpoint: Path, name: str, fuse: bool = True) -> Path:
+    """The fp32 ONNX export (verified); `fuse=False`: the graph without ONNX Runtime's norm fusions."""
+    out = WORK / "onnx" / (f"{name}-fp32" if fuse else f"{name}-fp32-nofuse")
     if not (out / "export.json").is_file():
-        subprocess.run(CLI + ["export", str(checkpoint), "--format", "onnx", "--out", str(out)], check=True)
+        extra = [] if fuse else ["--no-fuse"]
+        subprocess.run(CLI + ["export", str(checkpoint), "--format", "onnx", "--out", str(out), *extra], check=True)
     return out
 
 
@@ -314,6 +316,7 @@ def run(threads: int, ratios: tuple[float, ...]) -> dict:
         variants = {"ort-fp32": fp32, "ort-int8": ensure_quantized(fp32, name, "int8")}
         if name in ("dense", "slim-20"):
             variants["ort-int8-dynamic"] = ensure_quantized(fp32, name, "int8-dynamic")
+            variants["ort-fp32-nofuse"] = ensure_export(checkpoint, name, fuse=False)  # is the norm fusion worth it?
         base = {"model": name, "ratio": ratio, "weight_bytes_per_token": weight_bytes_per_token(checkpoint)}
         for runtime, directory in variants.items():
             row = (

@@ -335,6 +335,8 @@ def fuse_norms(directory: Path) -> dict[str, int]:
     options.enable_embed_layer_norm = options.enable_bias_skip_layer_norm = False
     with _quiet_quantizer():
         fused = optimize_by_fusion(_load_onnx(directory), "gpt2", 0, 0, options).model
+    if not any(o.domain == "com.microsoft" for o in fused.opset_import):  # the optimizer adds the ops, not the domain
+        fused.opset_import.append(require("onnx").helper.make_opsetid("com.microsoft", 1))
     _save_onnx(fused, directory)
     ops = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding")
     return {op: n for op in ops if (n := sum(1 for node in fused.graph.node if node.op_type == op))}
@@ -381,6 +383,7 @@ def _quiet_quantizer():
         logging.getLogger(),
         logging.getLogger("onnxruntime.quantization"),
         logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer"),
+        logging.getLogger("onnxruntime.transformers.optimizer"),  # "specify num_heads and hidden_size": not used
     ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:

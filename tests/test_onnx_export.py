@@ -92,6 +92,9 @@ def test_norms_are_fused_and_no_fuse_keeps_standard_ops(uneven_onnx, uneven_slim
     assert summary["fused"] == {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 6}  # 3 layers
     ops = lambda d: {n.op_type for n in onnx.load(d / "model.onnx", load_external_data=False).graph.node}  # noqa: E731
     assert "SkipSimplifiedLayerNormalization" in ops(uneven_onnx)
+    fused = onnx.load(uneven_onnx / "model.onnx", load_external_data=False)
+    assert ("com.microsoft", 1) in {(o.domain, o.version) for o in fused.opset_import}
+    onnx.shape_inference.infer_shapes(fused, strict_mode=True)  # what ONNX Runtime's quantizers run first
     out = tmp_path / "plain"
     result = CliRunner().invoke(
         main, ["export", str(uneven_slim_dir), "--format", "onnx", "--out", str(out), "--no-fuse"]
