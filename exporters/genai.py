@@ -26,7 +26,8 @@ Verification (GenAI's CPU provider against transformers, float32):
   tokenizer  GenAI's tokenizer encodes the prompts and a mixed text to transformers' ids;
   logits     GenAI's logits after the prompt and at each of transformers' 32 greedy steps
              (teacher-forced, cached): max |diff| (fp32/fp16) or KL and top-1 (int8) bounds;
-  greedy     GenAI's own greedy tokens for 32 steps, each prompt alone and two prompts of different
+  greedy     GenAI's own greedy tokens for up to 32 steps (to the reference's first EOS, where GenAI's
+             search stops), each prompt alone and two prompts of different
              lengths as a batch of 2: identical to transformers' (fp32; a parting at a near-tie
              of the reference is reported as such), agreement recorded for fp16/int8.
 """
@@ -438,7 +439,6 @@ def verify_against(directory: Path, model, tokenizer, weights: str) -> dict:
     """Compare the GenAI folder with `model` (float32 transformers); every failure collected."""
     from slimgpt_deploy.exporters.onnx import _kl_top1
     from slimgpt_deploy.exporters.vllm import Tolerance as GreedyTolerance
-    from slimgpt_deploy.exporters.vllm import compare_greedy
 
     tol = TOLERANCES[weights]
     runtime = GenAIModel(directory)
@@ -455,7 +455,7 @@ def verify_against(directory: Path, model, tokenizer, weights: str) -> dict:
     if mismatched:
         failures.append(f"GenAI's tokenizer encodes {mismatched[0]!r} differently from transformers")
 
-    want = greedy_reference(model, prompts, VERIFY_TOKENS)
+    want = greedy_reference(model, prompts, VERIFY_TOKENS)  # EOS does not stop it; GenAI's search stops there
     greedy_tol = GreedyTolerance(logprob_tol=float("inf"), tie_margin=tol.tie_margin)
     diffs, refs, gots, greedy = [], [], [], []
     for i, (prompt, ref) in enumerate(zip(prompts, want)):
@@ -465,8 +465,7 @@ def verify_against(directory: Path, model, tokenizer, weights: str) -> dict:
         gots.append(got_logits)
         diffs.append(_logits_diff(model, prompt, ref.token_ids, got_logits))
         ids = runtime.greedy([prompt], VERIFY_TOKENS)[0]
-        row = compare_greedy(ids, [{}] * len(ids), ref.token_ids, ref.logprobs, greedy_tol, engine="GenAI")
-        row |= {"prompt": i, "agreement": float(np.mean(np.array(ids) == np.array(ref.token_ids)))}
+        row = _compare(ids, ref, runtime.eos, greedy_tol, "GenAI") | {"prompt": i}
         greedy.append(row)
         if tol.exact_greedy and row["failure"]:
             failures.append(f"prompt {i}: {row['failure']}")
@@ -485,9 +484,7 @@ def verify_against(directory: Path, model, tokenizer, weights: str) -> dict:
     # reference: the batch-1 continuations above.
     batch = []
     for b, ids in enumerate(runtime.greedy(prompts[:2], VERIFY_TOKENS)):
-        ref = want[b]
-        row = compare_greedy(ids, [{}] * len(ids), ref.token_ids, ref.logprobs, greedy_tol, engine="GenAI (batch 2)")
-        row |= {"row": b, "agreement": float(np.mean(np.array(ids) == np.array(ref.token_ids)))}
+        row = _compare(ids, want[b], runtime.eos, greedy_tol, "GenAI (batch 2)") | {"row": b}
         batch.append(row)
         if tol.exact_greedy and row["failure"]:
             failures.append(f"batch row {b}: {row['failure']}")
@@ -502,6 +499,17 @@ def verify_against(directory: Path, model, tokenizer, weights: str) -> dict:
     }
     logger.info("GenAI verification %s: %s", "passed" if not failures else "FAILED", checks)
     return result
+
+
+def _compare(ids: list[int], ref, eos: set[int], tol, engine: str) -> dict:
+    """GenAI's greedy tokens against transformers' up to the reference's first EOS (where GenAI's search stops)."""
+    from slimgpt_deploy.exporters.vllm import compare_greedy
+    from slimgpt_deploy.serving.genai_runner import until_eos
+
+    want = until_eos(list(ref.token_ids), eos)
+    row = compare_greedy(ids, [{}] * len(ids), want, ref.logprobs[: len(want)], tol, engine=engine)
+    same = sum(a == b for a, b in zip(ids, want))
+    return row | {"agreement": same / len(want), "reference_tokens": len(want)}
 
 
 @torch.no_grad()

