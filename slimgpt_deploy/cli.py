@@ -698,8 +698,8 @@ _BUILD_FLAGS = {
     ),
 )
 def build(model, out, config_file, stages, force, resume, max_memory, as_json, **flags):
-    """Build MODEL (default: the embedded SmolLM2-135M) into a verified slim checkpoint, vLLM, ONNX and GGUF exports
-    and a report.
+    """Build MODEL (default: the embedded SmolLM2-135M) into a verified slim checkpoint, vLLM, ONNX, GGUF and GenAI
+    exports and a report.
 
     Exit codes: 0 every stage passed; 2 bad input; 3 a verification failed or a --gate
     condition was missed (the report says which); 4 NaN/Inf in the model; 1 internal error.
