@@ -89,6 +89,32 @@ def build_spm_tokenizer(vocab_size: int = 400, metaspace: bool = False) -> PreTr
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+# Llama-3 RoPE scaling for a tiny model (a short original context, so the scaling changes every position).
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+# Weights 5x the usual init: attention is then sharp enough that RoPE (and its scaling) moves the
+# logits by far more than the exporters' tolerances (measured for GGUF: no rope_freqs -> 2.9 log-prob
+# difference; 0.006 at 0.02).
+SHARP = {"initializer_range": 0.1}
+
+
+def randomize_biases(directory: Path, seed: int = 1) -> None:
+    """Give a saved model's biases values (they start at zero, where a misplaced bias goes unnoticed)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    model.save_pretrained(directory)
+
+
 def save_tiny_model(
     directory: Path,
     model_type: str = "llama",

@@ -180,39 +180,35 @@ def test_torch_and_onnx_give_the_whole_schema_with_consistent_ratios(
     assert q["kl"] > 0 and 0 <= q["top1"] <= 1
 
 
-def test_llamacpp_measures_f32_gguf_exports_of_both_models(uneven_slim_bpe_dir, tiny_options, tmp_path):
-    """llama.cpp as a bench back end: GGUF exports made in the work dir, the same schema and ratios."""
-    pytest.importorskip("llama_cpp_py_sync")
+# back end -> (the module it needs, the export it measures in work_dir/<format>/<role>, that export's weight bytes)
+EXPORT_BACKENDS = {
+    "llamacpp": ("llama_cpp_py_sync", "gguf", lambda d: (d / "model-f32.gguf").stat().st_size),
+    "genai": ("onnxruntime_genai", "genai", lambda d: sum(p.stat().st_size for p in d.glob("model.onnx*"))),
+}
+
+
+@pytest.mark.parametrize("backend", list(EXPORT_BACKENDS))
+def test_export_backed_back_ends_measure_f32_exports_of_both_models(
+    backend, uneven_slim_bpe_dir, tiny_options, tmp_path
+):
+    """llama.cpp (f32 GGUF) and ONNX Runtime GenAI (fp32 folder) as bench back ends: exports made in the work dir,
+    the same schema, the ratio of the exports' weight bytes as the ideal."""
+    module, fmt, weight_bytes = EXPORT_BACKENDS[backend]
+    pytest.importorskip(module)
     dense = save_tiny_model(
         tmp_path / "dense", hidden_size=128, num_hidden_layers=3, tokenizer=build_bpe_tokenizer(), vocab_size=320
     )
-    r = run_bench(dense, uneven_slim_bpe_dir, ["llamacpp"], options=tiny_options, work_dir=tmp_path / "w")
-    e = r["backends"]["llamacpp"]
+    r = run_bench(dense, uneven_slim_bpe_dir, [backend], options=tiny_options, work_dir=tmp_path / "w")
+    e = r["backends"][backend]
     assert e["status"] == "ok", e
     for role in ("dense", "pruned"):
         _check_m(e[role], tiny_options)
-        gguf_file = tmp_path / "w" / "gguf" / role / "model-f32.gguf"
-        assert e[role]["weight_bytes"] == gguf_file.stat().st_size
+        assert e[role]["weight_bytes"] == weight_bytes(tmp_path / "w" / fmt / role)
+    if backend == "genai":
+        assert (tmp_path / "w" / "genai" / "pruned" / "genai_config.json").is_file()
     assert e["ratios"]["ideal_decode_speedup"] == pytest.approx(
         e["dense"]["weight_bytes"] / e["pruned"]["weight_bytes"]
     )
-    assert e["ratios"]["ideal_decode_speedup"] > 1
-
-
-def test_genai_measures_fp32_genai_exports_of_both_models(uneven_slim_bpe_dir, tiny_options, tmp_path):
-    """ONNX Runtime GenAI as a bench back end: fp32 GenAI folders made in the work dir, the same schema."""
-    pytest.importorskip("onnxruntime_genai")
-    dense = save_tiny_model(
-        tmp_path / "dense", hidden_size=128, num_hidden_layers=3, tokenizer=build_bpe_tokenizer(), vocab_size=320
-    )
-    r = run_bench(dense, uneven_slim_bpe_dir, ["genai"], options=tiny_options, work_dir=tmp_path / "w")
-    e = r["backends"]["genai"]
-    assert e["status"] == "ok", e
-    for role in ("dense", "pruned"):
-        _check_m(e[role], tiny_options)
-        folder = tmp_path / "w" / "genai" / role
-        assert (folder / "genai_config.json").is_file()
-        assert e[role]["weight_bytes"] == sum(p.stat().st_size for p in folder.glob("model.onnx*"))
     assert e["ratios"]["ideal_decode_speedup"] > 1
 
 

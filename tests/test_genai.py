@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import build_bpe_tokenizer, save_tiny_model
+from conftest import LLAMA3_ROPE, SHARP, build_bpe_tokenizer, randomize_biases, save_tiny_model
 
 from slimgpt_deploy.build.options import GENAI_WEIGHTS
 from slimgpt_deploy.cli import main
@@ -151,18 +151,6 @@ def test_weights_are_the_build_and_cli_choices():
     assert GENAI_WEIGHTS == genai.WEIGHTS and QUANTIZE["genai"] == ("int8",)
 
 
-# Weights 5x the usual init: attention is sharp enough that RoPE (and its scaling) moves the logits far past the bound.
-SHARP = {"initializer_range": 0.1}
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 16,
-}
-
-
 @pytest.mark.parametrize(
     "family,overrides",
     [
@@ -177,16 +165,8 @@ def test_families(family, overrides, tmp_path):
     model = save_tiny_model(
         tmp_path / "model", family, tokenizer=build_bpe_tokenizer(), vocab_size=320, **SHARP, **overrides
     )
-    if family == "qwen2" or "attention_bias" in overrides:  # biases start at zero: give them values
-        from transformers import AutoModelForCausalLM
-
-        torch.manual_seed(1)
-        m = AutoModelForCausalLM.from_pretrained(model)
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                if name.endswith(".bias"):
-                    p.normal_(0, 0.5)
-        m.save_pretrained(model)
+    if family == "qwen2" or "attention_bias" in overrides:
+        randomize_biases(model)
     summary = genai.export(model, tmp_path / "out")
     assert summary["verification"]["passed"], summary["verification"]["failures"]
     diff, agree = torch_vs_graph(model, tmp_path / "out")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import build_bpe_tokenizer, build_spm_tokenizer, save_tiny_model
+from conftest import LLAMA3_ROPE, SHARP, build_bpe_tokenizer, build_spm_tokenizer, randomize_biases, save_tiny_model
 
 from slimgpt_deploy.cli import main
 from slimgpt_deploy.errors import VerificationError
@@ -113,21 +113,6 @@ def test_hf_rope_layout_is_caught(uneven_slim_bpe_dir, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
 
 
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 16,
-}
-
-
-# Weights 5x the usual init: attention is then sharp enough that RoPE (and its scaling) moves the
-# logits by far more than the tolerance (measured: no rope_freqs -> 2.9 log-prob difference; 0.006 at 0.02).
-SHARP = {"initializer_range": 0.1}
-
-
 @pytest.mark.parametrize("metaspace", [False, True], ids=["llama2-normalizer", "metaspace"])
 def test_sentencepiece_style_tokenizer(metaspace, tmp_path):
     """Byte-fallback BPE (Llama 2, Mistral) becomes llama.cpp's `llama` vocab: scores, byte tokens, space prefix."""
@@ -160,16 +145,8 @@ def test_sentencepiece_style_tokenizer(metaspace, tmp_path):
 def test_families(family, overrides, split, tmp_path):
     tokenizer = build_bpe_tokenizer(split=split)
     model = save_tiny_model(tmp_path / "model", family, tokenizer=tokenizer, vocab_size=320, **SHARP, **overrides)
-    if family == "qwen2" or "attention_bias" in overrides:  # biases start at zero: give them values
-        from transformers import AutoModelForCausalLM
-
-        torch.manual_seed(1)
-        m = AutoModelForCausalLM.from_pretrained(model)
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                if name.endswith(".bias"):
-                    p.normal_(0, 0.5)
-        m.save_pretrained(model)
+    if family == "qwen2" or "attention_bias" in overrides:
+        randomize_biases(model)
     summary = gguf.export(model, tmp_path / "out")
     assert summary["verification"]["passed"], summary["verification"]["failures"]
     tensors = read_back(tmp_path / "out" / "model-f32.gguf")["tensors"]
