@@ -338,7 +338,8 @@ def run(threads: int, ratios: tuple[float, ...]) -> dict:
             row = (
                 base
                 | {"runtime": f"genai-{weights}", "file_mb": _dir_mb(directory)}
-                | {"verify_kl": check["kl"], "verify_top1": check["top1"]}
+                | {"verify_kl": check["kl"], "verify_top1": check["top1"], "verify_max_abs_diff": check["max_abs_diff"]}
+                | {"verify_greedy_equal": all(g["tokens_equal"] for g in check["greedy"] + check["greedy_batch2"])}
                 | in_subprocess("genai", model=str(directory), threads=threads)
             )
             results["rows"].append(row)
