@@ -47,6 +47,7 @@ import torch
 from slimgpt_deploy.atomic import atomic_output_dir, check_output_dir
 from slimgpt_deploy.errors import BadInputError, VerificationError
 from slimgpt_deploy.extras import require
+from slimgpt_deploy.families import layout_of
 from slimgpt_deploy.reference import greedy_reference
 from slimgpt_deploy.serving.genai_runner import CONFIG_FILE, GenAIModel, require_genai
 
@@ -280,32 +281,32 @@ def write_graph(model, plan: Plan, directory: Path, dtype: torch.dtype) -> None:
     total = g.node("Cast", [width], "mask/total_len", to=TensorProto.INT32)[0]
     cos, sin = g.weight("cos_cache", plan.cos), g.weight("sin_cache", plan.sin)
 
-    decoder = model.model
-    residual = g.node(
-        "Gather", [g.weight("model.embed_tokens.weight", decoder.embed_tokens.weight), "input_ids"], "embed"
-    )
-    residual, pending = residual[0], None
+    L = layout_of(model.config)
+    embed = model.get_input_embeddings().weight
+    residual, pending = g.node("Gather", [g.weight(f"{L.embed}.weight", embed), "input_ids"], "embed")[0], None
     scale = float(plan.head_dim**-0.5)
-    for i, (layer, (q, kv, _)) in enumerate(zip(decoder.layers, plan.layers)):
-        p = f"model.layers.{i}"
-        norm_in = g.weight(f"{p}.input_layernorm.weight", layer.input_layernorm.weight)
+    for i, (layer, (q, kv, _)) in enumerate(zip(L.part(model, "layers"), plan.layers)):
+        p = f"{L.layers}.{i}"
+        norm_in = g.weight(f"{p}.{L.attention_norm}.weight", L.part(layer, "attention_norm").weight)
         if pending is None:
-            h = g.node("SimplifiedLayerNormalization", [residual, norm_in], f"{p}/input_layernorm", epsilon=plan.eps)[0]
+            h = g.node(
+                "SimplifiedLayerNormalization", [residual, norm_in], f"{p}/{L.attention_norm}", epsilon=plan.eps
+            )[0]
         else:
             h, _, _, residual = g.node(
                 "SkipSimplifiedLayerNormalization",
                 [residual, pending, norm_in],
-                f"{p}/input_layernorm",
+                f"{p}/{L.attention_norm}",
                 outputs=4,
                 domain="com.microsoft",
                 epsilon=plan.eps,
             )
-        attn = layer.self_attn
-        w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).T  # [hidden, (q + 2 kv) d]
-        qkv = g.node("MatMul", [h, g.weight(f"{p}.self_attn.qkv_proj.weight", w)], f"{p}/qkv_proj/MatMul")[0]
-        if attn.q_proj.bias is not None:
-            b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
-            qkv = g.node("Add", [qkv, g.weight(f"{p}.self_attn.qkv_proj.bias", b)], f"{p}/qkv_proj/Add")[0]
+        q_proj, k_proj, v_proj = (L.proj(layer, role) for role in ("q", "k", "v"))
+        w = torch.cat([q_proj.weight, k_proj.weight, v_proj.weight]).T  # [hidden, (q + 2 kv) d]
+        qkv = g.node("MatMul", [h, g.weight(f"{p}.{L.attention}.qkv_proj.weight", w)], f"{p}/qkv_proj/MatMul")[0]
+        if q_proj.bias is not None:
+            b = torch.cat([q_proj.bias, k_proj.bias, v_proj.bias])
+            qkv = g.node("Add", [qkv, g.weight(f"{p}.{L.attention}.qkv_proj.bias", b)], f"{p}/qkv_proj/Add")[0]
         ctx = g.node(
             "GroupQueryAttention",
             [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total, cos, sin],
@@ -320,30 +321,30 @@ def write_graph(model, plan: Plan, directory: Path, dtype: torch.dtype) -> None:
             local_window_size=-1,
         )
         g.nodes[-1].output[1], g.nodes[-1].output[2] = f"present.{i}.key", f"present.{i}.value"
-        o = g.linear(ctx[0], attn.o_proj, f"{p}.self_attn.o_proj")
+        o = g.linear(ctx[0], L.proj(layer, "o"), f"{p}.{L.projections['o']}")
         h, _, _, residual = g.node(
             "SkipSimplifiedLayerNormalization",
-            [residual, o, g.weight(f"{p}.post_attention_layernorm.weight", layer.post_attention_layernorm.weight)],
-            f"{p}/post_attention_layernorm",
+            [residual, o, g.weight(f"{p}.{L.mlp_norm}.weight", L.part(layer, "mlp_norm").weight)],
+            f"{p}/{L.mlp_norm}",
             outputs=4,
             domain="com.microsoft",
             epsilon=plan.eps,
         )
-        mlp = layer.mlp
-        gate = g.linear(h, mlp.gate_proj, f"{p}.mlp.gate_proj")
+        gate = g.linear(h, L.proj(layer, "gate"), f"{p}.{L.projections['gate']}")
         silu = g.node("Mul", [gate, g.node("Sigmoid", [gate], f"{p}/mlp/Sigmoid")[0]], f"{p}/mlp/SiLU")[0]
-        up = g.linear(h, mlp.up_proj, f"{p}.mlp.up_proj")
-        pending = g.linear(g.node("Mul", [silu, up], f"{p}/mlp/Mul")[0], mlp.down_proj, f"{p}.mlp.down_proj")
+        up = g.linear(h, L.proj(layer, "up"), f"{p}.{L.projections['up']}")
+        down = L.proj(layer, "down")
+        pending = g.linear(g.node("Mul", [silu, up], f"{p}/mlp/Mul")[0], down, f"{p}.{L.projections['down']}")
     final = g.node(
         "SkipSimplifiedLayerNormalization",
-        [residual, pending, g.weight("model.norm.weight", decoder.norm.weight)],
+        [residual, pending, g.weight(f"{L.norm}.weight", L.part(model, "norm").weight)],
         "model/norm",
         outputs=4,
         domain="com.microsoft",
         epsilon=plan.eps,
     )[0]
     # A tied lm_head gets its own [hidden, vocab] copy: MatMul's layout, and what MatMulNBits quantizes.
-    logits = g.linear(final, model.lm_head, "lm_head")
+    logits = g.linear(final, model.get_output_embeddings(), "lm_head")
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
     graph = helper.make_graph(g.nodes, "slimgpt_genai_decoder", inputs, outputs, initializer=g.inits)
     onnx_model = helper.make_model(

@@ -52,6 +52,7 @@ import torch
 from slimgpt_deploy.atomic import atomic_output_dir, check_output_dir
 from slimgpt_deploy.checkpoint import read_config, safetensors_files, validate_checkpoint
 from slimgpt_deploy.errors import BadInputError, CheckpointError, VerificationError
+from slimgpt_deploy.families import layout_of
 
 FORMAT = "gguf"
 ARCH = "deci"
@@ -368,33 +369,46 @@ def rope_permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# llama.cpp's tensor names for a decoder layer: its norms, then its projections by role (layout.py), per block.
+GGUF_BLOCK = (
+    ("attention_norm", "attn_norm", ("q", "k", "v", "o")),
+    ("mlp_norm", "ffn_norm", ("gate", "up", "down")),
+)
+GGUF_PROJECTIONS = {
+    "q": "attn_q",
+    "k": "attn_k",
+    "v": "attn_v",
+    "o": "attn_output",
+    "gate": "ffn_gate",
+    "up": "ffn_up",
+    "down": "ffn_down",
+}
+
+
 def gguf_tensors(plan: GGUFPlan) -> dict[str, np.ndarray]:
     """Every tensor of the file, float32, in transformers' [out, in] layout (gguf reverses the dims)."""
+    L = layout_of(plan.config)
     weights = load_weights(plan.checkpoint)
     f32 = lambda name: weights.pop(name).float().numpy()  # noqa: E731
-    out = {"token_embd.weight": f32("model.embed_tokens.weight")}
+    out = {"token_embd.weight": f32(f"{L.embed}.weight")}
     for i, (q, kv) in enumerate(zip(plan.q_heads, plan.kv_heads)):
-        p, b = f"model.layers.{i}.", f"blk.{i}."
-        out[b + "attn_norm.weight"] = f32(p + "input_layernorm.weight")
-        out[b + "attn_q.weight"] = rope_permute(f32(p + "self_attn.q_proj.weight"), q)
-        out[b + "attn_k.weight"] = rope_permute(f32(p + "self_attn.k_proj.weight"), kv)
-        out[b + "attn_v.weight"] = f32(p + "self_attn.v_proj.weight")
-        out[b + "attn_output.weight"] = f32(p + "self_attn.o_proj.weight")
-        for proj, name, heads in (("q_proj", "attn_q", q), ("k_proj", "attn_k", kv), ("v_proj", "attn_v", None)):
-            if p + f"self_attn.{proj}.bias" in weights:
-                bias = f32(p + f"self_attn.{proj}.bias")
-                out[b + f"{name}.bias"] = rope_permute(bias, heads) if heads else bias
-        if p + "self_attn.o_proj.bias" in weights:
-            out[b + "attn_output.bias"] = f32(p + "self_attn.o_proj.bias")
-        out[b + "ffn_norm.weight"] = f32(p + "post_attention_layernorm.weight")
-        for proj, name in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
-            out[b + f"{name}.weight"] = f32(p + f"mlp.{proj}.weight")
-            if p + f"mlp.{proj}.bias" in weights:
-                out[b + f"{name}.bias"] = f32(p + f"mlp.{proj}.bias")
-    out["output_norm.weight"] = f32("model.norm.weight")
-    if "lm_head.weight" in weights and not plan.config.get("tie_word_embeddings"):
-        out["output.weight"] = f32("lm_head.weight")
-    weights.pop("lm_head.weight", None)
+        p, b = L.layer_prefix(i), f"blk.{i}."
+        rope_heads = {"q": q, "k": kv}  # llama.cpp rotates interleaved pairs of Q and K (rows and biases)
+        for norm, norm_name, roles in GGUF_BLOCK:
+            out[f"{b}{norm_name}.weight"] = f32(f"{p}{getattr(L, norm)}.weight")
+            for role in roles:
+                for kind in ("weight", "bias"):
+                    if kind == "bias" and p + L.tensor(role, kind) not in weights:
+                        continue
+                    t = f32(p + L.tensor(role, kind))
+                    out[f"{b}{GGUF_PROJECTIONS[role]}.{kind}"] = (
+                        rope_permute(t, rope_heads[role]) if role in rope_heads else t
+                    )
+    out["output_norm.weight"] = f32(f"{L.norm}.weight")
+    head = f"{L.head}.weight"
+    if head in weights and not plan.config.get("tie_word_embeddings"):
+        out["output.weight"] = f32(head)
+    weights.pop(head, None)
     if plan.rope_freqs is not None:
         out["rope_freqs.weight"] = plan.rope_freqs
     if weights:
@@ -409,12 +423,14 @@ def _check_heads(checkpoint: Path, q_heads: list[int], kv_heads: list[int], head
     shapes = {
         name: info["shape"] for f in safetensors_files(checkpoint) for name, info in read_safetensors_header(f).items()
     }
+    L = layout_of(read_config(checkpoint))
     for i, (q, kv) in enumerate(zip(q_heads, kv_heads)):
-        for proj, heads in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
-            rows = shapes[f"model.layers.{i}.self_attn.{proj}.weight"][0]
+        for role, heads in (("q", q), ("k", kv), ("v", kv)):
+            rows = shapes[L.layer_prefix(i) + L.tensor(role)][0]
             if rows != heads * head_dim:
                 raise BadInputError(
-                    f"layer {i}: {proj} has {rows} rows, not {heads} heads of size {head_dim}; llama.cpp's deci "
+                    f"layer {i}: {L.projections[role]} has {rows} rows, not {heads} heads of size {head_dim}; "
+                    "llama.cpp's deci "
                     "architecture needs one head size in every layer"
                 )
 

@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimgpt_deploy.families import layout_of
+from slimgpt_deploy.layout import Layout
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm: normalize in float32, cast back, then scale."""
@@ -68,12 +71,12 @@ def additive_mask(attention_mask: torch.Tensor, seq_len: int, dtype: torch.dtype
 
 
 class ExportAttention(nn.Module):
-    def __init__(self, attn: nn.Module, head_dim: int):
+    def __init__(self, layer: nn.Module, layout: Layout, head_dim: int):
         super().__init__()
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (layout.proj(layer, r) for r in ("q", "k", "v", "o"))
         self.head_dim = head_dim
-        self.num_heads = attn.q_proj.out_features // head_dim
-        self.num_kv_heads = attn.k_proj.out_features // head_dim
+        self.num_heads = self.q_proj.out_features // head_dim
+        self.num_kv_heads = self.k_proj.out_features // head_dim
         assert self.num_heads % self.num_kv_heads == 0, (self.num_heads, self.num_kv_heads)
         self.group = self.num_heads // self.num_kv_heads
         self.scale = head_dim**-0.5
@@ -97,21 +100,21 @@ class ExportAttention(nn.Module):
 
 
 class ExportMLP(nn.Module):
-    def __init__(self, mlp: nn.Module):
+    def __init__(self, layer: nn.Module, layout: Layout):
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.gate_proj, self.up_proj, self.down_proj = (layout.proj(layer, r) for r in ("gate", "up", "down"))
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class ExportLayer(nn.Module):
-    def __init__(self, layer: nn.Module, head_dim: int, eps: float):
+    def __init__(self, layer: nn.Module, layout: Layout, head_dim: int, eps: float):
         super().__init__()
-        self.attn = ExportAttention(layer.self_attn, head_dim)
-        self.mlp = ExportMLP(layer.mlp)
-        self.ln_attn = layer.input_layernorm.weight
-        self.ln_mlp = layer.post_attention_layernorm.weight
+        self.attn = ExportAttention(layer, layout, head_dim)
+        self.mlp = ExportMLP(layer, layout)
+        self.ln_attn = layout.part(layer, "attention_norm").weight
+        self.ln_mlp = layout.part(layer, "mlp_norm").weight
         self.eps = eps
 
     def forward(self, x, cos, sin, mask, past_k, past_v):
@@ -127,18 +130,20 @@ class ExportDecoder(nn.Module):
     def __init__(self, model: nn.Module, *, untie_lm_head: bool = False):
         super().__init__()
         config = model.config
-        body = model.model
+        layout = layout_of(config)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
         eps = float(config.rms_norm_eps)
-        self.embed = body.embed_tokens
-        self.layers = nn.ModuleList(ExportLayer(layer, self.head_dim, eps) for layer in body.layers)
-        self.norm = body.norm.weight
+        self.embed = model.get_input_embeddings()
+        self.layers = nn.ModuleList(
+            ExportLayer(layer, layout, self.head_dim, eps) for layer in layout.part(model, "layers")
+        )
+        self.norm = layout.part(model, "norm").weight
         self.eps = eps
         lm_head = model.get_output_embeddings().weight  # [V, H]
         if untie_lm_head and lm_head is self.embed.weight:
             lm_head = nn.Parameter(lm_head.detach().clone(), requires_grad=False)
         self.lm_head = lm_head
-        rotary = body.rotary_emb
+        rotary = layout.part(model, "rotary")
         self.register_buffer("inv_freq", rotary.inv_freq.detach().clone().to(torch.float32), persistent=False)
         self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
 

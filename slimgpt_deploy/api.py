@@ -25,7 +25,9 @@ from .calibration import get_calibration
 from .checkpoint import save_checkpoint
 from .config import PruneConfig
 from .errors import Interrupted, ResourceError, SlimGPTError
+from .families import layout_of
 from .guards import Estimate, available_ram, check_fits, estimate_prune, free_disk, job_size
+from .layout import SLIM
 from .prune import distributed
 from .prune.engine import LayerwisePruner, PruneResult, check_weights
 from .resume import ResumeState, calibration_identity, default_state_dir
@@ -211,10 +213,10 @@ def _prune(
         calib_record = dict(state.calibration)
         t_calib = calib_record.pop("seconds", 0.0)
     dense_params = _params(loaded.model)
-    dense_decoder = sum(_params(layer) for layer in loaded.model.model.layers)
+    dense_decoder = sum(_params(layer) for layer in layout_of(loaded.model.config).part(loaded.model, "layers"))
     result = LayerwisePruner(loaded.model, config).run(input_ids, on_layer=on_layer, state=state, offload=offload)
     slim_params = _params(result.model)
-    slim_decoder = sum(_params(layer) for layer in result.model.model.layers)
+    slim_decoder = sum(_params(layer) for layer in SLIM.part(result.model, "layers"))
     result.record = {
         "format": "slimgpt-deploy/1",
         "source": {"source": loaded.source, "kind": loaded.kind, "model_type": loaded.model.config.model_type},

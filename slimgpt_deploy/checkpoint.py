@@ -238,37 +238,22 @@ def expected_tensor_shapes(config) -> tuple[dict[str, tuple[int, ...]], dict[str
     o_proj's bias on dense models (families differ; the loader decides) and the
     rotary inv_freq buffers older checkpoints carry.
     """
-    from .families import layer_shapes
-    from .modeling.shapes import layer_weight_shapes
+    import dataclasses
 
+    from .families import layer_shapes, layout_of
+
+    layout = layout_of(config)
     h, vocab = config.hidden_size, config.vocab_size
-    required = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)}
+    required = {f"{layout.embed}.weight": (vocab, h), f"{layout.norm}.weight": (h,)}
     optional: dict[str, tuple[int, ...]] = {}
-    (optional if config.tie_word_embeddings else required)["lm_head.weight"] = (vocab, h)
+    (optional if config.tie_word_embeddings else required)[f"{layout.head}.weight"] = (vocab, h)
     for i, s in enumerate(layer_shapes(config)):
-        prefix = f"model.layers.{i}."
-        if config.model_type == "slimgpt":
-            layer = layer_weight_shapes(config, i)
-        else:
-            q, kv = s.q_heads * s.head_dim, s.kv_heads * s.head_dim
-            layer = {
-                "input_layernorm.weight": (h,),
-                "post_attention_layernorm.weight": (h,),
-                "self_attn.q_proj.weight": (q, h),
-                "self_attn.k_proj.weight": (kv, h),
-                "self_attn.v_proj.weight": (kv, h),
-                "self_attn.o_proj.weight": (h, q),
-                "mlp.gate_proj.weight": (s.ffn, h),
-                "mlp.up_proj.weight": (s.ffn, h),
-                "mlp.down_proj.weight": (h, s.ffn),
-            }
-            if s.qkv_bias:
-                layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
-            if s.mlp_bias:
-                layer |= {"mlp.gate_proj.bias": (s.ffn,), "mlp.up_proj.bias": (s.ffn,), "mlp.down_proj.bias": (h,)}
-            optional[prefix + "self_attn.o_proj.bias"] = (h,)
-        required |= {prefix + k: v for k, v in layer.items()}
-        optional[prefix + "self_attn.rotary_emb.inv_freq"] = (s.head_dim // 2,)
+        prefix = layout.layer_prefix(i)
+        if config.model_type != "slimgpt":  # dense: o's bias is the loader's business
+            optional[prefix + layout.tensor("o", "bias")] = (h,)
+            s = dataclasses.replace(s, o_bias=False)
+        required |= {prefix + k: v for k, v in layout.tensor_shapes(s).items()}
+        optional[f"{prefix}{layout.attention}.rotary_emb.inv_freq"] = (s.head_dim // 2,)
     return required, optional
 
 
@@ -320,14 +305,17 @@ def weight_bytes_per_token(path: Path) -> int:
     """
     from safetensors import safe_open
 
-    tied = read_config(path).get("tie_word_embeddings", False)
+    from .families import layout_of
+
+    config = read_config(path)
+    layout, tied = layout_of(config), config.get("tie_word_embeddings", False)
     total = 0
     for file in safetensors_files(path):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                if name.endswith("embed_tokens.weight") and not tied:
+                if name == f"{layout.embed}.weight" and not tied:
                     continue
-                if name == "lm_head.weight" and tied:
+                if name == f"{layout.head}.weight" and tied:
                     continue  # a tied head written out anyway is the embedding, counted already
                 t = f.get_slice(name)
                 n = 1
@@ -345,6 +333,7 @@ def validate_checkpoint(path: Path) -> None:
     or the file that is truncated or corrupt.
     """
     from .errors import CheckpointError
+    from .layout import SLIM
     from .modeling import SlimGPTConfig
     from .modeling.shapes import layer_weight_shapes, shape_mismatch
 
@@ -362,6 +351,6 @@ def validate_checkpoint(path: Path) -> None:
                 raise CheckpointError(f"{file.name}: {problem}")
             seen.add(name)
     for i in range(config.num_hidden_layers):
-        missing = [k for k in layer_weight_shapes(config, i) if f"model.layers.{i}.{k}" not in seen]
+        missing = [k for k in layer_weight_shapes(config, i) if SLIM.layer_prefix(i) + k not in seen]
         if missing:
             raise CheckpointError(f"layer {i}: weights missing from the checkpoint: {', '.join(missing)}")

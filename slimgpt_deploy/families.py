@@ -1,18 +1,22 @@
-"""LLaMA-family architectures: what each one means for the slim model.
+"""LLaMA-family architectures: the family adapter.
 
-A registry from transformers' `model_type` to the slim config fields that
-describe it (biases, window); every family shares the decoder layer layout
-input_layernorm -> self_attn(q, k, v, o) -> post_attention_layernorm ->
-mlp(gate, up, down), which is what the pruner and the slim model rely on.
+A registry from transformers' `model_type` to a `Family`: its name, the slim
+config fields that describe it (biases, window) and its `Layout` (layout.py:
+where the embeddings, decoder layers, norms and q/k/v/o, gate/up/down
+projections live). The pruning engine, shrink, the checkpoint validator and the
+exporters read a model's parts through its family's layout, so a family with
+the Llama layout is one entry here; one named otherwise gives its own Layout
+(docs/CONTRIBUTING.md, "A model family").
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from .errors import UnsupportedArchitectureError
-from .prune.schedule import LayerShape
+from .layout import LLAMA, LayerShape, Layout
 
 log = logging.getLogger(__name__)
 
@@ -78,21 +82,26 @@ def _slimgpt(config) -> dict:
     }
 
 
-FAMILIES: dict[str, Callable[[object], dict]] = {
-    "llama": _llama,
-    "mistral": _mistral,
-    "qwen2": _qwen2,
-    "slimgpt": _slimgpt,
-}
+@dataclass(frozen=True)
+class Family:
+    """One supported `model_type`."""
+
+    name: str  # as the error messages and the README say it
+    slim_fields: Callable[[object], dict]  # config -> {"attention_bias", "o_proj_bias", "mlp_bias", ...}
+    layout: Layout = LLAMA
 
 
-SUPPORTED_MODEL_TYPES: dict[str, str] = {
-    "llama": "Llama",
-    "mistral": "Mistral",
-    "qwen2": "Qwen2",
-    "slimgpt": "SlimGPT checkpoint",
+FAMILIES: dict[str, Family] = {
+    "llama": Family("Llama", _llama),
+    "mistral": Family("Mistral", _mistral),
+    "qwen2": Family("Qwen2", _qwen2),
+    "slimgpt": Family("SlimGPT checkpoint", _slimgpt),
 }
-assert set(SUPPORTED_MODEL_TYPES) == set(FAMILIES)
+SUPPORTED_MODEL_TYPES: dict[str, str] = {model_type: family.name for model_type, family in FAMILIES.items()}
+
+
+def _model_type(config) -> str | None:
+    return config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
 
 
 def check_architecture(config) -> None:
@@ -100,9 +109,9 @@ def check_architecture(config) -> None:
 
     `config` is a transformers config or a config.json dict.
     """
-    model_type = config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
+    model_type = _model_type(config)
     if model_type not in FAMILIES:
-        supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items())
+        supported = ", ".join(f"{k} ({family.name})" for k, family in FAMILIES.items())
         raise UnsupportedArchitectureError(
             f"unsupported architecture: model_type {model_type!r}; "
             f"slimgpt-deploy supports {supported}: pass a model of one of these families"
@@ -115,8 +124,14 @@ def slim_config_fields(config) -> dict:
     fields = {name: getattr(config, name) for name in SHARED_FIELDS if hasattr(config, name)}
     fields["head_dim"] = _head_dim(config)
     fields["source_model_type"] = config.model_type
-    fields |= FAMILIES[config.model_type](config)
+    fields |= FAMILIES[config.model_type].slim_fields(config)
     return fields
+
+
+def layout_of(config) -> Layout:
+    """Where a model of this config (a transformers config or a config.json dict) keeps its parts."""
+    check_architecture(config)
+    return FAMILIES[_model_type(config)].layout
 
 
 def layer_shapes(config) -> list[LayerShape]:
@@ -129,7 +144,7 @@ def layer_shapes(config) -> list[LayerShape]:
         or [config.num_key_value_heads or config.num_attention_heads] * n
     )
     ffn = getattr(config, "intermediate_size_per_layer", None) or [config.intermediate_size] * n
-    fields = FAMILIES[config.model_type](config)
+    fields = FAMILIES[config.model_type].slim_fields(config)
     return [
         LayerShape(
             q_heads=q[i],
@@ -139,6 +154,7 @@ def layer_shapes(config) -> list[LayerShape]:
             hidden=config.hidden_size,
             qkv_bias=fields["attention_bias"],
             mlp_bias=fields["mlp_bias"],
+            o_bias=fields["o_proj_bias"],
         )
         for i in range(n)
     ]

@@ -44,12 +44,13 @@ import torch.nn.functional as F
 
 from .atomic import atomic_write, check_output_dir, fsync_dir, write_error
 from .errors import BadInputError, CheckpointError, Interrupted
+from .layout import SLIM
 from .resume import default_state_dir as resume_state_dir
 from .resume import fingerprint
 
 logger = logging.getLogger(__name__)
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = SLIM.lora_targets()  # every projection of the slim model
 LOSS_DTYPE = torch.float32
 STATE_FILE = "state.json"
 FORMAT = "slimgpt-deploy-recover/1"
@@ -325,7 +326,7 @@ def _trainable(student, config: RecoverConfig):
     if config.full:
         model = student
         for name, p in student.named_parameters():
-            if name.startswith("model.layers.") or name == "model.norm.weight":
+            if name.startswith(f"{SLIM.layers}.") or name == f"{SLIM.norm}.weight":
                 p.requires_grad_(True)
     else:
         from .extras import require

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from .families import slim_config_fields
+from .layout import HESSIAN_OF, LLAMA, PROJECTIONS, SLIM, Layout
 from .modeling import LayerConfigView, SlimGPTConfig, SlimGPTDecoderLayer, SlimGPTForCausalLM
+from .modeling.shapes import layer_weight_shapes
 from .prune.schedule import LayerPlan
 
 
@@ -43,66 +45,66 @@ def _rows(index: list[int], size: int) -> torch.Tensor:
     return torch.tensor([h * size + t for h in index for t in range(size)], dtype=torch.long)
 
 
-def cut_layer_state(layer: nn.Module, cut: LayerCut, head_dim: int) -> dict[str, torch.Tensor]:
-    """State dict of the shrunken layer, in the layer's dtype."""
-    attn, mlp = layer.self_attn, layer.mlp
-    q_rows, kv_rows = _rows(cut.q_heads, head_dim), _rows(cut.kv_heads, head_dim)
-    ffn = torch.tensor(cut.ffn, dtype=torch.long)
-    dtype = attn.q_proj.weight.dtype
-    sd = {
-        "input_layernorm.weight": layer.input_layernorm.weight,
-        "post_attention_layernorm.weight": layer.post_attention_layernorm.weight,
-        "self_attn.q_proj.weight": attn.q_proj.weight[q_rows],
-        "self_attn.k_proj.weight": attn.k_proj.weight[kv_rows],
-        "self_attn.v_proj.weight": attn.v_proj.weight[kv_rows],
-        "self_attn.o_proj.weight": cut.o_proj[:, q_rows].to(dtype),
-        "mlp.gate_proj.weight": mlp.gate_proj.weight[ffn],
-        "mlp.up_proj.weight": mlp.up_proj.weight[ffn],
-        "mlp.down_proj.weight": cut.down_proj[:, ffn].to(dtype),
+def cut_layer_state(layer: nn.Module, cut: LayerCut, head_dim: int, layout: Layout = LLAMA) -> dict[str, torch.Tensor]:
+    """State dict of the shrunken layer (slim names), in the layer's dtype.
+
+    Every projection is cut along its axis by its unit (layout.PROJECTIONS); the two the OBS
+    update compensated (o, down) take their new weights from `cut`.
+    """
+    kept = {
+        "q_heads": _rows(cut.q_heads, head_dim),
+        "kv_heads": _rows(cut.kv_heads, head_dim),
+        "ffn": torch.tensor(cut.ffn, dtype=torch.long),
     }
-    for name, proj, rows in (
-        ("q_proj", attn.q_proj, q_rows),
-        ("k_proj", attn.k_proj, kv_rows),
-        ("v_proj", attn.v_proj, kv_rows),
-    ):
+    compensated = {HESSIAN_OF["heads"]: cut.o_proj, HESSIAN_OF["ffn"]: cut.down_proj}
+    dtype = layout.proj(layer, "q").weight.dtype
+    sd = {
+        f"{SLIM.attention_norm}.weight": layout.part(layer, "attention_norm").weight,
+        f"{SLIM.mlp_norm}.weight": layout.part(layer, "mlp_norm").weight,
+    }
+    for role, p in PROJECTIONS.items():
+        proj = layout.proj(layer, role)
+        W, index = compensated.get(role, proj.weight), kept[p.unit].to(proj.weight.device)
+        sd[SLIM.tensor(role)] = W.index_select(p.axis, index).to(dtype)
         if proj.bias is not None:
-            sd[f"self_attn.{name}.bias"] = proj.bias[rows]
-    if attn.o_proj.bias is not None:
-        sd["self_attn.o_proj.bias"] = attn.o_proj.bias
-    for name, proj in (("gate_proj", mlp.gate_proj), ("up_proj", mlp.up_proj)):
-        if proj.bias is not None:
-            sd[f"mlp.{name}.bias"] = proj.bias[ffn]
-    if mlp.down_proj.bias is not None:
-        sd["mlp.down_proj.bias"] = mlp.down_proj.bias
+            sd[SLIM.tensor(role, "bias")] = proj.bias[index] if p.axis == 0 else proj.bias
     return {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
 
-def shrink_layer(layer: nn.Module, cut: LayerCut, config: SlimGPTConfig, layer_idx: int) -> SlimGPTDecoderLayer:
-    """A new decoder layer of the slim config's shape for `layer_idx`, holding the cut weights."""
-    state = cut_layer_state(layer, cut, config.head_dim)
+def shrink_layer(
+    layer: nn.Module, cut: LayerCut, config: SlimGPTConfig, layer_idx: int, layout: Layout = LLAMA
+) -> SlimGPTDecoderLayer:
+    """A new decoder layer of the slim config's shape for `layer_idx`, holding the cut weights.
+
+    `layout`: where `layer`'s parts live (its family's; the slim layer is always on SLIM).
+    """
+    state = cut_layer_state(layer, cut, config.head_dim, layout)
     with torch.device("meta"):
         new = SlimGPTDecoderLayer(LayerConfigView(config, layer_idx), layer_idx)
     new.load_state_dict(state, strict=True, assign=True)
     return new.eval().requires_grad_(False)
 
 
-def assemble(dense: nn.Module, layers: list[SlimGPTDecoderLayer], config: SlimGPTConfig) -> SlimGPTForCausalLM:
+def assemble(
+    dense: nn.Module, layers: list[SlimGPTDecoderLayer], config: SlimGPTConfig, layout: Layout = LLAMA
+) -> SlimGPTForCausalLM:
     """The slim causal LM: the dense model's embeddings, final norm and head around the shrunken layers.
 
-    Tied embeddings stay tied (the head *is* the embedding module's weight).
+    `layout`: where the dense model keeps them. Tied embeddings stay tied (the head *is* the
+    embedding module's weight).
     """
     with torch.device("meta"):
         slim = SlimGPTForCausalLM(config)
     embed = dense.get_input_embeddings()
     slim.model.embed_tokens = embed
-    slim.model.norm = dense.model.norm
-    slim.model.rotary_emb = dense.model.rotary_emb
+    slim.model.norm = layout.part(dense, "norm")
+    slim.model.rotary_emb = layout.part(dense, "rotary")
     slim.model.layers = nn.ModuleList(layers)
     if config.tie_word_embeddings:
         slim.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
         slim.lm_head.weight = embed.weight
     else:
-        slim.lm_head = dense.lm_head
+        slim.lm_head = layout.part(dense, "head")
     if dense.generation_config is not None:
         slim.generation_config = dense.generation_config
     meta = [n for n, p in list(slim.named_parameters()) + list(slim.named_buffers()) if p.is_meta]
@@ -113,12 +115,6 @@ def assemble(dense: nn.Module, layers: list[SlimGPTDecoderLayer], config: SlimGP
 
 def check_shapes(model: SlimGPTForCausalLM) -> None:
     """Assert the config's per-layer lists agree with every weight (internal invariant)."""
-    c = model.config
     for i, layer in enumerate(model.model.layers):
-        q, kv, f = c.layer_shape(i)
-        d = c.head_dim
-        assert layer.self_attn.q_proj.weight.shape == (q * d, c.hidden_size), f"layer {i} q_proj"
-        assert layer.self_attn.k_proj.weight.shape == (kv * d, c.hidden_size), f"layer {i} k_proj"
-        assert layer.self_attn.o_proj.weight.shape == (c.hidden_size, q * d), f"layer {i} o_proj"
-        assert layer.mlp.down_proj.weight.shape == (c.hidden_size, f), f"layer {i} down_proj"
-        assert layer.mlp.gate_proj.weight.shape == (f, c.hidden_size), f"layer {i} gate_proj"
+        got = {name: tuple(t.shape) for name, t in layer.state_dict().items()}
+        assert got == layer_weight_shapes(model.config, i), f"layer {i}: weights disagree with the config"

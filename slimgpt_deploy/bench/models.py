@@ -82,13 +82,15 @@ def param_count(path: Path) -> int:
     from safetensors import safe_open
 
     from ..checkpoint import read_config, safetensors_files
+    from ..families import layout_of
 
-    tied = read_config(path).get("tie_word_embeddings", False)
+    config = read_config(path)
+    head, tied = f"{layout_of(config).head}.weight", config.get("tie_word_embeddings", False)
     total = 0
     for file in safetensors_files(path):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                if tied and name == "lm_head.weight":
+                if tied and name == head:
                     continue
                 n = 1
                 for d in f.get_slice(name).get_shape():

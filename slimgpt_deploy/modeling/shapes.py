@@ -9,35 +9,30 @@ from __future__ import annotations
 
 import re
 
+from ..layout import SLIM, LayerShape
 from .configuration_slimgpt import SlimGPTConfig
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
 
 
+def layer_shape(config: SlimGPTConfig, i: int) -> LayerShape:
+    """Decoder layer i's shape as the slim config states it."""
+    q, kv, f = config.layer_shape(i)
+    return LayerShape(
+        q_heads=q,
+        kv_heads=kv,
+        ffn=f,
+        head_dim=config.head_dim,
+        hidden=config.hidden_size,
+        qkv_bias=bool(config.attention_bias),
+        mlp_bias=bool(getattr(config, "mlp_bias", False)),
+        o_bias=bool(config.o_proj_bias),
+    )
+
+
 def layer_weight_shapes(config: SlimGPTConfig, i: int) -> dict[str, tuple[int, ...]]:
     """Shapes of decoder layer i's tensors, keyed by the name inside the layer."""
-    q, kv, f = config.layer_shape(i)
-    h, d = config.hidden_size, config.head_dim
-    shapes = {
-        "input_layernorm.weight": (h,),
-        "post_attention_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (q * d, h),
-        "self_attn.k_proj.weight": (kv * d, h),
-        "self_attn.v_proj.weight": (kv * d, h),
-        "self_attn.o_proj.weight": (h, q * d),
-        "mlp.gate_proj.weight": (f, h),
-        "mlp.up_proj.weight": (f, h),
-        "mlp.down_proj.weight": (h, f),
-    }
-    if config.attention_bias:
-        shapes.update(
-            {"self_attn.q_proj.bias": (q * d,), "self_attn.k_proj.bias": (kv * d,), "self_attn.v_proj.bias": (kv * d,)}
-        )
-    if config.o_proj_bias:
-        shapes["self_attn.o_proj.bias"] = (h,)
-    if getattr(config, "mlp_bias", False):
-        shapes.update({"mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,), "mlp.down_proj.bias": (h,)})
-    return shapes
+    return SLIM.tensor_shapes(layer_shape(config, i))
 
 
 def shape_mismatch(config: SlimGPTConfig, name: str, shape: tuple[int, ...]) -> str | None:

@@ -33,15 +33,16 @@ from torch import nn
 
 from ..config import PruneConfig
 from ..errors import NumericalError
-from ..families import layer_shapes
+from ..families import layer_shapes, layout_of
 from ..guards import ACTIVATION_COPIES, free_memory, layer_device_peak
+from ..layout import HESSIAN_OF, SLIM, LayerShape, Layout
 from ..modeling import LayerConfigView, SlimGPTDecoderLayer
 from ..resume import Batches, Home, ResumeState
 from ..shrink import LayerCut, assemble, check_shapes, make_slim_config, shrink_layer
 from .distributed import from_rank0, reduce_hessian, shard
 from .methods import METHODS, HeadUnits, LayerStats
 from .obs import accumulate_hessian
-from .schedule import LayerPlan, LayerShape, achieved_share, layer_ratios, plan_layers
+from .schedule import LayerPlan, achieved_share, layer_ratios, plan_layers
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +122,25 @@ def _causal_mask(seqlen: int, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.triu(mask, diagonal=1)[None, None]
 
 
-def _attention(layer, x, pos, mask):
-    """Attention block of a decoder layer: self_attn(input_layernorm(x)) (no residual)."""
-    return layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=pos, attention_mask=mask)[0]
+def _attention(layout: Layout, layer, x, pos, mask):
+    """Attention block of a decoder layer: attention(attention_norm(x)) (no residual)."""
+    attn, norm = layout.part(layer, "attention"), layout.part(layer, "attention_norm")
+    return attn(hidden_states=norm(x), position_embeddings=pos, attention_mask=mask)[0]
 
 
-def _ffn_inputs(mlp, y):
-    """down_proj's input: act(gate(y)) * up(y)."""
-    return mlp.act_fn(mlp.gate_proj(y)) * mlp.up_proj(y)
+def _mlp(layout: Layout, layer, h):
+    """MLP block of a decoder layer: mlp(mlp_norm(h)) (no residual)."""
+    return layout.part(layer, "mlp")(layout.part(layer, "mlp_norm")(h))
+
+
+@contextlib.contextmanager
+def _inputs_of(module: nn.Module, on_inputs: Callable[[torch.Tensor], None]):
+    """Call `on_inputs` with `module`'s input on each forward inside (the activations a Hessian is of)."""
+    hook = module.register_forward_pre_hook(lambda _module, args: on_inputs(args[0]))
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 def _reconstruction(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
@@ -139,15 +151,14 @@ def _reconstruction(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> tu
     return err, err / ref if ref > 0 else 0.0
 
 
-def _head_column_norms(attn, units: HeadUnits) -> torch.Tensor:
-    """Squared norm of q (and, for kv-group units, k/v) weights tied to each o_proj column."""
+def _head_column_norms(layout: Layout, layer, units: HeadUnits) -> torch.Tensor:
+    """Squared norm of q (and, for kv-group units, k/v) weights tied to each o column."""
     s = units.shape
-    q = attn.q_proj.weight.float().pow(2).sum(dim=1)  # [q_heads * d]
+    norms = {role: layout.proj(layer, role).weight.float().pow(2).sum(dim=1) for role in ("q", "k", "v")}
     if units.mode == "per-group":
-        return q
-    kv = attn.k_proj.weight.float().pow(2).sum(dim=1) + attn.v_proj.weight.float().pow(2).sum(dim=1)
-    kv = kv.reshape(s.kv_heads, 1, s.head_dim).expand(s.kv_heads, s.q_per_kv, s.head_dim).reshape(-1)
-    return q + kv / s.q_per_kv
+        return norms["q"]  # [q_heads * d]
+    kv = (norms["k"] + norms["v"]).reshape(s.kv_heads, 1, s.head_dim)  # [kv, 1, d]
+    return norms["q"] + kv.expand(s.kv_heads, s.q_per_kv, s.head_dim).reshape(-1) / s.q_per_kv
 
 
 class LayerwisePruner:
@@ -159,6 +170,7 @@ class LayerwisePruner:
         self.device = torch.device(config.device)
         self.hdtype = config.torch_hessian_dtype
         self.method = METHODS[config.method]
+        self.layout = layout_of(model.config)
 
     def plans(self) -> tuple[list[LayerShape], list[LayerPlan]]:
         shapes = layer_shapes(self.model.config)
@@ -194,7 +206,7 @@ class LayerwisePruner:
         shapes, plans = self.plans()
         slim_config = make_slim_config(model.config, plans)
         slim_config._attn_implementation = model.config._attn_implementation
-        inner = model.model
+        layout = self.layout
         start = state.finished if state is not None else 0
         work = tempfile.TemporaryDirectory(prefix="slimgpt-activations-") if offload and state is None else None
         root = state.directory if state is not None else Path(work.name) if work is not None else None
@@ -213,10 +225,10 @@ class LayerwisePruner:
         try:
             new_layers = [restore_layer(state.layer_weights(j), slim_config, j) for j in range(start)]
             records = list(state.records[:start]) if state is not None else []
-            dtype = inner.embed_tokens.weight.dtype
+            dtype = model.get_input_embeddings().weight.dtype
             seqlen = input_ids.shape[1]
             position_ids = torch.arange(seqlen, device=self.device)[None]
-            pos = inner.rotary_emb(torch.empty(0, dtype=dtype, device=self.device), position_ids)
+            pos = layout.part(model, "rotary")(torch.empty(0, dtype=dtype, device=self.device), position_ids)
             mask = _causal_mask(seqlen, dtype, self.device)
             if start == len(plans):
                 xs = None
@@ -225,7 +237,7 @@ class LayerwisePruner:
             else:
                 xs = self._embed(input_ids, batches(f"xs-{0:05d}"))
             for i in range(start, len(plans)):
-                layer, shape, plan = inner.layers[i], shapes[i], plans[i]
+                layer, shape, plan = layout.part(model, "layers")[i], shapes[i], plans[i]
                 ts = time.perf_counter()
                 layer.to(self.device)
                 _check_finite(layer.named_parameters(), "weights", i)
@@ -246,7 +258,7 @@ class LayerwisePruner:
         finally:
             if work is not None:
                 work.cleanup()
-        slim = assemble(model, new_layers, slim_config)
+        slim = assemble(model, new_layers, slim_config, layout)
         check_shapes(slim)
         share = achieved_share(shapes, plans)
         record = {
@@ -260,7 +272,7 @@ class LayerwisePruner:
 
     def _home(self, input_ids: torch.Tensor) -> Home:
         c = self.model.config
-        dtype_bytes = self.model.model.embed_tokens.weight.element_size()
+        dtype_bytes = self.model.get_input_embeddings().weight.element_size()
         shapes = layer_shapes(c)
         peak = max(
             layer_device_peak(
@@ -278,7 +290,7 @@ class LayerwisePruner:
 
     def _embed(self, input_ids: torch.Tensor, xs: Batches) -> Batches:
         """Layer-0 inputs: the token embeddings of the calibration batches (kept where `xs` keeps batches)."""
-        embed, bs = self.model.model.embed_tokens, self.cfg.batch_size
+        embed, bs = self.model.get_input_embeddings(), self.cfg.batch_size
         for i in range(0, len(input_ids), bs):
             xs.append(embed(input_ids[i : i + bs].to(embed.weight.device)))
         return xs
@@ -287,31 +299,27 @@ class LayerwisePruner:
         return LayerStats(W=W.to(self.hdtype), H=H, percdamp=self.cfg.percdamp, unit_norms=tied.to(self.hdtype))
 
     def _prune_layer(self, i, layer, shape: LayerShape, plan: LayerPlan, slim_config, xs: Batches, pos, mask, batches):
-        dev, attn, mlp = self.device, layer.self_attn, layer.mlp
-        # 1. attention: H of o_proj's inputs under the (already pruned) previous layers.
-        H_o, n = (
-            torch.zeros(shape.q_heads * shape.head_dim, shape.q_heads * shape.head_dim, dtype=self.hdtype, device=dev),
-            0,
-        )
+        dev, L = self.device, self.layout
+        o_proj, down_proj = L.proj(layer, HESSIAN_OF["heads"]), L.proj(layer, HESSIAN_OF["ffn"])
+        # 1. attention: H of o's inputs under the (already pruned) previous layers.
+        d_attn = shape.q_heads * shape.head_dim
+        H_o, n = torch.zeros(d_attn, d_attn, dtype=self.hdtype, device=dev), 0
 
-        def grab(_module, args):
+        def grab_o(inputs):
             nonlocal H_o, n
-            H_o, n = accumulate_hessian(H_o, n, args[0])
+            H_o, n = accumulate_hessian(H_o, n, inputs)
 
-        hook = attn.o_proj.register_forward_pre_hook(grab)
-        try:
+        with _inputs_of(o_proj, grab_o):
             for x in xs:
-                _attention(layer, x.to(dev), pos, mask)
-        finally:
-            hook.remove()
+                _attention(L, layer, x.to(dev), pos, mask)
         H_o, n = reduce_hessian(H_o, n)  # over every rank's samples
         _check_finite([("o_proj inputs", H_o)], "activations", i)
         units = HeadUnits.of(shape, self.cfg.gqa_mode)
-        W_o = attn.o_proj.weight.to(self.hdtype)
+        W_o = o_proj.weight.to(self.hdtype)
         with _naming_layer(i, "attention heads"):
             heads = from_rank0(
                 lambda: self.method.heads(  # decided once, the same on every rank
-                    self._stats(W_o, H_o, _head_column_norms(attn, units)),
+                    self._stats(W_o, H_o, _head_column_norms(L, layer, units)),
                     units,
                     units.steps(plan.q_heads, plan.kv_heads),
                 ),
@@ -322,22 +330,28 @@ class LayerwisePruner:
         attn_err, attn_rel = _reconstruction(W_o, heads.W, H_o)
         H_o = None  # free the [d, d] Hessian before the MLP's is built
 
-        # 2. MLP: H of down_proj's inputs under the pruned attention.
+        # 2. MLP: H of down's inputs under the pruned attention (the dense MLP run on the new residual stream).
         partial = LayerCut(
-            q_heads=q_keep, kv_heads=kv_keep, ffn=list(range(shape.ffn)), o_proj=heads.W, down_proj=mlp.down_proj.weight
+            q_heads=q_keep, kv_heads=kv_keep, ffn=list(range(shape.ffn)), o_proj=heads.W, down_proj=down_proj.weight
         )
-        half = shrink_layer(layer, partial, _with_ffn(slim_config, i, shape.ffn), i).to(dev)
+        half = shrink_layer(layer, partial, _with_ffn(slim_config, i, shape.ffn), i, L).to(dev)
         H_d, n = torch.zeros(shape.ffn, shape.ffn, dtype=self.hdtype, device=dev), 0
+
+        def grab_down(inputs):
+            nonlocal H_d, n
+            H_d, n = accumulate_hessian(H_d, n, inputs)
+
         hs = batches("h-scratch")
-        for x in xs:
-            x = x.to(dev)
-            h = x + _attention(half, x, pos, mask)
-            H_d, n = accumulate_hessian(H_d, n, _ffn_inputs(mlp, layer.post_attention_layernorm(h)))
-            hs.append(h)
+        with _inputs_of(down_proj, grab_down):
+            for x in xs:
+                x = x.to(dev)
+                h = x + _attention(SLIM, half, x, pos, mask)
+                _mlp(L, layer, h)
+                hs.append(h)
         H_d, n = reduce_hessian(H_d, n)
         _check_finite([("down_proj inputs", H_d)], "activations", i)
-        W_d = mlp.down_proj.weight.to(self.hdtype)
-        tied = mlp.gate_proj.weight.float().pow(2).sum(dim=1) + mlp.up_proj.weight.float().pow(2).sum(dim=1)
+        W_d = down_proj.weight.to(self.hdtype)
+        tied = sum(L.proj(layer, role).weight.float().pow(2).sum(dim=1) for role in ("gate", "up"))
         with _naming_layer(i, "FFN channels"):
             ffn = from_rank0(
                 lambda: self.method.ffn(self._stats(W_d, H_d, tied), shape.ffn - plan.ffn, self.cfg.ffn_group_fraction),
@@ -350,11 +364,11 @@ class LayerwisePruner:
 
         # 3. the pruned layer, and its outputs as the next layer's inputs.
         cut = LayerCut(q_heads=q_keep, kv_heads=kv_keep, ffn=ffn_keep, o_proj=heads.W, down_proj=ffn.W)
-        new = shrink_layer(layer, cut, slim_config, i).to(dev)
+        new = shrink_layer(layer, cut, slim_config, i, L).to(dev)
         out, peaks = batches(f"xs-{i + 1:05d}.partial"), []
         for h in hs:
             h = h.to(dev)
-            y = h + new.mlp(new.post_attention_layernorm(h))
+            y = h + _mlp(SLIM, new, h)
             peaks.append(y.abs().amax())
             out.append(y)
         hs.drop()

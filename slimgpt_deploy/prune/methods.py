@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..layout import LayerShape
 from .obs import batched_greedy_pruning, dynamic_group_pruning, inverse_hessian, select_lowest
-from .schedule import LayerShape, effective_gqa_mode
+from .schedule import effective_gqa_mode
 
 
 @dataclass(frozen=True)

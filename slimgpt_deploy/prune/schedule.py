@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import BadInputError
+from ..layout import LayerShape
 from ..modeling.shapes import heads_aligned
 
 MAX_LAYER_RATIO = 0.95
@@ -23,39 +24,6 @@ R_MIN_OVER_R_MAX = 0.25
 # 20%, WikiText-2 PPL@2048 34.2 -> 28.6 (self-calibration), 23.9 -> 22.6 (WikiText calibration); 50%, 86.2 -> 62.1
 # (benchmarks/results/self_calibration.md, docs/DESIGN.md "Incremental Pruning Ratio and the layer plan").
 DEFAULT_HEAD_SHARE = 0.5
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    """One decoder layer's prunable shape (dense or already slim)."""
-
-    q_heads: int
-    kv_heads: int
-    ffn: int
-    head_dim: int
-    hidden: int
-    qkv_bias: bool = False
-    mlp_bias: bool = False
-
-    def __post_init__(self):
-        assert self.q_heads % self.kv_heads == 0, "query heads must be a multiple of KV heads"
-
-    @property
-    def q_per_kv(self) -> int:
-        return self.q_heads // self.kv_heads
-
-    def attn_params(self, q: int, kv: int) -> int:
-        """q/k/v/o weights (+ q/k/v biases) that depend on the head counts."""
-        per_head = self.hidden * self.head_dim + (self.head_dim if self.qkv_bias else 0)
-        return (2 * q + 2 * kv) * per_head - (q * self.head_dim if self.qkv_bias else 0)
-
-    def mlp_params(self, f: int) -> int:
-        return 3 * self.hidden * f + (2 * f if self.mlp_bias else 0)
-
-    def params(self, q: int | None = None, kv: int | None = None, f: int | None = None) -> int:
-        return self.attn_params(self.q_heads if q is None else q, self.kv_heads if kv is None else kv) + (
-            self.mlp_params(self.ffn if f is None else f)
-        )
 
 
 @dataclass(frozen=True)
