@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 OUT    ?= slimgpt-build
+PYTEST_PARALLEL ?= -n 2 --dist loadfile --no-loadscope-reorder
 DEMO_FLAGS := --nsamples 32 --seqlen 256 --bench-prompt-lens 128 --bench-batch-sizes 1,4 --bench-repeats 2 \
               --bench-decode-tokens 16
 
@@ -43,13 +44,15 @@ demo: venv
 	@echo "report: $(OUT)/report/report.md (plots and report.json beside it); slim checkpoint: $(OUT)/slim"
 
 test: venv
-	# Some tests run several processes at once (vLLM's engine, 2 distributed ranks) on 2 cores:
-	# OpenMP threads that sleep instead of spinning while they wait keep them from starving each other.
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q tests
+	# Two pytest-xdist workers, one test file each at a time (module fixtures are built once), the
+	# longest files first (tests/conftest.py). Some tests run several processes at once (vLLM's engine,
+	# 2 distributed ranks) on 2 cores: OpenMP threads that sleep instead of spinning while they wait
+	# keep them from starving each other.
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q tests $(PYTEST_PARALLEL)
 
 test-fast: venv
 	# The edit loop: every test that needs neither the embedded SmolLM2 nor a vLLM engine.
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q tests -m "not slow" \
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q tests $(PYTEST_PARALLEL) -m "not slow" \
 		--ignore=tests/test_vllm.py --ignore=tests/test_build.py --ignore=tests/test_smollm2.py \
 		-k "not vllm_back_end and not embedded_model"
 

@@ -7,12 +7,35 @@ on CPU in well under a second per model without any download.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+# The test files that take longest (pytest --durations, 2026-12-02), first: `make test` runs the files on two
+# pytest-xdist workers (`--dist loadfile --no-loadscope-reorder`), which then take the long ones at once and
+# fill in with the short ones, finishing together. Every other file keeps its place after these.
+SLOWEST_FIRST = (
+    "test_vllm.py",
+    "test_build.py",
+    "test_bench.py",
+    "test_onnx_smollm2.py",
+    "test_genai.py",
+    "test_gguf.py",
+    "test_distributed.py",
+    "test_onnx_export.py",
+    "test_smollm2.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order inside a file is kept
+
 
 TINY_SIZES = dict(
     vocab_size=128,
@@ -218,13 +241,34 @@ def uneven_slim_bpe_dir(tmp_path_factory) -> Path:
     return save_uneven_slim(tmp_path_factory.mktemp("uneven-bpe") / "slim", tokenizer=build_bpe_tokenizer())
 
 
+def shared_across_workers(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """`make(path)` run once for the whole test run, however many pytest-xdist workers ask for `path`.
+
+    Under xdist every worker has its own session (and session fixtures); the first to ask builds
+    the artifact in the run's common temporary root under a file lock, the others wait and reuse it.
+    `make` must write `path` atomically (as prune_to_checkpoint does).
+    """
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the basetemp every worker's own one lives in
+    path = root / "shared" / name
+    path.parent.mkdir(exist_ok=True)
+    with FileLock(f"{path}.lock"):
+        if not path.exists():
+            make(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def smollm2_slim_dir(tmp_path_factory) -> Path:
     """SmolLM2-135M pruned by 20% (log schedule, per-group GQA, heads cut at the layer ratio so head counts differ
-    per layer; quick self-calibration 8x128); do not modify."""
+    per layer; quick self-calibration 8x128); built once per test run; do not modify."""
     from slimgpt_deploy.api import prune_to_checkpoint
     from slimgpt_deploy.config import PruneConfig
 
-    out = tmp_path_factory.mktemp("smollm2") / "slim-20"
-    prune_to_checkpoint("smollm2-135m", out, PruneConfig(ratio=0.2, nsamples=8, seqlen=128, head_share=1.0))
-    return out
+    def make(out: Path) -> None:
+        prune_to_checkpoint("smollm2-135m", out, PruneConfig(ratio=0.2, nsamples=8, seqlen=128, head_share=1.0))
+
+    return shared_across_workers(tmp_path_factory, "smollm2-slim-20", make)
