@@ -397,9 +397,8 @@ def gguf_tensors(plan: GGUFPlan) -> dict[str, np.ndarray]:
         for norm, norm_name, roles in GGUF_BLOCK:
             out[f"{b}{norm_name}.weight"] = f32(f"{p}{getattr(L, norm)}.weight")
             for role in roles:
-                for kind in ("weight", "bias"):
-                    if kind == "bias" and p + L.tensor(role, kind) not in weights:
-                        continue
+                kinds = ("weight", "bias") if p + L.tensor(role, "bias") in weights else ("weight",)
+                for kind in kinds:
                     t = f32(p + L.tensor(role, kind))
                     out[f"{b}{GGUF_PROJECTIONS[role]}.{kind}"] = (
                         rope_permute(t, rope_heads[role]) if role in rope_heads else t

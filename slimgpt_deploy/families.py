@@ -134,8 +134,8 @@ def layout_of(config) -> Layout:
     return FAMILIES[_model_type(config)].layout
 
 
-def layer_shapes(config) -> list[LayerShape]:
-    """Every decoder layer's current shape (per-layer lists for slim models)."""
+def layer_shape(config, i: int) -> LayerShape:
+    """Decoder layer i's current shape (the per-layer lists of a slim config, the uniform sizes of a dense one)."""
     check_architecture(config)
     n = config.num_hidden_layers
     q = getattr(config, "num_attention_heads_per_layer", None) or [config.num_attention_heads] * n
@@ -145,16 +145,18 @@ def layer_shapes(config) -> list[LayerShape]:
     )
     ffn = getattr(config, "intermediate_size_per_layer", None) or [config.intermediate_size] * n
     fields = FAMILIES[config.model_type].slim_fields(config)
-    return [
-        LayerShape(
-            q_heads=q[i],
-            kv_heads=kv[i],
-            ffn=ffn[i],
-            head_dim=_head_dim(config),
-            hidden=config.hidden_size,
-            qkv_bias=fields["attention_bias"],
-            mlp_bias=fields["mlp_bias"],
-            o_bias=fields["o_proj_bias"],
-        )
-        for i in range(n)
-    ]
+    return LayerShape(
+        q_heads=q[i],
+        kv_heads=kv[i],
+        ffn=ffn[i],
+        head_dim=_head_dim(config),
+        hidden=config.hidden_size,
+        qkv_bias=bool(fields["attention_bias"]),
+        mlp_bias=bool(fields["mlp_bias"]),
+        o_bias=bool(fields["o_proj_bias"]),
+    )
+
+
+def layer_shapes(config) -> list[LayerShape]:
+    """Every decoder layer's current shape."""
+    return [layer_shape(config, i) for i in range(config.num_hidden_layers)]

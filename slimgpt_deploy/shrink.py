@@ -40,9 +40,9 @@ def make_slim_config(config, plans: list[LayerPlan]) -> SlimGPTConfig:
     return SlimGPTConfig(**fields)
 
 
-def _rows(index: list[int], size: int) -> torch.Tensor:
-    """Row indices of the kept heads in a [heads * size, ...] projection."""
-    return torch.tensor([h * size + t for h in index for t in range(size)], dtype=torch.long)
+def _rows(index: list[int], size: int, device: torch.device) -> torch.Tensor:
+    """Row indices of the kept heads in a [heads * size, ...] projection, on `device`."""
+    return torch.tensor([h * size + t for h in index for t in range(size)], dtype=torch.long, device=device)
 
 
 def cut_layer_state(layer: nn.Module, cut: LayerCut, head_dim: int, layout: Layout = LLAMA) -> dict[str, torch.Tensor]:
@@ -51,20 +51,21 @@ def cut_layer_state(layer: nn.Module, cut: LayerCut, head_dim: int, layout: Layo
     Every projection is cut along its axis by its unit (layout.PROJECTIONS); the two the OBS
     update compensated (o, down) take their new weights from `cut`.
     """
+    weight = layout.proj(layer, "q").weight
+    dtype, device = weight.dtype, weight.device  # the indices live where the weights they select from do
     kept = {
-        "q_heads": _rows(cut.q_heads, head_dim),
-        "kv_heads": _rows(cut.kv_heads, head_dim),
-        "ffn": torch.tensor(cut.ffn, dtype=torch.long),
+        "q_heads": _rows(cut.q_heads, head_dim, device),
+        "kv_heads": _rows(cut.kv_heads, head_dim, device),
+        "ffn": _rows(cut.ffn, 1, device),
     }
     compensated = {HESSIAN_OF["heads"]: cut.o_proj, HESSIAN_OF["ffn"]: cut.down_proj}
-    dtype = layout.proj(layer, "q").weight.dtype
     sd = {
         f"{SLIM.attention_norm}.weight": layout.part(layer, "attention_norm").weight,
         f"{SLIM.mlp_norm}.weight": layout.part(layer, "mlp_norm").weight,
     }
     for role, p in PROJECTIONS.items():
         proj = layout.proj(layer, role)
-        W, index = compensated.get(role, proj.weight), kept[p.unit].to(proj.weight.device)
+        W, index = compensated.get(role, proj.weight), kept[p.unit]
         sd[SLIM.tensor(role)] = W.index_select(p.axis, index).to(dtype)
         if proj.bias is not None:
             sd[SLIM.tensor(role, "bias")] = proj.bias[index] if p.axis == 0 else proj.bias

@@ -9,7 +9,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 
 from slimgpt_deploy import families
 from slimgpt_deploy.config import PruneConfig
-from slimgpt_deploy.families import FAMILIES, Family, layout_of
+from slimgpt_deploy.families import FAMILIES, Family, layer_shapes, layout_of
 from slimgpt_deploy.layout import LLAMA, PROJECTIONS, SLIM, Layout
 from slimgpt_deploy.modeling.shapes import layer_weight_shapes
 from slimgpt_deploy.prune.engine import LayerwisePruner
@@ -28,8 +28,6 @@ def _calib(n=8, s=32, seed=0):
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
 def test_family_layout_names_every_tensor(tiny_model_dir_factory, model_type):
     """The layout's paths resolve on the family's model; its tensor shapes are the model's state dict."""
-    from slimgpt_deploy.families import layer_shapes
-
     model = _load(tiny_model_dir_factory(model_type))
     layout = layout_of(model.config)
     for name in ("layers", "embed", "norm", "rotary", "head"):

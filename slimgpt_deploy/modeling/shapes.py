@@ -9,25 +9,11 @@ from __future__ import annotations
 
 import re
 
-from ..layout import SLIM, LayerShape
+from ..families import layer_shape
+from ..layout import SLIM
 from .configuration_slimgpt import SlimGPTConfig
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
-
-
-def layer_shape(config: SlimGPTConfig, i: int) -> LayerShape:
-    """Decoder layer i's shape as the slim config states it."""
-    q, kv, f = config.layer_shape(i)
-    return LayerShape(
-        q_heads=q,
-        kv_heads=kv,
-        ffn=f,
-        head_dim=config.head_dim,
-        hidden=config.hidden_size,
-        qkv_bias=bool(config.attention_bias),
-        mlp_bias=bool(getattr(config, "mlp_bias", False)),
-        o_bias=bool(config.o_proj_bias),
-    )
 
 
 def layer_weight_shapes(config: SlimGPTConfig, i: int) -> dict[str, tuple[int, ...]]:

@@ -133,14 +133,38 @@ def _mlp(layout: Layout, layer, h):
     return layout.part(layer, "mlp")(layout.part(layer, "mlp_norm")(h))
 
 
-@contextlib.contextmanager
-def _inputs_of(module: nn.Module, on_inputs: Callable[[torch.Tensor], None]):
-    """Call `on_inputs` with `module`'s input on each forward inside (the activations a Hessian is of)."""
-    hook = module.register_forward_pre_hook(lambda _module, args: on_inputs(args[0]))
-    try:
-        yield
-    finally:
-        hook.remove()
+class _Captured(Exception):
+    """Raised by InputHessian's hook once it has its inputs: the rest of the block (output unused) is skipped."""
+
+
+class InputHessian:
+    """The Hessian of one projection's inputs (obs.accumulate_hessian), gathered while a block runs.
+
+    `gather(block)` runs `block()` with a forward pre-hook on the projection that accumulates its input
+    and stops the block there: only the activations are wanted, not the block's output.
+    """
+
+    def __init__(self, projection: nn.Module, width: int, dtype: torch.dtype, device: torch.device):
+        self.projection = projection
+        self.H, self.n = torch.zeros(width, width, dtype=dtype, device=device), 0
+
+    def gather(self, block: Callable[[], object]) -> None:
+        hook = self.projection.register_forward_pre_hook(self._grab)
+        try:
+            block()
+        except _Captured:
+            pass
+        finally:
+            hook.remove()
+
+    def reduced(self) -> torch.Tensor:
+        """H over every rank's samples (this process's alone without distributed pruning)."""
+        self.H, self.n = reduce_hessian(self.H, self.n)
+        return self.H
+
+    def _grab(self, _module, args):
+        self.H, self.n = accumulate_hessian(self.H, self.n, args[0])
+        raise _Captured
 
 
 def _reconstruction(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
@@ -154,11 +178,12 @@ def _reconstruction(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> tu
 def _head_column_norms(layout: Layout, layer, units: HeadUnits) -> torch.Tensor:
     """Squared norm of q (and, for kv-group units, k/v) weights tied to each o column."""
     s = units.shape
-    norms = {role: layout.proj(layer, role).weight.float().pow(2).sum(dim=1) for role in ("q", "k", "v")}
+    norm = lambda role: layout.proj(layer, role).weight.float().pow(2).sum(dim=1)  # noqa: E731
+    q = norm("q")  # [q_heads * d]
     if units.mode == "per-group":
-        return norms["q"]  # [q_heads * d]
-    kv = (norms["k"] + norms["v"]).reshape(s.kv_heads, 1, s.head_dim)  # [kv, 1, d]
-    return norms["q"] + kv.expand(s.kv_heads, s.q_per_kv, s.head_dim).reshape(-1) / s.q_per_kv
+        return q
+    kv = (norm("k") + norm("v")).reshape(s.kv_heads, 1, s.head_dim)  # [kv, 1, d]
+    return q + kv.expand(s.kv_heads, s.q_per_kv, s.head_dim).reshape(-1) / s.q_per_kv
 
 
 class LayerwisePruner:
@@ -302,17 +327,10 @@ class LayerwisePruner:
         dev, L = self.device, self.layout
         o_proj, down_proj = L.proj(layer, HESSIAN_OF["heads"]), L.proj(layer, HESSIAN_OF["ffn"])
         # 1. attention: H of o's inputs under the (already pruned) previous layers.
-        d_attn = shape.q_heads * shape.head_dim
-        H_o, n = torch.zeros(d_attn, d_attn, dtype=self.hdtype, device=dev), 0
-
-        def grab_o(inputs):
-            nonlocal H_o, n
-            H_o, n = accumulate_hessian(H_o, n, inputs)
-
-        with _inputs_of(o_proj, grab_o):
-            for x in xs:
-                _attention(L, layer, x.to(dev), pos, mask)
-        H_o, n = reduce_hessian(H_o, n)  # over every rank's samples
+        hessian = InputHessian(o_proj, shape.q_heads * shape.head_dim, self.hdtype, dev)
+        for x in xs:
+            hessian.gather(lambda: _attention(L, layer, x.to(dev), pos, mask))
+        H_o = hessian.reduced()
         _check_finite([("o_proj inputs", H_o)], "activations", i)
         units = HeadUnits.of(shape, self.cfg.gqa_mode)
         W_o = o_proj.weight.to(self.hdtype)
@@ -328,27 +346,20 @@ class LayerwisePruner:
         q_keep, kv_keep = units.kept_heads(heads.removed)
         assert (len(q_keep), len(kv_keep)) == (plan.q_heads, plan.kv_heads), "head plan not met"
         attn_err, attn_rel = _reconstruction(W_o, heads.W, H_o)
-        H_o = None  # free the [d, d] Hessian before the MLP's is built
+        H_o = hessian = None  # free the [d, d] Hessian before the MLP's is built
 
         # 2. MLP: H of down's inputs under the pruned attention (the dense MLP run on the new residual stream).
         partial = LayerCut(
             q_heads=q_keep, kv_heads=kv_keep, ffn=list(range(shape.ffn)), o_proj=heads.W, down_proj=down_proj.weight
         )
         half = shrink_layer(layer, partial, _with_ffn(slim_config, i, shape.ffn), i, L).to(dev)
-        H_d, n = torch.zeros(shape.ffn, shape.ffn, dtype=self.hdtype, device=dev), 0
-
-        def grab_down(inputs):
-            nonlocal H_d, n
-            H_d, n = accumulate_hessian(H_d, n, inputs)
-
-        hs = batches("h-scratch")
-        with _inputs_of(down_proj, grab_down):
-            for x in xs:
-                x = x.to(dev)
-                h = x + _attention(SLIM, half, x, pos, mask)
-                _mlp(L, layer, h)
-                hs.append(h)
-        H_d, n = reduce_hessian(H_d, n)
+        hessian, hs = InputHessian(down_proj, shape.ffn, self.hdtype, dev), batches("h-scratch")
+        for x in xs:
+            x = x.to(dev)
+            h = x + _attention(SLIM, half, x, pos, mask)
+            hessian.gather(lambda: _mlp(L, layer, h))
+            hs.append(h)
+        H_d = hessian.reduced()
         _check_finite([("down_proj inputs", H_d)], "activations", i)
         W_d = down_proj.weight.to(self.hdtype)
         tied = sum(L.proj(layer, role).weight.float().pow(2).sum(dim=1) for role in ("gate", "up"))
@@ -360,7 +371,7 @@ class LayerwisePruner:
         gone = set(ffn.removed)
         ffn_keep = [c for c in range(shape.ffn) if c not in gone]
         mlp_err, mlp_rel = _reconstruction(W_d, ffn.W, H_d)
-        H_d = None  # free it before the next layer
+        H_d = hessian = None  # free it before the next layer
 
         # 3. the pruned layer, and its outputs as the next layer's inputs.
         cut = LayerCut(q_heads=q_keep, kv_heads=kv_keep, ffn=ffn_keep, o_proj=heads.W, down_proj=ffn.W)
