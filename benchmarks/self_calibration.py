@@ -135,13 +135,9 @@ _variant(
     prune={"head_share": 0.0},
 )
 
-for target in ("dense", "dense-residual"):
-    _variant(
-        f"heads0-{target}",
-        f"(10) heads kept, each pruned projection refitted to the {target} target before OBS",
-        "nospecial-heads0",
-        prune={"head_share": 0.0, "target": target},
-    )
+# (10) rows heads0-dense and heads0-dense-residual were measured with commit 893cc86's prototype PruneConfig.target
+# (a least-squares refit to the dense model's outputs before OBS), removed after: their rows stay in the results.
+
 
 # What the table says, kept with the script so that rewriting the .md keeps it (update it with the rows).
 READING = """
@@ -175,8 +171,8 @@ the `nospecial` row gave 34.57 on 2026-11-29 and 34.21 today):
   but WikiText-2 gets worse. 128 samples instead of 64 with damping 0.001 (`heads0-damp0.001` x 128)
   give 28.18 / 17.76: no gain over 64 (28.16 / 17.79).
 - **Fitting each pruned projection to the dense model's output does not help** (2026-12-02,
-  `heads0-dense`, `heads0-dense-residual`; measured with the prototype `--target` of commit
-  "prototype: dense targets", removed in the next commit). SlimGPT fits a pruned layer to the
+  `heads0-dense`, `heads0-dense-residual`; measured with the prototype `PruneConfig.target` of commit
+  893cc86, removed in the next commit). SlimGPT fits a pruned layer to the
   *dense layer's* output on the pruned model's inputs. Refitting o_proj / down_proj by least squares
   to the dense model's own outputs (its inputs from the dense stream) before OBS, i.e. asking each
   layer to undo the error of the layers before it, gives 35.41 / 21.21; adding the residual stream's

@@ -41,10 +41,6 @@ class PruneConfig:
     seqlen: int = 512
     seed: int = 0
     percdamp: float = 0.01
-    # What each pruned projection is fitted to (prune/engine.py): "pruned" (SlimGPT: the dense layer's output on
-    # the pruned model's inputs), "dense" (the dense model's own output), "dense-residual" (that plus the drift of
-    # the residual stream carried in from the layers before).
-    target: str = "pruned"
     hessian_dtype: str = "float32"
     ffn_group_fraction: float = 0.25
     batch_size: int = 8

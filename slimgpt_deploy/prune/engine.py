@@ -167,45 +167,6 @@ class InputHessian:
         raise _Captured
 
 
-def _inputs_and_output(projection: nn.Module, block: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the projection's input, the block's output) of one run of `block`."""
-    got = {}
-    hook = projection.register_forward_pre_hook(lambda _m, args: got.setdefault("x", args[0]))
-    try:
-        out = block()
-    finally:
-        hook.remove()
-    return got["x"], out
-
-
-class TargetFit:
-    """Least-squares refit of a projection to a target output: W* = argmin ||T - W X||, from running sums.
-
-    With T = W X (the SlimGPT objective) W* = W; with T the dense model's output it is the weight that
-    best reproduces the dense model from the pruned model's inputs. OBS then prunes W* under H = XX^T.
-    Sums are kept with accumulate_hessian's 2/n scaling, so G and H share it.
-    """
-
-    def __init__(self, out_width: int, in_width: int, dtype: torch.dtype, device: torch.device):
-        self.G = torch.zeros(out_width, in_width, dtype=dtype, device=device)
-        self.H = torch.zeros(in_width, in_width, dtype=dtype, device=device)
-        self.n = 0
-
-    def add(self, X: torch.Tensor, T: torch.Tensor) -> None:
-        X = X.reshape(-1, X.shape[-1]).to(self.H.dtype)
-        T = T.reshape(-1, T.shape[-1]).to(self.H.dtype)
-        m = X.shape[0]
-        scale, self.n = self.n / (self.n + m), self.n + m
-        self.G.mul_(scale).addmm_(T.T, X, alpha=2.0 / self.n)
-        self.H.mul_(scale).addmm_(X.T, X, alpha=2.0 / self.n)
-
-    def solve(self, percdamp: float) -> torch.Tensor:
-        H = self.H.clone()
-        H.diagonal().add_(percdamp * H.diagonal().abs().mean() + 1e-12)
-        L = torch.linalg.cholesky(H)
-        return torch.cholesky_solve(self.G.T.contiguous(), L).T
-
-
 def _reconstruction(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
     """(tr(dW H dW^T), that / tr(W H W^T)): the layer-output error on the calibration data."""
     dW = W_new - W
@@ -294,26 +255,18 @@ class LayerwisePruner:
             position_ids = torch.arange(seqlen, device=self.device)[None]
             pos = layout.part(model, "rotary")(torch.empty(0, dtype=dtype, device=self.device), position_ids)
             mask = _causal_mask(seqlen, dtype, self.device)
-            dense_target = cfg.target != "pruned"
-            if dense_target and (state is not None or offload):
-                raise NotImplementedError("prototype: dense targets without resume/offload")
-            xd = None
             if start == len(plans):
                 xs = None
             elif start > 0:
                 xs = state.inputs(in_memory=not offload, home=home)
             else:
                 xs = self._embed(input_ids, batches(f"xs-{0:05d}"))
-                if dense_target:
-                    xd = self._embed(input_ids, batches("xd-00000"))
             for i in range(start, len(plans)):
                 layer, shape, plan = layout.part(model, "layers")[i], shapes[i], plans[i]
                 ts = time.perf_counter()
                 layer.to(self.device)
                 _check_finite(layer.named_parameters(), "weights", i)
-                new_layer, out, out_d, rec = self._prune_layer(
-                    i, layer, shape, plan, slim_config, xs, pos, mask, batches, xd
-                )
+                new_layer, out, rec = self._prune_layer(i, layer, shape, plan, slim_config, xs, pos, mask, batches)
                 layer.to("cpu")
                 new_layers.append(new_layer.to("cpu"))
                 rec["seconds"] = round(time.perf_counter() - ts, 3)
@@ -323,9 +276,6 @@ class LayerwisePruner:
                     state.commit_layer(i, new_layer.state_dict(), rec, None if last else out)
                 xs.drop()
                 xs = out
-                if xd is not None:
-                    xd.drop()
-                    xd = out_d
                 if on_layer is not None:
                     on_layer(i, len(plans), rec)
             if xs is not None:
@@ -373,30 +323,17 @@ class LayerwisePruner:
     def _stats(self, W: torch.Tensor, H: torch.Tensor, tied: torch.Tensor) -> LayerStats:
         return LayerStats(W=W.to(self.hdtype), H=H, percdamp=self.cfg.percdamp, unit_norms=tied.to(self.hdtype))
 
-    def _prune_layer(
-        self, i, layer, shape: LayerShape, plan: LayerPlan, slim_config, xs: Batches, pos, mask, batches, xd=None
-    ):
+    def _prune_layer(self, i, layer, shape: LayerShape, plan: LayerPlan, slim_config, xs: Batches, pos, mask, batches):
         dev, L = self.device, self.layout
-        residual = self.cfg.target == "dense-residual"
         o_proj, down_proj = L.proj(layer, HESSIAN_OF["heads"]), L.proj(layer, HESSIAN_OF["ffn"])
         # 1. attention: H of o's inputs under the (already pruned) previous layers.
         hessian = InputHessian(o_proj, shape.q_heads * shape.head_dim, self.hdtype, dev)
-        if xd is None:
-            for x in xs:
-                hessian.gather(lambda: _attention(L, layer, x.to(dev), pos, mask))
-        else:
-            fit, hd = TargetFit(o_proj.weight.shape[0], o_proj.weight.shape[1], self.hdtype, dev), batches("hd")
-            for x, x_d in zip(xs, xd):
-                x, x_d = x.to(dev), x_d.to(dev)
-                _, a_d = _inputs_and_output(o_proj, lambda: _attention(L, layer, x_d, pos, mask))
-                b_p, _ = _inputs_and_output(o_proj, lambda: _attention(L, layer, x, pos, mask))
-                fit.add(b_p, a_d + (x_d - x) if residual else a_d)
-                hd.append(x_d + a_d)
-            hessian.H, hessian.n = fit.H.clone(), fit.n
+        for x in xs:
+            hessian.gather(lambda: _attention(L, layer, x.to(dev), pos, mask))
         H_o = hessian.reduced()
         _check_finite([("o_proj inputs", H_o)], "activations", i)
         units = HeadUnits.of(shape, self.cfg.gqa_mode)
-        W_o = o_proj.weight.to(self.hdtype) if xd is None else fit.solve(self.cfg.percdamp)
+        W_o = o_proj.weight.to(self.hdtype)
         with _naming_layer(i, "attention heads"):
             heads = from_rank0(
                 lambda: self.method.heads(  # decided once, the same on every rank
@@ -417,28 +354,14 @@ class LayerwisePruner:
         )
         half = shrink_layer(layer, partial, _with_ffn(slim_config, i, shape.ffn), i, L).to(dev)
         hessian, hs = InputHessian(down_proj, shape.ffn, self.hdtype, dev), batches("h-scratch")
-        out_d = None
-        if xd is None:
-            for x in xs:
-                x = x.to(dev)
-                h = x + _attention(SLIM, half, x, pos, mask)
-                hessian.gather(lambda: _mlp(L, layer, h))
-                hs.append(h)
-        else:
-            fit, out_d = TargetFit(down_proj.weight.shape[0], shape.ffn, self.hdtype, dev), batches("xd-next")
-            for x, h_d in zip(xs, hd):
-                x, h_d = x.to(dev), h_d.to(dev)
-                h = x + _attention(SLIM, half, x, pos, mask)
-                a_p, _ = _inputs_and_output(down_proj, lambda: _mlp(L, layer, h))
-                _, m_d = _inputs_and_output(down_proj, lambda: _mlp(L, layer, h_d))
-                fit.add(a_p, m_d + (h_d - h) if residual else m_d)
-                out_d.append(h_d + m_d)
-                hs.append(h)
-            hd.drop()
-            hessian.H, hessian.n = fit.H.clone(), fit.n
+        for x in xs:
+            x = x.to(dev)
+            h = x + _attention(SLIM, half, x, pos, mask)
+            hessian.gather(lambda: _mlp(L, layer, h))
+            hs.append(h)
         H_d = hessian.reduced()
         _check_finite([("down_proj inputs", H_d)], "activations", i)
-        W_d = down_proj.weight.to(self.hdtype) if xd is None else fit.solve(self.cfg.percdamp)
+        W_d = down_proj.weight.to(self.hdtype)
         tied = sum(L.proj(layer, role).weight.float().pow(2).sum(dim=1) for role in ("gate", "up"))
         with _naming_layer(i, "FFN channels"):
             ffn = from_rank0(
@@ -475,7 +398,7 @@ class LayerwisePruner:
             "mlp_rel_error": mlp_rel,
             "damping": max(heads.damping, ffn.damping),
         }
-        return new, out, out_d, rec
+        return new, out, rec
 
 
 @contextlib.contextmanager
