@@ -51,6 +51,8 @@ from slimgpt_deploy.families import layout_of
 from slimgpt_deploy.reference import greedy_reference
 from slimgpt_deploy.serving.genai_runner import CONFIG_FILE, GenAIModel, require_genai
 
+from .onnx_graph import Graph
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "genai"
@@ -217,48 +219,11 @@ def _check_tokenizer(tokenizer) -> None:
         )
 
 
-class _Graph:
-    """Nodes and initializers collected as the graph is written (names are unique by construction)."""
-
-    def __init__(self, dtype: torch.dtype):
-        self.nodes, self.inits = [], []
-        self.dtype = dtype
-        self.np_dtype = np.float16 if dtype == torch.float16 else np.float32
-
-    def weight(self, name: str, value) -> str:
-        from onnx import numpy_helper
-
-        array = value.detach().float().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array.astype(self.np_dtype)), name))
-        return name
-
-    def node(self, op: str, inputs: list[str], name: str, outputs: int = 1, domain: str = "", **attrs) -> list[str]:
-        from onnx import helper
-
-        names = [f"/{name}/output_{k}" for k in range(outputs)]
-        self.nodes.append(helper.make_node(op, inputs, names, name=name, domain=domain, **attrs))
-        return names
-
-    def linear(self, x: str, module, name: str) -> str:
-        """x @ W^T (+ b) for a torch Linear; W stored as [in, out]: MatMul's layout, what MatMulNBits quantizes."""
-        y = self.node("MatMul", [x, self.weight(f"{name}.weight", module.weight.T)], f"{name}/MatMul")[0]
-        if module.bias is not None:
-            y = self.node("Add", [y, self.weight(f"{name}.bias", module.bias)], f"{name}/Add")[0]
-        return y
-
-
-def _int64(graph: _Graph, name: str, values: list[int]) -> str:
-    from onnx import numpy_helper
-
-    graph.inits.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), name))
-    return name
-
-
 def write_graph(model, plan: Plan, directory: Path, dtype: torch.dtype) -> None:
     """DIR/model.onnx + model.onnx.data: the decoder of `model` (float32 in memory) in `dtype`."""
     from onnx import TensorProto, helper
 
-    g = _Graph(dtype)
+    g = Graph(dtype)
     elem = TensorProto.FLOAT16 if dtype == torch.float16 else TensorProto.FLOAT
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
@@ -273,7 +238,7 @@ def write_graph(model, plan: Plan, directory: Path, dtype: torch.dtype) -> None:
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", elem, shape_out))
 
     # GroupQueryAttention's lengths: seqlens_k = tokens seen - 1 per row, and the total length.
-    one = _int64(g, "const_one", [1])
+    one = g.int64("const_one", [1])
     seen = g.node("ReduceSum", ["attention_mask", one], "mask/ReduceSum", keepdims=0)[0]
     seqlens = g.node("Cast", [g.node("Sub", [seen, one], "mask/Sub")[0]], "mask/seqlens_k", to=TensorProto.INT32)[0]
     width = g.node("Gather", [g.node("Shape", ["attention_mask"], "mask/Shape")[0], "const_axis1"], "mask/Gather")[0]

@@ -3,17 +3,19 @@
 What the export produces (see `serving/onnx_runner.py` for the JSON it is described by):
 
     OUT/model.onnx           one graph: prefill, cached decode and chunked prefill
-                             (inputs/outputs in `exporters/onnx_model.py`), opset 18,
-                             dynamic batch / sequence / past; weights in
+                             (inputs/outputs in `exporters/onnx_model.py`), opset 23
+                             (18 with --no-fuse), dynamic batch / sequence / past; weights in
                              OUT/model.onnx.data when they pass 2 GB
     OUT/slimgpt_onnx.json    per-layer cache shape, dtype and I/O names
     OUT/tokenizer files, generation_config.json
     OUT/export.json          this summary, with every verification check
 
-Exporter: `torch.onnx.export(dynamo=True)` over `ExportDecoder`. Measured here
-(torch 2.13, SmolLM2-135M): ~90 s vs ~14 s for the TorchScript exporter, but the
-TorchScript one is deprecated and writes a transposed copy of the tied embedding
-(652 MB vs 540 MB file); both match transformers to ~5e-5.
+Writer: `exporters/onnx_graph.write_decoder`, node by node, the computation of
+`exporters/onnx_model.ExportDecoder` (the PyTorch form of the same graph, tested against
+transformers). It replaced `torch.onnx.export(dynamo=True)` over ExportDecoder, which took
+~50 s on SmolLM2-135M here; the written graph takes a few seconds and has the same I/O.
+Fused by default (ONNX Attention and RotaryEmbedding, ONNX Runtime's (Skip)SimplifiedLayer-
+Normalization); `fuse=False` (`--no-fuse`) writes standard opset-18 ONNX ops only.
 
 int8 (`--quantize int8`): weight-only 8-bit blocks (MatMulNBits, symmetric, block 32,
 accuracy_level 4), lm_head untied first. ONNX Runtime's dynamic quantization
@@ -32,12 +34,10 @@ Verification (each check recorded; all mismatches collected, then VerificationEr
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import shutil
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -48,6 +48,7 @@ import torch
 from slimgpt_deploy.atomic import atomic_output_dir, check_output_dir
 from slimgpt_deploy.errors import BadInputError, VerificationError
 from slimgpt_deploy.extras import require
+from slimgpt_deploy.families import layer_shapes
 from slimgpt_deploy.reference import greedy_reference
 from slimgpt_deploy.serving.onnx_runner import (
     MODEL_FILE,
@@ -59,11 +60,8 @@ from slimgpt_deploy.serving.onnx_runner import (
     positions,
 )
 
-from .onnx_model import ExportDecoder
-
 logger = logging.getLogger(__name__)
 
-OPSET = 18
 SUMMARY_FILE = "export.json"
 EXTERNAL_DATA_FILE = MODEL_FILE + ".data"
 PROTOBUF_LIMIT = 2 * 1024**3  # ONNX protobuf files cannot exceed 2 GB; weights go to external data beyond ~1.8 GB
@@ -138,12 +136,8 @@ def export(
     loaded = load_model(str(checkpoint), dtype=torch.float32)
     kind = quantize or dtype
     with atomic_output_dir(out, force) as tmp:
-        log(f"exporting {checkpoint} to ONNX ({kind}, opset {OPSET}) with torch.onnx dynamo exporter")
-        spec, model_bytes = write_onnx(loaded.model, tmp, dtype=DTYPES[dtype])
-        fused = None
-        if fuse:
-            log("fusing RMSNorm and residual adds with ONNX Runtime's transformer optimizer")
-            fused = fuse_norms(tmp)
+        log(f"writing {checkpoint} as an ONNX graph ({kind}, {'fused' if fuse else 'standard ops only'})")
+        spec, fused = write_onnx(loaded.model, tmp, dtype=DTYPES[dtype], fuse=fuse)
         if quantize is not None:
             log(f"quantizing MatMul weights: {QUANTIZERS[quantize].weights}")
             QUANTIZERS[quantize].fn(tmp, tmp)
@@ -156,7 +150,7 @@ def export(
             "dtype": dtype,
             "quantize": quantize,
             "weights": spec.weights,
-            "opset": OPSET,
+            "opset": spec.opset,
             "fused": fused,
             "file_bytes": dir_model_bytes(tmp),
             "export_seconds": None,
@@ -178,81 +172,30 @@ def export(
 # --- writing ---------------------------------------------------------------------------------
 
 
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    layers = [CacheLayer(i, 0, 0) for i in range(num_layers)]
-    inputs = ["input_ids", "attention_mask", "position_ids"] + [n for la in layers for n in la.past_names]
-    outputs = ["logits"] + [n for la in layers for n in la.present_names]
-    return inputs, outputs
-
-
 def write_onnx(
-    model: torch.nn.Module, directory: Path, *, dtype: torch.dtype, untie_lm_head: bool = False
-) -> tuple[OnnxSpec, int]:
-    """Export `model` as `directory/model.onnx` (+ external data when large); return its spec and weight bytes."""
-    from torch.export import Dim
+    model: torch.nn.Module, directory: Path, *, dtype: torch.dtype, fuse: bool = True, untie_lm_head: bool = False
+) -> tuple[OnnxSpec, dict[str, int] | None]:
+    """Write `model`'s decoder as `directory/model.onnx` (+ external data when large): its spec and fused-op counts."""
+    from .onnx_graph import write_decoder
 
-    decoder = ExportDecoder(model, untie_lm_head=untie_lm_head).eval().to(dtype)
-    L = len(decoder.layers)
-    # Example inputs: batch 2, 3 new tokens on a past of 4 (sizes > 1 so no axis specializes).
-    B, S, P = 2, 3, 4
-    ids = torch.randint(0, model.config.vocab_size, (B, S))
-    mask = torch.ones(B, P + S, dtype=torch.int64)
-    pos = torch.arange(P, P + S).expand(B, S).contiguous()
-    past = tuple(torch.zeros(B, kv, P, decoder.head_dim, dtype=dtype) for kv in decoder.kv_heads for _ in range(2))
-    batch, seq, past_seq, total = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
-    dynamic = (
-        {0: batch, 1: seq},
-        {0: batch, 1: total},  # own dim: `past + seq` is not expressible (docs/DESIGN.md, "Environment facts")
-        {0: batch, 1: seq},
-        tuple({0: batch, 2: past_seq} for _ in past),
-    )
-    inputs, outputs = io_names(L)
-    weight_bytes = sum(p.numel() * p.element_size() for p in decoder.parameters())
-    with torch.no_grad(), _quiet_exporter():
-        program = torch.onnx.export(
-            decoder,
-            (ids, mask, pos, *past),
-            None,
-            input_names=inputs,
-            output_names=outputs,
-            dynamic_shapes=dynamic,
-            opset_version=OPSET,
-            dynamo=True,
-            verbose=False,
-        )
-    program.save(directory / MODEL_FILE, external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD)
+    with torch.no_grad():
+        proto, fused = write_decoder(model, dtype, fuse=fuse, untie_lm_head=untie_lm_head)
+    _save_onnx(proto, directory)
     config = model.config
+    shapes = layer_shapes(config)
     spec = OnnxSpec(
         model_file=MODEL_FILE,
         dtype=NP_NAMES[dtype],
         weights={torch.float32: "fp32", torch.float16: "fp16"}[dtype],
-        head_dim=decoder.head_dim,
+        head_dim=shapes[0].head_dim,
         vocab_size=int(config.vocab_size),
         max_positions=_max_positions(config),
-        layers=tuple(CacheLayer(i, q, kv) for i, (q, kv) in enumerate(zip(decoder.q_heads, decoder.kv_heads))),
+        layers=tuple(CacheLayer(i, s.q_heads, s.kv_heads) for i, s in enumerate(shapes)),
         eos_token_ids=tuple(_eos_ids(model)),
         pad_token_id=_pad_id(model),
-        opset=OPSET,
+        opset=next(o.version for o in proto.opset_import if o.domain == ""),
     )
-    return spec, weight_bytes
-
-
-@contextlib.contextmanager
-def _quiet_exporter():
-    """Keep the exporter's progress prints off stdout (the CLI's --json) and its known warnings quiet."""
-    noisy = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
-    level = noisy.level
-    noisy.setLevel(logging.ERROR)
-    captured = io.StringIO()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(captured):
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            yield
-    finally:
-        noisy.setLevel(level)
-        for line in captured.getvalue().splitlines():
-            logger.debug("torch.onnx: %s", line)
+    return spec, fused
 
 
 def _max_positions(config) -> int:
@@ -317,29 +260,6 @@ def _save_onnx(model, directory: Path) -> None:
         location=EXTERNAL_DATA_FILE,
         size_threshold=1024,
     )
-
-
-# --- fusion ----------------------------------------------------------------------------------
-
-
-def fuse_norms(directory: Path) -> dict[str, int]:
-    """ONNX Runtime's transformer optimizer on DIR/model.onnx, in place: RMSNorm -> SimplifiedLayerNormalization,
-    residual add + RMSNorm -> com.microsoft SkipSimplifiedLayerNormalization (what it finds in this graph; its
-    attention and rotary fusions match no pattern here). Returns the count of each fused op type."""
-    require("onnxruntime")
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_by_fusion
-
-    options = FusionOptions("gpt2")
-    options.enable_attention = options.enable_gelu = options.enable_bias_gelu = False
-    options.enable_embed_layer_norm = options.enable_bias_skip_layer_norm = False
-    with _quiet_quantizer():
-        fused = optimize_by_fusion(_load_onnx(directory), "gpt2", 0, 0, options).model
-    if not any(o.domain == "com.microsoft" for o in fused.opset_import):  # the optimizer adds the ops, not the domain
-        fused.opset_import.append(require("onnx").helper.make_opsetid("com.microsoft", 1))
-    _save_onnx(fused, directory)
-    ops = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding")
-    return {op: n for op in ops if (n := sum(1 for node in fused.graph.node if node.op_type == op))}
 
 
 def untie_transposed_weights(model) -> list[str]:

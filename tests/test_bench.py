@@ -103,7 +103,7 @@ def _vllm_missing(mp: pytest.MonkeyPatch) -> None:
 def torch_onnx_result(dense_dir, uneven_slim_dir, tiny_options, tmp_path_factory):
     """torch + onnx measured, vllm asked for non-explicitly while 'missing' (so skipped)."""
     pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnx")
     with pytest.MonkeyPatch.context() as mp:
         _vllm_missing(mp)
         return run_bench(

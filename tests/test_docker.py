@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 # Our dependencies that vLLM does not bring: this package is installed in vLLM's image with
 # --no-deps, so the plugin must not need them (the CLI and model loading, which do, stay unimported).
-NOT_IN_VLLM_IMAGE = ("gguf", "accelerate", "onnx", "onnxruntime", "onnxscript")
+NOT_IN_VLLM_IMAGE = ("gguf", "accelerate", "onnx", "onnxruntime")
 
 
 def _stage(name: str) -> str:

@@ -175,14 +175,14 @@ def test_families(family, overrides, tmp_path):
 
 def test_wrong_rope_layout_is_caught(uneven_slim_bpe_dir, tmp_path, monkeypatch):
     """GroupQueryAttention rotating neighbouring pairs instead of halves must fail verification, leaving nothing."""
-    real = genai._Graph.node
+    real = genai.Graph.node
 
     def interleaved(self, op, inputs, name, outputs=1, domain="", **attrs):
         if op == "GroupQueryAttention":
             attrs["rotary_interleaved"] = 1
         return real(self, op, inputs, name, outputs, domain, **attrs)
 
-    monkeypatch.setattr(genai._Graph, "node", interleaved)
+    monkeypatch.setattr(genai.Graph, "node", interleaved)
     model = save_tiny_model(tmp_path / "model", tokenizer=build_bpe_tokenizer(), vocab_size=320, **SHARP)
     with pytest.raises(VerificationError, match="disagrees with transformers"):
         genai.export(model, tmp_path / "out")

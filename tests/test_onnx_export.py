@@ -11,7 +11,6 @@ import pytest
 import torch
 
 pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
 
 from click.testing import CliRunner  # noqa: E402
 from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
@@ -85,15 +84,32 @@ def test_export_writes_graph_cache_json_and_tokenizer(uneven_onnx, uneven_slim_d
 
 
 def test_norms_are_fused_and_no_fuse_keeps_standard_ops(uneven_onnx, uneven_slim_dir, tmp_path):
-    """The default export fuses RMSNorm (+ residual add) with ONNX Runtime's optimizer; --no-fuse keeps plain ONNX."""
+    """The default export fuses RMSNorm (+ residual add) and attention (opset-23 Attention, RotaryEmbedding, each
+    layer its own head counts); --no-fuse keeps standard opset-18 ONNX ops. Both verified against PyTorch."""
     import onnx
 
     summary = json.loads((uneven_onnx / "export.json").read_text())
-    assert summary["fused"] == {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 6}  # 3 layers
+    assert summary["fused"] == {  # 3 layers
+        "SimplifiedLayerNormalization": 1,
+        "SkipSimplifiedLayerNormalization": 6,
+        "Attention": 3,
+        "RotaryEmbedding": 6,
+    }
+    assert summary["opset"] == 23 and summary["verification"]["passed"]
     ops = lambda d: {n.op_type for n in onnx.load(d / "model.onnx", load_external_data=False).graph.node}  # noqa: E731
     assert "SkipSimplifiedLayerNormalization" in ops(uneven_onnx)
     fused = onnx.load(uneven_onnx / "model.onnx", load_external_data=False)
     assert ("com.microsoft", 1) in {(o.domain, o.version) for o in fused.opset_import}
+    heads = [
+        {a.name: a.i for a in n.attribute if a.name in ("q_num_heads", "kv_num_heads")}
+        for n in fused.graph.node
+        if n.op_type == "Attention"
+    ]
+    assert heads == [  # the uneven checkpoint's layers: dense, one KV group left, dense heads
+        {"q_num_heads": 4, "kv_num_heads": 2},
+        {"q_num_heads": 2, "kv_num_heads": 1},
+        {"q_num_heads": 4, "kv_num_heads": 2},
+    ]
     onnx.shape_inference.infer_shapes(fused, strict_mode=True)  # what ONNX Runtime's quantizers run first
     out = tmp_path / "plain"
     result = CliRunner().invoke(
@@ -101,10 +117,11 @@ def test_norms_are_fused_and_no_fuse_keeps_standard_ops(uneven_onnx, uneven_slim
     )
     assert result.exit_code == 0, result.output
     plain = json.loads((out / "export.json").read_text())
-    assert plain["fused"] is None and plain["verification"]["passed"]
+    assert plain["fused"] is None and plain["opset"] == 18 and plain["verification"]["passed"]
     graph = onnx.load(out / "model.onnx", load_external_data=False).graph
     assert {n.domain for n in graph.node} <= {"", "ai.onnx"}  # no com.microsoft contrib op: any ONNX runtime
     assert "ReduceMean" in ops(out) and "SimplifiedLayerNormalization" not in ops(out)
+    assert not {"Attention", "RotaryEmbedding"} & ops(out) and {"Softmax", "Concat"} <= ops(out)
     refused = CliRunner().invoke(
         main, ["export", str(uneven_slim_dir), "--format", "vllm", "--out", str(tmp_path / "v"), "--no-fuse"]
     )

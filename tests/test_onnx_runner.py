@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
 
 from click.testing import CliRunner  # noqa: E402
 

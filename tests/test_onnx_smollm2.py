@@ -14,7 +14,6 @@ import pytest
 import torch
 
 pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
 
 from click.testing import CliRunner  # noqa: E402
 

@@ -65,7 +65,7 @@ REQUIRES: dict[str, tuple[str, ...]] = {
     "llamacpp": ("llama_cpp_py_sync",),
     "genai": ("onnxruntime_genai",),
 }
-ONNX_EXPORT_REQUIRES = ("onnx", "onnxscript")  # only when the ONNX models must be exported here
+ONNX_EXPORT_REQUIRES = ("onnx",)  # only when the ONNX models must be exported here
 QUALITY = "slimgpt_deploy.bench.quality:measure"
 # Per back end: variables its child runs without. llama.cpp's OpenMP threads meet at a barrier after
 # every op; OMP_WAIT_POLICY=PASSIVE (make test sets it for its parallel processes) puts them to sleep

@@ -316,7 +316,7 @@ TABLE: tuple[Stage, ...] = (
         "onnx",
         "ONNX decoder with a KV cache",
         needs=("prune",),
-        requires=("onnx", "onnxscript"),
+        requires=("onnx",),
         options=lambda o: {"dtype": o.onnx_dtype, "quantize": o.onnx_quantize, "fuse": o.onnx_fuse},
         artifact=True,
         reads_checkpoint=True,
