@@ -27,7 +27,7 @@ OUT = ROOT / "build" / "bench" / "build-time"
 TARGET_S = 600
 DEMO_FLAGS = (  # as in the Makefile's demo target
     "--nsamples 32 --seqlen 256 --bench-prompt-lens 128 --bench-batch-sizes 1,4 --bench-repeats 2 "
-    "--bench-decode-tokens 16"
+    "--bench-decode-tokens 16 --backends torch,onnx,llamacpp,genai"
 ).split()
 
 
