@@ -429,8 +429,8 @@ def markdown(results: dict) -> str:
             "",
             "Decode tokens/s at batch 1 and 8 (1000 / ms per token x batch), same models, threads and protocol; "
             "GenAI runs the fused graph of `export --format genai` (GroupQueryAttention, SkipSimplifiedLayerNorm) "
-            "through its own generator, our runner the `export --format onnx` graph (norms fused, attention as "
-            "primitive ops). genai-int8 top-1 / KL: "
+            "through its own generator, our runner the `export --format onnx` graph (Attention, RotaryEmbedding "
+            "and norms fused). genai-int8 top-1 / KL: "
             "its export verification against transformers (96 positions).",
             "",
             "| model | ort-fp32 b1 | genai-fp32 b1 | ort-int8 b1 | genai-int8 b1 | ort-fp32 b8 | genai-fp32 b8 "

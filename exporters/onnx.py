@@ -350,6 +350,8 @@ def quantize_dynamic_int8(src: Path, dst: Path) -> None:
                 weight_type=QuantType.QInt8,
                 op_types_to_quantize=["MatMul"],
                 use_external_data_format=True,
+                # the written graph carries no value_info, and ONNX's shape inference stops at contrib ops
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
             )
         _save_onnx(onnx.load(str(scratch / "out.onnx"), load_external_data=True), dst)
     finally:

@@ -23,7 +23,8 @@ Both: the causal + padding mask built in the graph from attention_mask, RoPE ang
 (transformers' attention scaling folded into cos/sin), the lm_head a MatMul with the (tied)
 embedding transposed at run time, so a tied embedding is stored once. Measured on SmolLM2-135M
 (docs/DESIGN.md, "ONNX export"): writing takes seconds where torch.onnx's dynamo exporter took
-~50 s; the fused attention decodes ~20% faster than the standard-op attention.
+~50 s; the fused attention's decode gain is small and noisy (0.80-0.89x the batch-1 time in
+alternating runs, none established at batch 8).
 """
 
 from __future__ import annotations
