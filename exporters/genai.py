@@ -242,7 +242,7 @@ def write_graph(model, plan: Plan, directory: Path, dtype: torch.dtype) -> None:
     seen = g.node("ReduceSum", ["attention_mask", one], "mask/ReduceSum", keepdims=0)[0]
     seqlens = g.node("Cast", [g.node("Sub", [seen, one], "mask/Sub")[0]], "mask/seqlens_k", to=TensorProto.INT32)[0]
     width = g.node("Gather", [g.node("Shape", ["attention_mask"], "mask/Shape")[0], "const_axis1"], "mask/Gather")[0]
-    g.inits.append(helper.make_tensor("const_axis1", TensorProto.INT64, [], [1]))
+    g.int64("const_axis1", [1], scalar=True)
     total = g.node("Cast", [width], "mask/total_len", to=TensorProto.INT32)[0]
     cos, sin = g.weight("cos_cache", plan.cos), g.weight("sin_cache", plan.sin)
 

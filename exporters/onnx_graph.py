@@ -23,8 +23,8 @@ Both: the causal + padding mask built in the graph from attention_mask, RoPE ang
 (transformers' attention scaling folded into cos/sin), the lm_head a MatMul with the (tied)
 embedding transposed at run time, so a tied embedding is stored once. Measured on SmolLM2-135M
 (docs/DESIGN.md, "ONNX export"): writing takes seconds where torch.onnx's dynamo exporter took
-~50 s; the fused attention's decode gain is small and noisy (0.80-0.89x the batch-1 time in
-alternating runs, none established at batch 8).
+~50 s; the fused attention's decode gain is small (benchmarks/onnx_attention.py: 0.89x the batch-1
+time, 1.03x at batch 8).
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def write_decoder(model, dtype: torch.dtype, *, fuse: bool, attention: bool | No
         (layout.proj(la, "q").out_features // head_dim, layout.proj(la, "k").out_features // head_dim) for la in layers
     ]
     inputs, outputs = _signature(g, heads, head_dim, int(config.vocab_size))
-    _constants(g)
+    _constants(g, head_dim)
     attention = fuse if attention is None else attention
     rope = _rope(g, layout.part(model, "rotary"), fused=attention)
     mask = _mask(g, fused=attention)
@@ -208,10 +208,6 @@ def write_decoder(model, dtype: torch.dtype, *, fuse: bool, attention: bool | No
     return model_proto, (fused or None)
 
 
-def opset_of(fuse: bool) -> int:
-    return FUSED_OPSET if fuse else OPSET
-
-
 def _signature(g: Graph, heads: list[tuple[int, int]], head_dim: int, vocab: int):
     """The graph's inputs and outputs (value infos): ids, mask, positions and each layer's cache in; logits out."""
     from onnx import TensorProto, helper
@@ -230,9 +226,20 @@ def _signature(g: Graph, heads: list[tuple[int, int]], head_dim: int, vocab: int
     return inputs, outputs
 
 
-def _constants(g: Graph) -> None:
-    for name, values in (("axes_last", [-1]), ("axis0", [0]), ("axis1", [1]), ("axis2", [2]), ("axes12", [1, 2])):
+def _constants(g: Graph, head_dim: int) -> None:
+    """The constants the layers share (write_decoder drops those its form does not use)."""
+    for name, values in (
+        ("axes_last", [-1]),
+        ("axis0", [0]),
+        ("axis1", [1]),
+        ("axis2", [2]),
+        ("axes12", [1, 2]),
+        ("zero_1d", [0]),
+        ("half", [head_dim // 2]),
+        ("head_dim", [head_dim]),
+    ):
         g.int64(f"const_{name}", values)
+    g.weight("const_scale", np.asarray(head_dim**-0.5))
     g.int64("const_zero", [0], scalar=True)
     g.int64("const_one", [1], scalar=True)
     g.weight("const_mask_zero", np.asarray(0.0), g.np_dtype)
@@ -307,23 +314,14 @@ def _attention(g: Graph, projected: dict, rope, mask: str, i: int, shape, p: str
 
     q_heads, kv, head_dim = shape
     cos, sin = rope
-    half = head_dim // 2
     heads = {}
     for role, n in (("q", q_heads), ("k", kv), ("v", kv)):
         y = g.op("Reshape", [projected[role], g.int64(f"{p}/{role}/shape", [0, 0, n, head_dim])], f"{p}/{role}/Reshape")
         heads[role] = g.op("Transpose", [y], f"{p}/{role}/Transpose", perm=[0, 2, 1, 3])  # [B, n, S, D]
     for role in ("q", "k"):
         t = heads[role]
-        lo = g.op(
-            "Slice",
-            [t, g.int64(f"{p}/{role}/lo0", [0]), g.int64(f"{p}/{role}/lo1", [half]), "const_axes_last"],
-            f"{p}/{role}/rope/lo",
-        )
-        hi = g.op(
-            "Slice",
-            [t, g.int64(f"{p}/{role}/hi0", [half]), g.int64(f"{p}/{role}/hi1", [head_dim]), "const_axes_last"],
-            f"{p}/{role}/rope/hi",
-        )
+        lo = g.op("Slice", [t, "const_zero_1d", "const_half", "const_axes_last"], f"{p}/{role}/rope/lo")
+        hi = g.op("Slice", [t, "const_half", "const_head_dim", "const_axes_last"], f"{p}/{role}/rope/hi")
         rotated = g.op("Concat", [g.op("Neg", [hi], f"{p}/{role}/rope/Neg"), lo], f"{p}/{role}/rope/rot", axis=-1)
         cos_part = g.op("Mul", [t, cos], f"{p}/{role}/rope/cos")
         heads[role] = g.op("Add", [cos_part, g.op("Mul", [rotated, sin], f"{p}/{role}/rope/sin")], f"{p}/{role}/rope")
@@ -336,8 +334,7 @@ def _attention(g: Graph, projected: dict, rope, mask: str, i: int, shape, p: str
     q5 = g.op("Reshape", [heads["q"], g.int64(f"{p}/q5/shape", [0, kv, group, -1, head_dim])], f"{p}/q5")
     k5 = g.op("Unsqueeze", [keys, "const_axis2"], f"{p}/k5")
     k_t = g.op("Transpose", [k5], f"{p}/k5/T", perm=[0, 1, 2, 4, 3])  # [B, kv, 1, D, T]
-    scale = g.weight(f"{p}/scale", np.asarray(head_dim**-0.5))
-    scores = g.op("Mul", [g.op("MatMul", [q5, k_t], f"{p}/scores/MatMul"), scale], f"{p}/scores/scale")
+    scores = g.op("Mul", [g.op("MatMul", [q5, k_t], f"{p}/scores/MatMul"), "const_scale"], f"{p}/scores/scale")
     scores = g.op("Add", [scores, mask], f"{p}/scores/mask")  # [B, kv, g, S, T]
     if g.dtype != torch.float32:
         scores = g.op("Cast", [scores], f"{p}/scores/Cast", to=TensorProto.FLOAT)
