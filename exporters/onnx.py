@@ -173,13 +173,22 @@ def export(
 
 
 def write_onnx(
-    model: torch.nn.Module, directory: Path, *, dtype: torch.dtype, fuse: bool = True, untie_lm_head: bool = False
+    model: torch.nn.Module,
+    directory: Path,
+    *,
+    dtype: torch.dtype,
+    fuse: bool = True,
+    attention: bool | None = None,
+    untie_lm_head: bool = False,
 ) -> tuple[OnnxSpec, dict[str, int] | None]:
-    """Write `model`'s decoder as `directory/model.onnx` (+ external data when large): its spec and fused-op counts."""
+    """Write `model`'s decoder as `directory/model.onnx` (+ external data when large): its spec and fused-op counts.
+
+    `attention` (default: `fuse`) picks the fused Attention/RotaryEmbedding form independently of the norms
+    (benchmarks/onnx_attention.py measures the two)."""
     from .onnx_graph import write_decoder
 
     with torch.no_grad():
-        proto, fused = write_decoder(model, dtype, fuse=fuse, untie_lm_head=untie_lm_head)
+        proto, fused = write_decoder(model, dtype, fuse=fuse, attention=attention, untie_lm_head=untie_lm_head)
     _save_onnx(proto, directory)
     config = model.config
     shapes = layer_shapes(config)
