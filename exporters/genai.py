@@ -311,13 +311,7 @@ def write_graph(model, plan: Plan, directory: Path, dtype: torch.dtype) -> None:
     # A tied lm_head gets its own [hidden, vocab] copy: MatMul's layout, and what MatMulNBits quantizes.
     logits = g.linear(final, model.get_output_embeddings(), "lm_head")
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
-    graph = helper.make_graph(g.nodes, "slimgpt_genai_decoder", inputs, outputs, initializer=g.inits)
-    onnx_model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
-        producer_name="slimgpt-deploy",
-    )
-    _save(onnx_model, directory)
+    _save(g.model("slimgpt_genai_decoder", inputs, outputs, OPSET, contrib=True), directory)
 
 
 def _save(model, directory: Path) -> None:

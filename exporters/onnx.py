@@ -56,9 +56,12 @@ from slimgpt_deploy.serving.onnx_runner import (
     CacheLayer,
     OnnxDecoder,
     OnnxSpec,
+    check_runtime,
     left_pad,
     positions,
 )
+
+from .onnx_graph import FUSED_OPSET, OPSET
 
 logger = logging.getLogger(__name__)
 
@@ -126,12 +129,16 @@ def export(
 ) -> dict:
     """Export `checkpoint` to an ONNX directory `out` (atomically), verified unless `verify=False`.
 
-    `fuse`: ONNX Runtime's norm fusions (`fuse_norms`); False keeps the graph in standard ONNX ops only."""
+    `fuse`: fused attention and norms (opset 23, onnx_graph.write_decoder); False keeps the graph in standard
+    opset-18 ONNX ops only. The installed onnxruntime must be able to run what is written, to verify it."""
     from slimgpt_deploy.sources import load_model
 
     dtype, quantize = _validate(dtype, quantize)
     out = Path(out)
     check_output_dir(out, force)
+    if verify:
+        weights = QUANTIZERS[quantize].weights if quantize else dtype
+        check_runtime(require("onnxruntime").__version__, FUSED_OPSET if fuse else OPSET, weights)
     start = time.perf_counter()
     loaded = load_model(str(checkpoint), dtype=torch.float32)
     kind = quantize or dtype

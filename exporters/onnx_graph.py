@@ -89,6 +89,22 @@ class Graph:
         used = {name for node in self.nodes for name in node.input}
         self.inits = [t for t in self.inits if t.name in used]
 
+    def model(self, name: str, inputs: list, outputs: list, opset: int, contrib: bool):
+        """The ModelProto, at the lowest IR version that carries `opset`.
+
+        onnx.helper.make_model stamps the installed onnx package's newest IR version (onnx 1.23: IR 14),
+        which onnxruntime 1.20.1-1.26.0 refused to load (measured: "Unsupported model IR version: 14, max
+        supported IR version: 13") although the graph needs nothing newer than its opset.
+        """
+        from onnx import helper
+
+        standard = helper.make_opsetid("", opset)
+        opsets = [standard] + ([helper.make_opsetid("com.microsoft", 1)] if contrib else [])
+        graph = helper.make_graph(self.nodes, name, inputs, outputs, initializer=self.inits)
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="slimgpt-deploy")
+        model.ir_version = helper.find_min_ir_version_for([standard])
+        return model
+
     def rename_output(self, old: str, new: str) -> None:
         """Give the node output `old` the graph-output name `new`."""
         for node in self.nodes:
@@ -157,7 +173,6 @@ class _Norms:
 
 def write_decoder(model, dtype: torch.dtype, *, fuse: bool, attention: bool | None = None, untie_lm_head: bool = False):
     """The ONNX ModelProto of `model`'s decoder (weights in `dtype`) and the count of each fused op (None unfused)."""
-    from onnx import helper
 
     config = model.config
     layout = layout_of(config)
@@ -199,11 +214,7 @@ def write_decoder(model, dtype: torch.dtype, *, fuse: bool, attention: bool | No
         head = g.weight("lm_head.weight.T", lm_head.T)  # [H, V]
     g.rename_output(g.op("MatMul", [final, head], "lm_head/MatMul"), "logits")
     g.drop_unused()
-    graph = helper.make_graph(g.nodes, "slimgpt_decoder", inputs, outputs, initializer=g.inits)
-    opsets = [helper.make_opsetid("", FUSED_OPSET if attention else OPSET)]
-    if fuse:
-        opsets.append(helper.make_opsetid("com.microsoft", 1))
-    model_proto = helper.make_model(graph, opset_imports=opsets, producer_name="slimgpt-deploy")
+    model_proto = g.model("slimgpt_decoder", inputs, outputs, FUSED_OPSET if attention else OPSET, contrib=fuse)
     fused = norms.counts | ({"Attention": len(heads), "RotaryEmbedding": 2 * len(heads)} if attention else {})
     return model_proto, (fused or None)
 

@@ -42,6 +42,10 @@ INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
 LOGITS = "logits"
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
+# The first onnxruntime release that runs each kind of export (measured on SmolLM2: 1.20.1 runs the opset-18
+# fp32 graph; 1.21.1 has only 4-bit MatMulNBits, 1.22.1 runs the int8 one; 1.22.1 refuses opset 23's IR
+# version 11, 1.23.2 runs it; docs/DESIGN.md, "ONNX export").
+MIN_ORT = {"opset 18": (1, 20), "int8 (8-bit MatMulNBits)": (1, 22), "opset 23": (1, 23)}
 
 
 # --- the cache description (written by the exporter, read here) -----------------------------
@@ -292,6 +296,7 @@ class OnnxDecoder:
         ort = require("onnxruntime")
         self.directory = resolve_dir(directory)
         self.spec = load_spec(self.directory)
+        check_runtime(ort.__version__, self.spec.opset, self.spec.weights)
         path = self.directory / self.spec.model_file
         if not path.is_file():
             raise CheckpointError(f"{self.directory} has no {self.spec.model_file}; re-export it with --force")
@@ -381,6 +386,21 @@ class OnnxDecoder:
         return out
 
 
+def check_runtime(version: str, opset: int, weights: str) -> None:
+    """BadInputError when onnxruntime `version` is older than the first release that runs an export of this
+    opset and weights (OnnxSpec.weights: "fp32", "int8 weight-only (MatMulNBits bits=8 ...)", ...)."""
+    needs = [f"opset {opset}"] + (["int8 (8-bit MatMulNBits)"] if "MatMulNBits bits=8" in weights else [])
+    have = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    for need in needs:
+        floor = MIN_ORT.get(need, (0,))
+        if have < floor:
+            hint = "; or re-export with --no-fuse (opset 18)" if need == "opset 23" else ""
+            raise BadInputError(
+                f"onnxruntime {version} cannot run this export ({need}): "
+                f"install onnxruntime >= {'.'.join(map(str, floor))}{hint}"
+            )
+
+
 def _load_error(path: Path, spec: OnnxSpec, err: Exception) -> BadInputError:
     """A runtime that lacks fp16 kernels is a wrong choice of dtype; anything else, a broken file."""
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
@@ -389,6 +409,8 @@ def _load_error(path: Path, spec: OnnxSpec, err: Exception) -> BadInputError:
             f"this onnxruntime ({', '.join(default_providers())}) cannot run the fp16 graph {path} ({first}); "
             "export with --dtype fp32 or --quantize int8, or install onnxruntime-gpu"
         )
+    if "Unsupported model IR version" in first:  # older exports carry the onnx package's newest IR version
+        return BadInputError(f"ONNX Runtime cannot load {path}: {first}; re-export it or upgrade onnxruntime")
     return CheckpointError(f"ONNX Runtime cannot load {path}: {first}; re-export it with --force")
 
 

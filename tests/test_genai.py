@@ -78,6 +78,14 @@ def test_per_layer_kv_heads_reach_genai(fp32_export, uneven_slim_bpe_dir):
     assert diff < 1e-4 and agree == 1.0, (diff, agree)
 
 
+def test_graph_carries_its_opsets_ir_version(fp32_export):
+    """IR 10 (opset 21's), not the installed onnx package's newest, which older runtimes refuse to load."""
+    import onnx
+
+    model = onnx.load(str(fp32_export / "model.onnx"), load_external_data=False)
+    assert model.ir_version == 10 and ("", 21) in {(o.domain, o.version) for o in model.opset_import}
+
+
 def test_verification_is_recorded(fp32_export):
     summary = json.loads((fp32_export / "export.json").read_text())
     v = summary["verification"]

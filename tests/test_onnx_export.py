@@ -100,6 +100,7 @@ def test_norms_are_fused_and_no_fuse_keeps_standard_ops(uneven_onnx, uneven_slim
     assert "SkipSimplifiedLayerNormalization" in ops(uneven_onnx)
     fused = onnx.load(uneven_onnx / "model.onnx", load_external_data=False)
     assert ("com.microsoft", 1) in {(o.domain, o.version) for o in fused.opset_import}
+    assert fused.ir_version == 11  # the lowest IR carrying opset 23 (not the onnx package's newest): ORT >= 1.23
     heads = [
         {a.name: a.i for a in n.attribute if a.name in ("q_num_heads", "kv_num_heads")}
         for n in fused.graph.node
@@ -118,6 +119,7 @@ def test_norms_are_fused_and_no_fuse_keeps_standard_ops(uneven_onnx, uneven_slim
     assert result.exit_code == 0, result.output
     plain = json.loads((out / "export.json").read_text())
     assert plain["fused"] is None and plain["opset"] == 18 and plain["verification"]["passed"]
+    assert onnx.load(out / "model.onnx", load_external_data=False).ir_version == 8  # opset 18's: ORT >= 1.20
     graph = onnx.load(out / "model.onnx", load_external_data=False).graph
     assert {n.domain for n in graph.node} <= {"", "ai.onnx"}  # no com.microsoft contrib op: any ONNX runtime
     assert "ReduceMean" in ops(out) and "SimplifiedLayerNormalization" not in ops(out)
@@ -232,6 +234,38 @@ def test_untie_transposed_weights_makes_lm_head_quantizable():
 
 
 # --- bad input ---------------------------------------------------------------------------------
+
+
+def test_a_runtime_too_old_for_the_export_is_refused_in_one_line(uneven_slim_dir, uneven_onnx, tmp_path, monkeypatch):
+    """The floors measured with older onnxruntime wheels (serving/onnx_runner.MIN_ORT): the export's own
+    verification refuses (exit 2, nothing written) and so does every runner of an existing export."""
+    import onnxruntime
+
+    from slimgpt_deploy.serving.onnx_runner import check_runtime, load_spec
+
+    monkeypatch.setattr(onnxruntime, "__version__", "1.22.1")
+    out = tmp_path / "fused"
+    result = CliRunner().invoke(main, ["export", str(uneven_slim_dir), "--format", "onnx", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        "error: onnxruntime 1.22.1 cannot run this export (opset 23): install onnxruntime >= 1.23; "
+        "or re-export with --no-fuse (opset 18)"
+    ]
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(BadInputError, match=">= 1.23"):
+        OnnxDecoder(uneven_onnx)
+    plain = CliRunner().invoke(
+        main, ["export", str(uneven_slim_dir), "--format", "onnx", "--out", str(tmp_path / "plain"), "--no-fuse"]
+    )
+    assert plain.exit_code == 0, plain.output  # opset 18 runs from 1.20
+    spec = load_spec(tmp_path / "plain")
+    check_runtime("1.20.1", spec.opset, spec.weights)
+    int8 = onnx_export.QUANTIZERS["int8"].weights
+    check_runtime("1.22.0", spec.opset, int8)
+    with pytest.raises(BadInputError, match=r"1\.21\.1 cannot run this export \(int8 .*>= 1\.22$"):
+        check_runtime("1.21.1", spec.opset, int8)
+    with pytest.raises(BadInputError, match=r"\(opset 18\): install onnxruntime >= 1\.20$"):
+        check_runtime("1.19.2", spec.opset, spec.weights)
 
 
 def test_cli_refuses_existing_out_and_leaves_it_unchanged(uneven_slim_dir, tmp_path):
