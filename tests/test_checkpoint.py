@@ -90,7 +90,10 @@ def test_loads_where_slimgpt_deploy_is_not_installed(slim_dir, tmp_path):
 import sys
 sys.modules["slimgpt_deploy"] = None  # any import of the package now fails
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
+# the tokenizer is plain tokenizer.json: trust_remote_code=False loads it with no prompt and no code run
+tok = AutoTokenizer.from_pretrained({str(out)!r}, trust_remote_code=False)
+assert tok("the cat sat").input_ids, "empty encoding"
 m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
 assert "slimgpt_deploy" not in type(m).__module__, type(m).__module__
 got = m(torch.arange(3, 19)[None]).logits
@@ -103,9 +106,12 @@ except ImportError:
     pass
 print("ok", type(m).__module__)
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ok transformers_modules" in proc.stdout
+    assert "Do you wish to run the custom code" not in proc.stdout + proc.stderr
 
 
 def test_generate_runs_on_the_slim_model(slim_dir):
