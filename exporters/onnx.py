@@ -61,7 +61,7 @@ from slimgpt_deploy.serving.onnx_runner import (
     positions,
 )
 
-from .onnx_graph import FUSED_OPSET, OPSET
+from .onnx_graph import opset_of
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def export(
     check_output_dir(out, force)
     if verify:
         weights = QUANTIZERS[quantize].weights if quantize else dtype
-        check_runtime(require("onnxruntime").__version__, FUSED_OPSET if fuse else OPSET, weights)
+        check_runtime(require("onnxruntime").__version__, opset_of(fuse), weights)  # attention follows fuse
     start = time.perf_counter()
     loaded = load_model(str(checkpoint), dtype=torch.float32)
     kind = quantize or dtype

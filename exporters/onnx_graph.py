@@ -39,6 +39,11 @@ OPSET = 18  # the unfused graph: standard ops of opset 18
 FUSED_OPSET = 23  # Attention and RotaryEmbedding are standard ops from opset 23
 
 
+def opset_of(attention: bool) -> int:
+    """The standard opset a graph is written in: 23 with the fused Attention/RotaryEmbedding, else 18."""
+    return FUSED_OPSET if attention else OPSET
+
+
 class Graph:
     """Nodes and initializers collected as a graph is written (names are unique by construction)."""
 
@@ -214,7 +219,7 @@ def write_decoder(model, dtype: torch.dtype, *, fuse: bool, attention: bool | No
         head = g.weight("lm_head.weight.T", lm_head.T)  # [H, V]
     g.rename_output(g.op("MatMul", [final, head], "lm_head/MatMul"), "logits")
     g.drop_unused()
-    model_proto = g.model("slimgpt_decoder", inputs, outputs, FUSED_OPSET if attention else OPSET, contrib=fuse)
+    model_proto = g.model("slimgpt_decoder", inputs, outputs, opset_of(attention), contrib=fuse)
     fused = norms.counts | ({"Attention": len(heads), "RotaryEmbedding": 2 * len(heads)} if attention else {})
     return model_proto, (fused or None)
 

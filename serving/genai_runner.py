@@ -28,16 +28,12 @@ CONFIG_FILE = "genai_config.json"
 MIN_VERSION = (0, 15)  # per-layer KV-cache shapes read from the graph
 
 
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
-
-
 def require_genai(per_layer_kv: bool = True):
     """The onnxruntime_genai module; BadInputError when it is missing or too old for per-layer KV shapes."""
-    from slimgpt_deploy.extras import require
+    from slimgpt_deploy.extras import major_minor, require
 
     og = require("onnxruntime_genai")
-    if per_layer_kv and _version(og.__version__) < MIN_VERSION:
+    if per_layer_kv and major_minor(og.__version__) < MIN_VERSION:
         raise BadInputError(
             f"onnxruntime-genai {og.__version__} sizes every layer's KV cache alike; this model keeps different "
             f"KV-head counts per layer: install onnxruntime-genai >= {'.'.join(map(str, MIN_VERSION))}"

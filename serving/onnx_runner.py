@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from slimgpt_deploy.errors import BadInputError, CheckpointError
-from slimgpt_deploy.extras import require
+from slimgpt_deploy.extras import major_minor, require
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +42,9 @@ INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
 LOGITS = "logits"
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
-# The first onnxruntime release that runs each kind of export (measured on SmolLM2: 1.20.1 runs the opset-18
-# fp32 graph; 1.21.1 has only 4-bit MatMulNBits, 1.22.1 runs the int8 one; 1.22.1 refuses opset 23's IR
-# version 11, 1.23.2 runs it; docs/DESIGN.md, "ONNX export").
+# The first onnxruntime release that runs each kind of export (benchmarks/ort_floor.py: 1.20.1 runs the
+# opset-18 fp32 graph; 1.21.1 has only 4-bit MatMulNBits, 1.22.1 runs the int8 one; 1.22.1 refuses opset
+# 23's IR version 11, 1.23.2 runs it; docs/DESIGN.md, "ONNX export").
 MIN_ORT = {"opset 18": (1, 20), "int8 (8-bit MatMulNBits)": (1, 22), "opset 23": (1, 23)}
 
 
@@ -390,10 +390,9 @@ def check_runtime(version: str, opset: int, weights: str) -> None:
     """BadInputError when onnxruntime `version` is older than the first release that runs an export of this
     opset and weights (OnnxSpec.weights: "fp32", "int8 weight-only (MatMulNBits bits=8 ...)", ...)."""
     needs = [f"opset {opset}"] + (["int8 (8-bit MatMulNBits)"] if "MatMulNBits bits=8" in weights else [])
-    have = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
     for need in needs:
         floor = MIN_ORT.get(need, (0,))
-        if have < floor:
+        if major_minor(version) < floor:
             hint = "; or re-export with --no-fuse (opset 18)" if need == "opset 23" else ""
             raise BadInputError(
                 f"onnxruntime {version} cannot run this export ({need}): "

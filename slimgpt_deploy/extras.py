@@ -27,6 +27,11 @@ def resolve(registry: dict[str, str], name: str, what: str):
     return getattr(importlib.import_module(module), attr)
 
 
+def major_minor(version: str) -> tuple[int, ...]:
+    """(major, minor) of a package version string ("1.23.2" -> (1, 23)), to compare with a floor."""
+    return tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+
+
 class MissingExtraError(BadInputError):
     pass
 
