@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--lm-weight", type=float, default=0.0)
     ap.add_argument("--teacher-topk", type=int, default=0)
+    ap.add_argument("--precision", default="auto", help="auto | bf16 | fp32 (recover.RecoverConfig.precision)")
     ap.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
     ap.add_argument("--markdown-only", action="store_true", help="rewrite recovery.md from recovery.json and stop")
     a = ap.parse_args()
@@ -123,6 +124,7 @@ def main() -> None:
         temperature=a.temperature,
         lm_weight=a.lm_weight,
         teacher_topk=a.teacher_topk,
+        precision=a.precision,
     )
     load_before = os.getloadavg()
     t0 = time.perf_counter()

@@ -21,8 +21,11 @@ Sources (``get_calibration(spec, ...)``; :data:`SOURCES` maps a kind to its load
   stop sampling. Sampling runs on ``device`` (the prune's compute device; the model is moved
   there and back if it fits in its free memory, else sampling stays where the model is,
   logged); the logits never leave that device; batches are sized from its free memory
-  (:func:`self_batch_size`). Sample i depends only on (seed, i), never on the batch size or
-  the number of samples.
+  (:func:`self_batch_size`, at most ``self_batch_size`` or :data:`SELF_MAX_BATCH_SIZE`). Sample i
+  draws its random numbers from (seed, i) alone, whatever the batch size or the number of
+  samples; the batch size changes only the rounding of the model's matmuls, which can tip a
+  near-tie (SmolLM2, 32 x 128 tokens: 1-2 of the 32 samples differ between batches of 8, 16,
+  32 and 128). The KV cache is written in place (:func:`preallocated_cache`).
 
   Defaults: masking special tokens is on because the chat model otherwise opens new chat
   turns mid-text. The other knobs (no BOS, a greedy opening, over-generation, temperature
@@ -54,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 
 from slimgpt_deploy.errors import BadInputError, CalibrationError, first_line
 from slimgpt_deploy.evaluate import eval_mode, load_text, model_device, text_to_ids
@@ -112,6 +116,7 @@ class _Request:
     seed: int
     device: torch.device | None = None  # where `self` samples (the prune's compute device)
     sampling: SelfSampling | None = None  # `self` only; None: SELF_SAMPLING
+    self_batch: int | None = None  # `self` only: most sequences decoded together; None: SELF_MAX_BATCH_SIZE
 
     def generator(self) -> torch.Generator:
         return torch.Generator(device="cpu").manual_seed(self.seed)
@@ -155,27 +160,40 @@ def sample_top_p(logits: torch.Tensor, u: torch.Tensor, *, top_p: float, tempera
     """Nucleus sampling. logits: ``[B, V]``, u: ``[B]`` uniforms in [0, 1) -> ``[B]`` int64 ids.
 
     Keeps the smallest set of most likely tokens whose mass reaches ``top_p`` (the most
-    likely token always survives, so ``top_p <= 0`` is greedy) and samples within it.
-    A full sort of a 49k vocabulary costs as much as a decode step on CPU, so the nucleus
-    is found with ``topk``, doubling k until every row's mass reaches ``top_p``; the draw
-    is an inverse-CDF lookup of one uniform per row. Everything stays on ``logits.device``.
+    likely token always survives, so ``top_p <= 0`` is greedy) and samples within it; the
+    draw is an inverse-CDF lookup of one uniform per row. A full sort of a 49k vocabulary
+    costs more than a decode step on CPU, so each row's nucleus is found with ``topk``: all
+    rows start at k = SELF_TOPK_START, and only the rows whose top-k mass (their running
+    sum) falls short of ``top_p`` go on, k doubling (a flat row no longer drags a batch of 128
+    through a top-16k). A row's result does not depend on the other rows. Everything stays on
+    ``logits.device``.
     """
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
-    vocab = probs.shape[-1]
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
+    probs = torch.softmax(scaled, dim=-1)  # [B, V]
+    vocab, device = probs.shape[-1], probs.device
+    u = u.to(device, probs.dtype)
+    picks = torch.empty(probs.shape[0], dtype=torch.int64, device=device)  # [B]
+    rows = torch.arange(probs.shape[0], device=device)  # rows whose nucleus is not found yet
     k = vocab if top_p >= 1.0 else min(SELF_TOPK_START, vocab)
-    while True:
-        top_probs, top_ids = probs.topk(k, dim=-1)  # [B, k], descending
-        if k == vocab or bool((top_probs.sum(dim=-1) >= top_p).all()):
-            break
-        k = min(2 * k, vocab)
-    outside = (top_probs.cumsum(dim=-1) - top_probs) >= top_p  # mass before this token already enough
+    while rows.numel():
+        top_probs, top_ids = probs[rows].topk(k, dim=-1)  # [r, k], descending
+        before = top_probs.cumsum(dim=-1) - top_probs  # [r, k]: mass of the more likely tokens
+        done = before[:, -1] + top_probs[:, -1] >= top_p if k < vocab else torch.ones_like(rows, dtype=torch.bool)
+        picks[rows[done]] = _draw(top_probs[done], top_ids[done], before[done], u[rows[done]], top_p)
+        rows, k = rows[~done], min(2 * k, vocab)
+    return picks
+
+
+def _draw(top_probs, top_ids, before, u, top_p: float) -> torch.Tensor:
+    """The inverse-CDF draw within each row's nucleus: ``[r, k]`` sorted probs, ids and the mass before each."""
+    outside = before >= top_p  # mass before this token already enough
     outside[:, 0] = False
     kept = top_probs.masked_fill(outside, 0.0)
-    cdf = kept.cumsum(dim=-1)  # [B, k]
-    u = u.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]  # [B, 1]
+    cdf = kept.cumsum(dim=-1)  # [r, k]
+    u = u[:, None] * cdf[:, -1:]  # [r, 1]
     last_kept = (~outside).sum(dim=-1, keepdim=True) - 1  # round-off must not pick a dropped token
-    pick = torch.minimum(torch.searchsorted(cdf, u, right=True), last_kept)  # [B, 1]
-    return top_ids.gather(-1, pick).squeeze(-1)  # [B]
+    pick = torch.minimum(torch.searchsorted(cdf, u, right=True), last_kept)  # [r, 1]
+    return top_ids.gather(-1, pick).squeeze(-1)  # [r]
 
 
 def self_batch_size(free_bytes: int, seq_bytes: int, max_batch: int) -> int:
@@ -201,12 +219,13 @@ def self_sequence_bytes(config, *, seqlen: int, vocab: int, elem: int) -> int:
     return kv + vocab * (elem + SELF_LOGIT_COPIES * 4)
 
 
-def _self_batch_size(model, seqlen: int, vocab: int) -> int:
+def _self_batch_size(model, seqlen: int, vocab: int, max_batch: int | None = None) -> int:
     device = model_device(model)
     seq_bytes = self_sequence_bytes(
         model.config, seqlen=seqlen, vocab=vocab, elem=next(model.parameters()).element_size()
     )
-    return self_batch_size(free_memory(device), seq_bytes, SELF_MAX_BATCH_SIZE.get(device.type, 1))
+    limit = max_batch if max_batch is not None else SELF_MAX_BATCH_SIZE.get(device.type, 1)
+    return self_batch_size(free_memory(device), seq_bytes, limit)
 
 
 def distinct_ngram_share(ids: torch.Tensor, n: int = 4) -> float:
@@ -242,14 +261,13 @@ def _sample_batch(
     Returns the ids ``[b, seqlen]`` (moved to the host once, at the end) and each sample's mean
     negative log-likelihood of its sampled tokens ``[b]`` under the untempered model. Sample i
     draws its uniforms from ``generators[i]`` alone (on the host, moved as one ``[b]`` tensor a
-    step), so the batch size (a memory knob) does not change what is sampled. ``banned`` ids
+    step), so the batch size (a memory knob) changes what is sampled only through the rounding of the
+    model's matmuls (see the module doc). ``banned`` ids
     (special tokens) are never sampled; the first ``sampling.greedy_opening`` steps are greedy.
     """
-    from transformers import DynamicCache
-
     device = model_device(model)
     banned = banned.to(device)
-    cache = DynamicCache(config=model.config)
+    cache = preallocated_cache(model.config, seqlen)
     pieces = [prefix.to(device)]
     step = pieces[0]  # [b, k] for the prefill, then [b, 1]
     nll = torch.zeros(prefix.shape[0], dtype=torch.float64, device=device)  # [b]
@@ -264,6 +282,44 @@ def _sample_batch(
         pieces.append(step)
     ids = torch.cat(pieces, dim=1).cpu()  # [b, seqlen]
     return ids, (nll / max(seqlen - prefix.shape[1], 1)).cpu()
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """One layer of :func:`preallocated_cache`: keys/values ``[B, kv, max_len, d]``, filled to ``length``."""
+
+    def __init__(self, max_len: int):
+        super().__init__()
+        self.max_len, self.length = max_len, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, kv, _, d = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.key_buf = key_states.new_empty(b, kv, self.max_len, d)
+        self.value_buf = value_states.new_empty(b, kv, self.max_len, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, self.length = self.length, self.length + key_states.shape[-2]
+        assert self.length <= self.max_len, (self.length, self.max_len)
+        self.key_buf[:, :, start : self.length] = key_states
+        self.value_buf[:, :, start : self.length] = value_states
+        self.keys, self.values = self.key_buf[:, :, : self.length], self.value_buf[:, :, : self.length]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
+def preallocated_cache(config, max_len: int) -> Cache:
+    """A KV cache whose layers write into buffers of ``max_len`` positions and return views of the filled part.
+
+    transformers' DynamicCache concatenates every layer's keys and values at every decode step,
+    copying the whole cache each time (on CPU a fifth of a step at 200 tokens); here a step writes
+    one position. Attention sees the same keys and values, so the logits are the same bit for bit.
+    """
+    return Cache(layers=[_PreallocatedLayer(max_len) for _ in range(config.num_hidden_layers)])
 
 
 def _special_ids(tok, vocab: int) -> list[int]:
@@ -335,13 +391,22 @@ class SelfPool:
 
 
 def sample_self(
-    model, tok, *, count: int, seqlen: int, seed: int, sampling: SelfSampling, device: torch.device | None = None
+    model,
+    tok,
+    *,
+    count: int,
+    seqlen: int,
+    seed: int,
+    sampling: SelfSampling,
+    device: torch.device | None = None,
+    max_batch: int | None = None,
 ) -> SelfPool:
     """Sample ``count`` sequences of ``seqlen`` tokens from ``model`` (on ``device`` when it fits there).
 
     Sample i opens with BOS (when ``sampling.bos`` and the tokenizer has one) and a random
     non-special token drawn from its own generator, seeded from ``seed`` and i; that generator
-    then draws its uniforms, so samples do not depend on ``count`` or the batch size.
+    then draws its uniforms, so samples do not depend on ``count``, and on the batch size (at
+    most ``max_batch``, default :data:`SELF_MAX_BATCH_SIZE`) only through rounding.
     """
     # ids the tokenizer can decode and the model can emit (a padded vocab has dead rows)
     vocab = min(int(model.config.vocab_size), len(tok))
@@ -372,7 +437,7 @@ def sample_self(
         model.to(target)
     try:
         with torch.inference_mode(), eval_mode(model):
-            batch = _self_batch_size(model, seqlen, vocab)
+            batch = _self_batch_size(model, seqlen, vocab, max_batch)
             nbatches = -(-count // batch)
             for b, start in enumerate(range(0, count, batch)):
                 stop = min(start + batch, count)
@@ -405,6 +470,7 @@ def _from_self(_arg: str, req: _Request) -> tuple[torch.Tensor, str]:
         seed=req.seed,
         sampling=sampling,
         device=req.device,
+        max_batch=req.self_batch,
     )
     return pool.select(req.nsamples), "self"
 
@@ -560,12 +626,14 @@ def get_calibration(
     seed: int = 0,
     device: str | torch.device | None = None,
     sampling: SelfSampling | None = None,
+    self_batch: int | None = None,
 ) -> CalibrationSet:
     """Build ``nsamples`` x ``seqlen`` calibration token ids from ``spec`` (see the module doc).
 
     ``device``: the prune's compute device; ``self`` samples there (the model moved there and
     back) when the model fits in its free memory, else where the model is. ``sampling``
-    overrides :data:`SELF_SAMPLING` for ``self``.
+    overrides :data:`SELF_SAMPLING` for ``self``, and ``self_batch`` the most sequences it decodes
+    together (:data:`SELF_MAX_BATCH_SIZE`; fewer when the device's free memory is short).
     """
     spec = spec.strip()
     if not spec:
@@ -592,6 +660,7 @@ def get_calibration(
         seed=seed,
         device=None if device is None else torch.device(device),
         sampling=sampling,
+        self_batch=self_batch,
     )
     ids, source = SOURCES[kind](arg, req)
     assert ids.shape == (nsamples, seqlen) and ids.dtype == torch.int64, (ids.shape, ids.dtype)

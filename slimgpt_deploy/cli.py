@@ -21,6 +21,7 @@ from slimgpt_deploy.build.stages import STAGES
 from slimgpt_deploy.config import DTYPES, GQA_MODES, HESSIAN_DTYPES, METHODS, SCHEDULES, PruneConfig
 from slimgpt_deploy.exporters import DTYPES as EXPORT_DTYPES
 from slimgpt_deploy.exporters import EXPORTERS, QUANTIZE
+from slimgpt_deploy.recover import PRECISIONS
 from slimgpt_deploy.serving import BACKENDS as GENERATE_BACKENDS
 
 EXIT_INTERNAL = 1
@@ -390,6 +391,17 @@ def prune(
 @click.option("--save-every", type=int, default=25, show_default=True, help="Steps between resume-state saves.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="auto",
+    show_default=True,
+    help="Matmul precision of teacher and student: bf16 autocast (float32 weights, moments and loss) or fp32; "
+    "auto takes bf16 on a GPU that supports it or a CPU with AMX.",
+)
+@click.option(
+    "--device", default="auto", show_default=True, help="Where teacher and student train: auto, cpu or cuda[:N]."
+)
+@click.option(
     "--resume", is_flag=True, help="Continue an interrupted recovery from its last saved step (same options)."
 )
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
@@ -416,6 +428,8 @@ def recover(
     eval_max_tokens,
     save_every,
     seed,
+    precision,
+    device,
     resume,
     force,
     as_json,
@@ -442,6 +456,8 @@ def recover(
             teacher_topk=teacher_topk,
             seed=seed,
             save_every=save_every,
+            precision=precision,
+            device=device,
         )
         check_output_dir(out, force)
         console = _console()

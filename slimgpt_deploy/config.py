@@ -21,6 +21,17 @@ def _choice(name: str, value: str, allowed) -> None:
         raise BadInputError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")
 
 
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when CUDA is available, else 'cpu'; other names are checked."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise BadInputError(f"unknown device {device!r}; use auto, cpu or cuda[:N]")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInputError(f"device {device} requested but CUDA is not available; use --device cpu")
+    return device
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """Everything that decides a pruning result (and so its fingerprint)."""
@@ -86,12 +97,7 @@ class PruneConfig:
             raise BadInputError(f"FFN group fraction {self.ffn_group_fraction} must be in (0, 1]")
         if self.batch_size < 1:
             raise BadInputError(f"batch size {self.batch_size} must be at least 1")
-        if self.device == "auto":
-            object.__setattr__(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise BadInputError(f"unknown device {self.device!r}; use auto, cpu or cuda[:N]")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise BadInputError(f"device {self.device} requested but CUDA is not available; use --device cpu")
+        object.__setattr__(self, "device", resolve_device(self.device))
 
     @property
     def torch_dtype(self) -> torch.dtype:

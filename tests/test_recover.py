@@ -25,11 +25,13 @@ from slimgpt_deploy.checkpoint import read_config, read_record, validate_checkpo
 from slimgpt_deploy.cli import main
 from slimgpt_deploy.config import PruneConfig
 from slimgpt_deploy.errors import BadInputError, Interrupted
+from slimgpt_deploy import recover as recover_module
 from slimgpt_deploy.recover import (
     RecoverConfig,
     batch_order,
     default_state_dir,
     distill_loss,
+    fast_bf16,
     lr_at,
     recover,
     recover_to_checkpoint,
@@ -128,9 +130,10 @@ def test_recovery_lowers_the_loss_improves_fidelity_and_keeps_every_shape(pair, 
     assert not default_state_dir(out).exists()  # state removed once saved
 
 
-def test_recovery_is_deterministic_and_resume_gives_the_uninterrupted_result(pair, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_recovery_is_deterministic_and_resume_gives_the_uninterrupted_result(pair, tmp_path, precision):
     dense, slim = pair
-    config = RecoverConfig(**{**SMALL, "steps": 7, "save_every": 2}, teacher_topk=16)
+    config = RecoverConfig(**{**SMALL, "steps": 7, "save_every": 2}, teacher_topk=16, precision=precision)
     whole = recover(slim, str(dense), config).model.state_dict()
     again = recover(slim, str(dense), config).model.state_dict()
     assert all(torch.equal(whole[k], again[k]) for k in whole)
@@ -152,10 +155,41 @@ def test_recovery_is_deterministic_and_resume_gives_the_uninterrupted_result(pai
         recover(
             slim,
             str(dense),
-            RecoverConfig(**{**SMALL, "steps": 8, "save_every": 2}, teacher_topk=16),
+            RecoverConfig(**{**SMALL, "steps": 8, "save_every": 2}, teacher_topk=16, precision=precision),
             state_dir=state,
             resume=True,
         )
+
+
+def test_precision_auto_takes_bf16_only_where_the_hardware_multiplies_it(monkeypatch):
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    assert fast_bf16(torch.device("cpu")) == amx
+    assert RecoverConfig().precision == ("bf16" if amx else "fp32") and RecoverConfig().device == "cpu"
+    monkeypatch.setattr(recover_module, "fast_bf16", lambda device: True)
+    assert RecoverConfig().precision == "bf16" and RecoverConfig(precision="fp32").precision == "fp32"
+    monkeypatch.setattr(recover_module, "fast_bf16", lambda device: False)
+    assert RecoverConfig().precision == "fp32" and RecoverConfig(precision="bf16").precision == "bf16"
+    with pytest.raises(BadInputError, match="unknown recover precision 'fp8'; choose one of: auto, bf16, fp32"):
+        RecoverConfig(precision="fp8")
+    with pytest.raises(BadInputError, match="unknown device 'tpu'"):
+        RecoverConfig(device="tpu")
+
+
+def test_bf16_trains_under_autocast_and_evaluates_in_float32(pair, text):
+    """bf16 changes the trained weights (the matmuls really ran in bfloat16), not the float32 evaluation."""
+    dense, slim = pair
+    small = {**SMALL, "steps": 6}
+    runs = {
+        p: recover(slim, str(dense), RecoverConfig(**small, data=str(text), full=True, lr=3e-3, precision=p))
+        for p in ("fp32", "bf16")
+    }
+    rec = {p: r.record["recovery"] for p, r in runs.items()}
+    assert rec["bf16"]["precision"] == "bf16" and rec["fp32"]["precision"] == "fp32"
+    assert rec["bf16"]["fidelity"]["before"] == rec["fp32"]["fidelity"]["before"]  # float32 either way
+    a, b = runs["fp32"].model.state_dict(), runs["bf16"].model.state_dict()
+    assert all(v.dtype == torch.float32 for v in b.values())  # master weights stay float32
+    moved = [k for k in a if not torch.equal(a[k], b[k])]
+    assert moved and all(torch.allclose(a[k], b[k], atol=0.05) for k in a), moved
 
 
 # --- the command line ----------------------------------------------------------------------

@@ -83,6 +83,8 @@ _RECOVER_TYPES = {
     "teacher_topk": int,
     "seed": int,
     "save_every": int,
+    "precision": str,
+    "device": str,
 }
 SCHEMA: dict[str, tuple[type, type | None, bool]] = {
     "model": (str, None, False),
