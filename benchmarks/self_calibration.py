@@ -45,7 +45,7 @@ EVAL_TOKENS, WINDOW, SEQLEN, RATIO = 40960, 2048, 512, 0.2
 # fields of the prune, e.g. the damping) and "file" (calibrate on windows of that text instead of sampling:
 # the real-data reference row).
 BASE = {"temperature": 1.0, "top_p": 0.95, "greedy_opening": 0, "overgenerate": 1.0, "mask_special": False, "bos": True}
-NOT_SAMPLING = ("prune", "file")
+NOT_SAMPLING = ("prune", "file", "seqlen")
 # The prune every row starts from. head_share is pinned to 1.0 (heads cut at the layer ratio, the split the sampler
 # rows were measured with), so a rerun of a row measures what the row says; the head-share rows set their own.
 PRUNE_BASE = {
@@ -152,6 +152,17 @@ for schedule in ("linear", "uniform"):
         prune={"head_share": 0.0, "percdamp": 0.001, "schedule": schedule},
     )
 
+# (12) Longer calibration sequences for the same number of tokens: the evaluation windows are 2048 tokens, and a
+# Hessian gathered on positions < 512 never sees the attention of later positions.
+for seqlen in (1024, 2048):
+    _variant(
+        f"heads0-damp0.001-{seqlen}",
+        f"(12) heads kept, damping 0.001, sequences of {seqlen} tokens (the same tokens: N x 512 / {seqlen} of them)",
+        "nospecial-heads0",
+        prune={"head_share": 0.0, "percdamp": 0.001},
+        seqlen=seqlen,
+    )
+
 # (10) rows heads0-dense and heads0-dense-residual were measured with commit 893cc86's prototype PruneConfig.target
 # (a least-squares refit to the dense model's outputs before OBS), removed after: their rows stay in the results.
 
@@ -223,14 +234,14 @@ def pydoc_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def _pool(loaded, fields: dict, count: int):
+def _pool(loaded, fields: dict, count: int, seqlen: int = SEQLEN):
     """A cached pool of at least ``count`` samples (sampled and saved when missing), cut to ``count``."""
     from safetensors.torch import load_file, save_file
 
     from slimgpt_deploy.calibration import SelfPool, SelfSampling, sample_self
 
     sampling = SelfSampling(**({k: v for k, v in fields.items() if k not in NOT_SAMPLING} | {"overgenerate": 1.0}))
-    key = hashlib.sha256(json.dumps([sampling.describe(), SEQLEN, 0], sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([sampling.describe(), seqlen, 0], sort_keys=True).encode()).hexdigest()[:16]
     CACHE.mkdir(parents=True, exist_ok=True)
     cached = sorted(CACHE.glob(f"{key}-*.safetensors"), key=lambda p: int(p.stem.split("-")[1]))
     for path in reversed(cached):
@@ -239,7 +250,7 @@ def _pool(loaded, fields: dict, count: int):
             opening = int(t["opening"])
             return SelfPool(input_ids=t["input_ids"][:count], nll=t["nll"][:count], opening=opening), 0.0
     t0 = time.perf_counter()
-    pool = sample_self(loaded.model, loaded.tokenizer, count=count, seqlen=SEQLEN, seed=0, sampling=sampling)
+    pool = sample_self(loaded.model, loaded.tokenizer, count=count, seqlen=seqlen, seed=0, sampling=sampling)
     seconds = time.perf_counter() - t0
     import torch
 
@@ -271,13 +282,16 @@ def one(name: str, nsamples: int) -> dict:
         model = loaded.model
     else:
         what, fields = VARIANTS[name]
+        seqlen = fields.get("seqlen", SEQLEN)
+        nsamples = nsamples * SEQLEN // seqlen  # the same number of tokens
+        row |= {"nsamples": nsamples, "seqlen": seqlen}
         row |= {"what": what, "sampling": fields}
         special = torch.tensor(_special_ids(tok, int(loaded.model.config.vocab_size)))
         if "file" in fields:
-            ids = get_calibration(fields["file"], loaded.model, tok, nsamples=nsamples, seqlen=SEQLEN, seed=0).input_ids
+            ids = get_calibration(fields["file"], loaded.model, tok, nsamples=nsamples, seqlen=seqlen, seed=0).input_ids
             self_ppl, opening = float("nan"), 0
         else:
-            pool, row["sample_s"] = _pool(loaded, fields, math.ceil(nsamples * fields["overgenerate"]))
+            pool, row["sample_s"] = _pool(loaded, fields, math.ceil(nsamples * fields["overgenerate"]), seqlen)
             ids = pool.select(nsamples)
             kept = torch.isin(pool.input_ids, ids).all(dim=1)  # rows of the pool that were kept
             self_ppl, opening = float(pool.nll[kept].mean().exp()), pool.opening
@@ -288,7 +302,7 @@ def one(name: str, nsamples: int) -> dict:
             "distinct4_kept": round(sum(distinct_ngram_share(r) for r in body) / len(body), 3),
             "sample_head": tok.decode(ids[0, :48]),
         }
-        config = PruneConfig(**{**PRUNE_BASE, "nsamples": nsamples, "seqlen": SEQLEN, **fields.get("prune", {})})
+        config = PruneConfig(**{**PRUNE_BASE, "nsamples": nsamples, "seqlen": seqlen, **fields.get("prune", {})})
         t0 = time.perf_counter()
         model = LayerwisePruner(loaded.model, config).run(ids).model
         row["prune_s"] = round(time.perf_counter() - t0, 1)
@@ -319,6 +333,13 @@ def special_share(count: int = 8, seqlen: int = 128) -> None:
         )
 
 
+def _n(row: dict) -> str:
+    """The N column: samples, with their length when it is not the protocol's."""
+    if row["name"] == "dense":
+        return "-"
+    return str(row["nsamples"]) if row.get("seqlen", SEQLEN) == SEQLEN else f"{row['nsamples']} x {row['seqlen']}"
+
+
 def markdown(results: dict) -> str:
     m = results["machine"]
     lines = [
@@ -341,7 +362,7 @@ def markdown(results: dict) -> str:
     for r in sorted(results["runs"].values(), key=lambda r: (r["name"] != "dense", -r["nsamples"])):
         c = r.get("calib", {})
         lines.append(
-            f"| {r['name']} | {r['nsamples'] if r['name'] != 'dense' else '-'} | {r.get('what', 'dense model')} | "
+            f"| {r['name']} | {_n(r)} | {r.get('what', 'dense model')} | "
             f"{r['ppl_wikitext2']:.2f} | {r['ppl_pydoc']:.2f} | {c.get('special_share', 0):.2%} | "
             f"{c.get('self_ppl_kept', float('nan')):.2f} | {c.get('distinct4_kept', float('nan')):.3f} | "
             f"{r.get('prune_s', 0):.0f} |"

@@ -67,6 +67,7 @@ FORMAT = "slimgpt-deploy-recover/1"
 WARMUP_FRACTION = 0.05  # linear warm-up over this share of the steps, then cosine decay to 0
 GRAD_CLIP = 1.0
 PRECISIONS = ("auto", "bf16", "fp32")
+KL_CHUNK_ROWS = 16  # rows of the vocabulary-wide loss at once (kl_and_grad): 3 MB of float32 each at V = 49k
 # Sequences the teacher samples together for `self` data (None: calibration's default). On the 2-core CPU
 # (bf16 weights, 256 tokens) 128 at a time sampled 1.35x the tokens/s of 32.
 SELF_BATCH = {"cpu": 128}
@@ -169,25 +170,65 @@ def distill_loss(
 
         kl = T^2 * mean_{b,s} sum_v P_t(v) (log P_t(v) - log P_s(v)),   P = softmax(logits / T)
         lm = mean_{b, s < S-1} -log P_s(x_{s+1})   (at T = 1)
+
+    The KL and its gradient G with respect to the logits come from :func:`kl_and_grad`; the loss
+    returned has the KL's value and, through ``sum(logits * G)``, its gradient.
     """
-    V = student_logits.shape[-1]
-    log_q = F.log_softmax(student_logits.to(LOSS_DTYPE) / temperature, dim=-1)  # [B, S, V]
+    z = student_logits.flatten(0, 1)  # [N, V]
     if isinstance(teacher, tuple):
-        top_lp, top_ids = teacher  # [B, S, k] each
-        log_p = top_lp.to(LOSS_DTYPE) - torch.logsumexp(top_lp.to(LOSS_DTYPE), dim=-1, keepdim=True)  # renormalised
-        kl = (log_p.exp() * (log_p - log_q.gather(-1, top_ids.long()))).sum(-1).mean()
+        teacher = (teacher[0].flatten(0, 1), teacher[1].flatten(0, 1))  # [N, k] each
     else:
-        log_p = F.log_softmax(teacher[..., :V].to(LOSS_DTYPE) / temperature, dim=-1)  # [B, S, V]
-        kl = F.kl_div(log_q.flatten(0, 1), log_p.flatten(0, 1), log_target=True, reduction="batchmean")
-    kl = kl * temperature**2
-    parts = {"kl": float(kl.detach())}
-    loss = kl
+        teacher = teacher.flatten(0, 1)  # [N, V']
+    kl, grad = kl_and_grad(z.detach(), teacher, temperature)
+    surrogate = (z * grad).sum()  # d/dz = grad
+    loss = kl + (surrogate - surrogate.detach())
+    parts = {"kl": float(kl)}
     if lm_weight > 0:
         lm = F.cross_entropy(student_logits[:, :-1].flatten(0, 1).to(LOSS_DTYPE), input_ids[:, 1:].flatten())
         loss = loss + lm_weight * lm
         parts["lm"] = float(lm.detach())
     parts["loss"] = float(loss.detach())
     return loss, parts
+
+
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    x = logits.to(LOSS_DTYPE)
+    return x if temperature == 1.0 else x / temperature
+
+
+@torch.no_grad()
+def kl_and_grad(
+    z: torch.Tensor, teacher: torch.Tensor | tuple[torch.Tensor, torch.Tensor], temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``T^2 * mean_rows KL(P_t || P_s)`` of tempered distributions and its gradient with respect to ``z``.
+
+    z: the student's logits ``[N, V]``; teacher: its logits ``[N, V']`` or its top-k
+    ``(log-probs [N, k], ids [N, k])``, renormalised over the k. The gradient is
+    ``T / N * (Q - P)`` (Q the student's tempered softmax, P the teacher's, zero outside the
+    top-k), formed :data:`KL_CHUNK_ROWS` rows at a time: the float32 ``[N, V]`` temporaries of
+    the plain autograd formula (two log-softmaxes, the exp, the product and their backward)
+    never exist, and the rows in flight stay in cache. Returns (float32 scalar, gradient in
+    z's dtype). On the 2-core CPU, 1024 x 49152 bf16 logits: 0.24 s instead of 0.58 s.
+    """
+    n, vocab = z.shape
+    grad = torch.empty_like(z)
+    total = torch.zeros((), dtype=torch.float64, device=z.device)
+    for a in range(0, n, KL_CHUNK_ROWS):
+        rows = slice(a, a + KL_CHUNK_ROWS)
+        log_q = F.log_softmax(_tempered(z[rows], temperature), dim=-1)  # [r, V]
+        if isinstance(teacher, tuple):
+            lp = teacher[0][rows].to(LOSS_DTYPE)  # [r, k]
+            log_p = lp - torch.logsumexp(lp, dim=-1, keepdim=True)  # renormalised over the k
+            p, top = log_p.exp(), teacher[1][rows].long()
+            total += (p * (log_p - log_q.gather(-1, top))).sum(dtype=torch.float64)
+            grad[rows] = log_q.exp_().scatter_add_(-1, top, -p)
+        else:
+            log_p = F.log_softmax(_tempered(teacher[rows, :vocab], temperature), dim=-1)  # [r, V]
+            p = log_p.exp()
+            total += (p * (log_p - log_q)).sum(dtype=torch.float64)
+            grad[rows] = log_q.exp_().sub_(p)
+    grad.mul_(temperature / n)
+    return (total * (temperature**2 / n)).to(LOSS_DTYPE), grad
 
 
 def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -94,6 +94,32 @@ def test_distill_loss_is_the_kl_of_the_tempered_distributions():
     assert float(distill_loss(t, t, ids)[0]) == pytest.approx(0.0, abs=1e-6)  # a perfect student
 
 
+@pytest.mark.parametrize("T", [1.0, 2.0])
+@pytest.mark.parametrize("rows", [3, 16], ids=["chunks-of-3", "one-chunk"])
+def test_the_chunked_kl_gradient_is_autograds_of_the_plain_formula(monkeypatch, T, rows):
+    """kl_and_grad forms the gradient T (Q - P) / N itself: it must be autograd's of the plain formula."""
+    monkeypatch.setattr(recover_module, "KL_CHUNK_ROWS", rows)
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(2, 5, 11, generator=g, dtype=torch.float64), torch.randn(2, 5, 11, generator=g)
+    ids = torch.randint(11, (2, 5), generator=g)
+    top = teacher_topk(t, 4, T)  # a real truncation: the tail is dropped and P renormalised
+    for teacher in (t, top):
+        a = s.clone().requires_grad_(True)
+        loss, _ = distill_loss(a, teacher, ids, temperature=T)
+        (0.5 * loss).backward()
+        b = s.clone().requires_grad_(True)
+        log_q = F.log_softmax(b / T, -1)
+        if isinstance(teacher, tuple):
+            log_p = teacher[0].double() - torch.logsumexp(teacher[0].double(), -1, keepdim=True)
+            plain = (log_p.exp() * (log_p - log_q.gather(-1, teacher[1].long()))).sum(-1).mean()
+        else:
+            log_p = F.log_softmax(t.double() / T, -1)
+            plain = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+        (0.5 * T**2 * plain).backward()
+        assert float(loss) == pytest.approx(float(T**2 * plain), rel=1e-5)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_schedule_and_batch_order():
     lrs = [lr_at(i, 100, 1.0) for i in range(100)]
     assert lrs[0] < lrs[4] == pytest.approx(1.0) and lrs[-1] < 0.01 and max(lrs) <= 1.0
