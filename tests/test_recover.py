@@ -20,12 +20,12 @@ from conftest import TINY_WORDS
 from helpers import assert_refused
 from safetensors.torch import load_file
 
+from slimgpt_deploy import recover as recover_module
 from slimgpt_deploy.api import prune_to_checkpoint
 from slimgpt_deploy.checkpoint import read_config, read_record, validate_checkpoint
 from slimgpt_deploy.cli import main
 from slimgpt_deploy.config import PruneConfig
 from slimgpt_deploy.errors import BadInputError, Interrupted
-from slimgpt_deploy import recover as recover_module
 from slimgpt_deploy.recover import (
     RecoverConfig,
     batch_order,
