@@ -135,7 +135,9 @@ class SelfSampling:
 
     ``greedy_opening`` greedy tokens follow the seeded random one; ``overgenerate`` x
     ``nsamples`` sequences are sampled and the ``nsamples`` best kept (:func:`keep_best`);
-    ``bos`` opens each sample with the tokenizer's BOS.
+    ``bos`` opens each sample with the tokenizer's BOS, or ``open_with`` names the token that opens
+    it instead (e.g. a document separator such as SmolLM2's ``<|endoftext|>``, after which the model
+    writes a new document rather than the chat turn its BOS ``<|im_start|>`` begins).
     """
 
     temperature: float = 1.0
@@ -144,6 +146,7 @@ class SelfSampling:
     overgenerate: float = 1.0
     mask_special: bool = True
     bos: bool = True
+    open_with: str | None = None
 
     def __post_init__(self) -> None:
         assert self.temperature > 0 and 0.0 <= self.top_p <= 1.0, (self.temperature, self.top_p)
@@ -322,6 +325,14 @@ def preallocated_cache(config, max_len: int) -> Cache:
     return Cache(layers=[_PreallocatedLayer(max_len) for _ in range(config.num_hidden_layers)])
 
 
+def _opening_id(tok, token: str) -> int:
+    """The id of the token that opens every sample; CalibrationError when the tokenizer has no such token."""
+    tid = tok.convert_tokens_to_ids(token)
+    if tid is None or tok.convert_ids_to_tokens(tid) != token:  # an unknown token maps to <unk>, not back
+        raise CalibrationError(f"self-calibration opening token {token!r} is not in the tokenizer; name one it has")
+    return tid
+
+
 def _special_ids(tok, vocab: int) -> list[int]:
     """Every special token id below ``vocab``: ``all_special_ids`` and added tokens marked special."""
     special = set(tok.all_special_ids)
@@ -425,7 +436,7 @@ def sample_self(
     sample_seeds = torch.randint(2**62, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
     generators = [torch.Generator().manual_seed(x) for x in sample_seeds]
     first = torch.stack([allowed[torch.randint(allowed.numel(), (1,), generator=g)] for g in generators])  # [m, 1]
-    bos = tok.bos_token_id if sampling.bos else None
+    bos = _opening_id(tok, sampling.open_with) if sampling.open_with else tok.bos_token_id if sampling.bos else None
     prefix = first if bos is None else torch.cat([torch.full_like(first, bos), first], dim=1)  # [m, 1 or 2]
     opening = min(prefix.shape[1] + sampling.greedy_opening, seqlen)
 

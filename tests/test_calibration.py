@@ -124,6 +124,16 @@ def test_self_samples_no_special_token_after_the_prefix():
     assert torch.isin(old.input_ids[:, 2:-1], torch.tensor([0, 1, 2, 127])).float().mean() > 0.5
 
 
+def test_self_opens_with_the_named_token_and_refuses_one_the_tokenizer_lacks(model, tok):
+    sampling = SelfSampling(open_with="</s>")  # a document separator instead of BOS
+    ids = get_calibration("self", model, tok, nsamples=4, seqlen=8, seed=0, sampling=sampling).input_ids
+    assert ids[:, 0].tolist() == [EOS] * 4 and not set(ids[:, 1].tolist()) & set(tok.all_special_ids)
+    plain = get_calibration("self", model, tok, nsamples=4, seqlen=8, seed=0).input_ids
+    assert plain[:, 0].tolist() == [BOS] * 4 and torch.equal(plain[:, 1], ids[:, 1])  # the same seeded random tokens
+    with pytest.raises(CalibrationError, match=r"opening token '<\|endoftext\|>' is not in the tokenizer"):
+        get_calibration("self", model, tok, nsamples=2, seqlen=8, sampling=SelfSampling(open_with="<|endoftext|>"))
+
+
 def test_self_samples_do_not_depend_on_batch_size(model, tok, monkeypatch):
     sampling = SelfSampling(greedy_opening=2, overgenerate=1.5)
     monkeypatch.setitem(calibration.SELF_MAX_BATCH_SIZE, "cpu", 2)
@@ -131,6 +141,12 @@ def test_self_samples_do_not_depend_on_batch_size(model, tok, monkeypatch):
     monkeypatch.setitem(calibration.SELF_MAX_BATCH_SIZE, "cpu", 8)
     whole = get_calibration("self", model, tok, nsamples=5, seqlen=16, seed=7, sampling=sampling).input_ids
     assert torch.equal(small, whole)
+    sizes, real = [], calibration._sample_batch
+    monkeypatch.setattr(
+        calibration, "_sample_batch", lambda m, prefix, *a: sizes.append(len(prefix)) or real(m, prefix, *a)
+    )
+    given = get_calibration("self", model, tok, nsamples=5, seqlen=16, seed=7, sampling=sampling, self_batch=3)
+    assert sizes == [3, 3, 2] and torch.equal(given.input_ids, whole)  # the caller's batch size (8 over-generated)
     # sample i depends on (seed, i) only: a larger pool starts with the smaller one
     pool = calibration.sample_self(model, tok, count=6, seqlen=16, seed=7, sampling=sampling)
     first = calibration.sample_self(model, tok, count=3, seqlen=16, seed=7, sampling=sampling)
