@@ -21,7 +21,7 @@ from slimgpt_deploy.build.stages import STAGES
 from slimgpt_deploy.config import DTYPES, GQA_MODES, HESSIAN_DTYPES, METHODS, SCHEDULES, PruneConfig
 from slimgpt_deploy.exporters import DTYPES as EXPORT_DTYPES
 from slimgpt_deploy.exporters import EXPORTERS, QUANTIZE
-from slimgpt_deploy.recover import PRECISIONS
+from slimgpt_deploy.recover import PRECISIONS, RecoverConfig
 from slimgpt_deploy.serving import BACKENDS as GENERATE_BACKENDS
 
 EXIT_INTERNAL = 1
@@ -330,6 +330,52 @@ def prune(
     _run(go)
 
 
+# The recover flags: (flag, click kwargs, RecoverConfig field, help); the defaults are RecoverConfig's.
+_RECOVER_FLAGS = (
+    ("--data", {}, "data", "Training text: 'self' (sampled from the teacher), a .txt/.jsonl file, or a dataset name."),
+    ("--steps", {"type": int}, "steps", "Optimizer steps."),
+    ("--batch-size", {"type": int}, "batch_size", "Sequences per step."),
+    ("--seqlen", {"type": int}, "seqlen", "Tokens per training sequence."),
+    ("--nsamples", {"type": int}, "nsamples", "Training sequences (cycled if steps x batch size is more)."),
+    ("--heldout", {"type": int}, "heldout", "Held-out sequences for fidelity before/after."),
+    ("--full", {"is_flag": True}, "full", "Train the full decoder weights instead of LoRA adapters."),
+    ("--rank", {"type": int}, "rank", "LoRA rank."),
+    ("--alpha", {"type": float}, "alpha", "LoRA alpha (scale alpha/rank)."),
+    (
+        "--lr",
+        {"type": float},
+        "lr",
+        "Peak learning rate [LoRA 1e-3, --full 5e-5]; warm-up then cosine decay.",
+    ),
+    ("--temperature", {"type": float}, "temperature", "Distillation temperature T (loss scaled by T^2)."),
+    ("--lm-weight", {"type": float}, "lm_weight", "Weight of the next-token (LM) loss added to the KL."),
+    (
+        "--teacher-topk",
+        {"type": int},
+        "teacher_topk",
+        "Cache the teacher's top-k log-probs once instead of rerunning it each epoch (0: off).",
+    ),
+    ("--save-every", {"type": int}, "save_every", "Steps between resume-state saves."),
+    ("--seed", {"type": int}, "seed", "Seed of the data and its order."),
+    (
+        "--precision",
+        {"type": click.Choice(PRECISIONS)},
+        "precision",
+        "Matmul precision of teacher and student: bf16 autocast (float32 weights, moments and loss) or fp32; "
+        "auto takes bf16 on a GPU that supports it or a CPU with AMX.",
+    ),
+    ("--device", {}, "device", "Where teacher and student train: auto, cpu or cuda[:N]."),
+)
+
+
+def recover_options(fn):
+    """The recover flags, with RecoverConfig's defaults (a None default, as --lr's, means 'decided there')."""
+    for flag, kwargs, field, text in reversed(_RECOVER_FLAGS):
+        default = getattr(RecoverConfig, field)
+        fn = click.option(flag, default=default, show_default=default is not None, help=text, **kwargs)(fn)
+    return fn
+
+
 @main.command()
 @click.argument("slim_dir", type=click.Path(path_type=Path))
 @click.option(
@@ -340,46 +386,7 @@ def prune(
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path), help="Output directory for the recovered slim checkpoint."
 )
-@click.option(
-    "--data",
-    default="self",
-    show_default=True,
-    help="Training text: 'self' (sampled from the teacher), a .txt/.jsonl file, or a dataset name.",
-)
-@click.option("--steps", type=int, default=100, show_default=True, help="Optimizer steps.")
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per step.")
-@click.option("--seqlen", type=int, default=256, show_default=True, help="Tokens per training sequence.")
-@click.option(
-    "--nsamples",
-    type=int,
-    default=128,
-    show_default=True,
-    help="Training sequences (cycled if steps x batch size is more).",
-)
-@click.option("--heldout", type=int, default=8, show_default=True, help="Held-out sequences for fidelity before/after.")
-@click.option("--full", is_flag=True, help="Train the full decoder weights instead of LoRA adapters.")
-@click.option("--rank", type=int, default=8, show_default=True, help="LoRA rank.")
-@click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA alpha (scale alpha/rank).")
-@click.option(
-    "--lr", type=float, default=None, help="Peak learning rate [LoRA 1e-3, --full 5e-5]; warm-up then cosine decay."
-)
-@click.option(
-    "--temperature", type=float, default=1.0, show_default=True, help="Distillation temperature T (loss scaled by T^2)."
-)
-@click.option(
-    "--lm-weight",
-    type=float,
-    default=0.0,
-    show_default=True,
-    help="Weight of the next-token (LM) loss added to the KL.",
-)
-@click.option(
-    "--teacher-topk",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Cache the teacher's top-k log-probs once instead of rerunning it each epoch (0: off).",
-)
+@recover_options
 @click.option(
     "--eval-text",
     type=click.Path(path_type=Path),
@@ -388,77 +395,19 @@ def prune(
 )
 @click.option("--eval-seqlen", type=int, default=2048, show_default=True)
 @click.option("--eval-max-tokens", type=int, default=None, help="Use only the first N tokens of --eval-text.")
-@click.option("--save-every", type=int, default=25, show_default=True, help="Steps between resume-state saves.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--precision",
-    type=click.Choice(PRECISIONS),
-    default="auto",
-    show_default=True,
-    help="Matmul precision of teacher and student: bf16 autocast (float32 weights, moments and loss) or fp32; "
-    "auto takes bf16 on a GPU that supports it or a CPU with AMX.",
-)
-@click.option(
-    "--device", default="auto", show_default=True, help="Where teacher and student train: auto, cpu or cuda[:N]."
-)
 @click.option(
     "--resume", is_flag=True, help="Continue an interrupted recovery from its last saved step (same options)."
 )
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the recovery record as JSON on stdout.")
-def recover(
-    slim_dir,
-    teacher,
-    out,
-    data,
-    steps,
-    batch_size,
-    seqlen,
-    nsamples,
-    heldout,
-    full,
-    rank,
-    alpha,
-    lr,
-    temperature,
-    lm_weight,
-    teacher_topk,
-    eval_text,
-    eval_seqlen,
-    eval_max_tokens,
-    save_every,
-    seed,
-    precision,
-    device,
-    resume,
-    force,
-    as_json,
-):
+def recover(slim_dir, teacher, out, eval_text, eval_seqlen, eval_max_tokens, resume, force, as_json, **options):
     """Recover SLIM_DIR's quality by distillation from the dense --teacher; save a slim checkpoint to --out."""
 
     def go():
         from .atomic import check_output_dir
-        from .recover import RecoverConfig, recover_to_checkpoint
+        from .recover import recover_to_checkpoint
 
-        config = RecoverConfig(
-            data=data,
-            steps=steps,
-            batch_size=batch_size,
-            seqlen=seqlen,
-            nsamples=nsamples,
-            heldout=heldout,
-            full=full,
-            rank=rank,
-            alpha=alpha,
-            lr=lr,
-            temperature=temperature,
-            lm_weight=lm_weight,
-            teacher_topk=teacher_topk,
-            seed=seed,
-            save_every=save_every,
-            precision=precision,
-            device=device,
-        )
+        config = RecoverConfig(**options)
         check_output_dir(out, force)
         console = _console()
         with _step_progress(console) as on_step:
@@ -695,11 +644,13 @@ _BUILD_FLAGS = {
     default=None,
     help="Add the recover stage (distillation from the dense model); exports then ship DIR/recovered.",
 )
-@click.option("--recover-steps", type=int, help="Recovery optimizer steps [100].")
+@click.option("--recover-steps", type=int, help=f"Recovery optimizer steps [{RecoverConfig.steps}].")
 @click.option(
     "--recover-full", is_flag=True, default=None, help="Recovery trains the full decoder weights instead of LoRA."
 )
-@click.option("--recover-data", help="Recovery text: 'self', a .txt/.jsonl file or a dataset name [self].")
+@click.option(
+    "--recover-data", help=f"Recovery text: 'self', a .txt/.jsonl file or a dataset name [{RecoverConfig.data}]."
+)
 @click.option("--eval-text", help="eval stage: text file for dense and pruned perplexity (and fidelity).")
 @click.option("--tasks", help="eval stage: lm-eval multiple-choice tasks for dense and pruned, comma-separated.")
 @click.option("--include-path", help="eval stage: directory of extra lm-eval task YAMLs.")
