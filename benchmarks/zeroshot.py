@@ -29,7 +29,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import random
 import re
 import sys
@@ -185,6 +184,7 @@ def main() -> None:
 
     import torch
 
+    from slimgpt_deploy.bench.environment import machine as where
     from slimgpt_deploy.sources import load_model
     from slimgpt_deploy.tasks import TaskOptions, prepare_tasks, run_tasks
 
@@ -210,11 +210,10 @@ def main() -> None:
         "benchmark": "zeroshot (local multiple-choice tasks from WikiText-2 test; NOT standard benchmarks)",
         "date": time.strftime("%Y-%m-%d"),
         "machine": {
-            "platform": platform.platform(),
-            "cores": os.cpu_count(),
+            **where(),
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
-            "note": "shared machine, other jobs running: timings are noisy",
+            "load_avg_1min": round(os.getloadavg()[0], 2),
         },
         "command": "python benchmarks/zeroshot.py " + " ".join(sys.argv[1:]),
         "note": args.note,
@@ -230,11 +229,12 @@ def main() -> None:
 def markdown(r: dict) -> str:
     names = list(r["tasks"])
     m = r["machine"]
+    load = m.get("note") or f"load average {m.get('load_avg_1min')} at the end"
     lines = [
         "# Zero-shot accuracy: dense vs pruned SmolLM2-135M (local tasks, not standard benchmarks)",
         "",
-        f"Machine: {m['platform']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); "
-        f"{m['note']}. "
+        f"Machine: {m.get('cpu', '?')}, {m['platform']}, {m['cores']} cores, torch {m['torch']} "
+        f"({m['torch_threads']} threads); {load}. "
         f"Date: {r['date']}. Command: `{r['command'].strip()}`.",
         "",
         "The standard tasks (BoolQ, PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA) need downloads this machine "
