@@ -253,25 +253,27 @@ def evaluate_model(
     fidelity_samples: int = 8,
     seed: int = 0,
     tasks: TaskOptions | PreparedTasks | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Perplexity of `model` on a text file, its fidelity (KL, top-1) to `reference`, and/or lm-eval accuracies.
 
     Without `fidelity_text`, fidelity is measured on text sampled from the
     reference itself (seeded), so it needs no dataset. `tasks` (slimgpt_deploy.tasks)
-    are resolved, datasets included, before the model is loaded.
+    are resolved, datasets included, before the model is loaded. Models given by name
+    are loaded onto `device` (float32); the evaluations run where each model is.
     """
     from .evaluate import fidelity, load_text, perplexity, text_to_ids
     from .tasks import PreparedTasks, prepare_tasks, run_tasks
 
     prepared = prepare_tasks(tasks) if tasks is not None and not isinstance(tasks, PreparedTasks) else tasks
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device)
     results: dict = {"model": loaded.source}
     if text is not None:
         ids = text_to_ids(loaded.tokenizer, load_text(text))
         ppl = perplexity(loaded.model, ids, seqlen=seqlen, max_tokens=max_tokens)
         results["perplexity"] = {"text": str(text), **ppl.__dict__}
     if reference is not None:
-        ref = reference if isinstance(reference, LoadedModel) else load_model(reference)
+        ref = reference if isinstance(reference, LoadedModel) else load_model(reference, device=device)
         if fidelity_text is not None:
             ids = text_to_ids(ref.tokenizer, load_text(fidelity_text))
             source = str(fidelity_text)

@@ -799,6 +799,9 @@ class _BuildProgress:
 @click.option("--num-fewshot", type=int, default=0, show_default=True, help="Few-shot examples per task document.")
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N documents of each task.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Batch size for the task log-likelihoods.")
+@click.option(
+    "--device", default="auto", show_default=True, help="Where the models run: auto (the GPU if any), cpu or cuda[:N]."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON on stdout.")
 def eval_(
     model,
@@ -815,12 +818,14 @@ def eval_(
     num_fewshot,
     limit,
     batch_size,
+    device,
     as_json,
 ):
     """Evaluate MODEL: perplexity on a text file, fidelity to a reference model, accuracy on lm-eval tasks."""
 
     def go():
         from .api import evaluate_model
+        from .config import resolve_device
         from .errors import BadInputError
         from .tasks import TaskOptions, parse_tasks
 
@@ -851,6 +856,7 @@ def eval_(
             fidelity_samples=fidelity_samples,
             seed=seed,
             tasks=task_options,
+            device=resolve_device(device),
         )
         console = _console()
         for key, value in results.items():

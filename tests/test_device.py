@@ -198,3 +198,32 @@ def test_recovery_on_a_distinct_compute_device_matches_the_cpu(tiny_model_dir_fa
         assert got.record["recovery"]["fidelity"]["after"]["kl"] == pytest.approx(
             ref.record["recovery"]["fidelity"]["after"]["kl"], rel=1e-3
         )
+
+
+def test_evaluation_on_a_distinct_compute_device_matches_the_cpu(tiny_model_dir_factory, tmp_path, monkeypatch):
+    """`eval --device cuda`: perplexity, and fidelity on text the reference samples there, as on the CPU."""
+    from dataclasses import replace
+
+    from conftest import TINY_WORDS
+
+    from slimgpt_deploy import api
+
+    model_dir = tiny_model_dir_factory("llama", seed=1, **GQA)
+    reference_dir = tiny_model_dir_factory("llama", seed=2, **GQA)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(TINY_WORDS[i % 7] for i in range(300)))
+    options = dict(text=text, seqlen=32, fidelity_seqlen=16, fidelity_samples=2)
+    ref = api.evaluate_model(str(model_dir), reference=str(reference_dir), **options)
+    # transformers' loader does not run under the harness (see above): load on the host, move inside it
+    host = {str(p): load_model(str(p)) for p in (model_dir, reference_dir)}
+
+    def load_then_move(source, *, device="cpu"):
+        return replace(host[source], model=host[source].model.to(device))
+
+    monkeypatch.setattr(api, "load_model", load_then_move)
+    with fake_cuda():
+        got = api.evaluate_model(str(model_dir), reference=str(reference_dir), device="cuda", **options)
+    assert got["perplexity"]["ppl"] == pytest.approx(ref["perplexity"]["ppl"], rel=1e-5)
+    assert got["fidelity"]["kl"] == pytest.approx(ref["fidelity"]["kl"], rel=1e-4)
+    assert got["fidelity"]["top1"] == ref["fidelity"]["top1"] and got["fidelity"]["text"] == ref["fidelity"]["text"]
+    assert all(isinstance(p, OnDevice) for p in host[str(model_dir)].model.parameters())  # it ran there

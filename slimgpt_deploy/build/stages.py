@@ -225,7 +225,11 @@ def eval_(ctx: BuildContext) -> dict:
     e = ctx.options.eval
     tasks = ctx.tasks if ctx.tasks is not None else prepare_eval(ctx.options)
     ctx.log(f"evaluating dense {ctx.options.model} and pruned {ctx.path('prune')}")
-    models = {"dense": load_model(ctx.options.model), "pruned": load_model(str(ctx.checkpoint))}
+    device = ctx.options.prune.device  # the build's compute device
+    models = {
+        "dense": load_model(ctx.options.model, device=device),
+        "pruned": load_model(str(ctx.checkpoint), device=device),
+    }
     results: dict = {name: {"model": m.source} for name, m in models.items()}
     tokenizer = models["dense"].tokenizer
     if e.text is not None:
