@@ -6,10 +6,9 @@ slim checkpoints load with `AutoModelForCausalLM.from_pretrained(dir)`.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from . import modeling  # noqa: E402, F401  (registers the `slimgpt` model type)
-from .config import PruneConfig  # noqa: E402
+from . import modeling  # noqa: F401  (registers the `slimgpt` model type)
+from ._version import __version__
+from .config import PruneConfig
 
 
 def __getattr__(name):

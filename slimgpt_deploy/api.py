@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 import transformers
 
-from . import __version__
+from ._version import __version__
 from .atomic import check_output_dir, existing_parent
 from .calibration import get_calibration
 from .checkpoint import save_checkpoint

@@ -1,8 +1,9 @@
 """Work run in a child process: one protocol for bench's measurements and vLLM's engine runs.
 
 Parent side, `run(module, job, stem)`: writes STEM.job.json (the job plus `"out"`:
-STEM.result.json), runs `python -m MODULE STEM.job.json` with CHILD_ENV (less the variables in
-`unset`), its stdout and stderr in STEM.log, and returns the child's result dict. A typed error
+STEM.result.json), runs MODULE as `__main__` with STEM.job.json as its argument (through BOOTSTRAP,
+below) with CHILD_ENV (less the variables in `unset`), its stdout and stderr in STEM.log, and
+returns the child's result dict. A typed error
 raised in the child comes back as that kind of error (bad input stays bad input, exit code 2);
 any other failure as ChildFailed with the child's last error line and where its log is.
 
@@ -10,7 +11,11 @@ Child side, `main(fn)`: reads the job, writes `fn(job)` (a dict) to the job's `o
 {"error", "exit_code"} when fn raises a SlimGPTError, and returns the exit code.
 
 Each run is its own process, so its peak memory is its own and a runtime that aborts (vLLM,
-llama.cpp) cannot take the parent with it.
+llama.cpp) cannot take the parent with it. The child gets the package without running its
+`__init__`, which imports transformers to register the slim model type: 4-5 s and ~0.5 GiB of
+resident memory that an ONNX Runtime or llama.cpp measurement must not carry (a deployed edge app
+has neither). A child module that loads slim checkpoints through transformers imports
+`slimgpt_deploy.modeling` itself (sources.py and the vLLM plugin do).
 """
 
 from __future__ import annotations
@@ -27,6 +32,17 @@ from .errors import BadInputError, SlimGPTError, last_error_line
 
 # vLLM in one process (no engine-core child, no spawn of this module's importers); tokenizers' threads off.
 CHILD_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# `python -c BOOTSTRAP MODULE JOB`: the package's module made from its spec (submodules import as
+# usual; its __init__ is not executed), then MODULE run as __main__ with argv [MODULE's file, JOB].
+BOOTSTRAP = (
+    "import importlib.util, runpy, sys; "
+    "spec = importlib.util.find_spec('slimgpt_deploy'); "
+    "sys.modules['slimgpt_deploy'] = importlib.util.module_from_spec(spec); "
+    "module = sys.argv[1]; del sys.argv[1]; "
+    "runpy.run_module(module, run_name='__main__', alter_sys=True)"
+)
 
 
 class ChildFailed(SlimGPTError):
@@ -47,7 +63,7 @@ def run(module: str, job: dict, stem: Path, *, timeout: float, unset: Iterable[s
     try:
         with open(log_file, "w") as logf:
             proc = subprocess.run(
-                [sys.executable, "-m", module, str(job_file)],
+                [sys.executable, "-c", BOOTSTRAP, module, str(job_file)],
                 env=env,
                 stdout=logf,
                 stderr=subprocess.STDOUT,

@@ -16,19 +16,25 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-# The test files that take longest (pytest --durations, 2026-12-02), first: `make test` runs the files on two
-# pytest-xdist workers (`--dist loadfile --no-loadscope-reorder`), which then take the long ones at once and
-# fill in with the short ones, finishing together. Every other file keeps its place after these.
+# The test files that take longest, first (each file's test time in make test, --durations=0, 2026-12-05).
+# `make test` runs the files on two pytest-xdist workers (`--dist loadfile --no-loadscope-reorder`), which
+# then take the long ones at once and fill in with the short ones, finishing together. Every other file
+# keeps its place after these.
 SLOWEST_FIRST = (
     "test_vllm.py",
-    "test_build.py",
     "test_bench.py",
-    "test_onnx_smollm2.py",
-    "test_genai.py",
-    "test_gguf.py",
-    "test_distributed.py",
-    "test_onnx_export.py",
+    "test_build.py",
     "test_smollm2.py",
+    "test_onnx_smollm2.py",
+    "test_distributed.py",
+    "test_gguf.py",
+    "test_genai.py",
+    "test_resume.py",
+    "test_tasks.py",
+    "test_sources.py",
+    "test_docker.py",
+    "test_gate.py",
+    "test_onnx_export.py",
 )
 
 

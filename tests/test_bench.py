@@ -336,6 +336,35 @@ def test_a_failing_back_end_is_reported_not_raised(dense_dir, uneven_slim_dir, t
     assert e["status"] == "failed" and "ModuleNotFoundError" in e["reason"] and "dense" not in e
 
 
+PROBE = """
+import sys
+from slimgpt_deploy.bench.onnx_backend import measure as measure_onnx
+
+def measure(model, options):
+    result = measure_onnx(model, options)
+    result["heavy_modules"] = sorted({name.split(".")[0] for name in sys.modules} & {"torch", "transformers"})
+    return result
+"""
+
+
+def test_an_onnx_measurement_carries_neither_torch_nor_transformers(
+    dense_dir, uneven_slim_dir, tiny_options, tmp_path, monkeypatch
+):
+    """The child imports the package without its __init__ (child_process.BOOTSTRAP): an ONNX Runtime
+    child's peak RSS is the runtime's and the model's, not torch's and transformers' (~0.5 GiB)."""
+    pytest.importorskip("onnxruntime")
+    (tmp_path / "probe_backend.py").write_text(PROBE)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setitem(BACKENDS, "onnx", "probe_backend:measure")
+    _no_quality(monkeypatch)
+    r = run_bench(dense_dir, uneven_slim_dir, ["onnx"], options=tiny_options, work_dir=tmp_path / "w")
+    e = r["backends"]["onnx"]
+    assert e["status"] == "ok", e
+    for role in ("dense", "pruned"):
+        assert e[role]["heavy_modules"] == [], e[role]
+        assert e[role]["peak_rss_bytes"] < 400 * 2**20  # with torch and transformers imported: ~0.6 GiB
+
+
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 def test_vllm_back_end_on_the_tiny_models(dense_dir, uneven_slim_dir, text_file, tmp_path, monkeypatch):
     _no_quality(monkeypatch)

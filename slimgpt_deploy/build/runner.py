@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import __version__
+from .._version import __version__
 from ..atomic import write_json
 from ..errors import BadInputError, OutputExistsError, first_line
 from .options import BuildOptions
