@@ -14,7 +14,9 @@ int8, verified in GenAI) and measured through GenAI's own generator with the sam
 Per (model, runtime), in its own subprocess (so peak RSS is its own), threads = cores:
   prefill   latency of one forward over 128 and 512 tokens, batch 1 (median of 3 after a warm-up)
   decode    ms per token at batch 1 and 8 after a 128-token prompt (median of 16 steps after 2 warm-ups)
-  rss       peak resident memory of the subprocess (MiB)
+  rss       peak resident memory of the subprocess (MiB); since 2026-12-05 the ONNX Runtime and GenAI
+            subprocesses import neither torch nor transformers (child_process.python_command), which
+            took ~0.5 GiB of every earlier figure
 Ideal decode speed-up = dense weight bytes read per token / pruned ones (decoder + final norm +
 lm_head; decode is memory-bound). Results: benchmarks/results/onnx.json and onnx.md.
 """
@@ -32,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from slimgpt_deploy.checkpoint import weight_bytes_per_token
+from slimgpt_deploy.child_process import python_command
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
@@ -202,7 +204,7 @@ def child(args: list[str]) -> None:
 
 def in_subprocess(kind: str, **payload) -> dict:
     proc = subprocess.run(
-        [sys.executable, __file__, "_child", kind, json.dumps(payload)],
+        python_command(__file__, "_child", kind, json.dumps(payload)),  # the package without its __init__
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -296,6 +298,8 @@ def machine(threads: int) -> dict:
 
 
 def run(threads: int, ratios: tuple[float, ...]) -> dict:
+    from slimgpt_deploy.checkpoint import weight_bytes_per_token
+
     results = {
         "machine": machine(threads),
         "date": time.strftime("%Y-%m-%d"),

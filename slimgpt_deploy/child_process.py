@@ -34,15 +34,22 @@ from .errors import BadInputError, SlimGPTError, last_error_line
 CHILD_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
-# `python -c BOOTSTRAP MODULE JOB`: the package's module made from its spec (submodules import as
-# usual; its __init__ is not executed), then MODULE run as __main__ with argv [MODULE's file, JOB].
+# `python -c BOOTSTRAP TARGET ARGS...`: the package's module made from its spec (submodules import as
+# usual; its __init__ is not executed), then TARGET (a module name, or a .py file) run as __main__
+# with argv [TARGET's file, ARGS...].
 BOOTSTRAP = (
     "import importlib.util, runpy, sys; "
     "spec = importlib.util.find_spec('slimgpt_deploy'); "
     "sys.modules['slimgpt_deploy'] = importlib.util.module_from_spec(spec); "
-    "module = sys.argv[1]; del sys.argv[1]; "
-    "runpy.run_module(module, run_name='__main__', alter_sys=True)"
+    "target = sys.argv[1]; del sys.argv[1]; "
+    "runpy.run_path(target, run_name='__main__') if target.endswith('.py') "
+    "else runpy.run_module(target, run_name='__main__', alter_sys=True)"
 )
+
+
+def python_command(target: str, *args: str) -> list[str]:
+    """The command that runs ``target`` (a module name or a .py file) with ``args`` through BOOTSTRAP."""
+    return [sys.executable, "-c", BOOTSTRAP, target, *args]
 
 
 class ChildFailed(SlimGPTError):
@@ -63,7 +70,7 @@ def run(module: str, job: dict, stem: Path, *, timeout: float, unset: Iterable[s
     try:
         with open(log_file, "w") as logf:
             proc = subprocess.run(
-                [sys.executable, "-c", BOOTSTRAP, module, str(job_file)],
+                python_command(module, str(job_file)),
                 env=env,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
