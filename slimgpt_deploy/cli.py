@@ -350,6 +350,12 @@ _RECOVER_FLAGS = (
     ("--temperature", {"type": float}, "temperature", "Distillation temperature T (loss scaled by T^2)."),
     ("--lm-weight", {"type": float}, "lm_weight", "Weight of the next-token (LM) loss added to the KL."),
     (
+        "--hidden-weight",
+        {"type": float},
+        "hidden_weight",
+        "Weight of the loss matching every decoder layer's output to the teacher's (0: logits only).",
+    ),
+    (
         "--teacher-topk",
         {"type": int},
         "teacher_topk",

@@ -32,6 +32,7 @@ from slimgpt_deploy.recover import (
     default_state_dir,
     distill_loss,
     fast_bf16,
+    hidden_loss,
     lr_at,
     recover,
     recover_to_checkpoint,
@@ -118,6 +119,34 @@ def test_the_chunked_kl_gradient_is_autograds_of_the_plain_formula(monkeypatch, 
         (0.5 * T**2 * plain).backward()
         assert float(loss.detach()) == pytest.approx(float(T**2 * plain.detach()), rel=1e-5)
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_hidden_loss_is_the_per_position_normalised_error_of_each_layer():
+    g = torch.Generator().manual_seed(2)
+    teacher = tuple(torch.randn(2, 3, 4, generator=g) * (10.0 if i == 2 else 1.0) for i in range(3))
+    student = (teacher[0] + 5.0, teacher[1] + 0.1, teacher[2] * 1.5)  # the embeddings (first) do not count
+    by_hand = [
+        ((student[1] - teacher[1]) ** 2).sum(-1) / (teacher[1] ** 2).sum(-1),
+        torch.full((2, 3), 0.25),  # 1.5 h: |0.5 h|^2 / |h|^2, whatever the layer's scale
+    ]
+    expected = torch.stack([t.mean() for t in by_hand]).mean()
+    assert float(hidden_loss(student, teacher)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(hidden_loss(teacher, teacher)) == 0.0
+    with pytest.raises(ValueError):
+        hidden_loss(student[:2], teacher)
+
+
+def test_hidden_weight_adds_the_layer_term_and_trains(pair, text, tmp_path):
+    """--hidden-weight: the history logs the layer term, the loss is KL + weight x term, and it falls."""
+    dense, slim = pair
+    config = RecoverConfig(**SMALL, data=str(text), full=True, lr=3e-3, hidden_weight=2.0)
+    rec = recover(slim, str(dense), config).record["recovery"]
+    first, last = rec["loss"]["mean_first_tenth"], rec["loss"]["mean_last_tenth"]
+    assert first["loss"] == pytest.approx(first["kl"] + 2.0 * first["hidden"], rel=1e-4)
+    assert last["hidden"] < 0.8 * first["hidden"] and last["kl"] < first["kl"], rec["loss"]
+    assert rec["options"]["hidden_weight"] == 2.0
+    with pytest.raises(BadInputError, match="--hidden-weight"):
+        RecoverConfig(hidden_weight=1.0, teacher_topk=8)
 
 
 def test_schedule_and_batch_order():

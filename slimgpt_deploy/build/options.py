@@ -80,6 +80,7 @@ _RECOVER_TYPES = {
     "weight_decay": float,
     "temperature": float,
     "lm_weight": float,
+    "hidden_weight": float,
     "teacher_topk": int,
     "seed": int,
     "save_every": int,
