@@ -8,7 +8,7 @@ import torch
 
 from .errors import BadInputError
 from .prune.methods import METHODS as PRUNE_METHODS
-from .prune.schedule import DEFAULT_HEAD_SHARE, GQA_MODES, SCHEDULES
+from .prune.schedule import DEFAULT_HEAD_SHARE, GQA_MODES, PER_GROUP, SCHEDULES
 
 METHODS = tuple(PRUNE_METHODS)  # the registry that implements them
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -41,7 +41,7 @@ class PruneConfig:
     schedule: str = "log"
     layer_ratios: tuple[float, ...] | None = None
     # Measured on SmolLM2-135M at 20% (benchmarks/results/quality.md): see README.
-    gqa_mode: str = "per-group"
+    gqa_mode: str = PER_GROUP
     # Every layer's query/KV head counts (tensor-parallel rule) and FFN width are multiples of these.
     head_multiple: int = 1
     ffn_multiple: int = 1

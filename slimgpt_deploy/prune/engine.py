@@ -42,7 +42,7 @@ from ..shrink import LayerCut, assemble, check_shapes, make_slim_config, shrink_
 from .distributed import from_rank0, reduce_hessian, shard
 from .methods import METHODS, HeadUnits, LayerStats
 from .obs import accumulate_hessian
-from .schedule import LayerPlan, achieved_share, layer_ratios, plan_layers
+from .schedule import PER_GROUP, LayerPlan, achieved_share, layer_ratios, plan_layers
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def _head_column_norms(layout: Layout, layer, units: HeadUnits) -> torch.Tensor:
     s = units.shape
     norm = lambda role: layout.proj(layer, role).weight.float().pow(2).sum(dim=1)  # noqa: E731
     q = norm("q")  # [q_heads * d]
-    if units.mode == "per-group":
+    if units.mode == PER_GROUP:
         return q
     kv = (norm("k") + norm("v")).reshape(s.kv_heads, 1, s.head_dim)  # [kv, 1, d]
     return q + kv.expand(s.kv_heads, s.q_per_kv, s.head_dim).reshape(-1) / s.q_per_kv

@@ -17,7 +17,7 @@ import torch
 
 from ..layout import LayerShape
 from .obs import batched_greedy_pruning, dynamic_group_pruning, inverse_hessian, select_lowest
-from .schedule import effective_gqa_mode
+from .schedule import PER_GROUP, effective_gqa_mode
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class HeadUnits:
     def of(cls, shape: LayerShape, gqa_mode: str) -> "HeadUnits":
         d, g = shape.head_dim, shape.q_per_kv
         mode = effective_gqa_mode(shape, gqa_mode)
-        if mode == "per-group":
+        if mode == PER_GROUP:
             columns = torch.arange(shape.q_heads * d).reshape(shape.q_heads, d)  # unit = one query head
             buckets = [list(range(k * g, (k + 1) * g)) for k in range(shape.kv_heads)]
         else:
@@ -43,14 +43,14 @@ class HeadUnits:
 
     def steps(self, q_keep: int, kv_keep: int) -> int:
         """Greedy steps (units removed per bucket) to reach the planned head counts."""
-        if self.mode == "per-group":
+        if self.mode == PER_GROUP:
             return self.shape.q_per_kv - q_keep // kv_keep
         return self.shape.kv_heads - kv_keep
 
     def kept_heads(self, removed: list[int]) -> tuple[list[int], list[int]]:
         """(kept query heads, kept KV heads), in order, so query head j uses KV head j // (q/kv)."""
         gone = set(removed)
-        if self.mode == "per-group":
+        if self.mode == PER_GROUP:
             return [h for h in range(self.shape.q_heads) if h not in gone], list(range(self.shape.kv_heads))
         kv = [k for k in range(self.shape.kv_heads) if k not in gone]
         g = self.shape.q_per_kv

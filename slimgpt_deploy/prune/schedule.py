@@ -85,7 +85,8 @@ def layer_ratios(
     return [min(hi * b, MAX_LAYER_RATIO) for b in base]
 
 
-GQA_MODES = ("kv-group", "per-group")
+KV_GROUP, PER_GROUP = "kv-group", "per-group"  # the GQA modes: head_units says what each prunes
+GQA_MODES = (KV_GROUP, PER_GROUP)
 
 
 def head_units(shape: LayerShape, gqa_mode: str) -> tuple[int, int]:
@@ -95,17 +96,17 @@ def head_units(shape: LayerShape, gqa_mode: str) -> tuple[int, int]:
     per-group: a unit is one query head *in every KV group* (K/V all kept).
     Without GQA (one query head per KV head) both are whole heads with K/V.
     """
-    if gqa_mode == "per-group" and shape.q_per_kv > 1:
+    if gqa_mode == PER_GROUP and shape.q_per_kv > 1:
         return shape.q_per_kv, shape.kv_heads
     return shape.kv_heads, shape.q_per_kv
 
 
 def effective_gqa_mode(shape: LayerShape, gqa_mode: str) -> str:
-    return "per-group" if gqa_mode == "per-group" and shape.q_per_kv > 1 else "kv-group"
+    return PER_GROUP if gqa_mode == PER_GROUP and shape.q_per_kv > 1 else KV_GROUP
 
 
 def _heads_after(shape: LayerShape, gqa_mode: str, removed_units: int) -> tuple[int, int]:
-    if effective_gqa_mode(shape, gqa_mode) == "per-group":
+    if effective_gqa_mode(shape, gqa_mode) == PER_GROUP:
         return shape.kv_heads * (shape.q_per_kv - removed_units), shape.kv_heads
     kv = shape.kv_heads - removed_units
     return kv * shape.q_per_kv, kv
@@ -120,7 +121,7 @@ def _head_drop(shape: LayerShape, gqa_mode: str, r: float, multiple: int, layer:
             f"layer {layer} ({shape.q_heads} query / {shape.kv_heads} KV heads, "
             f"GQA mode {effective_gqa_mode(shape, gqa_mode)}) "
             f"has no head count that is a multiple of {multiple}; lower --head-multiple/--tp-size"
-            + (" or try --gqa-mode kv-group" if gqa_mode == "per-group" else "")
+            + (f" or try --gqa-mode {KV_GROUP}" if gqa_mode == PER_GROUP else "")
         )
     return min(allowed, key=lambda d: (abs(d - r * units), d))
 
