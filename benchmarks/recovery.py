@@ -257,6 +257,11 @@ def markdown(data: dict) -> str:
         "against 566 s (the layer outputs of both models kept and compared), and sampling 222 s and 212 s "
         "against 194 s for the same data (machine noise; the sampler is unchanged). Off by default.",
         "",
+        "LoRA (r 8, alpha 16, lr 1e-3, `bf16-lora-220x384`) at the same size recovers as much as the full "
+        "weights: 26.96 (16.2%) in 800 s (586 s training: no faster than the full weights' 566 s on this CPU, "
+        "the frozen weights' backward still runs), held-out KL 0.375 against 0.360. RecoverConfig's defaults "
+        "are now LoRA with 220 steps over 384 sequences (were 100 over 128).",
+        "",
     ]
     return "\n".join(lines)
 
