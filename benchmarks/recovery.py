@@ -53,10 +53,11 @@ def machine() -> dict:
     import torch
 
     from slimgpt_deploy.bench.environment import machine as where
+    from slimgpt_deploy.recover import fast_bf16
 
     return {
         **where(),
-        "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
+        "amx": fast_bf16(torch.device("cpu")),  # bf16 matmuls in hardware on this CPU: AMX tiles
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -341,20 +341,10 @@ _RECOVER_FLAGS = (
     ("--full", {"is_flag": True}, "full", "Train the full decoder weights instead of LoRA adapters."),
     ("--rank", {"type": int}, "rank", "LoRA rank."),
     ("--alpha", {"type": float}, "alpha", "LoRA alpha (scale alpha/rank)."),
-    (
-        "--lr",
-        {"type": float},
-        "lr",
-        "Peak learning rate [LoRA 1e-3, --full 5e-5]; warm-up then cosine decay.",
-    ),
+    ("--lr", {"type": float}, "lr", "Peak learning rate [LoRA 1e-3, --full 5e-5]; warm-up then cosine decay."),
     ("--temperature", {"type": float}, "temperature", "Distillation temperature T (loss scaled by T^2)."),
     ("--lm-weight", {"type": float}, "lm_weight", "Weight of the next-token (LM) loss added to the KL."),
-    (
-        "--hidden-weight",
-        {"type": float},
-        "hidden_weight",
-        "Weight of the loss matching every decoder layer's output to the teacher's (0: logits only).",
-    ),
+    ("--hidden-weight", {"type": float}, "hidden_weight", "Weight of the loss on every layer's output (0: off)."),
     (
         "--teacher-topk",
         {"type": int},

@@ -581,6 +581,7 @@ def recover(
             start, history = state.step, list(state.meta["history"])
         order = batch_order(config.nsamples, config.steps, config.batch_size, config.seed)
 
+        hidden = config.hidden_weight > 0  # the layer outputs of both models are needed at every step
         t0, c0 = time.perf_counter(), time.process_time()
         model.train()
         step = start
@@ -588,7 +589,6 @@ def recover(
             for step in range(start, config.steps):
                 rows = order[step]
                 ids = train_ids[rows].to(config.device)  # [B, S]
-                hidden = config.hidden_weight > 0
                 target_hidden = None
                 if cache is not None:
                     target = (cache["logprobs"][rows].to(config.device), cache["ids"][rows].to(config.device))

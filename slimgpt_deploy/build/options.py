@@ -65,32 +65,15 @@ _PRUNE_TYPES = {
     "dtype": str,
     "hessian_dtype": str,
 }
-_RECOVER_TYPES = {
-    "enabled": bool,
-    "data": str,
-    "steps": int,
-    "batch_size": int,
-    "seqlen": int,
-    "nsamples": int,
-    "heldout": int,
-    "full": bool,
-    "rank": int,
-    "alpha": float,
-    "lr": float,
-    "weight_decay": float,
-    "temperature": float,
-    "lm_weight": float,
-    "hidden_weight": float,
-    "teacher_topk": int,
-    "seed": int,
-    "save_every": int,
-    "precision": str,
-    "device": str,
+# recover.<field>: RecoverConfig's own fields and types (annotations such as "float | None" read as float, nullable)
+_RECOVER_TYPES = {"enabled": (bool, False)} | {
+    f.name: ({"str": str, "int": int, "float": float, "bool": bool}[f.type.split(" | ")[0]], f.type.endswith("| None"))
+    for f in fields(RecoverConfig)
 }
 SCHEMA: dict[str, tuple[type, type | None, bool]] = {
     "model": (str, None, False),
     "preset": (str, None, True),
-    **{f"recover.{k}": (t, None, k == "lr") for k, t in _RECOVER_TYPES.items()},
+    **{f"recover.{k}": (t, None, nullable) for k, (t, nullable) in _RECOVER_TYPES.items()},
     "stages": (list, str, False),
     **{
         f"prune.{k}": (t, float if t is list else None, k in ("layer_ratios", "gqa_mode", "tp_size"))
