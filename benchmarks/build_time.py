@@ -80,6 +80,11 @@ def run(extra: list[str]) -> dict:
             ),
             None,
         ),
+        "peak_rss_mib": {  # each back end's child process, dense and pruned
+            name: {role: round(b[role]["peak_rss_bytes"] / 2**20) for role in ("dense", "pruned")}
+            for name, b in bench.get("backends", {}).items()
+            if b.get("status") == "ok"
+        },
         "quality": bench.get("quality"),
     }
 
@@ -109,6 +114,16 @@ def markdown(r: dict) -> str:
             "Decode speed-up at batch 1 (pruned vs dense, same run): "
             + ", ".join(f"{k} {v:.2f}x" for k, v in r["decode_speedup_b1"].items())
             + f"; weight-bytes ideal {r['ideal_decode_speedup']:.2f}x.",
+        ]
+    if r.get("peak_rss_mib"):
+        lines += [
+            "Peak RSS of each back end's child, dense -> pruned MiB (an ONNX Runtime, GenAI or llama.cpp child "
+            "imports neither torch nor transformers since 2026-12-05): "
+            + ", ".join(
+                f"{k} {v['dense']} -> {v['pruned']} ({v['pruned'] / v['dense']:.2f})"
+                for k, v in r["peak_rss_mib"].items()
+            )
+            + ".",
         ]
     q = r.get("quality")
     if q:
