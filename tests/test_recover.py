@@ -294,6 +294,12 @@ def test_bad_input_is_refused_with_one_line_and_nothing_written(pair, tiny_model
     assert_refused(_cli(slim, "--teacher", tmp_path / "no-teacher", "--out", out), "no-teacher")
     assert_refused(_cli(dense, "--teacher", dense, "--out", out), "not a slim checkpoint")
     assert_refused(_cli(slim, "--teacher", dense, "--out", out, "--steps", "0"), "steps")
+    assert_refused(_cli(slim, "--teacher", dense, "--out", out, "--hidden-weight", "-1"), "--hidden-weight")
+    assert_refused(
+        _cli(slim, "--teacher", dense, "--out", out, "--hidden-weight", "1", "--teacher-topk", "8"),
+        "--hidden-weight",
+        "--teacher-topk 0",
+    )
     assert_refused(
         _cli(slim, "--teacher", dense, "--out", out, "--data", tmp_path / "missing.txt"),
         "missing.txt",
