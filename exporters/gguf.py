@@ -53,6 +53,7 @@ from slimgpt_deploy.atomic import atomic_output_dir, check_output_dir
 from slimgpt_deploy.checkpoint import read_config, safetensors_files, validate_checkpoint
 from slimgpt_deploy.errors import BadInputError, CheckpointError, VerificationError
 from slimgpt_deploy.families import layout_of
+from slimgpt_deploy.serving.llamacpp_runner import find_gguf
 
 FORMAT = "gguf"
 ARCH = "deci"
@@ -86,18 +87,6 @@ TOLERANCES = {
 
 def file_name(ftype: str) -> str:
     return f"model-{ftype}.gguf"
-
-
-def find_gguf(path: Path) -> Path:
-    """The GGUF file at `path`, or the only one in the folder `path`; BadInputError otherwise."""
-    path = Path(path)
-    if path.is_file() and path.suffix == ".gguf":
-        return path
-    files = sorted(path.glob("*.gguf")) if path.is_dir() else []
-    if len(files) != 1:
-        found = f"{len(files)} .gguf files" if path.is_dir() else "no such folder or .gguf file"
-        raise BadInputError(f"{path}: {found}; give a GGUF export folder (slimgpt-deploy export --format gguf)")
-    return files[0]
 
 
 def resolve_type(dtype: str | None, quantize: str | None) -> str:

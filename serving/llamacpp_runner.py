@@ -30,6 +30,18 @@ GGML_TYPE = {"f32": 0, "f16": 1}
 FTYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15}
 
 
+def find_gguf(path: Path) -> Path:
+    """The GGUF file at `path`, or the only one in the folder `path`; BadInputError otherwise."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    files = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    if len(files) != 1:
+        found = f"{len(files)} .gguf files" if path.is_dir() else "no such folder or .gguf file"
+        raise BadInputError(f"{path}: {found}; give a GGUF export folder (slimgpt-deploy export --format gguf)")
+    return files[0]
+
+
 @dataclass(frozen=True)
 class Runtime:
     lib: object
@@ -243,8 +255,6 @@ def generate(
     on_text: Callable[[int, str], None] | None = None,
 ) -> list[str]:
     """The `generate` back-end contract (serving/__init__.py) on a GGUF file, or a folder holding one."""
-    from slimgpt_deploy.exporters.gguf import find_gguf
-
     path = find_gguf(Path(model))
     rng = np.random.default_rng(seed)
     completions = []

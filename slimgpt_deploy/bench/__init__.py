@@ -249,7 +249,7 @@ def _bench_backend(name, dirs, models, options, work_dir, onnx_dirs, log) -> dic
 
             weight_bytes = dir_model_bytes(run_dirs[role])
         elif name == "llamacpp":
-            from ..exporters.gguf import find_gguf
+            from ..serving.llamacpp_runner import find_gguf
 
             weight_bytes = find_gguf(run_dirs[role]).stat().st_size
         else:

@@ -16,8 +16,7 @@ from .measure import latency, random_prompt_ids, seconds
 
 
 def measure(model: Path, options) -> dict:
-    from ..exporters.gguf import find_gguf
-    from ..serving.llamacpp_runner import LlamaCpp
+    from ..serving.llamacpp_runner import LlamaCpp, find_gguf
 
     path = find_gguf(Path(model))
     n_ctx = max(options.prompt_lens) + options.decode_tokens + 8
