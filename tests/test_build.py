@@ -18,6 +18,7 @@ from helpers import assert_refused
 
 from slimgpt_deploy.build import DEFAULT_STAGES, build_options, read_config_file
 from slimgpt_deploy.cli import main
+from slimgpt_deploy.errors import BadInputError
 
 SMALL_BENCH = """\
 prune:
@@ -251,6 +252,31 @@ def test_config_file_and_flag_precedence(build_config):
     assert build_options({}, {"prune.tp_size": 2}).prune.head_multiple == 2
 
 
+def test_the_prune_and_recover_keys_are_their_config_fields():
+    """The schema reads PruneConfig's and RecoverConfig's fields: a field with no flag is a key too, typed from its
+    annotation; a new field needs no second list."""
+    from dataclasses import fields
+
+    from slimgpt_deploy.build.options import SCHEMA
+    from slimgpt_deploy.config import PruneConfig
+    from slimgpt_deploy.recover import RecoverConfig
+
+    for cls, section in ((PruneConfig, "prune"), (RecoverConfig, "recover")):
+        assert {f"{section}.{f.name}" for f in fields(cls)} <= set(SCHEMA)
+    assert {k for k in SCHEMA if k.startswith(("prune.", "recover."))} == {
+        *(f"prune.{f.name}" for f in fields(PruneConfig)),
+        *(f"recover.{f.name}" for f in fields(RecoverConfig)),
+        "prune.tp_size",
+        "recover.enabled",
+    }
+    assert SCHEMA["prune.layer_ratios"] == (list, float, True) and SCHEMA["recover.lr"] == (float, None, True)
+    assert SCHEMA["prune.percdamp"] == (float, None, False) and SCHEMA["recover.full"] == (bool, None, False)
+    options = build_options({"prune.percdamp": 0.001, "prune.ffn_group_fraction": 0.5}, {})
+    assert options.prune.percdamp == 0.001 and options.prune.ffn_group_fraction == 0.5
+    with pytest.raises(BadInputError, match="prune.percdamp"):
+        build_options({}, {"prune.percdamp": "small"})  # checked as a YAML value is when the file is read
+
+
 def test_stages_subset_runs_only_those(tiny_dense, build_config, tmp_path):
     out = tmp_path / "b"
     result, summary = _build(tiny_dense, "--out", out, "--stages", "prune", "--ratio", "0.5", config=build_config)
@@ -280,7 +306,7 @@ def test_unknown_config_key_names_the_closest(tiny_dense, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_config_value_of_the_wrong_type_isassert_refused(tiny_dense, tmp_path):
+def test_config_value_of_the_wrong_type_is_refused(tiny_dense, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("prune:\n  ratio: 20%\n")
     result, _ = _build(tiny_dense, "--out", tmp_path / "o", config=cfg)

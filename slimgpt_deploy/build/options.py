@@ -46,39 +46,34 @@ BENCH_BACKENDS = tuple(BACKENDS)  # bench's registry, in its order
 PRESETS: dict[str, dict[str, Any]] = {"release": {"recover.enabled": True}}
 DEFAULT_MODEL = "smollm2-135m"
 
-# dotted key -> (expected type, element type for lists, None allowed)
-_PRUNE_TYPES = {
-    "ratio": float,
-    "method": str,
-    "schedule": str,
-    "layer_ratios": list,
-    "gqa_mode": str,
-    "head_multiple": int,
-    "ffn_multiple": int,
-    "tp_size": int,
-    "head_share": float,
-    "calib": str,
-    "nsamples": int,
-    "seqlen": int,
-    "seed": int,
-    "device": str,
-    "dtype": str,
-    "hessian_dtype": str,
-}
-# recover.<field>: RecoverConfig's own fields and types (annotations such as "float | None" read as float, nullable)
-_RECOVER_TYPES = {"enabled": (bool, False)} | {
-    f.name: ({"str": str, "int": int, "float": float, "bool": bool}[f.type.split(" | ")[0]], f.type.endswith("| None"))
-    for f in fields(RecoverConfig)
-}
+_ANNOTATED = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def _fields_schema(cls, section: str, nullable: tuple[str, ...] = ()) -> dict[str, tuple[type, type | None, bool]]:
+    """`section.<field>` for every field of the dataclass `cls`, typed from its annotation: "float", "float | None"
+    (None allowed), "tuple[float, ...] | None" (a list of numbers). The dataclass validates the values."""
+    schema = {}
+    for f in fields(cls):
+        base, _, rest = f.type.partition(" | ")
+        if base.startswith("tuple["):
+            kind, item = list, _ANNOTATED[base.removeprefix("tuple[").split(",")[0]]
+        else:
+            kind, item = _ANNOTATED[base], None
+        schema[f"{section}.{f.name}"] = (kind, item, rest == "None" or f.name in nullable)
+    return schema
+
+
+# dotted key -> (expected type, element type for lists, None allowed); prune.* and recover.* are their
+# config dataclasses' fields (null gqa_mode: the default), plus prune.tp_size (sets both multiples) and
+# recover.enabled.
 SCHEMA: dict[str, tuple[type, type | None, bool]] = {
     "model": (str, None, False),
     "preset": (str, None, True),
-    **{f"recover.{k}": (t, None, nullable) for k, (t, nullable) in _RECOVER_TYPES.items()},
+    "recover.enabled": (bool, None, False),
+    **_fields_schema(RecoverConfig, "recover"),
     "stages": (list, str, False),
-    **{
-        f"prune.{k}": (t, float if t is list else None, k in ("layer_ratios", "gqa_mode", "tp_size"))
-        for k, t in _PRUNE_TYPES.items()
-    },
+    **_fields_schema(PruneConfig, "prune", nullable=("gqa_mode",)),
+    "prune.tp_size": (int, None, True),
     "vllm.dtype": (str, None, True),
     "onnx.dtype": (str, None, False),
     "onnx.quantize": (str, None, True),
