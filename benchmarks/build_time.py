@@ -117,8 +117,8 @@ def markdown(r: dict) -> str:
         ]
     if r.get("peak_rss_mib"):
         lines += [
-            "Peak RSS of each back end's child, dense -> pruned MiB (an ONNX Runtime, GenAI or llama.cpp child "
-            "imports neither torch nor transformers since 2026-12-05): "
+            "Peak RSS of each back end's child, dense -> pruned MiB (ONNX Runtime and GenAI children import "
+            "neither torch nor transformers since 2026-12-05, llama.cpp children since 2026-12-06): "
             + ", ".join(
                 f"{k} {v['dense']} -> {v['pruned']} ({v['pruned'] / v['dense']:.2f})"
                 for k, v in r["peak_rss_mib"].items()
