@@ -473,9 +473,9 @@ def main() -> None:
     if args.markdown:
         results = json.loads(path.read_text())
     else:
+        # A new run starts without notes: the old ones read the old numbers (archive them, e.g. as
+        # onnx-<cpu>-<date>.json, and write the reading of the new run into "notes", then --markdown).
         results = run(args.threads, tuple(float(r) for r in args.ratios.split(",")))
-        if path.is_file():
-            results.setdefault("notes", json.loads(path.read_text()).get("notes", []))
         path.write_text(json.dumps(results, indent=2) + "\n")
     (RESULTS / "onnx.md").write_text(markdown(results))
 

@@ -173,6 +173,27 @@ _variant(
     open_with="<|endoftext|>",
 )
 
+
+# (14) Where in depth the budget goes: the log schedule over a span of layers, the others left dense (LLM-Pruner
+# prunes layers 4-29 of LLaMA-7B's 32 and keeps the first and the last ones). SmolLM2's 30 layers are the same
+# size, so the span's mean ratio is 20% x 30 / (span length).
+def _span_ratios(first: int, last: int, layers: int = 30, ratio: float = 0.2) -> list[float]:
+    from slimgpt_deploy.prune.schedule import layer_ratios
+
+    span = last - first + 1
+    inner = layer_ratios("log", ratio * layers / span, [1] * span)
+    return [0.0] * first + inner + [0.0] * (layers - 1 - last)
+
+
+for first, last, what in ((0, 27, "the last 2 layers"), (4, 27, "the first 4 and the last 2 layers")):
+    _variant(
+        f"heads0-damp0.001-span{first}-{last}",
+        f"(14) heads kept, damping 0.001, {what} left dense (log schedule over layers {first}-{last})",
+        "nospecial-heads0",
+        prune={"head_share": 0.0, "percdamp": 0.001, "layer_ratios": _span_ratios(first, last)},
+    )
+
+
 # (10) rows heads0-dense and heads0-dense-residual were measured with commit 893cc86's prototype PruneConfig.target
 # (a least-squares refit to the dense model's outputs before OBS), removed after: their rows stay in the results.
 
