@@ -210,8 +210,18 @@ def tensor_types(path: Path) -> dict[str, int]:
     return dict(Counter(t.tensor_type.name for t in GGUFReader(path).tensors))
 
 
+SIMD_FLAGS = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16"}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        return set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
 def machine(threads: int) -> dict:
-    from slimgpt_deploy.serving.llamacpp_runner import LLAMA_CPP_BUILD
+    from slimgpt_deploy.serving.llamacpp_runner import LLAMA_CPP_BUILD, cpu_features
 
     cpu = platform.machine()
     try:
@@ -223,6 +233,9 @@ def machine(threads: int) -> dict:
         "cores": os.cpu_count(),
         "threads": threads,
         "llama_cpp": LLAMA_CPP_BUILD,
+        # the instruction sets the wheel's kernels use (it has no runtime dispatch by CPU; ONNX Runtime does)
+        "llama_cpp_cpu_features": cpu_features(),
+        "cpu_flags": sorted(_cpu_flags() & SIMD_FLAGS),
         # PASSIVE (what make test sets) makes llama.cpp's OpenMP threads sleep at every op's barrier: 3.6x slower.
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "python": platform.python_version(),
@@ -295,6 +308,15 @@ def markdown(results: dict) -> str:
         f"and {m['load_average_end']:.2f} at the end, OMP_WAIT_POLICY {m.get('omp_wait_policy') or 'unset'}. "
         "`python benchmarks/gguf_bench.py`.",
         "",
+        *(
+            [
+                f"llama.cpp's kernels (its system info): `{m['llama_cpp_cpu_features']}`; the CPU's SIMD flags: "
+                f"{', '.join(m.get('cpu_flags', [])) or 'not recorded'}.",
+                "",
+            ]
+            if m.get("llama_cpp_cpu_features")
+            else []
+        ),
         f"Pruned (20%): {pruned}. Decode: batch 1 after a {PROMPT}-token prompt, {DECODE} greedy steps, "
         f"median of {REPEATS} runs in interleaved rounds; llama.cpp's default attention and f16 KV cache. "
         "Dense is measured once per type; every ratio is against it.",

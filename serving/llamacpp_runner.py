@@ -80,6 +80,13 @@ def require_llamacpp() -> Runtime:
     return _RUNTIME
 
 
+def cpu_features() -> str:
+    """The CPU features llama.cpp's library was built for and uses (its system info), e.g.
+    "CPU : SSE3 = 1 | ... | AVX2 = 1 | ..."; features of the machine that it was not built for are not listed."""
+    rt = require_llamacpp()
+    return rt.ffi.string(rt.lib.llama_print_system_info()).decode().strip()
+
+
 def _has_deci(library: Path) -> bool:
     """Whether the library knows the architecture name `deci` (its name table holds the string)."""
     return b"\0deci\0" in library.read_bytes()

@@ -80,6 +80,14 @@ def test_verification_is_recorded(f32_export):
     assert v["max_logprob_diff"] < 1e-4 and v["failures"] == []
 
 
+def test_the_runtime_names_the_instruction_sets_it_uses(f32_export):
+    """What benchmarks/gguf_bench.py records beside its figures: the CPU features the wheel's kernels use."""
+    from slimgpt_deploy.serving.llamacpp_runner import cpu_features
+
+    features = cpu_features()
+    assert features.startswith("CPU :") and " = 1 |" in features, features  # e.g. "CPU : SSE3 = 1 | ... AVX2 = 1 |"
+
+
 def test_generate_with_llamacpp_matches_torch(f32_export, uneven_slim_bpe_dir):
     runner = CliRunner()
     args = ["--prompt", "the cat sat on", "--max-new-tokens", "12", "--json"]
