@@ -79,10 +79,12 @@ Full record (per-layer kept heads and reconstruction errors, timings, versions):
 ## Load
 
 ```python
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)  # without slimgpt-deploy
 import slimgpt_deploy  # or: registers the `slimgpt` model type, no remote code needed
 model = AutoModelForCausalLM.from_pretrained("PATH")
+# the tokenizer is plain tokenizer.json: False skips transformers' custom-code question (asked of the config)
+tokenizer = AutoTokenizer.from_pretrained("PATH", trust_remote_code=False)
 ```
 
 ## Per-layer shapes

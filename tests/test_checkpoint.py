@@ -112,6 +112,9 @@ print("ok", type(m).__module__)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ok transformers_modules" in proc.stdout
     assert "Do you wish to run the custom code" not in proc.stdout + proc.stderr
+    card = (out / "README.md").read_text()  # the model card shows the same two calls
+    assert 'AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)' in card
+    assert 'AutoTokenizer.from_pretrained("PATH", trust_remote_code=False)' in card
 
 
 def test_generate_runs_on_the_slim_model(slim_dir):
