@@ -14,10 +14,13 @@ sampled from the dense model: no dataset); its time is the data sampling + teach
 training, wall and process CPU time, with the machine's load average beside them (the machine
 is shared). Results: benchmarks/results/recovery.json (one entry per --name) and recovery.md.
 
-Sizing of the defaults (full decoder weights, 96 steps x 4 x 256 tokens over 128 sampled sequences,
-about 98k training tokens): the first probe trained at ~77 tokens per CPU-second and sampled at
-~84 tokens per CPU-second, i.e. on an otherwise idle 2-core machine ~10.5 min of training and ~3.5
-min of sampling, inside the 15-minute budget. Run it with OMP_WAIT_POLICY=PASSIVE on a shared machine.
+Defaults are RecoverConfig's, what `recover` and `build --recover` run (since 2026-12-06): LoRA r 8
+on every projection, 220 steps x 4 x 256 tokens over 384 sequences sampled from the dense model, bf16
+where the CPU multiplies bf16 in hardware (AMX), else fp32; `bf16-lora-220x384` took 800 s here. Before,
+the script had its own (full decoder weights unless `--lora`, 96 steps over 128 sequences, sized from the
+first probe's ~77 training tokens per CPU-second): to rerun a row from then as recorded, add `--full` to a
+command without `--lora`, and `--steps 96` / `--nsamples 128` where it names neither. Run it with
+OMP_WAIT_POLICY=PASSIVE on a shared machine.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import platform
 import resource
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,20 +93,24 @@ def main() -> None:
         "--prune-nsamples", type=int, default=64, help="self-calibration of the starting prune (default 64 x 512)"
     )
     ap.add_argument("--prune-seqlen", type=int, default=512)
-    ap.add_argument("--heldout", type=int, default=8)
-    ap.add_argument("--lora", action="store_true", help="LoRA adapters instead of full decoder weights")
-    ap.add_argument("--steps", type=int, default=96)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--nsamples", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--alpha", type=float, default=16.0)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--lm-weight", type=float, default=0.0)
-    ap.add_argument("--hidden-weight", type=float, default=0.0)
-    ap.add_argument("--teacher-topk", type=int, default=0)
-    ap.add_argument("--precision", default="auto", help="auto | bf16 | fp32 (recover.RecoverConfig.precision)")
+    # RecoverConfig's field defaults (unresolved: precision "auto"); the module docstring says how older rows ran.
+    d = argparse.Namespace(**{f.name: f.default for f in fields(RecoverConfig)})
+    ap.add_argument("--heldout", type=int, default=d.heldout)
+    what = ap.add_mutually_exclusive_group()
+    what.add_argument("--lora", action="store_true", help="LoRA adapters" + (" (the default)" if not d.full else ""))
+    what.add_argument("--full", action="store_true", help="full decoder weights" + (" (the default)" if d.full else ""))
+    ap.add_argument("--steps", type=int, default=d.steps)
+    ap.add_argument("--batch-size", type=int, default=d.batch_size)
+    ap.add_argument("--seqlen", type=int, default=d.seqlen)
+    ap.add_argument("--nsamples", type=int, default=d.nsamples)
+    ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--rank", type=int, default=d.rank)
+    ap.add_argument("--alpha", type=float, default=d.alpha)
+    ap.add_argument("--temperature", type=float, default=d.temperature)
+    ap.add_argument("--lm-weight", type=float, default=d.lm_weight)
+    ap.add_argument("--hidden-weight", type=float, default=d.hidden_weight)
+    ap.add_argument("--teacher-topk", type=int, default=d.teacher_topk)
+    ap.add_argument("--precision", default=d.precision, help="auto | bf16 | fp32 (recover.RecoverConfig.precision)")
     ap.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
     ap.add_argument("--markdown-only", action="store_true", help="rewrite recovery.md from recovery.json and stop")
     a = ap.parse_args()
@@ -120,7 +128,7 @@ def main() -> None:
         seqlen=a.seqlen,
         nsamples=a.nsamples,
         heldout=a.heldout,
-        full=not a.lora,
+        full=a.full or (d.full and not a.lora),
         rank=a.rank,
         alpha=a.alpha,
         lr=a.lr,
