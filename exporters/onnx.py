@@ -14,8 +14,9 @@ Writer: `exporters/onnx_graph.write_decoder`, node by node, the computation of
 `exporters/onnx_model.ExportDecoder` (the PyTorch form of the same graph, tested against
 transformers). It replaced `torch.onnx.export(dynamo=True)` over ExportDecoder, which took
 ~50 s on SmolLM2-135M here; the written graph takes a few seconds and has the same I/O.
-Fused by default (ONNX Attention and RotaryEmbedding, ONNX Runtime's (Skip)SimplifiedLayer-
-Normalization); `fuse=False` (`--no-fuse`) writes standard opset-18 ONNX ops only.
+Fused by default (ONNX RotaryEmbedding, ONNX Runtime's GroupQueryAttention with an in-place
+cache and (Skip)SimplifiedLayerNormalization); `fuse=False` (`--no-fuse`) writes standard
+opset-18 ONNX ops only.
 
 int8 (`--quantize int8`): weight-only 8-bit blocks (MatMulNBits, symmetric, block 32,
 accuracy_level 4), lm_head untied first. ONNX Runtime's dynamic quantization
@@ -210,6 +211,7 @@ def write_onnx(
         eos_token_ids=tuple(_eos_ids(model)),
         pad_token_id=_pad_id(model),
         opset=next(o.version for o in proto.opset_import if o.domain == ""),
+        in_place_cache=bool(fused and fused.get("GroupQueryAttention")),
     )
     return spec, fused
 

@@ -11,10 +11,14 @@ Generation (`OnnxDecoder.generate_ids`):
     real tokens only, so a padded row computes exactly what it would alone;
   - prefill runs the whole prompt against an empty cache (P = 0), then one token per
     step against the cache;
-  - the cache lives in two preallocated flat buffers per tensor (ping-pong): step t
-    reads `past` from one and ONNX Runtime writes `present` (= past + new token,
-    contiguous [B, kv, P+1, D]) straight into the other through I/O binding, so no
-    cache memory is allocated or copied by Python after prefill;
+  - the cache is preallocated for prompt + new tokens and bound through I/O binding, so no
+    cache memory is allocated or copied by Python after prefill. An export whose attention is
+    ONNX Runtime's GroupQueryAttention (the fused graph since 2026-12-06; `"in_place": true` in
+    the JSON's cache section) gets one buffer of the full length per tensor, bound as both past
+    and present: each step's keys and values are written in place (`_InPlaceCache`). Other
+    graphs (--no-fuse, older fused exports) concatenate: two flat buffers per tensor, step t
+    reads `past` from one and ONNX Runtime writes `present` (= past + new token, contiguous
+    [B, kv, P+1, D]) into the other (`_PingPongCache`);
   - greedy (temperature 0) or temperature + top-p sampling with a seeded NumPy RNG;
     each row stops at an EOS token; `on_token` streams.
 CUDAExecutionProvider is used when onnxruntime-gpu provides it, else the CPU one.
@@ -82,6 +86,7 @@ class OnnxSpec:
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
     opset: int
+    in_place_cache: bool = False  # past and present may share one buffer of max length (GroupQueryAttention)
 
     @property
     def np_dtype(self):
@@ -121,6 +126,7 @@ class OnnxSpec:
             "cache": {
                 "dtype": self.dtype,
                 "layout": ["batch", "kv_heads", "sequence", "head_dim"],
+                "in_place": self.in_place_cache,
                 "bytes_per_token": self.cache_bytes_per_token(),
                 "layers": [
                     {
@@ -173,6 +179,7 @@ class OnnxSpec:
             eos_token_ids=tuple(int(t) for t in data["eos_token_ids"]),
             pad_token_id=int(data["pad_token_id"]),
             opset=int(data["opset"]),
+            in_place_cache=bool(data["cache"].get("in_place", False)),  # absent in exports before 2026-12-06
         )
 
 
@@ -326,6 +333,15 @@ class OnnxDecoder:
             for _ in range(2)
         ]
 
+    def bound_cache(self, batch: int, max_len: int) -> "_BoundCache":
+        """A KV cache for `max_len` positions bound to this session: `.step(ids, mask, positions)` runs one forward.
+
+        In place where the graph allows it and the CPU provider runs it (where it is measured and tested): under
+        CUDA an fp32 GroupQueryAttention node may fall back to the CPU provider, and a node fed copies of the
+        buffers can no longer share them."""
+        in_place = self.spec.in_place_cache and self.device == "cpu"
+        return (_InPlaceCache if in_place else _PingPongCache)(self, batch, max_len)
+
     def forward(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: Sequence[np.ndarray]
     ) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -361,7 +377,7 @@ class OnnxDecoder:
                 f"{self.spec.max_positions} positions; shorten the prompt or lower --max-new-tokens"
             )
         rng = np.random.default_rng(seed)
-        cache = _PingPongCache(self, B, S + max_new_tokens)
+        cache = self.bound_cache(B, S + max_new_tokens)
         lengths = mask.sum(-1)  # [B] real tokens so far
         pos = positions(mask)
         out: list[list[int]] = [[] for _ in range(B)]
@@ -413,50 +429,76 @@ def _load_error(path: Path, spec: OnnxSpec, err: Exception) -> BadInputError:
     return CheckpointError(f"ONNX Runtime cannot load {path}: {first}; re-export it with --force")
 
 
-class _PingPongCache:
-    """Two flat device buffers per cache tensor; each step reads one and ONNX Runtime writes the other."""
+class _BoundCache:
+    """The KV cache of one generate_ids call, preallocated for `max_len` positions and bound through I/O binding."""
 
     def __init__(self, decoder: OnnxDecoder, batch: int, max_len: int):
-        ort = require("onnxruntime")
-        self.decoder, self.batch = decoder, batch
         spec = decoder.spec
+        self.decoder, self.max_len = decoder, max_len
         self.np_dtype = spec.np_dtype
         self.binding = decoder.session.io_binding()
         self.shapes = [(batch, layer.kv_heads, spec.head_dim) for layer in spec.layers for _ in range(2)]
-        self.buffers = [
-            [
-                ort.OrtValue.ortvalue_from_shape_and_type([b * kv * max_len * d], self.np_dtype, decoder.device, 0)
-                for _ in range(2)
-            ]
-            for b, kv, d in self.shapes
-        ]
         self.past_len = 0
-        self.parity = 0
         self.logits = None
+
+    def _buffer(self, elements: int):
+        ort = require("onnxruntime")
+        return ort.OrtValue.ortvalue_from_shape_and_type([elements], self.np_dtype, self.decoder.device, 0)
+
+    def _bind_cache(self, total: int) -> None:
+        raise NotImplementedError
 
     def step(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """Run one forward over `ids` [B, S]; returns logits [B, S, V] (a host array reused by decode steps)."""
         spec, binding = self.decoder.spec, self.binding
         B, S = ids.shape
         total = self.past_len + S
-        assert mask.shape == (B, total), (mask.shape, B, total)
-        binding.clear_binding_inputs()
-        binding.clear_binding_outputs()
+        assert mask.shape == (B, total) and total <= self.max_len, (mask.shape, B, total, self.max_len)
         self._inputs = [np.ascontiguousarray(a) for a in (ids, mask, pos)]  # alive until the run ends
         for name, array in zip(INPUT_NAMES, self._inputs):
             binding.bind_cpu_input(name, array)
-        src, dst = self.parity, 1 - self.parity
-        for (b, kv, d), bufs, past, present in zip(self.shapes, self.buffers, spec.past_names, spec.present_names):
-            binding.bind_input(
-                past, self.decoder.device, 0, self.np_dtype, [b, kv, self.past_len, d], bufs[src].data_ptr()
-            )
-            binding.bind_output(present, self.decoder.device, 0, self.np_dtype, [b, kv, total, d], bufs[dst].data_ptr())
+        self._bind_cache(total)
         if self.logits is None or self.logits.shape != (B, S, spec.vocab_size):
             self.logits = np.empty((B, S, spec.vocab_size), dtype=self.np_dtype)
         binding.bind_output(LOGITS, "cpu", 0, self.np_dtype, list(self.logits.shape), self.logits.ctypes.data)
         self.decoder.session.run_with_iobinding(binding)
-        self.past_len, self.parity = total, dst
+        self.past_len = total
         return self.logits
+
+
+class _PingPongCache(_BoundCache):
+    """Two flat device buffers per cache tensor; each step reads one and ONNX Runtime writes past + new into the
+    other (graphs whose attention concatenates: --no-fuse, fused exports before 2026-12-06)."""
+
+    def __init__(self, decoder: OnnxDecoder, batch: int, max_len: int):
+        super().__init__(decoder, batch, max_len)
+        self.buffers = [[self._buffer(b * kv * max_len * d) for _ in range(2)] for b, kv, d in self.shapes]
+        self.parity = 0
+
+    def _bind_cache(self, total: int) -> None:
+        spec, binding, device = self.decoder.spec, self.binding, self.decoder.device
+        src, dst = self.parity, 1 - self.parity
+        for (b, kv, d), bufs, past, present in zip(self.shapes, self.buffers, spec.past_names, spec.present_names):
+            binding.bind_input(past, device, 0, self.np_dtype, [b, kv, self.past_len, d], bufs[src].data_ptr())
+            binding.bind_output(present, device, 0, self.np_dtype, [b, kv, total, d], bufs[dst].data_ptr())
+        self.parity = dst
+
+
+class _InPlaceCache(_BoundCache):
+    """One device buffer [B, kv, max_len, D] per cache tensor, bound as both past and present: GroupQueryAttention
+    reads positions < seqlens_k + 1 - S and writes the S new ones in place (ONNX Runtime's shared-buffer mode)."""
+
+    def __init__(self, decoder: OnnxDecoder, batch: int, max_len: int):
+        super().__init__(decoder, batch, max_len)
+        self.buffers = [self._buffer(b * kv * max_len * d) for b, kv, d in self.shapes]
+        spec, device = decoder.spec, decoder.device
+        for (b, kv, d), buf, past, present in zip(self.shapes, self.buffers, spec.past_names, spec.present_names):
+            shape = [b, kv, max_len, d]
+            self.binding.bind_input(past, device, 0, self.np_dtype, shape, buf.data_ptr())
+            self.binding.bind_output(present, device, 0, self.np_dtype, shape, buf.data_ptr())
+
+    def _bind_cache(self, total: int) -> None:
+        pass  # bound once: the lengths come from attention_mask
 
 
 # --- the `generate` back-end contract (serving/__init__.py) ----------------------------------

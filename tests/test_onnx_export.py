@@ -84,17 +84,19 @@ def test_export_writes_graph_cache_json_and_tokenizer(uneven_onnx, uneven_slim_d
 
 
 def test_norms_are_fused_and_no_fuse_keeps_standard_ops(uneven_onnx, uneven_slim_dir, tmp_path):
-    """The default export fuses RMSNorm (+ residual add) and attention (opset-23 Attention, RotaryEmbedding, each
-    layer its own head counts); --no-fuse keeps standard opset-18 ONNX ops. Both verified against PyTorch."""
+    """The default export fuses RMSNorm (+ residual add) and attention (RotaryEmbedding, ONNX Runtime's
+    GroupQueryAttention with each layer its own head counts and an in-place cache); --no-fuse keeps standard
+    opset-18 ONNX ops and a concatenated cache. Both verified against PyTorch."""
     import onnx
 
     summary = json.loads((uneven_onnx / "export.json").read_text())
     assert summary["fused"] == {  # 3 layers
         "SimplifiedLayerNormalization": 1,
         "SkipSimplifiedLayerNormalization": 6,
-        "Attention": 3,
+        "GroupQueryAttention": 3,
         "RotaryEmbedding": 6,
     }
+    assert json.loads((uneven_onnx / "slimgpt_onnx.json").read_text())["cache"]["in_place"] is True
     assert summary["opset"] == 23 and summary["verification"]["passed"]
     ops = lambda d: {n.op_type for n in onnx.load(d / "model.onnx", load_external_data=False).graph.node}  # noqa: E731
     assert "SkipSimplifiedLayerNormalization" in ops(uneven_onnx)
@@ -102,14 +104,14 @@ def test_norms_are_fused_and_no_fuse_keeps_standard_ops(uneven_onnx, uneven_slim
     assert ("com.microsoft", 1) in {(o.domain, o.version) for o in fused.opset_import}
     assert fused.ir_version == 11  # the lowest IR carrying opset 23 (not the onnx package's newest): ORT >= 1.23
     heads = [
-        {a.name: a.i for a in n.attribute if a.name in ("q_num_heads", "kv_num_heads")}
+        {a.name: a.i for a in n.attribute if a.name in ("num_heads", "kv_num_heads")}
         for n in fused.graph.node
-        if n.op_type == "Attention"
+        if n.op_type == "GroupQueryAttention"
     ]
     assert heads == [  # the uneven checkpoint's layers: dense, one KV group left, dense heads
-        {"q_num_heads": 4, "kv_num_heads": 2},
-        {"q_num_heads": 2, "kv_num_heads": 1},
-        {"q_num_heads": 4, "kv_num_heads": 2},
+        {"num_heads": 4, "kv_num_heads": 2},
+        {"num_heads": 2, "kv_num_heads": 1},
+        {"num_heads": 4, "kv_num_heads": 2},
     ]
     onnx.shape_inference.infer_shapes(fused, strict_mode=True)  # what ONNX Runtime's quantizers run first
     out = tmp_path / "plain"
@@ -123,7 +125,8 @@ def test_norms_are_fused_and_no_fuse_keeps_standard_ops(uneven_onnx, uneven_slim
     graph = onnx.load(out / "model.onnx", load_external_data=False).graph
     assert {n.domain for n in graph.node} <= {"", "ai.onnx"}  # no com.microsoft contrib op: any ONNX runtime
     assert "ReduceMean" in ops(out) and "SimplifiedLayerNormalization" not in ops(out)
-    assert not {"Attention", "RotaryEmbedding"} & ops(out) and {"Softmax", "Concat"} <= ops(out)
+    assert not {"GroupQueryAttention", "RotaryEmbedding"} & ops(out) and {"Softmax", "Concat"} <= ops(out)
+    assert json.loads((out / "slimgpt_onnx.json").read_text())["cache"]["in_place"] is False
     refused = CliRunner().invoke(
         main, ["export", str(uneven_slim_dir), "--format", "vllm", "--out", str(tmp_path / "v"), "--no-fuse"]
     )

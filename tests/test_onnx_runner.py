@@ -81,6 +81,26 @@ def test_batch_with_left_padding_equals_single_runs(decoder):
     assert all(len(row) == 24 for row in batch)
 
 
+def test_the_in_place_cache_generates_what_the_concatenated_cache_does(onnx_dir, decoder, monkeypatch):
+    """The fused export's GroupQueryAttention reads and writes one full-length buffer per cache tensor; the same
+    graph run with a fresh past/present pair per step (what --no-fuse graphs need) gives the same tokens."""
+    from dataclasses import replace
+
+    from slimgpt_deploy.serving import onnx_runner
+
+    prompts = [[1, 3, 4, 5, 6, 7, 8], [1, 9], [12, 13, 14, 15]]
+    concatenated = OnnxDecoder(onnx_dir)
+    concatenated.spec = replace(concatenated.spec, in_place_cache=False)
+    want = concatenated.generate_ids(prompts, max_new_tokens=24, eos_token_ids=())
+    assert decoder.spec.in_place_cache
+
+    def refuse(*args):
+        raise AssertionError("the in-place export was run with the ping-pong cache")
+
+    monkeypatch.setattr(onnx_runner._PingPongCache, "__init__", refuse)
+    assert decoder.generate_ids(prompts, max_new_tokens=24, eos_token_ids=()) == want
+
+
 def test_generation_stops_at_eos_per_row(decoder):
     prompts = [[1, 3, 4], [1, 9, 10]]
     sample = dict(max_new_tokens=12, temperature=1.5, seed=1)  # sampled: varied tokens; same seed, same draws
