@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/onnx_attention.py [--rounds 4]
 
-Writes three graphs of the dense model (exporters/onnx.write_onnx): `fused` (the default: ONNX Attention +
-RotaryEmbedding, fused norms, opset 23), `norms-only` (fused norms, attention in primitive ops, opset 18)
+Writes three graphs of the dense model (exporters/onnx.write_onnx): `fused` (the default: RotaryEmbedding +
+ONNX Runtime's GroupQueryAttention since 2026-12-06, ONNX's opset-23 Attention in the committed results of
+2026-12-02; fused norms), `norms-only` (fused norms, attention in primitive ops, opset 18)
 and `nofuse` (standard ops only), then measures each in its own subprocess with onnx_bench.measure_ort
 (prefill 128/512, decode after a 128-token prompt at batch 1 and 8, 2 threads), the three in turn, for
 `--rounds` rounds; reports per-round values and medians. Alternating the graphs spreads the machine's
