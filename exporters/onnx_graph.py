@@ -26,9 +26,10 @@ Both: the causal + padding mask built in the graph from attention_mask, RoPE ang
 (transformers' attention scaling folded into cos/sin), the lm_head a MatMul with the (tied)
 embedding transposed at run time, so a tied embedding is stored once. Measured on SmolLM2-135M
 (docs/DESIGN.md, "ONNX export"): writing takes seconds where torch.onnx's dynamo exporter took
-~50 s. GroupQueryAttention with the in-place cache decodes 0.89x (dense) / 0.92x (50% pruned) the
-batch-1 time of the opset-23 Attention graph it replaced (benchmarks/onnx_bench.py; the Attention
-graph's own gain over standard ops: benchmarks/onnx_attention.py).
+~50 s. The in-place cache takes 0.83-0.98x the batch-1 decode time of the same graph bound with a
+fresh past/present pair per step (benchmarks/onnx_interleaved.py); ad hoc, against the opset-23
+Attention graph it replaced, 0.89x (dense) / 0.92x (50% pruned) in fp32 (docs/DESIGN.md, "ONNX
+export"). The Attention graph's own gain over standard ops: benchmarks/onnx_attention.py.
 """
 
 from __future__ import annotations
