@@ -14,7 +14,8 @@ the median step is recorded beside it (the mean carries the occasional slow step
 Ideal speed-up = dense weight bytes read per token / pruned (decoder + final norm + lm_head).
 Since 2026-12-06 the fused export's attention is GroupQueryAttention and the runner writes its cache in place;
 every export that allows it is also timed with the cache passed as a graph that concatenates needs it (a fresh
-past/present pair per step, `in_place_cache` off), in the same rounds: the effect of the in-place cache alone.
+past/present pair per step, `OnnxDecoder(..., in_place=False)`), in the same rounds: the effect of the in-place
+cache alone.
 Runs before that timed the opset-23 Attention graph, whose cache is always concatenated.
 """
 
@@ -25,7 +26,6 @@ import json
 import os
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -75,11 +75,9 @@ def run(threads: int) -> dict:
         wbytes[name] = weight_bytes_per_token(checkpoint)
         for weights, directory in exports.items():
             decoder = OnnxDecoder(directory, threads=threads)
-            decoders[(name, weights, IN_PLACE if decoder.spec.in_place_cache else CONCATENATED)] = decoder
-            if decoder.spec.in_place_cache:
-                concatenated = OnnxDecoder(directory, threads=threads)
-                concatenated.spec = replace(concatenated.spec, in_place_cache=False)
-                decoders[(name, weights, CONCATENATED)] = concatenated
+            decoders[(name, weights, IN_PLACE if decoder.in_place else CONCATENATED)] = decoder
+            if decoder.in_place:
+                decoders[(name, weights, CONCATENATED)] = OnnxDecoder(directory, threads=threads, in_place=False)
     keys, samples = list(decoders), {k: [] for k in decoders}
     prompts = random_prompt_ids(2 + ROUNDS, PROMPT, next(iter(decoders.values())).spec.vocab_size)
     load_start, t_start = os.getloadavg()[0], time.perf_counter()

@@ -67,7 +67,7 @@ def profile(directory: Path) -> dict:
         "model_run_ms": round(sum(r["dur"] for r in runs) / STEPS / 1e3, 3),
         "kernel_ms": {op: round(us / STEPS / 1e3, 4) for op, us in kernel_us.most_common()},
         "nodes": {op: n // STEPS for op, n in nodes.items()},
-        "in_place_cache": decoder.spec.in_place_cache,
+        "in_place_cache": decoder.in_place,
     }
 
 

@@ -197,6 +197,8 @@ def write_decoder(model, dtype: torch.dtype, *, fuse: bool, attention: bool | No
     attention = fuse if attention is None else attention
     rope = _rope(g, layout.part(model, "rotary"), fused=attention)
     mask = _mask(g, fused=attention)
+    if attention:
+        mask = (mask, *_gqa_lengths(g))  # GroupQueryAttention's bias and lengths, shared by every layer
     norms = _Norms(g, float(config.rms_norm_eps), fuse)
     attend = _fused_attention if attention else _attention
     embed = model.get_input_embeddings().weight
@@ -307,19 +309,19 @@ def _mask(g: Graph, *, fused: bool) -> str:
     return g.op("Unsqueeze", [additive, "const_axis1" if fused else "const_axes12"], "mask/additive")
 
 
-def _fused_attention(g: Graph, projected: dict, rope, mask: str, i: int, shape, p: str) -> str:
+def _fused_attention(g: Graph, projected: dict, rope, mask: tuple[str, str, str], i: int, shape, p: str) -> str:
     """RotaryEmbedding on q and k (from position_ids), then ONNX Runtime's GroupQueryAttention: per-layer
     num_heads / kv_num_heads, the additive mask as attention_bias (left padding), the cache in and out; when
     the caller binds past and present to one buffer of max length, the new keys are written in place."""
     q_heads, kv, head_dim = shape
     cos, sin = rope
+    bias, seqlens, total = mask
     q = g.op("RotaryEmbedding", [projected["q"], cos, sin], f"{p}/q/RotaryEmbedding", num_heads=q_heads)
     k = g.op("RotaryEmbedding", [projected["k"], cos, sin], f"{p}/k/RotaryEmbedding", num_heads=kv)
     past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-    seqlens, total = _gqa_lengths(g)
     ctx, key, value = g.node(
         "GroupQueryAttention",
-        [q, k, projected["v"], *past, seqlens, total, "", "", "", mask],
+        [q, k, projected["v"], *past, seqlens, total, "", "", "", bias],
         f"{p}/GroupQueryAttention",
         outputs=3,
         domain="com.microsoft",
@@ -333,19 +335,16 @@ def _fused_attention(g: Graph, projected: dict, rope, mask: str, i: int, shape, 
 
 
 def _gqa_lengths(g: Graph) -> tuple[str, str]:
-    """GroupQueryAttention's seqlens_k [B] and total_sequence_length (scalar), int32, written once for all layers.
-    Every row holds the same T = attention_mask's width of cache positions (left padding is masked by the
-    attention bias), so seqlens_k is T - 1 in each row."""
+    """GroupQueryAttention's seqlens_k [B] and total_sequence_length (scalar), int32. Every row holds the same
+    T = attention_mask's width of cache positions (left padding is masked by the attention bias), so seqlens_k
+    is T - 1 in each row."""
     from onnx import TensorProto
 
-    seqlens, total = "/gqa/seqlens_k/output_0", "/gqa/total_sequence_length/output_0"
-    if any(n.name == "gqa/seqlens_k" for n in g.nodes):
-        return seqlens, total
     shape = g.op("Shape", ["attention_mask"], "gqa/Shape")  # [B, T]
     width = g.op("Gather", [shape, "const_one"], "gqa/T", axis=0)
-    g.op("Cast", [width], "gqa/total_sequence_length", to=TensorProto.INT32)
+    total = g.op("Cast", [width], "gqa/total_sequence_length", to=TensorProto.INT32)
     last = g.op("Sub", [total, g.weight("const_one_i32", np.int32(1), np.int32)], "gqa/last")
-    g.op("Expand", [last, g.op("Slice", [shape, "const_zero_1d", "const_axis1"], "gqa/B")], "gqa/seqlens_k")
+    seqlens = g.op("Expand", [last, g.op("Slice", [shape, "const_zero_1d", "const_axis1"], "gqa/B")], "gqa/seqlens_k")
     return seqlens, total
 
 

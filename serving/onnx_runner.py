@@ -179,8 +179,14 @@ class OnnxSpec:
             eos_token_ids=tuple(int(t) for t in data["eos_token_ids"]),
             pad_token_id=int(data["pad_token_id"]),
             opset=int(data["opset"]),
-            in_place_cache=bool(data["cache"].get("in_place", False)),  # absent in exports before 2026-12-06
+            in_place_cache=_flag(data["cache"].get("in_place", False), "cache.in_place"),  # absent before 2026-12-06
         )
+
+
+def _flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} is {value!r}, expected true or false")
+    return value
 
 
 def resolve_dir(model: Path) -> Path:
@@ -299,7 +305,16 @@ def default_providers() -> list[str]:
 class OnnxDecoder:
     """An ONNX Runtime session over one export, checked against its cache description."""
 
-    def __init__(self, directory: Path, *, providers: Sequence[str] | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        in_place: bool = True,
+    ):
+        """`in_place=False` binds the cache as a concatenating graph needs it even where the export allows writing
+        it in place (what benchmarks/onnx_interleaved.py compares)."""
         ort = require("onnxruntime")
         self.directory = resolve_dir(directory)
         self.spec = load_spec(self.directory)
@@ -324,6 +339,10 @@ class OnnxDecoder:
                 "re-export with `slimgpt-deploy export ... --force` instead of editing either file"
             )
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        # In place on the CPU provider only (where it is measured and tested): under CUDA an fp32
+        # GroupQueryAttention node may fall back to the CPU provider, and a node fed copies of the buffers can no
+        # longer share them.
+        self.in_place = in_place and self.spec.in_place_cache and self.device == "cpu"
         logger.info("ONNX Runtime session on %s (%s), %d layers", self.device, self.spec.weights, len(self.spec.layers))
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
@@ -334,13 +353,9 @@ class OnnxDecoder:
         ]
 
     def bound_cache(self, batch: int, max_len: int) -> "_BoundCache":
-        """A KV cache for `max_len` positions bound to this session: `.step(ids, mask, positions)` runs one forward.
-
-        In place where the graph allows it and the CPU provider runs it (where it is measured and tested): under
-        CUDA an fp32 GroupQueryAttention node may fall back to the CPU provider, and a node fed copies of the
-        buffers can no longer share them."""
-        in_place = self.spec.in_place_cache and self.device == "cpu"
-        return (_InPlaceCache if in_place else _PingPongCache)(self, batch, max_len)
+        """A KV cache for `max_len` positions bound to this session (in place when `self.in_place`):
+        `.step(ids, mask, positions)` runs one forward."""
+        return (_InPlaceCache if self.in_place else _PingPongCache)(self, batch, max_len)
 
     def forward(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: Sequence[np.ndarray]

@@ -84,15 +84,11 @@ def test_batch_with_left_padding_equals_single_runs(decoder):
 def test_the_in_place_cache_generates_what_the_concatenated_cache_does(onnx_dir, decoder, monkeypatch):
     """The fused export's GroupQueryAttention reads and writes one full-length buffer per cache tensor; the same
     graph run with a fresh past/present pair per step (what --no-fuse graphs need) gives the same tokens."""
-    from dataclasses import replace
-
     from slimgpt_deploy.serving import onnx_runner
 
     prompts = [[1, 3, 4, 5, 6, 7, 8], [1, 9], [12, 13, 14, 15]]
-    concatenated = OnnxDecoder(onnx_dir)
-    concatenated.spec = replace(concatenated.spec, in_place_cache=False)
-    want = concatenated.generate_ids(prompts, max_new_tokens=24, eos_token_ids=())
-    assert decoder.spec.in_place_cache
+    want = OnnxDecoder(onnx_dir, in_place=False).generate_ids(prompts, max_new_tokens=24, eos_token_ids=())
+    assert decoder.spec.in_place_cache and decoder.in_place
 
     def refuse(*args):
         raise AssertionError("the in-place export was run with the ping-pong cache")
@@ -206,6 +202,7 @@ def _set_kv(spec, layer, kv):
         (lambda d: _edit_spec(d, lambda s: s["cache"]["layers"].pop() and s.update(num_layers=2)), "unexpected"),
         (lambda d: _edit_spec(d, lambda s: s["cache"]["layers"][0].update(inputs=["k", "v"])), "I/O names"),
         (lambda d: _edit_spec(d, lambda s: s.update(dtype="float16")), "cache dtype"),
+        (lambda d: _edit_spec(d, lambda s: s["cache"].update(in_place="yes")), "cache.in_place is 'yes'"),
     ],
 )
 def test_runner_refuses_missing_or_inconsistent_json(damage, words, onnx_dir, tmp_path):
