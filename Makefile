@@ -3,10 +3,10 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# uv installs the same resolved set as pip (same versions, compared with pip freeze on 2026-12-06) in a
-# third of the time: the extras took 88 s with pip and 29 s with uv on a 2-core AMD EPYC, cold cache.
-# --compile-bytecode, as pip does: with PYTHONDONTWRITEBYTECODE=1 (set on this machine) a venv without
-# .pyc files re-parses torch and transformers in every process (`import slimgpt_deploy.cli` 10 s, not 7).
+# uv installs the same resolved set as pip in a third of the time (benchmarks/venv_install.py, 2-core AMD EPYC:
+# the extras 98 s with pip, 35 s with uv). --compile-bytecode, as pip does: with PYTHONDONTWRITEBYTECODE=1 (set
+# on this machine) a venv without .pyc files re-parses torch and transformers in every process
+# (`import slimgpt_deploy.cli` 10.2 s instead of 7.3).
 UV     := $(PY) -m uv pip install --compile-bytecode --python $(PY)
 STAMP  := $(VENV)/.installed
 OUT    ?= slimgpt-build
