@@ -199,27 +199,9 @@ for first, last, what in (
     )
 
 
-# (15) Each calibration position weighed in the Hessians by 1 / rms^2 of the dense block's output stream there
-# (PruneConfig.position_weight "rms"): the error the next norm sees, instead of the raw squared error that the
-# first token's massive activation dominates (benchmarks/results/layer_errors.md).
-_variant(
-    "heads0-rms",
-    "(15) heads kept, positions weighed by 1/rms^2 of the dense output stream",
-    "nospecial-heads0",
-    prune={"head_share": 0.0, "position_weight": "rms"},
-)
-_variant(
-    "heads0-damp0.001-rms",
-    "(15) heads kept, damping 0.001, positions weighed by 1/rms^2 of the dense output stream",
-    "nospecial-heads0",
-    prune={"head_share": 0.0, "percdamp": 0.001, "position_weight": "rms"},
-)
-_variant(
-    "wikitext-valid-heads0-rms",
-    "(15) real data (WikiText-2 valid), heads kept, positions weighed by 1/rms^2",
-    "wikitext-valid",
-    prune={"head_share": 0.0, "position_weight": "rms"},
-)
+# (15) rows heads0-rms, heads0-damp0.001-rms, wikitext-valid-heads0-rms: Hessians weighted per position by 1 / rms^2
+# of the dense block's output stream, measured with the prototype PruneConfig.position_weight of commit c5a0127,
+# removed in the next commit (no gain): their rows stay in the results.
 
 
 # (16) Where in depth the budget goes, by measurement: each layer's FFN pruned alone (25% and 50% of its channels,
@@ -305,21 +287,8 @@ _variant(
 )
 
 
-# (17) No random first token: the model samples its own first token after the opening, so the genres of the samples
-# are the model's own mix rather than whatever a uniformly drawn token starts.
-_variant(
-    "heads0-endoftext-modelfirst",
-    "(17) heads kept, samples open with `<|endoftext|>` and the model draws the first token (no random token)",
-    "nospecial-heads0",
-    open_with="<|endoftext|>",
-    random_first=False,
-)
-_variant(
-    "heads0-bos-modelfirst",
-    "(17) heads kept, samples open with BOS and the model draws the first token (no random token)",
-    "nospecial-heads0",
-    random_first=False,
-)
+# (17) rows heads0-endoftext-modelfirst, heads0-bos-modelfirst: no random first token (the model draws it), measured
+# with the prototype SelfSampling.random_first of commit c5a0127, removed in the next commit: their rows stay.
 
 
 # (10) rows heads0-dense and heads0-dense-residual were measured with commit 893cc86's prototype PruneConfig.target
@@ -396,8 +365,8 @@ the `nospecial` row gave 34.57 on 2026-11-29 and 34.21 today):
   (17) no random first token, the model drawing its own first token after the opening: after `<|endoftext|>`
   (educational prose, as pretraining documents read) 31.07 / 16.94, after BOS 28.87 / 20.47 — each corpus
   improves only at the other's expense. The code of (15) and (17) (`PruneConfig.position_weight`,
-  `SelfSampling.random_first`) was measured in the commit that added these rows and removed in the one
-  after it; the rows stay.
+  `SelfSampling.random_first`) was measured at commit c5a0127 and removed in the
+  next commit; the rows stay.
 - **The target (<= 26.0 on WikiText-2 with no data) is not met**: the best data-free row is 27.98
   (last 4 layers dense) on the machine of 2026-12-06 morning, 28.16 on the machine of 2026-12-02 without it;
   the levers measured since move WikiText-2 perplexity by at most 0.6, each at a cost on the Python docs or

@@ -147,8 +147,6 @@ class SelfSampling:
     mask_special: bool = True
     bos: bool = True
     open_with: str | None = None
-    # False: no seeded random token after the opening; the model samples the first token itself (needs an opening).
-    random_first: bool = True
 
     def __post_init__(self) -> None:
         assert self.temperature > 0 and 0.0 <= self.top_p <= 1.0, (self.temperature, self.top_p)
@@ -439,12 +437,7 @@ def sample_self(
     generators = [torch.Generator().manual_seed(x) for x in sample_seeds]
     first = torch.stack([allowed[torch.randint(allowed.numel(), (1,), generator=g)] for g in generators])  # [m, 1]
     bos = _opening_id(tok, sampling.open_with) if sampling.open_with else tok.bos_token_id if sampling.bos else None
-    if not sampling.random_first:
-        if bos is None:
-            raise CalibrationError("self-calibration without a random first token needs an opening token (BOS)")
-        prefix = torch.full_like(first, bos)  # [m, 1]: the model draws the first token
-    else:
-        prefix = first if bos is None else torch.cat([torch.full_like(first, bos), first], dim=1)  # [m, 1 or 2]
+    prefix = first if bos is None else torch.cat([torch.full_like(first, bos), first], dim=1)  # [m, 1 or 2]
     opening = min(prefix.shape[1] + sampling.greedy_opening, seqlen)
 
     target = _sampling_device(model, device, seqlen, vocab)

@@ -8,7 +8,6 @@ import torch
 
 from .errors import BadInputError
 from .prune.methods import METHODS as PRUNE_METHODS
-from .prune.obs import POSITION_WEIGHTS
 from .prune.schedule import DEFAULT_HEAD_SHARE, GQA_MODES, PER_GROUP, SCHEDULES
 
 METHODS = tuple(PRUNE_METHODS)  # the registry that implements them
@@ -53,9 +52,6 @@ class PruneConfig:
     seqlen: int = 512
     seed: int = 0
     percdamp: float = 0.01
-    # How calibration positions weigh in the Hessians: "uniform" (SlimGPT), or "rms": each position by
-    # 1 / rms^2 of the dense layer's output residual stream there (the error the next norm sees).
-    position_weight: str = "uniform"
     hessian_dtype: str = "float32"
     ffn_group_fraction: float = 0.25
     batch_size: int = 8
@@ -99,7 +95,6 @@ class PruneConfig:
             raise BadInputError(f"damping {self.percdamp} must be in (0, 1), e.g. 0.01")
         if not 0.0 < self.ffn_group_fraction <= 1.0:
             raise BadInputError(f"FFN group fraction {self.ffn_group_fraction} must be in (0, 1]")
-        _choice("position weight", self.position_weight, POSITION_WEIGHTS)
         if self.batch_size < 1:
             raise BadInputError(f"batch size {self.batch_size} must be at least 1")
         object.__setattr__(self, "device", resolve_device(self.device))

@@ -141,16 +141,14 @@ class InputHessian:
     """The Hessian of one projection's inputs (obs.accumulate_hessian), gathered while a block runs.
 
     `gather(block)` runs `block()` with a forward pre-hook on the projection that accumulates its input
-    and stops the block there: only the activations are wanted, not the block's output. `weigh`, when
-    given, maps the captured input to one weight per position (see `_rms_weights`).
+    and stops the block there: only the activations are wanted, not the block's output.
     """
 
     def __init__(self, projection: nn.Module, width: int, dtype: torch.dtype, device: torch.device):
         self.projection = projection
         self.H, self.n = torch.zeros(width, width, dtype=dtype, device=device), 0
 
-    def gather(self, block: Callable[[], object], weigh: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        self._weigh = weigh
+    def gather(self, block: Callable[[], object]) -> None:
         hook = self.projection.register_forward_pre_hook(self._grab)
         try:
             block()
@@ -165,24 +163,8 @@ class InputHessian:
         return self.H
 
     def _grab(self, _module, args):
-        weights = self._weigh(args[0]) if self._weigh is not None else None
-        self.H, self.n = accumulate_hessian(self.H, self.n, args[0], weights)
+        self.H, self.n = accumulate_hessian(self.H, self.n, args[0])
         raise _Captured
-
-
-def _rms_weights(residual: torch.Tensor, projection: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Weights 1 / rms(residual + projection(a))^2 per position: the dense block's output stream there.
-
-    The next norm divides the stream by its rms, so an output error at a position is seen relative to it:
-    weighting the least-squares fit this way stops the few positions with massive activations (the first
-    token's, 98% of the stream's squared norm in SmolLM2's middle layers) from deciding the fit alone.
-    """
-
-    def weigh(a: torch.Tensor) -> torch.Tensor:
-        y = (residual + nn.functional.linear(a, projection.weight, projection.bias)).float()  # not the module: its hook
-        return 1.0 / (y.pow(2).mean(dim=-1) + 1e-6)
-
-    return weigh
 
 
 def _reconstruction(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
@@ -346,10 +328,8 @@ class LayerwisePruner:
         o_proj, down_proj = L.proj(layer, HESSIAN_OF["heads"]), L.proj(layer, HESSIAN_OF["ffn"])
         # 1. attention: H of o's inputs under the (already pruned) previous layers.
         hessian = InputHessian(o_proj, shape.q_heads * shape.head_dim, self.hdtype, dev)
-        rms = self.cfg.position_weight == "rms"
         for x in xs:
-            x = x.to(dev)
-            hessian.gather(lambda: _attention(L, layer, x, pos, mask), _rms_weights(x, o_proj) if rms else None)
+            hessian.gather(lambda: _attention(L, layer, x.to(dev), pos, mask))
         H_o = hessian.reduced()
         _check_finite([("o_proj inputs", H_o)], "activations", i)
         units = HeadUnits.of(shape, self.cfg.gqa_mode)
@@ -377,7 +357,7 @@ class LayerwisePruner:
         for x in xs:
             x = x.to(dev)
             h = x + _attention(SLIM, half, x, pos, mask)
-            hessian.gather(lambda: _mlp(L, layer, h), _rms_weights(h, down_proj) if rms else None)
+            hessian.gather(lambda: _mlp(L, layer, h))
             hs.append(h)
         H_d = hessian.reduced()
         _check_finite([("down_proj inputs", H_d)], "activations", i)

@@ -39,22 +39,13 @@ MAX_DAMP_RETRIES = 6
 LOOP_DAMP = 1e-6
 
 
-# How calibration positions weigh in a layer's Hessians (PruneConfig.position_weight; prune/engine.py applies them).
-POSITION_WEIGHTS = ("uniform", "rms")
+def accumulate_hessian(H: torch.Tensor, n: int, X: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Fold a batch of inputs into the running H = 2/n * sum x x^T.
 
-
-def accumulate_hessian(
-    H: torch.Tensor, n: int, X: torch.Tensor, weights: torch.Tensor | None = None
-) -> tuple[torch.Tensor, int]:
-    """Fold a batch of inputs into the running H = 2/n * sum w x x^T.
-
-    X: [..., in] (any leading dims are samples), on H's device; `weights`: one per
-    sample (X's leading dims), 1 when None. Returns the new (H, n); H keeps its
-    dtype (the Hessian precision), X is cast to it.
+    X: [..., in] (any leading dims are samples), on H's device. Returns the new
+    (H, n); H keeps its dtype (the Hessian precision), X is cast to it.
     """
     X = X.reshape(-1, X.shape[-1]).to(H.dtype)  # X: [m, in]
-    if weights is not None:
-        X = X * weights.reshape(-1, 1).to(H.dtype).sqrt()
     m = X.shape[0]
     H = H * (n / (n + m))
     n = n + m
