@@ -21,10 +21,12 @@ with one line that says what to do.
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_json
 from .errors import BadInputError, first_line
 from .extras import require
 
@@ -91,6 +93,74 @@ def harness_version() -> str:
     return version("lm_eval")
 
 
+def _index_cache() -> Path:
+    """One file per lm-eval version *and* install (the index holds the YAML files' absolute paths)."""
+    import hashlib
+    from importlib.metadata import version
+
+    import lm_eval
+
+    from .sources import cache_root
+
+    where = hashlib.sha256(str(Path(lm_eval.__file__).resolve().parent).encode()).hexdigest()[:12]
+    return cache_root() / "lm-eval" / f"task-index-{version('lm_eval')}-{where}.json"
+
+
+def _default_index():
+    """lm-eval's index of its built-in tasks, from our JSON cache (written on first use), or None if unusable.
+
+    `TaskManager()` parses its ~14,700 task YAMLs on every construction (about 10 s on a 2-core CPU); the
+    index depends only on the installed lm-eval, so it is cached per version. It is rebuilt through lm-eval's
+    own (private) index classes, which the pinned version has; anything unexpected gives None: no cache.
+    """
+    try:
+        from lm_eval.tasks._index import Entry, Kind
+        from lm_eval.tasks.manager import TaskManager
+
+        path = _index_cache()
+        if path.is_file():
+            rows = json.loads(path.read_text())
+        else:
+            built = TaskManager()._index
+            rows = [
+                {"name": e.name, "kind": e.kind.name, "yaml_path": e.yaml_path and str(e.yaml_path), "cfg": e.cfg}
+                | {"tags": sorted(e.tags)}
+                for e in built.values()
+            ]
+            json.dumps(rows)  # TypeError on anything JSON cannot carry back (write_json would stringify it)
+            write_json(path, rows, indent=None)
+        return {r["name"]: _entry(Entry, Kind, r) for r in rows}
+    except Exception as e:  # noqa: BLE001 -- a cache: any failure means building the index as lm-eval does
+        log.debug("lm-eval task index cache not used: %s", first_line(e))
+        return None
+
+
+def _entry(Entry, Kind, row: dict):
+    path = row["yaml_path"] and Path(row["yaml_path"])
+    return Entry(row["name"], Kind[row["kind"]], path, row["cfg"], set(row["tags"]))
+
+
+def task_manager(include: str | None):
+    """lm-eval's `TaskManager(include_path=include)`, its built-in tasks' index read from the cache when possible.
+
+    Same index as lm-eval builds: the built-in tasks, then the include directory's, which override them.
+    """
+    from lm_eval.tasks import TaskManager
+
+    defaults = _default_index()
+    manager = TaskManager(include_path=include, include_defaults=False)  # the include directory's alone: fast
+    if defaults is None or not hasattr(manager, "_index"):
+        return TaskManager(include_path=include)
+    index = defaults | manager._index
+    kinds = {name: e.kind.name for name, e in index.items()}
+    manager._index = index
+    manager._all_tasks = sorted(index)
+    manager._all_subtasks = sorted(n for n, k in kinds.items() if k in ("TASK", "PY_TASK"))
+    manager._all_groups = sorted(n for n, k in kinds.items() if k == "GROUP")
+    manager._all_tags = sorted(n for n, k in kinds.items() if k == "TAG")
+    return manager
+
+
 def prepare_tasks(options: TaskOptions) -> PreparedTasks:
     """Find every task and load its dataset, before any model is loaded.
 
@@ -106,7 +176,7 @@ def prepare_tasks(options: TaskOptions) -> PreparedTasks:
         manager = TaskManager(include_path=include, include_defaults=False)
         if not set(options.tasks) <= set(manager.all_tasks):
             manager = None
-    manager = manager or TaskManager(include_path=include)
+    manager = manager or task_manager(include)
     known = set(manager.all_tasks)
     for name in options.tasks:
         if name not in known:

@@ -148,6 +148,41 @@ def test_unknown_task_is_refused_with_how_to_list_them(tiny_llama_dir):
     assert "lm-eval ls tasks" in result.output
 
 
+@pytest.mark.slow  # builds lm-eval's index twice (~10 s each on 2 cores)
+def test_the_cached_task_index_is_the_one_lm_eval_builds(tmp_path, monkeypatch):
+    """`task_manager` serves lm-eval's own index of its built-in tasks and an include directory, from a cache file.
+
+    The first call writes the cache; the second must not walk lm-eval's task folder (TaskIndex.build patched to
+    refuse it) and both must give what `TaskManager(include_path=...)` gives: the same names by kind, and the same
+    entries (kind, YAML path, config, tags); the include directory's task loads through it.
+    """
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import _index as lm_index
+
+    from slimgpt_deploy import sources, tasks
+
+    monkeypatch.setenv(sources.CACHE_ENV, str(tmp_path / "cache"))
+    include = str(write_task(tmp_path / "tasks", word_docs(4)))
+    fresh = TaskManager(include_path=include)
+    first = tasks.task_manager(include)
+    assert tasks._index_cache().is_file() and tasks._index_cache().is_relative_to(tmp_path / "cache")
+    defaults = Path(sys.modules[TaskManager.__module__].__file__).parent  # lm_eval/tasks: what TaskManager() walks
+    build = lm_index.TaskIndex.build
+
+    def only_the_include(paths, **kw):
+        paths = list(paths)
+        assert defaults not in [Path(p) for p in paths], "lm-eval's own task folder was walked again"
+        return build(paths, **kw)
+
+    monkeypatch.setattr(lm_index.TaskIndex, "build", staticmethod(only_the_include))
+    second = tasks.task_manager(include)
+    for manager in (first, second):
+        for listing in ("all_tasks", "all_subtasks", "all_groups", "all_tags"):
+            assert getattr(manager, listing) == getattr(fresh, listing), listing
+        assert manager.task_index == fresh.task_index
+        assert TASK in manager.load([TASK])["tasks"]
+
+
 def test_a_local_task_whose_data_file_is_missing_is_refused(tiny_llama_dir, tmp_path):
     tasks = write_task(tmp_path / "tasks", [], data=tmp_path / "gone.jsonl")
     result = CliRunner().invoke(main, ["eval", str(tiny_llama_dir), "--tasks", TASK, "--include-path", str(tasks)])
