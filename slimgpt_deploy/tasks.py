@@ -26,7 +26,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import write_json
+from .atomic import atomic_write
 from .errors import BadInputError, first_line
 from .extras import require
 
@@ -121,43 +121,47 @@ def _default_index():
         if path.is_file():
             rows = json.loads(path.read_text())
         else:
-            built = TaskManager()._index
             rows = [
                 {"name": e.name, "kind": e.kind.name, "yaml_path": e.yaml_path and str(e.yaml_path), "cfg": e.cfg}
                 | {"tags": sorted(e.tags)}
-                for e in built.values()
+                for e in TaskManager().task_index.values()
             ]
-            json.dumps(rows)  # TypeError on anything JSON cannot carry back (write_json would stringify it)
-            write_json(path, rows, indent=None)
-        return {r["name"]: _entry(Entry, Kind, r) for r in rows}
+            text = json.dumps(rows)  # TypeError on anything JSON cannot carry back
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: tmp.write_text(text))
+        entries = {}
+        for r in rows:  # the JSON row back into lm-eval's Entry (same field names)
+            path = r["yaml_path"] and Path(r["yaml_path"])
+            entries[r["name"]] = Entry(**r | {"kind": Kind[r["kind"]], "yaml_path": path, "tags": set(r["tags"])})
+        return entries
     except Exception as e:  # noqa: BLE001 -- a cache: any failure means building the index as lm-eval does
         log.debug("lm-eval task index cache not used: %s", first_line(e))
         return None
 
 
-def _entry(Entry, Kind, row: dict):
-    path = row["yaml_path"] and Path(row["yaml_path"])
-    return Entry(row["name"], Kind[row["kind"]], path, row["cfg"], set(row["tags"]))
-
-
-def task_manager(include: str | None):
+def task_manager(include: str | None, wanted: tuple[str, ...] = ()):
     """lm-eval's `TaskManager(include_path=include)`, its built-in tasks' index read from the cache when possible.
 
-    Same index as lm-eval builds: the built-in tasks, then the include directory's, which override them.
+    When every `wanted` task is in the include directory, its index alone (the built-in tasks are not needed).
+    Else the same index as lm-eval builds: the built-in tasks, then the include directory's, which override them.
     """
     from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._index import Kind
 
-    defaults = _default_index()
     manager = TaskManager(include_path=include, include_defaults=False)  # the include directory's alone: fast
+    if wanted and set(wanted) <= set(manager.all_tasks):  # (an empty index without an include directory)
+        return manager
+    defaults = _default_index()
     if defaults is None or not hasattr(manager, "_index"):
         return TaskManager(include_path=include)
     index = defaults | manager._index
-    kinds = {name: e.kind.name for name, e in index.items()}
-    manager._index = index
-    manager._all_tasks = sorted(index)
-    manager._all_subtasks = sorted(n for n, k in kinds.items() if k in ("TASK", "PY_TASK"))
-    manager._all_groups = sorted(n for n, k in kinds.items() if k == "GROUP")
-    manager._all_tags = sorted(n for n, k in kinds.items() if k == "TAG")
+
+    def named(*kinds: Kind) -> list[str]:
+        return sorted(name for name, e in index.items() if e.kind in kinds)
+
+    manager._index, manager._all_tasks = index, sorted(index)
+    manager._all_subtasks, manager._all_groups = named(Kind.TASK, Kind.PY_TASK), named(Kind.GROUP)
+    manager._all_tags = named(Kind.TAG)
     return manager
 
 
@@ -168,15 +172,8 @@ def prepare_tasks(options: TaskOptions) -> PreparedTasks:
     be loaded (offline, or missing) -> BadInputError naming the task and how to make it available.
     """
     require("lm_eval")
-    from lm_eval.tasks import TaskManager
-
     include = str(options.include_path) if options.include_path else None
-    manager = None
-    if include is not None:  # indexing lm-eval's ~15k built-in tasks takes seconds: skip it when the local ones suffice
-        manager = TaskManager(include_path=include, include_defaults=False)
-        if not set(options.tasks) <= set(manager.all_tasks):
-            manager = None
-    manager = manager or task_manager(include)
+    manager = task_manager(include, options.tasks)
     known = set(manager.all_tasks)
     for name in options.tasks:
         if name not in known:
