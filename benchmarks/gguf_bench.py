@@ -20,8 +20,11 @@ Beside them, in the same interleaved rounds as the q8_0 files: ONNX Runtime int8
 through our runner on the same prompt ids (`--no-onnx` leaves it out).
 
 Ideal decode speed-up = dense file bytes / pruned file bytes (decode reads every weight once
-per token). The pruned q4_k_m file's tensor types are counted: llama.cpp's k-quants need rows
-that are a multiple of 256, so pruned FFN widths fall back to another type for ffn_down.
+per token). The pruned files' tensor types are counted: llama.cpp quantizes rows in blocks (32
+values for q8_0 and q5_0, 256 for the k-quants) and leaves a row length its block does not divide
+in a wider type. The exporter pads each FFN width of a quantized file with zero channels to a
+multiple of 32; `NAME-unpadded` rows are the same checkpoints exported without the padding, timed
+in the same rounds.
 Results: benchmarks/results/gguf.json and gguf.md.
 """
 
@@ -43,6 +46,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "build" / "bench" / "gguf"
 DEMO_SLIM = ROOT / "build" / "bench" / "build-time" / "slim"
 TYPES = ("f32", "f16", "q8_0", "q4_k_m")
+QUANTIZED = ("q8_0", "q4_k_m")  # made by llama.cpp's quantizer, FFN widths padded to its 32-wide blocks
 PROMPT, DECODE, REPEATS = 128, 64, 7
 
 
@@ -70,17 +74,20 @@ def pruned_checkpoints(given: list[str]) -> dict[str, Path]:
     return models
 
 
-def export(name: str, checkpoint: Path, ftype: str) -> dict:
+def export(name: str, checkpoint: Path, ftype: str, ffn_padding: bool = True) -> dict:
     from slimgpt_deploy.exporters.gguf import export as export_gguf
 
     out = WORK / f"{name}-{ftype}"
     summary_file = out / "export.json"
-    if not summary_file.is_file():
-        export_gguf(checkpoint, out, quantize=ftype, force=True)
+    # files written before quantized exports padded the FFN widths (no `ffn_in_file`) are remade
+    if not summary_file.is_file() or "ffn_in_file" not in json.loads(summary_file.read_text())["layers"][0]:
+        export_gguf(checkpoint, out, quantize=ftype, force=True, ffn_padding=ffn_padding)
     return json.loads(summary_file.read_text()) | {"dir": str(out)}
 
 
-def time_models(paths: dict[str, Path], threads: int, onnx: dict[str, Path] | None = None) -> dict[str, dict]:
+def time_models(
+    paths: dict[str, Path], threads: int, onnx: dict[str, Path] | None = None, repeats: int = REPEATS
+) -> dict[str, dict]:
     """Prefill and decode tokens/s of each model, timed in interleaved rounds (one run of each per round).
 
     Interleaving spreads the shared machine's drift over every model alike; the first round warms up.
@@ -104,7 +111,7 @@ def time_models(paths: dict[str, Path], threads: int, onnx: dict[str, Path] | No
 
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in (*models, *timers)}
     try:
-        for r in range(REPEATS + 1):
+        for r in range(repeats + 1):
             for name in runs:
                 sample = llama_run(models[name]) if name in models else timers[name].run(prompt)
                 if r:
@@ -243,14 +250,17 @@ def machine(threads: int) -> dict:
     }
 
 
-def run(threads: int, pruned: list[str], with_onnx: bool = True) -> dict:
+def run(threads: int, pruned: list[str], with_onnx: bool = True, repeats: int = REPEATS) -> dict:
     models = {"dense": dense_checkpoint(), **pruned_checkpoints(pruned)}
-    results = {"machine": machine(threads), "date": time.strftime("%Y-%m-%d"), "rows": []}
+    results = {"machine": machine(threads), "date": time.strftime("%Y-%m-%d"), "repeats": repeats, "rows": []}
     results["models"] = {name: str(path) for name, path in models.items()}
     for ftype in TYPES:
         measured, files = {}, {}
-        for name, checkpoint in models.items():
-            summary = export(name, checkpoint, ftype)
+        variants = [(name, checkpoint, True) for name, checkpoint in models.items()]
+        if ftype in QUANTIZED:  # the same checkpoints without the FFN padding, in the same rounds
+            variants += [(f"{name}-unpadded", path, False) for name, path in models.items() if name != "dense"]
+        for name, checkpoint, padding in variants:
+            summary = export(name, checkpoint, ftype, ffn_padding=padding)
             files[name] = file = Path(summary["dir"]) / summary["file"]
             v = summary["verification"]
             measured[name] = {
@@ -267,7 +277,7 @@ def run(threads: int, pruned: list[str], with_onnx: bool = True) -> dict:
             for name, checkpoint in models.items():
                 results.setdefault("onnx_int8", {})[name] = info = onnx_int8(name, checkpoint)
                 onnx[f"onnx-int8:{name}"] = info["dir"]
-        for name, timing in time_models(files, threads, onnx).items():
+        for name, timing in time_models(files, threads, onnx, repeats).items():
             if name.startswith("onnx-int8:"):
                 model = name.split(":", 1)[1]
                 results["onnx_int8"][model] |= timing
@@ -297,6 +307,41 @@ def run(threads: int, pruned: list[str], with_onnx: bool = True) -> dict:
     return results
 
 
+FIT_TYPES = ("f32", "f16", "q8_0")  # plain block types: dequantizing costs little beside reading the bytes
+
+
+def decode_floor(results: dict) -> dict | None:
+    """Dense decode seconds per token = fixed + bytes / bandwidth, fitted over FIT_TYPES; each row against it."""
+    dense = {r["type"]: r["dense"] for r in results["rows"] if r["type"] in FIT_TYPES}
+    if len(dense) < 2:
+        return None
+    xs = [d["bytes"] for d in dense.values()]
+    ys = [1 / d["decode_tok_s"] for d in dense.values()]
+    slope, fixed = statistics.linear_regression(xs, ys)
+    if fixed <= 0 or slope <= 0:
+        return None
+    rows = []
+    for r in results["rows"]:
+        if r["type"] not in FIT_TYPES:
+            continue
+        d, p = r["dense"], r["pruned"]
+        ideal_fixed = (fixed + slope * d["bytes"]) / (fixed + slope * p["bytes"])
+        speedup = p["decode_tok_s"] / d["decode_tok_s"]
+        rows.append(
+            {
+                "type": r["type"],
+                "model": r["model"],
+                "dense_ms": 1e3 / d["decode_tok_s"],
+                "pruned_ms": 1e3 / p["decode_tok_s"],
+                "ideal": r["ideal_speedup"],
+                "ideal_fixed": ideal_fixed,
+                "speedup": speedup,
+                "of_ideal_fixed": speedup / ideal_fixed,
+            }
+        )
+    return {"fixed_ms": fixed * 1e3, "gb_s": 1e-9 / slope, "rows": rows}
+
+
 def markdown(results: dict) -> str:
     m = results["machine"]
     pruned = ", ".join(f"`{k}` = `{v}`" for k, v in results["models"].items() if k != "dense")
@@ -306,7 +351,7 @@ def markdown(results: dict) -> str:
         f"{results['date']}, llama.cpp {m['llama_cpp']} (llama-cpp-py-sync wheel), {m['cpu']}, "
         f"{m['threads']} threads of {m['cores']} cores, load average {m['load_average_start']:.2f} at the start "
         f"and {m['load_average_end']:.2f} at the end, OMP_WAIT_POLICY {m.get('omp_wait_policy') or 'unset'}. "
-        "`python benchmarks/gguf_bench.py`.",
+        f"`python benchmarks/gguf_bench.py --repeats {results.get('repeats', REPEATS)}`.",
         "",
         *(
             [
@@ -318,7 +363,8 @@ def markdown(results: dict) -> str:
             else []
         ),
         f"Pruned (20%): {pruned}. Decode: batch 1 after a {PROMPT}-token prompt, {DECODE} greedy steps, "
-        f"median of {REPEATS} runs in interleaved rounds; llama.cpp's default attention and f16 KV cache. "
+        f"median of {results.get('repeats', REPEATS)} runs in interleaved rounds; "
+        "llama.cpp's default attention and f16 KV cache. "
         "Dense is measured once per type; every ratio is against it.",
         "",
         "| type | pruned model | dense MB | pruned MB | dense tok/s | pruned tok/s | speed-up | ideal | of ideal "
@@ -350,6 +396,25 @@ def markdown(results: dict) -> str:
                 f"| {name} | {o['bytes'] / 1e6:.1f} | {o['decode_tok_s']} | {g['bytes'] / 1e6:.1f} "
                 f"| {g['decode_tok_s']} | {g['decode_tok_s'] / o['decode_tok_s']:.2f}x |"
             )
+    fit = decode_floor(results)
+    if fit:
+        lines += [
+            "",
+            "Decode time per token of the dense files against their size (f32, f16, q8_0: one line by least "
+            f"squares): **{fit['fixed_ms']:.2f} ms fixed** + bytes / {fit['gb_s']:.0f} GB/s. The fixed part (every "
+            "op's dispatch and thread barrier, norms, RoPE, attention over the cache, the logits' copy and argmax) "
+            "is the same for a pruned file, so the speed-up the file sizes allow is "
+            "(fixed + dense bytes / bandwidth) / (fixed + pruned bytes / bandwidth):",
+            "",
+            "| type | pruned model | dense ms/token | pruned ms/token | bytes-only ideal | ideal with the fixed part "
+            "| measured | of that ideal |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in fit["rows"]:
+            lines.append(
+                f"| {r['type']} | {r['model']} | {r['dense_ms']:.2f} | {r['pruned_ms']:.2f} | {r['ideal']:.2f}x "
+                f"| {r['ideal_fixed']:.2f}x | {r['speedup']:.2f}x | {r['of_ideal_fixed']:.2f} |"
+            )
     if results.get("settings_drift"):
         lines += [
             "",
@@ -374,10 +439,14 @@ READING = (
     "Reading: llama.cpp's q8_0 and q5_0 blocks are 32 values wide and its k-quants 256; a tensor whose rows "
     "(its input width) the block does not divide keeps a wider type. SmolLM2's hidden size, 576, is not a "
     "multiple of 256, so even the dense q4_k_m file falls back (to q5_0) for most tensors. Pruned FFN widths "
-    "that 32 does not divide leave `ffn_down` in f16 in the q8_0 and q4_k_m files, which is why the plain "
-    "pruned q8_0 file is barely smaller than dense and its q4_k_m file is larger; pruned with "
-    "`--ffn-multiple 32`, `ffn_down` quantizes too. Recommendation: prune with `--ffn-multiple 32` for "
-    "q8_0 / q4_0 / q5_0 files, and `--ffn-multiple 256` for k-quants on models whose hidden size 256 divides."
+    "are arbitrary: unpadded (`pruned-unpadded`), `ffn_down` stays in f16 in the q8_0 and q4_k_m files, so the "
+    "pruned q8_0 file is barely smaller than dense and its q4_k_m file larger. The exporter therefore pads each "
+    "FFN width of a quantized file with zero channels to a multiple of 32 (exact: the verification passes with "
+    "the same bounds), and `ffn_down` quantizes like every other tensor. For k-quants on models whose hidden "
+    "size 256 divides, prune with `--ffn-multiple 256` so that `ffn_down` gets a k-quant too. At 135M "
+    "parameters, more than half of a q8_0 decode step is the fixed part, so the smaller the file, the further "
+    "the bytes-only ideal is out of reach; against the ideal that keeps the fixed part, every pruned file "
+    "reaches it."
 )
 
 
@@ -389,10 +458,12 @@ def main() -> None:
     parser.add_argument("--pruned", action="append", default=[], help="NAME=DIR, repeatable")
     parser.add_argument("--markdown", action="store_true", help="only rewrite gguf.md from gguf.json")
     parser.add_argument("--no-onnx", action="store_true", help="leave out the ONNX Runtime int8 comparison")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="timed rounds (after one warm-up round)")
     args = parser.parse_args()
     out = RESULTS / "gguf.json"
     if not args.markdown:
-        out.write_text(json.dumps(run(args.threads, args.pruned, not args.no_onnx), indent=2, default=str) + "\n")
+        results = run(args.threads, args.pruned, not args.no_onnx, args.repeats)
+        out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     (RESULTS / "gguf.md").write_text(markdown(json.loads(out.read_text())))
     print((RESULTS / "gguf.md").read_text())
 

@@ -22,6 +22,12 @@ Types (`--quantize`): f32 and f16 (2-D weights in f16, norms in f32) are written
 the `gguf` package; q8_0 and q4_k_m are made from the f32 file by llama.cpp's own quantizer
 (`llama_model_quantize`, what `llama-quantize` runs), so its choices of per-tensor types
 and fallbacks for widths its blocks do not divide are the ones llama.cpp users get.
+For them, each layer's FFN width is padded with zero channels to a multiple of `QUANT_BLOCK`:
+llama.cpp quantizes a tensor in blocks along its rows and leaves one whose row length the block
+does not divide in f16, which a pruned width (the input of `ffn_down`) usually is. A zero row of
+`ffn_gate` and `ffn_up` gives silu(0) * 0 = 0 on that channel, and a zero column of `ffn_down`
+adds nothing, so the padded layer computes what the checkpoint's does (the verification checks
+it); `deci.feed_forward_length` holds the padded widths, export.json both.
 
 Verification (llama.cpp through `serving/llamacpp_runner.py`, CPU, float32 KV cache, no flash
 attention -- its CPU kernel works in f16 and moved f32 log-probabilities by 0.0185 against 6.3e-5
@@ -59,6 +65,10 @@ FORMAT = "gguf"
 ARCH = "deci"
 TYPES = ("f32", "f16", "q8_0", "q4_k_m")
 QUANTIZED = ("q8_0", "q4_k_m")  # made by llama.cpp's quantizer from the f32 file
+# FFN widths of quantized files are padded to this: the block of q8_0, q4_0, q5_0 (the fallback of the k-quants for
+# rows 256 does not divide) and q5_1; rows it does not divide stay f16. Pruning with `--ffn-multiple 256` lets the
+# k-quants themselves apply to ffn_down on models whose hidden size 256 divides.
+QUANT_BLOCK = 32
 DTYPE_ALIASES = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16"}
 VERIFY_TOKENS = 32
 TOP_K = 5
@@ -107,9 +117,13 @@ def export(
     quantize: str | None = None,
     force: bool = False,
     verify: bool = True,
+    ffn_padding: bool = True,
     log: Callable[[str], None] = lambda msg: None,
 ) -> dict:
-    """Write `checkpoint` as OUT/model-<type>.gguf for llama.cpp; verify it there before `out` appears."""
+    """Write `checkpoint` as OUT/model-<type>.gguf for llama.cpp; verify it there before `out` appears.
+
+    `ffn_padding=False` keeps the checkpoint's FFN widths in a quantized file (benchmarks/gguf_bench.py compares).
+    """
     from slimgpt_deploy.serving.llamacpp_runner import require_llamacpp
 
     checkpoint, out = Path(checkpoint), Path(out)
@@ -119,7 +133,8 @@ def export(
     if config.get("model_type") == "slimgpt":
         validate_checkpoint(checkpoint)
     check_output_dir(out, force)
-    plan = GGUFPlan.of(checkpoint, config)  # every refusal (tokenizer, RoPE, shapes) before any writing
+    # every refusal (tokenizer, RoPE, shapes) before any writing
+    plan = GGUFPlan.of(checkpoint, config, ffn_block=QUANT_BLOCK if ftype in QUANTIZED and ffn_padding else 1)
     runtime = require_llamacpp() if verify or ftype in QUANTIZED else None
 
     t0 = time.perf_counter()
@@ -186,14 +201,15 @@ class GGUFPlan:
     config: dict
     q_heads: list[int]
     kv_heads: list[int]
-    ffn: list[int]
+    ffn: list[int]  # the checkpoint's FFN widths
+    ffn_in_file: list[int]  # the file's: `ffn` padded with zero channels to the quantizer's block
     head_dim: int
     rope_theta: float
     rope_freqs: np.ndarray | None  # Llama-3 scaling: [head_dim / 2] divisors
     tokenizer: Tokenizer
 
     @classmethod
-    def of(cls, checkpoint: Path, config: dict) -> GGUFPlan:
+    def of(cls, checkpoint: Path, config: dict, ffn_block: int = 1) -> GGUFPlan:
         n = config["num_hidden_layers"]
         q = config.get("num_attention_heads_per_layer") or [config["num_attention_heads"]] * n
         kv_default = config.get("num_key_value_heads") or config["num_attention_heads"]
@@ -202,10 +218,15 @@ class GGUFPlan:
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         theta, freqs = _rope(config, head_dim)
         _check_heads(checkpoint, q, kv, head_dim)
-        return cls(checkpoint, config, q, kv, ffn, head_dim, theta, freqs, read_tokenizer(checkpoint, config))
+        padded = [-(-f // ffn_block) * ffn_block for f in ffn]
+        tokenizer = read_tokenizer(checkpoint, config)
+        return cls(checkpoint, config, q, kv, ffn, padded, head_dim, theta, freqs, tokenizer)
 
     def layer_summary(self) -> list[dict]:
-        return [{"q_heads": q, "kv_heads": kv, "ffn": f} for q, kv, f in zip(self.q_heads, self.kv_heads, self.ffn)]
+        return [
+            {"q_heads": q, "kv_heads": kv, "ffn": f, "ffn_in_file": p}
+            for q, kv, f, p in zip(self.q_heads, self.kv_heads, self.ffn, self.ffn_in_file)
+        ]
 
 
 def _rope(config: dict, head_dim: int) -> tuple[float, np.ndarray | None]:
@@ -374,13 +395,23 @@ GGUF_PROJECTIONS = {
 }
 
 
+def pad_ffn(role: str, t: np.ndarray, width: int) -> np.ndarray:
+    """An MLP tensor with zero channels appended up to `width`: rows of gate/up (and their biases), columns of down."""
+    axis = 1 if role == "down" else 0
+    if role not in ("gate", "up", "down") or t.ndim <= axis or t.shape[axis] == width:
+        return t  # not an MLP tensor, down's bias (hidden-sized), or already that wide
+    pad = [(0, 0)] * t.ndim
+    pad[axis] = (0, width - t.shape[axis])
+    return np.pad(t, pad)
+
+
 def gguf_tensors(plan: GGUFPlan) -> dict[str, np.ndarray]:
     """Every tensor of the file, float32, in transformers' [out, in] layout (gguf reverses the dims)."""
     L = layout_of(plan.config)
     weights = load_weights(plan.checkpoint)
     f32 = lambda name: weights.pop(name).float().numpy()  # noqa: E731
     out = {"token_embd.weight": f32(f"{L.embed}.weight")}
-    for i, (q, kv) in enumerate(zip(plan.q_heads, plan.kv_heads)):
+    for i, (q, kv, ffn) in enumerate(zip(plan.q_heads, plan.kv_heads, plan.ffn_in_file)):
         p, b = L.layer_prefix(i), f"blk.{i}."
         rope_heads = {"q": q, "k": kv}  # llama.cpp rotates interleaved pairs of Q and K (rows and biases)
         for norm, norm_name, roles in GGUF_BLOCK:
@@ -388,7 +419,7 @@ def gguf_tensors(plan: GGUFPlan) -> dict[str, np.ndarray]:
             for role in roles:
                 kinds = ("weight", "bias") if p + L.tensor(role, "bias") in weights else ("weight",)
                 for kind in kinds:
-                    t = f32(p + L.tensor(role, kind))
+                    t = pad_ffn(role, f32(p + L.tensor(role, kind)), ffn)
                     out[f"{b}{GGUF_PROJECTIONS[role]}.{kind}"] = (
                         rope_permute(t, rope_heads[role]) if role in rope_heads else t
                     )
@@ -433,7 +464,7 @@ def write_gguf(plan: GGUFPlan, path: Path, ftype: str) -> None:
     w.add_context_length(c["max_position_embeddings"])
     w.add_embedding_length(c["hidden_size"])
     w.add_block_count(c["num_hidden_layers"])
-    w.add_feed_forward_length(plan.ffn)
+    w.add_feed_forward_length(plan.ffn_in_file)
     w.add_head_count(plan.q_heads)
     w.add_head_count_kv(plan.kv_heads)
     w.add_key_length(plan.head_dim)

@@ -101,12 +101,40 @@ def test_generate_with_llamacpp_matches_torch(f32_export, uneven_slim_bpe_dir):
 def test_every_type_verifies(ftype, uneven_slim_bpe_dir, tmp_path):
     summary = gguf.export(uneven_slim_bpe_dir, tmp_path / ftype, quantize=ftype)
     assert summary["verification"]["passed"], summary["verification"]["failures"]
-    tensors = read_back(tmp_path / ftype / f"model-{ftype}.gguf")["tensors"]
+    file = read_back(tmp_path / ftype / f"model-{ftype}.gguf")
+    tensors = file["tensors"]
     assert tensors["blk.0.attn_norm.weight"][1] == "F32"
     # q4_k_m: rows of 128 are not a multiple of the k-quants' 256-wide blocks; llama.cpp falls back to q5_0.
-    assert tensors["blk.0.attn_q.weight"][1] == {"f16": "F16", "q8_0": "Q8_0", "q4_k_m": "Q5_0"}[ftype]
+    block_type = {"f16": "F16", "q8_0": "Q8_0", "q4_k_m": "Q5_0"}[ftype]
+    assert tensors["blk.0.attn_q.weight"][1] == block_type
+    # Layer 2's FFN width, 8, is no multiple of the 32-wide blocks: quantized files pad it with zero channels, so its
+    # ffn_down quantizes too (unpadded, llama.cpp would leave it in f16); the verification above ran on the padding.
+    width = 8 if ftype == "f16" else 32
+    assert file["ffn"] == [128, 96, width]
+    assert [layer["ffn_in_file"] for layer in summary["layers"]] == [128, 96, width]
+    assert [layer["ffn"] for layer in summary["layers"]] == [128, 96, 8]
+    down_shape, down_type = tensors["blk.2.ffn_down.weight"]
+    # q4_k_m keeps ffn_down at higher precision (q6_k, whose fallback is q8_0) in some layers
+    assert down_shape == [128, width] and down_type in {block_type, "Q8_0"}, (down_shape, down_type)
+    assert tensors["blk.2.ffn_gate.weight"][0] == tensors["blk.2.ffn_up.weight"][0] == [width, 128]
     diff, agree = torch_vs_llamacpp(uneven_slim_bpe_dir, tmp_path / ftype / f"model-{ftype}.gguf")
     assert agree >= 0.9 and diff < {"f16": 0.01, "q8_0": 0.05, "q4_k_m": 0.5}[ftype], (diff, agree)
+
+
+def test_ffn_padding_computes_the_same_mlp():
+    """Zero channels appended to gate/up rows (and biases) and down columns leave a SwiGLU MLP's output unchanged."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 16))
+    gate, up, down = rng.standard_normal((12, 16)), rng.standard_normal((12, 16)), rng.standard_normal((16, 12))
+    b_gate, b_up, b_down = rng.standard_normal(12), rng.standard_normal(12), rng.standard_normal(16)
+    silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
+    mlp = lambda g, bg, u, bu, d, bd: (silu(x @ g.T + bg) * (x @ u.T + bu)) @ d.T + bd  # noqa: E731
+    padded = [gguf.pad_ffn(role, t, 32) for role, t in [("gate", gate), ("gate", b_gate), ("up", up), ("up", b_up)]]
+    padded += [gguf.pad_ffn("down", down, 32), gguf.pad_ffn("down", b_down, 32)]
+    assert padded[0].shape == (32, 16) and padded[1].shape == (32,) and padded[4].shape == (16, 32)
+    assert padded[5].shape == (16,)  # down's bias is hidden-sized
+    np.testing.assert_allclose(mlp(*padded), mlp(gate, b_gate, up, b_up, down, b_down), rtol=1e-12)
+    assert gguf.pad_ffn("q", gate, 32) is gate and gguf.pad_ffn("down", down, 12) is down
 
 
 def test_types_are_the_clis_choices():
@@ -191,11 +219,13 @@ def test_pruned_smollm2(ftype, smollm2_slim_dir, tmp_path):
     config = json.loads((smollm2_slim_dir / "config.json").read_text())
     file = read_back(tmp_path / ftype / f"model-{ftype}.gguf")
     assert file["q"] == config["num_attention_heads_per_layer"] and len(set(file["q"])) > 1
-    assert file["ffn"] == config["intermediate_size_per_layer"]
+    block = 32 if ftype == "q8_0" else 1  # quantized files pad each FFN width to llama.cpp's 32-wide blocks
+    assert file["ffn"] == [-(-f // block) * block for f in config["intermediate_size_per_layer"]]
     if ftype == "f32":
         assert v["greedy_tokens_equal"] >= 3 and v["max_logprob_diff"] < 1e-3
     else:
         assert v["kl_mean"] < 0.02 and v["top1_agreement"] >= 0.9
+        assert {t for name, (_, t) in file["tensors"].items() if name.endswith("ffn_down.weight")} == {"Q8_0"}
 
 
 def test_sentencepiece_scores_decide_the_merges(tmp_path, monkeypatch):
