@@ -40,6 +40,9 @@ class PruneConfig:
     method: str = "slimgpt"
     schedule: str = "log"
     layer_ratios: tuple[float, ...] | None = None
+    # The last N decoder layers are left dense; the schedule spreads the same parameter share over the others
+    # (SmolLM2 at 20%: better with 2, at 50% worse; docs/DESIGN.md "Incremental Pruning Ratio and the layer plan").
+    dense_last: int = 0
     # Measured on SmolLM2-135M at 20% (benchmarks/results/quality.md): see README.
     gqa_mode: str = PER_GROUP
     # Every layer's query/KV head counts (tensor-parallel rule) and FFN width are multiples of these.
@@ -74,6 +77,10 @@ class PruneConfig:
             )
         elif self.schedule == "list":
             raise BadInputError("--schedule list needs --layer-ratios with one ratio per layer")
+        if self.dense_last < 0:
+            raise BadInputError(f"--dense-last {self.dense_last} must be 0 or more: the number of last layers kept")
+        if self.dense_last and self.layer_ratios is not None:
+            raise BadInputError("--dense-last and --layer-ratios both decide the layer plan; give one of them")
         _choice("method", self.method, METHODS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("GQA mode", self.gqa_mode, GQA_MODES)

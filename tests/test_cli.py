@@ -67,6 +67,19 @@ def test_prune_then_eval(work):
     assert 0 <= report["fidelity"]["top1"] <= 1 and report["fidelity"]["kl"] >= 0
 
 
+def test_prune_dense_last_keeps_the_last_layers_and_the_share(work):
+    root, model = work
+    out = root / "slim-dense-last"
+    result = _invoke(*_prune_args(model, out, root / "calib.txt", "--ratio", "0.25", "--dense-last", 1, "--json"))
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout[result.stdout.index("{") :])
+    assert abs(record["ratio_achieved_decoder"] - 0.25) < 0.02  # the other three layers take the share
+    config = json.loads((out / "config.json").read_text())
+    assert config["intermediate_size_per_layer"][-1] == 128 and max(config["intermediate_size_per_layer"][:-1]) < 128
+    assert config["num_attention_heads_per_layer"][-1] == 8
+    assert json.loads((out / "slimgpt.json").read_text())["prune"]["dense_last"] == 1
+
+
 def _nan_model(tiny_model_dir_factory):
     path = tiny_model_dir_factory("llama", seed=5, **GQA)
     weights = load_file(path / "model.safetensors")
@@ -141,6 +154,11 @@ BAD = {
         lambda w, f, t: _prune_args(w[1], "{out}", w[0] / "calib.txt", "--layer-ratios", "0.1,0.2"),
         2,
         "one per layer",
+    ),
+    "more dense layers than the model has": (
+        lambda w, f, t: _prune_args(w[1], "{out}", w[0] / "calib.txt", "--dense-last", 4),
+        2,
+        "leaves no layer to prune",
     ),
     "NaN in the weights": (lambda w, f, t: _prune_args(_nan_model(f), "{out}", w[0] / "calib.txt"), 4, "layer 1"),
 }

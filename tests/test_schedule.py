@@ -125,3 +125,29 @@ def test_head_share_reaches_the_prune_config_from_the_build_file_and_flags():
     assert build_options({"prune.head_share": 1.0}, {"prune.head_share": 0.0}).prune.head_share == 0.0  # flags win
     with pytest.raises(BadInputError, match="prune.head_share"):
         build_options({}, {"prune.head_share": "half"})  # a YAML value is checked the same way when the file is read
+
+
+@pytest.mark.parametrize("schedule", ["uniform", "log", "linear"])
+def test_dense_last_layers_keep_everything_and_the_others_take_the_share(schedule):
+    weights = [s.params() for s in SMOLLM2]
+    r = layer_ratios(schedule, 0.2, weights, dense_last=2)
+    assert r[-2:] == [0.0, 0.0] and min(r[:-2]) > 0
+    assert r[:-2] == pytest.approx(layer_ratios(schedule, 0.2 * 30 / 28, weights[:28]))  # the schedule over 28 layers
+    plans = plan_layers(SMOLLM2, r, "per-group", head_share=0.0)
+    assert abs(achieved_share(SMOLLM2, plans) - 0.2) < 0.01  # the same parameters removed
+    assert [(p.q_heads, p.ffn) for p in plans[-2:]] == [(9, 1536)] * 2
+
+
+def test_dense_last_is_checked():
+    from slimgpt_deploy.config import PruneConfig
+
+    with pytest.raises(BadInputError, match="--dense-last 3 leaves no layer to prune in a model of 3 layers"):
+        layer_ratios("log", 0.2, [1] * 3, dense_last=3)
+    with pytest.raises(BadInputError, match="would take 180% of each of the other 1 layers"):
+        layer_ratios("uniform", 0.9, [1] * 2, dense_last=1)
+    with pytest.raises(BadInputError, match="--dense-last and --layer-ratios both decide"):
+        PruneConfig(dense_last=1, layer_ratios=(0.1, 0.2))
+    with pytest.raises(BadInputError, match="--dense-last -1 must be 0 or more"):
+        PruneConfig(dense_last=-1)
+    assert PruneConfig().dense_last == 0  # SlimGPT's plan over every layer unless asked
+    assert layer_ratios("log", 0.2, [1] * 3) == layer_ratios("log", 0.2, [1] * 3, dense_last=0)

@@ -199,7 +199,8 @@ class LayerwisePruner:
 
     def plans(self) -> tuple[list[LayerShape], list[LayerPlan]]:
         shapes = layer_shapes(self.model.config)
-        ratios = layer_ratios(self.cfg.schedule, self.cfg.ratio, [s.params() for s in shapes], self.cfg.layer_ratios)
+        weights = [s.params() for s in shapes]
+        ratios = layer_ratios(self.cfg.schedule, self.cfg.ratio, weights, self.cfg.layer_ratios, self.cfg.dense_last)
         return shapes, plan_layers(
             shapes,
             ratios,

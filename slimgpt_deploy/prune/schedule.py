@@ -49,12 +49,18 @@ SCHEDULES = ("uniform", "log", "linear", "list")
 
 
 def layer_ratios(
-    schedule: str, ratio: float, weights: list[int], explicit: tuple[float, ...] | None = None
+    schedule: str,
+    ratio: float,
+    weights: list[int],
+    explicit: tuple[float, ...] | None = None,
+    dense_last: int = 0,
 ) -> list[float]:
     """Each layer's target ratio; `weights` are the layers' dense parameter counts.
 
     For `log` and `linear`, r_i = r_max * (1/4 + 3/4 * shape(i)) capped at
     MAX_LAYER_RATIO, with r_max found by bisection so the weighted mean is `ratio`.
+    `dense_last` layers at the end are left dense: the schedule runs over the
+    layers before them, with the ratio that removes the same parameters.
     """
     L = len(weights)
     if schedule == "list":
@@ -62,6 +68,19 @@ def layer_ratios(
             got = 0 if explicit is None else len(explicit)
             raise BadInputError(f"--layer-ratios has {got} values but the model has {L} layers; give one per layer")
         return [float(r) for r in explicit]
+    if dense_last:
+        span = L - dense_last
+        if span < 1:
+            raise BadInputError(
+                f"--dense-last {dense_last} leaves no layer to prune in a model of {L} layers; give at most {L - 1}"
+            )
+        inner = ratio * sum(weights) / sum(weights[:span])
+        if inner > MAX_LAYER_RATIO:
+            raise BadInputError(
+                f"--ratio {ratio} with --dense-last {dense_last} would take {inner:.0%} of each of the other {span} "
+                f"layers (at most {MAX_LAYER_RATIO:.0%}); lower --ratio or --dense-last"
+            )
+        return layer_ratios(schedule, inner, weights[:span]) + [0.0] * dense_last
     if schedule == "uniform":
         return [ratio] * L
     if schedule not in INCREASING_SHAPES:
