@@ -151,3 +151,13 @@ def test_dense_last_is_checked():
         PruneConfig(dense_last=-1)
     assert PruneConfig().dense_last == 0  # SlimGPT's plan over every layer unless asked
     assert layer_ratios("log", 0.2, [1] * 3) == layer_ratios("log", 0.2, [1] * 3, dense_last=0)
+
+
+def test_dense_last_reaches_the_prune_config_from_the_build_file_and_flags():
+    from slimgpt_deploy.build import build_options
+
+    assert build_options({}, {}).prune.dense_last == 0
+    assert build_options({"prune.dense_last": 2}, {}).prune.dense_last == 2
+    assert build_options({"prune.dense_last": 2}, {"prune.dense_last": 1}).prune.dense_last == 1  # flags win
+    with pytest.raises(BadInputError, match="prune.dense_last"):
+        build_options({}, {"prune.dense_last": "two"})
