@@ -31,7 +31,7 @@ it); `deci.feed_forward_length` holds the padded widths, export.json both.
 
 Verification (llama.cpp through `serving/llamacpp_runner.py`, CPU, float32 KV cache, no flash
 attention -- its CPU kernel works in f16 and moved f32 log-probabilities by 0.0185 against 6.3e-5
-without it on pruned SmolLM2, benchmarks/results/gguf.md -- so the
+without it on pruned SmolLM2, benchmarks/results/gguf-amd-2026-12-06.md -- so the
 file, not the runtime's fast paths, is what is checked):
   tokens   llama.cpp's tokenizer gives transformers' ids on the prompts and a mixed text;
   every type: llama.cpp's distribution at every step of transformers' greedy continuation
