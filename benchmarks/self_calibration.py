@@ -408,7 +408,8 @@ the `nospecial` row gave 34.57 on 2026-11-29 and 34.21 today):
   28.70 / 17.10 (`nospecial-heads0` -> `heads0-span0-27-seed0`), seed 1 28.76 / 17.31 -> 27.83 / 16.93, seed 2
   29.46 / 18.68 -> 28.63 / 17.95: 0.83 / 0.61 lower on average, larger than with damping 0.001 in (14). At 50%
   (head share 0.5) the same plan raises them: 64.91 / 52.79 -> 70.07 / 55.69 (`r0.5-heads0.5` -> `r0.5-span0-27`);
-  the other 28 layers then lose 54% on average, up to 67%. Shipped as `prune --dense-last N` (off by default,
+  the other 28 layers then lose 54% on average, up to 67%. At 30% it is a trade: 40.25 / 23.20 -> 38.18 / 24.54
+  (`r0.3-heads0.5` -> `r0.3-span0-27`). Shipped as `prune --dense-last N` (off by default,
   recommended around 20%). The seeds alone move the default prune by 0.7 on WikiText-2 and 1.4 on the Python docs.
 - **The target (<= 26.0 on WikiText-2 with no data) is not met**: the best data-free row is 27.83 (`--dense-last 2`,
   seed 1); with seed 0, 28.70 on this machine (27.98 with the last 4 dense and damping 0.001 on the machine of
