@@ -41,7 +41,8 @@ class PruneConfig:
     schedule: str = "log"
     layer_ratios: tuple[float, ...] | None = None
     # The last N decoder layers are left dense; the schedule spreads the same parameter share over the others
-    # (SmolLM2 at 20%: better with 2, at 30% mixed, at 50% worse; docs/DESIGN.md "Incremental Pruning Ratio and the layer plan").
+    # (SmolLM2 at 20%: better with 2, at 30% mixed, at 50% worse; docs/DESIGN.md "Incremental Pruning Ratio and the
+    # layer plan").
     dense_last: int = 0
     # Measured on SmolLM2-135M at 20% (benchmarks/results/quality.md): see README.
     gqa_mode: str = PER_GROUP
