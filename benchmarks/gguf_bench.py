@@ -79,10 +79,11 @@ def export(name: str, checkpoint: Path, ftype: str, ffn_padding: bool = True) ->
 
     out = WORK / f"{name}-{ftype}"
     summary_file = out / "export.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
     # files written before quantized exports padded the FFN widths (no `ffn_in_file`) are remade
-    if not summary_file.is_file() or "ffn_in_file" not in json.loads(summary_file.read_text())["layers"][0]:
-        export_gguf(checkpoint, out, quantize=ftype, force=True, ffn_padding=ffn_padding)
-    return json.loads(summary_file.read_text()) | {"dir": str(out)}
+    if summary is None or "ffn_in_file" not in summary["layers"][0]:
+        summary = export_gguf(checkpoint, out, quantize=ftype, force=True, ffn_padding=ffn_padding)
+    return summary | {"dir": str(out)}
 
 
 def time_models(
