@@ -191,6 +191,8 @@ def _prune(
     t0 = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=config.torch_dtype)
     check_weights(loaded.model)  # every layer, before minutes of calibration
+    pruner = LayerwisePruner(loaded.model, config)
+    pruner.plans()  # the layer plan's refusals (--layer-ratios, --dense-last, alignment) before calibration too
     input_ids = state.calibration_ids() if state is not None else None
     if input_ids is None:
         calib = distributed.from_rank0(
@@ -214,7 +216,7 @@ def _prune(
         t_calib = calib_record.pop("seconds", 0.0)
     dense_params = _params(loaded.model)
     dense_decoder = sum(_params(layer) for layer in layout_of(loaded.model.config).part(loaded.model, "layers"))
-    result = LayerwisePruner(loaded.model, config).run(input_ids, on_layer=on_layer, state=state, offload=offload)
+    result = pruner.run(input_ids, on_layer=on_layer, state=state, offload=offload)
     slim_params = _params(result.model)
     slim_decoder = sum(_params(layer) for layer in SLIM.part(result.model, "layers"))
     result.record = {

@@ -80,6 +80,19 @@ def test_prune_dense_last_keeps_the_last_layers_and_the_share(work):
     assert json.loads((out / "slimgpt.json").read_text())["prune"]["dense_last"] == 1
 
 
+def test_a_bad_layer_plan_is_refused_before_calibration(work, monkeypatch, tmp_path):
+    """`--dense-last` / `--layer-ratios` that no plan can meet fail before minutes of calibration, not after."""
+    from slimgpt_deploy import api
+
+    monkeypatch.setattr(api, "get_calibration", lambda *a, **k: pytest.fail("calibrated before the plan was checked"))
+    root, model = work
+    for bad, says in ((("--dense-last", 4), "leaves no layer to prune"), (("--layer-ratios", "0.1,0.2"), "one per")):
+        out = tmp_path / "out"
+        result = CliRunner().invoke(main, [str(a) for a in _prune_args(model, out, "self", *bad)])
+        assert result.exit_code == 2 and says in result.stderr, result.output
+        assert not out.exists()
+
+
 def _nan_model(tiny_model_dir_factory):
     path = tiny_model_dir_factory("llama", seed=5, **GQA)
     weights = load_file(path / "model.safetensors")
