@@ -234,6 +234,54 @@ for r in (0.3, 0.5):
     )
 
 
+# (19) The output-space Fisher (`prune --fisher-samples N`, prune/fisher.py): each OBS choice weighed by the loss's
+# curvature in the projection's output space, measured on the first N calibration samples. Against the default prune
+# (`nospecial-heads0` and `heads0-seed1/2`: the same samples), with 16 and 64 samples, with the last 2 layers dense,
+# and at 30% and 50% (against `r0.3-heads0.5`, `r0.5-heads0.5`).
+for n in (16, 64):
+    _variant(
+        f"heads0-fisher{n}",
+        f"(19) heads kept, OBS choices weighed by the output-space Fisher of the first {n} samples",
+        "nospecial-heads0",
+        prune={"head_share": 0.0, "fisher_samples": n},
+    )
+for seed in (1, 2):
+    _variant(
+        f"heads0-fisher16-seed{seed}",
+        f"(19) heads kept, the output-space Fisher of 16 samples, samples of seed {seed}",
+        "nospecial-heads0",
+        prune={"head_share": 0.0, "fisher_samples": 16},
+        seed=seed,
+    )
+_variant(
+    "heads0-fisher16-span0-27",
+    "(19) heads kept, the output-space Fisher of 16 samples, and the last 2 layers left dense",
+    "nospecial-heads0",
+    prune={"head_share": 0.0, "fisher_samples": 16, "dense_last": 2},
+)
+for r in (0.3, 0.5):
+    _variant(
+        f"r{r}-fisher16",
+        f"(19) {r:.0%}, head_share 0.5, the output-space Fisher of 16 samples",
+        "nospecial",
+        prune={"ratio": r, "head_share": 0.5, "fisher_samples": 16},
+    )
+_variant(
+    "r0.3-seed1",
+    "(19) 30%, head_share 0.5, samples of seed 1",
+    "nospecial",
+    prune={"ratio": 0.3, "head_share": 0.5},
+    seed=1,
+)
+_variant(
+    "r0.3-fisher16-seed1",
+    "(19) 30%, head_share 0.5, the output-space Fisher of 16 samples, samples of seed 1",
+    "nospecial",
+    prune={"ratio": 0.3, "head_share": 0.5, "fisher_samples": 16},
+    seed=1,
+)
+
+
 # (15) rows heads0-rms, heads0-damp0.001-rms, wikitext-valid-heads0-rms: Hessians weighted per position by 1 / rms^2
 # of the dense block's output stream, measured with the prototype PruneConfig.position_weight of commit c5a0127,
 # removed in the next commit (no gain): their rows stay in the results.
@@ -412,6 +460,20 @@ the `nospecial` row gave 34.57 on 2026-11-29 and 34.21 today):
   the other 28 layers then lose 54% on average, up to 67%. At 30% it is a trade: 40.25 / 23.20 -> 38.18 / 24.54
   (`r0.3-heads0.5` -> `r0.3-span0-27`). Shipped as `prune --dense-last N` (off by default,
   recommended around 20%). The seeds alone move the default prune by 0.7 on WikiText-2 and 1.4 on the Python docs.
+- **(19) The output-space Fisher (`prune --fisher-samples N`) is no general gain** (2026-12-06, the 2-core AMD EPYC
+  of (18), every base row rerun or reproduced there: `nospecial-heads0` gave 29.43 / 17.80 again). Each OBS choice
+  weighed by the loss's curvature in the projection's output space (K-FAC: `tr(dW H dW^T G)`, G measured on the
+  dense model; docs/DESIGN.md "The output-space Fisher"), Fisher on 16 samples unless said:
+  20%, seeds 0 / 1 / 2: 29.43 / 17.80 -> 28.69 / 17.69, 28.76 / 17.31 -> 28.62 / 16.58, 29.46 / 18.68 -> 29.61 /
+  17.82 (WikiText-2 -0.25, Python docs -0.57 on average); 30%, seeds 0 / 1: 40.25 / 23.20 -> 44.29 / 24.44,
+  38.43 / 22.21 -> 39.41 / 22.02 (worse on WikiText-2 both times); 50%: 64.91 / 52.79 -> 64.28 / 50.22.
+  The Python docs improve in 5 of 6 settings, WikiText-2 in 3 of 6, by up to 0.75, and get 4.0 worse once. With the
+  last 2 layers dense it adds nothing (28.70 / 17.10 -> 28.69 / 17.12); 64 Fisher samples instead of 16: 28.62 /
+  17.55; damping 0.1 instead of 0.01: 28.75 / 17.46; the Fisher's diagonal alone (one weight per output
+  dimension): 29.36 / 17.83, no gain — what helps is the coupling between output dimensions. The Fisher of 16
+  samples costs 60-73 s of a 200-220 s prune here. Shipped off by default (`--fisher-samples 0`); the rows marked
+  "prototype" ran this change's first version (G from one whole-model backward pass, which tests/test_fisher.py
+  checks the shipped layer-by-layer pass against; 16-sample seed 0: 28.68 / 17.67 there, 28.69 / 17.69 shipped).
 - **The target (<= 26.0 on WikiText-2 with no data) is not met**: the best data-free row is 27.83 (`--dense-last 2`,
   seed 1); with seed 0, 28.70 on this machine (27.98 with the last 4 dense and damping 0.001 on the machine of
   2026-12-06 morning). No lever measured moves WikiText-2 perplexity by more than 0.9 without a cost on the Python
@@ -510,8 +572,10 @@ def one(name: str, nsamples: int) -> dict:
         }
         config = PruneConfig(**{**PRUNE_BASE, "nsamples": nsamples, "seqlen": seqlen, **fields.get("prune", {})})
         t0 = time.perf_counter()
-        model = LayerwisePruner(loaded.model, config).run(ids).model
+        result = LayerwisePruner(loaded.model, config).run(ids)
+        model = result.model
         row["prune_s"] = round(time.perf_counter() - t0, 1)
+        row["fisher_s"] = round(result.record["fisher_seconds"], 1)
     for corpus, test_ids in corpora.items():
         row[f"ppl_{corpus}"] = round(perplexity(model, test_ids, seqlen=WINDOW).ppl, 3)
     row["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

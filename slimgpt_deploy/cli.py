@@ -194,6 +194,13 @@ _PRUNE_FLAGS = (
     ("--seqlen", {"type": int}, "seqlen", "Tokens per calibration sample (paper: 2048)."),
     ("--seed", {"type": int}, "seed", "Calibration sampling seed."),
     (
+        "--fisher-samples",
+        {"type": click.IntRange(min=0)},
+        "fisher_samples",
+        "Weigh each layer's OBS choice by the loss's output-space Fisher, measured on the first N calibration "
+        "samples (a backward pass of the dense model); 0: SlimGPT's layer objective.",
+    ),
+    (
         "--device",
         {},
         "device",
@@ -267,6 +274,7 @@ def prune(
     nsamples,
     seqlen,
     seed,
+    fisher_samples,
     device,
     dtype,
     hessian_dtype,
@@ -291,6 +299,7 @@ def prune(
             nsamples=nsamples,
             seqlen=seqlen,
             seed=seed,
+            fisher_samples=fisher_samples,
             device=device,
             dtype=dtype,
             hessian_dtype=hessian_dtype,
@@ -550,6 +559,7 @@ _BUILD_FLAGS = {
     "schedule": "prune.schedule",
     "layer_ratios": "prune.layer_ratios",
     "dense_last": "prune.dense_last",
+    "fisher_samples": "prune.fisher_samples",
     "gqa_mode": "prune.gqa_mode",
     "head_multiple": "prune.head_multiple",
     "ffn_multiple": "prune.ffn_multiple",

@@ -58,6 +58,9 @@ class PruneConfig:
     percdamp: float = 0.01
     hessian_dtype: str = "float32"
     ffn_group_fraction: float = 0.25
+    # > 0: weigh each OBS decision by the loss's output-space Fisher measured on the first N calibration samples
+    # (prune/fisher.py; SmolLM2 at 20%: benchmarks/results/self_calibration.md rows (19)); 0: SlimGPT's objective.
+    fisher_samples: int = 0
     batch_size: int = 8
     # "auto": the GPU when CUDA is available, else the CPU (resolved when the config is built).
     device: str = "auto"
@@ -103,6 +106,14 @@ class PruneConfig:
             raise BadInputError(f"damping {self.percdamp} must be in (0, 1), e.g. 0.01")
         if not 0.0 < self.ffn_group_fraction <= 1.0:
             raise BadInputError(f"FFN group fraction {self.ffn_group_fraction} must be in (0, 1]")
+        if self.fisher_samples < 0:
+            raise BadInputError(f"--fisher-samples {self.fisher_samples} must be 0 (off) or more")
+        if self.fisher_samples and not PRUNE_METHODS[self.method].weighs_outputs:
+            weighing = " or ".join(name for name, m in PRUNE_METHODS.items() if m.weighs_outputs)
+            raise BadInputError(
+                f"--fisher-samples weighs the OBS objective, which --method {self.method} does not use; "
+                f"give --method {weighing}, or --fisher-samples 0"
+            )
         if self.batch_size < 1:
             raise BadInputError(f"batch size {self.batch_size} must be at least 1")
         object.__setattr__(self, "device", resolve_device(self.device))

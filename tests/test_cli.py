@@ -80,6 +80,15 @@ def test_prune_dense_last_keeps_the_last_layers_and_the_share(work):
     assert json.loads((out / "slimgpt.json").read_text())["prune"]["dense_last"] == 1
 
 
+def test_prune_fisher_samples_are_recorded_and_timed(work):
+    root, model = work
+    out = root / "slim-fisher"
+    result = _invoke(*_prune_args(model, out, root / "calib.txt", "--fisher-samples", 4, "--json"))
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "slimgpt.json").read_text())
+    assert record["prune"]["fisher_samples"] == 4 and record["fisher_seconds"] > 0
+
+
 def test_a_bad_layer_plan_is_refused_before_calibration(work, monkeypatch, tmp_path):
     """`--dense-last` / `--layer-ratios` that no plan can meet fail before minutes of calibration, not after."""
     from slimgpt_deploy import api
@@ -172,6 +181,11 @@ BAD = {
         lambda w, f, t: _prune_args(w[1], "{out}", w[0] / "calib.txt", "--dense-last", 4),
         2,
         "leaves no layer to prune",
+    ),
+    "the output Fisher with a method that has no OBS objective": (
+        lambda w, f, t: _prune_args(w[1], "{out}", w[0] / "calib.txt", "--method", "magnitude", "--fisher-samples", 4),
+        2,
+        "--fisher-samples weighs the OBS objective",
     ),
     "NaN in the weights": (lambda w, f, t: _prune_args(_nan_model(f), "{out}", w[0] / "calib.txt"), 4, "layer 1"),
 }

@@ -57,19 +57,24 @@ def _spy(monkeypatch, module, name, seen):
     monkeypatch.setattr(module, name, spy)
 
 
-def _prune(model, out: Path, device: str) -> dict:
-    prune_to_checkpoint(
-        model, out, PruneConfig(ratio=0.5, nsamples=8, seqlen=32, batch_size=4, device=device, head_share=1.0)
+def _prune(model, out: Path, device: str, fisher_samples: int = 0) -> dict:
+    config = PruneConfig(
+        ratio=0.5, nsamples=8, seqlen=32, batch_size=4, device=device, head_share=1.0, fisher_samples=fisher_samples
     )
+    prune_to_checkpoint(model, out, config)
     return json.loads((out / "slimgpt.json").read_text())
 
 
-@pytest.mark.parametrize("free_bytes", [8 * 2**30, 2**20], ids=["activations-on-device", "activations-pinned-on-host"])
+@pytest.mark.parametrize(
+    ("free_bytes", "fisher_samples"),
+    [(8 * 2**30, 0), (2**20, 0), (8 * 2**30, 4)],
+    ids=["activations-on-device", "activations-pinned-on-host", "output-fisher"],
+)
 def test_whole_pruner_on_a_distinct_compute_device_matches_the_cpu(
-    tiny_model_dir_factory, tmp_path, monkeypatch, free_bytes
+    tiny_model_dir_factory, tmp_path, monkeypatch, free_bytes, fisher_samples
 ):
     model_dir = tiny_model_dir_factory("llama", **GQA)
-    ref = _prune(model_dir, tmp_path / "cpu", "cpu")  # a Path works as a source too
+    ref = _prune(model_dir, tmp_path / "cpu", "cpu", fisher_samples)  # a Path works as a source too
     # Loaded on the host as the CLI loads it (transformers' loader is not run under the harness:
     # it leaves non-persistent buffers uninitialised when every torch call is intercepted).
     model = load_model(str(model_dir))
@@ -82,7 +87,7 @@ def test_whole_pruner_on_a_distinct_compute_device_matches_the_cpu(
     try:
         with fake_cuda(), monkeypatch.context() as m:
             m.setattr("torch.cuda.mem_get_info", lambda *a: (free_bytes, 16 * 2**30))
-            got = _prune(model, tmp_path / "cuda", "cuda")
+            got = _prune(model, tmp_path / "cuda", "cuda", fisher_samples)
         assert torch.get_float32_matmul_precision() == "high"  # restored after pruning
     finally:
         torch.set_float32_matmul_precision("highest")

@@ -170,6 +170,17 @@ def test_nproc_2_matches_one_process(single, nproc2):
     assert sorted(p.name for p in out.parent.iterdir()) == ["slim"]  # no resume state, nothing half-written
 
 
+def test_nproc_2_with_the_output_fisher_matches_one_process(model_dir, tmp_path):
+    # 5 of the 9 samples measure the Fisher: 3 on rank 0, 2 on rank 1; the ranks' sums are reduced
+    single = tmp_path / "single" / "slim"
+    prune_to_checkpoint(str(model_dir), single, PruneConfig(**OPTIONS, fisher_samples=5))
+    out = tmp_path / "nproc" / "slim"
+    run = _cli(*_prune_args(model_dir, out, "--nproc", "2", "--fisher-samples", "5"))
+    assert run.returncode == 0, run.stderr
+    _same_prune(single, out)
+    assert json.loads((out / "slimgpt.json").read_text())["prune"]["fisher_samples"] == 5
+
+
 def test_torchrun_matches_nproc(model_dir, nproc2, tmp_path):
     out = tmp_path / "slim"
     cmd = [

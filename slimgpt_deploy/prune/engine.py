@@ -1,6 +1,8 @@
 """The layer-wise pruning loop (SlimGPT Sec. 3, true-sequential).
 
-Per decoder layer, with the inputs produced by the already-pruned layers:
+With `--fisher-samples N`, first the loss's output-space Fisher of every pruned projection, on the
+dense model (fisher.py); it then weighs the OBS choices below. Per decoder layer, with the inputs
+produced by the already-pruned layers:
   1. run the attention block over the calibration batches, accumulating H of
      o_proj's inputs; prune heads (method + plan); shrink the attention;
   2. run the *pruned* attention, keep the residual stream h, accumulate H of
@@ -40,6 +42,7 @@ from ..modeling import LayerConfigView, SlimGPTDecoderLayer
 from ..resume import Batches, Home, ResumeState
 from ..shrink import LayerCut, assemble, check_shapes, make_slim_config, shrink_layer
 from .distributed import from_rank0, reduce_hessian, shard
+from .fisher import OutputWeight, output_fisher
 from .methods import METHODS, HeadUnits, LayerStats
 from .obs import accumulate_hessian
 from .schedule import PER_GROUP, LayerPlan, achieved_share, layer_ratios, plan_layers
@@ -131,6 +134,18 @@ def _attention(layout: Layout, layer, x, pos, mask):
 def _mlp(layout: Layout, layer, h):
     """MLP block of a decoder layer: mlp(mlp_norm(h)) (no residual)."""
     return layout.part(layer, "mlp")(layout.part(layer, "mlp_norm")(h))
+
+
+def _pruned_roles(shape: LayerShape, plan: LayerPlan) -> tuple[str, ...]:
+    """The projections whose units the plan removes from a layer: the decisions an output Fisher weighs."""
+    heads = (plan.q_heads, plan.kv_heads) != (shape.q_heads, shape.kv_heads)
+    return tuple(HESSIAN_OF[unit] for unit, cut in (("heads", heads), ("ffn", plan.ffn != shape.ffn)) if cut)
+
+
+def _dense_layer(layout: Layout, layer, x, pos, mask):
+    """A whole decoder layer: h = x + attention block, h + MLP block."""
+    h = x + _attention(layout, layer, x, pos, mask)
+    return h + _mlp(layout, layer, h)
 
 
 class _Captured(Exception):
@@ -228,6 +243,8 @@ class LayerwisePruner:
         """
         t0 = time.perf_counter()
         model, cfg = self.model, self.cfg
+        # the Fisher's samples: the same as in one process, split over the ranks
+        fisher_ids = shard(input_ids[: cfg.fisher_samples]) if cfg.fisher_samples else None
         input_ids = shard(input_ids)  # this rank's samples (all of them in one process)
         shapes, plans = self.plans()
         slim_config = make_slim_config(model.config, plans)
@@ -256,6 +273,17 @@ class LayerwisePruner:
             position_ids = torch.arange(seqlen, device=self.device)[None]
             pos = layout.part(model, "rotary")(torch.empty(0, dtype=dtype, device=self.device), position_ids)
             mask = _causal_mask(seqlen, dtype, self.device)
+            self.fisher, fisher_s = None, 0.0
+            if cfg.fisher_samples and start < len(plans):
+                self.fisher, fisher_s = output_fisher(
+                    model,
+                    layout,
+                    fisher_ids,
+                    lambda layer, x: _dense_layer(layout, layer, x, pos, mask),
+                    [_pruned_roles(shape, plan) for shape, plan in zip(shapes, plans)],
+                    device=self.device,
+                    batch_size=cfg.batch_size,
+                )
             if start == len(plans):
                 xs = None
             elif start > 0:
@@ -292,6 +320,7 @@ class LayerwisePruner:
             "ratio_achieved_decoder": share,
             "layer_ratios": [p.ratio for p in plans],
             "prune_seconds": round(time.perf_counter() - t0, 3),
+            "fisher_seconds": round(fisher_s, 3),
             "layers": records,
         }
         return PruneResult(model=slim, record=record)
@@ -321,8 +350,12 @@ class LayerwisePruner:
             xs.append(embed(input_ids[i : i + bs].to(embed.weight.device)))
         return xs
 
-    def _stats(self, W: torch.Tensor, H: torch.Tensor, tied: torch.Tensor) -> LayerStats:
-        return LayerStats(W=W.to(self.hdtype), H=H, percdamp=self.cfg.percdamp, unit_norms=tied.to(self.hdtype))
+    def _stats(self, i: int, role: str, W: torch.Tensor, H: torch.Tensor, tied: torch.Tensor) -> LayerStats:
+        G = None if self.fisher is None else self.fisher[i].get(role)  # none where the plan removes nothing
+        weight = None if G is None else OutputWeight.of(G, self.device)
+        return LayerStats(
+            W=W.to(self.hdtype), H=H, percdamp=self.cfg.percdamp, unit_norms=tied.to(self.hdtype), output_weight=weight
+        )
 
     def _prune_layer(self, i, layer, shape: LayerShape, plan: LayerPlan, slim_config, xs: Batches, pos, mask, batches):
         dev, L = self.device, self.layout
@@ -338,7 +371,7 @@ class LayerwisePruner:
         with _naming_layer(i, "attention heads"):
             heads = from_rank0(
                 lambda: self.method.heads(  # decided once, the same on every rank
-                    self._stats(W_o, H_o, _head_column_norms(L, layer, units)),
+                    self._stats(i, HESSIAN_OF["heads"], W_o, H_o, _head_column_norms(L, layer, units)),
                     units,
                     units.steps(plan.q_heads, plan.kv_heads),
                 ),
@@ -366,7 +399,9 @@ class LayerwisePruner:
         tied = sum(L.proj(layer, role).weight.float().pow(2).sum(dim=1) for role in ("gate", "up"))
         with _naming_layer(i, "FFN channels"):
             ffn = from_rank0(
-                lambda: self.method.ffn(self._stats(W_d, H_d, tied), shape.ffn - plan.ffn, self.cfg.ffn_group_fraction),
+                lambda: self.method.ffn(
+                    self._stats(i, HESSIAN_OF["ffn"], W_d, H_d, tied), shape.ffn - plan.ffn, self.cfg.ffn_group_fraction
+                ),
                 dev,
             )
         gone = set(ffn.removed)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import LayerShape
+from .fisher import OutputWeight
 from .obs import batched_greedy_pruning, dynamic_group_pruning, inverse_hessian, select_lowest
 from .schedule import PER_GROUP, effective_gqa_mode
 
@@ -67,6 +68,9 @@ class LayerStats:
     unit_norms: (
         torch.Tensor
     )  # [in] per input column: squared norm of every weight tied to it (q/k/v rows or gate/up rows)
+    # The loss's curvature in output space (prune/fisher.py), for the methods that weigh outputs by it; None: every
+    # output dimension alike (SlimGPT's layer objective).
+    output_weight: OutputWeight | None = None
 
 
 @dataclass(frozen=True)
@@ -77,17 +81,22 @@ class Decision:
 
 
 def _hinv(stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(W to prune, H^-1, damping): W is R W under an output weight R^T R = G (undone by `_restored`)."""
     Hinv, dead, damp = inverse_hessian(stats.H, stats.percdamp)
-    W = stats.W.clone()
+    W = stats.W.clone() if stats.output_weight is None else stats.output_weight.apply(stats.W)
     W[:, dead] = 0.0  # dead inputs: zero error, pruned first
     return W, Hinv, damp
+
+
+def _restored(stats: LayerStats, W: torch.Tensor) -> torch.Tensor:
+    return W if stats.output_weight is None else stats.output_weight.restore(W)
 
 
 def _obs_heads(compensate: bool):
     def heads(stats: LayerStats, units: HeadUnits, steps: int) -> Decision:
         W, Hinv, damp = _hinv(stats)
         out = batched_greedy_pruning(W, Hinv, units.columns, units.buckets, steps, compensate=compensate, inplace=True)
-        return Decision(out.removed, out.W, damp)
+        return Decision(out.removed, _restored(stats, out.W), damp)
 
     return heads
 
@@ -98,7 +107,7 @@ def _obs_ffn(compensate: bool):
         out = dynamic_group_pruning(
             W, Hinv, n_remove, group_fraction=group_fraction, compensate=compensate, inplace=True
         )
-        return Decision(out.removed, out.W, damp)
+        return Decision(out.removed, _restored(stats, out.W), damp)
 
     return ffn
 
@@ -138,11 +147,12 @@ def wanda_score(stats: LayerStats) -> torch.Tensor:
 class Method:
     heads: Callable[[LayerStats, HeadUnits, int], Decision]
     ffn: Callable[[LayerStats, int, float], Decision]
+    weighs_outputs: bool = False  # takes LayerStats.output_weight into account (`--fisher-samples`)
 
 
 METHODS: dict[str, Method] = {
-    "slimgpt": Method(_obs_heads(True), _obs_ffn(True)),
-    "slimgpt-nocomp": Method(_obs_heads(False), _obs_ffn(False)),
+    "slimgpt": Method(_obs_heads(True), _obs_ffn(True), weighs_outputs=True),
+    "slimgpt-nocomp": Method(_obs_heads(False), _obs_ffn(False), weighs_outputs=True),
     "magnitude": Method(_score_heads(magnitude_score), _score_ffn(magnitude_score)),
     "wanda-sp": Method(_score_heads(wanda_score), _score_ffn(wanda_score)),
 }
