@@ -106,8 +106,11 @@ class PruneConfig:
             raise BadInputError(f"damping {self.percdamp} must be in (0, 1), e.g. 0.01")
         if not 0.0 < self.ffn_group_fraction <= 1.0:
             raise BadInputError(f"FFN group fraction {self.ffn_group_fraction} must be in (0, 1]")
-        if self.fisher_samples < 0:
-            raise BadInputError(f"--fisher-samples {self.fisher_samples} must be 0 (off) or more")
+        if not 0 <= self.fisher_samples <= self.nsamples:
+            raise BadInputError(
+                f"--fisher-samples {self.fisher_samples} must be 0 (off) or at most --nsamples {self.nsamples}: "
+                "the Fisher is measured on the first of the calibration samples"
+            )
         if self.fisher_samples and not PRUNE_METHODS[self.method].weighs_outputs:
             weighing = " or ".join(name for name, m in PRUNE_METHODS.items() if m.weighs_outputs)
             raise BadInputError(

@@ -266,6 +266,7 @@ def test_a_killed_rank_ends_the_others_without_a_hang(model_dir, tmp_path):
     [
         (["--resume"], "--resume does not work with --nproc"),
         (["--nsamples", "1"], "cannot be split over 2 processes"),
+        (["--fisher-samples", "1"], "--fisher-samples 1 cannot be split over 2 processes; raise --fisher-samples"),
         pytest.param(
             ["--device", "cuda"],
             "CUDA is not available",

@@ -147,3 +147,5 @@ def test_fisher_with_a_method_that_has_no_obs_objective_is_refused(method):
         PruneConfig(method=method, fisher_samples=8)
     with pytest.raises(BadInputError, match="--fisher-samples -1"):
         PruneConfig(fisher_samples=-1)
+    with pytest.raises(BadInputError, match="--fisher-samples 9 must be 0 .off. or at most --nsamples 8"):
+        PruneConfig(nsamples=8, fisher_samples=9)

@@ -135,14 +135,17 @@ def process_group(config) -> Iterator:
 # ---------------------------------------------------------------- the engine's hooks
 
 
-def shard(samples: torch.Tensor) -> torch.Tensor:
-    """This rank's contiguous share of the calibration samples [n, ...] (all of them in one process)."""
+def shard(samples: torch.Tensor, flag: str = "--nsamples") -> torch.Tensor:
+    """This rank's contiguous share of the calibration samples [n, ...] (all of them in one process).
+
+    `flag`: the option that set how many there are, named in the error when there are fewer than ranks.
+    """
     if not active():
         return samples
     if len(samples) < world_size():
         raise BadInputError(
             f"{len(samples)} calibration samples cannot be split over {world_size()} processes; "
-            "raise --nsamples or lower --nproc"
+            f"raise {flag} or lower --nproc"
         )
     return torch.tensor_split(samples, world_size())[rank()]
 
@@ -251,10 +254,9 @@ def check_nproc(nproc: int, config, *, resume: bool = False) -> None:
         raise BadInputError(f"--nproc {nproc} must be at least 1")
     if active() or env_world_size() > 1:
         raise BadInputError("--nproc cannot be used under torchrun (it already started the processes); drop --nproc")
-    if config.nsamples < nproc:
-        raise BadInputError(
-            f"--nsamples {config.nsamples} cannot be split over {nproc} processes; raise --nsamples or lower --nproc"
-        )
+    for flag, count in (("--nsamples", config.nsamples), ("--fisher-samples", config.fisher_samples or nproc)):
+        if count < nproc:
+            raise BadInputError(f"{flag} {count} cannot be split over {nproc} processes; raise {flag} or lower --nproc")
     if backend_for(config.device) == "nccl" and torch.cuda.device_count() < nproc:
         raise BadInputError(
             f"--nproc {nproc} on {config.device} needs one GPU per process but {torch.cuda.device_count()} are "

@@ -211,6 +211,7 @@ class LayerwisePruner:
         self.hdtype = config.torch_hessian_dtype
         self.method = METHODS[config.method]
         self.layout = layout_of(model.config)
+        self.fisher: list[dict[str, torch.Tensor]] | None = None  # per layer {role: G}, measured by run()
 
     def plans(self) -> tuple[list[LayerShape], list[LayerPlan]]:
         shapes = layer_shapes(self.model.config)
@@ -244,7 +245,7 @@ class LayerwisePruner:
         t0 = time.perf_counter()
         model, cfg = self.model, self.cfg
         # the Fisher's samples: the same as in one process, split over the ranks
-        fisher_ids = shard(input_ids[: cfg.fisher_samples]) if cfg.fisher_samples else None
+        fisher_ids = shard(input_ids[: cfg.fisher_samples], "--fisher-samples") if cfg.fisher_samples else None
         input_ids = shard(input_ids)  # this rank's samples (all of them in one process)
         shapes, plans = self.plans()
         slim_config = make_slim_config(model.config, plans)
@@ -273,7 +274,7 @@ class LayerwisePruner:
             position_ids = torch.arange(seqlen, device=self.device)[None]
             pos = layout.part(model, "rotary")(torch.empty(0, dtype=dtype, device=self.device), position_ids)
             mask = _causal_mask(seqlen, dtype, self.device)
-            self.fisher, fisher_s = None, 0.0
+            fisher_s = 0.0
             if cfg.fisher_samples and start < len(plans):
                 self.fisher, fisher_s = output_fisher(
                     model,

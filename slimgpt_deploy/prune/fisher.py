@@ -86,7 +86,7 @@ def output_fisher(
             inputs.append([x.to("cpu") for x in xs])
             xs = [forward(layer, x) for x in xs]
             layer.to("cpu")
-    grads = [_loss_gradient(model, layout, x, ids.to(device), device) for x, ids in zip(xs, batches)]
+    grads = _loss_gradients(model, layout, xs, batches, device)
     xs = None
     width = model.config.hidden_size
     fishers: list[dict[str, torch.Tensor]] = [{} for _ in layers]
@@ -103,28 +103,32 @@ def output_fisher(
         finally:
             layer.to("cpu")
         inputs[i] = None
-        fishers[i] = {role: reduce_hessian(G / max(n, 1), n)[0].cpu() for role, G in sums.items()}
+        fishers[i] = {role: reduce_hessian(G / n, n)[0].cpu() for role, G in sums.items()}
     return fishers, time.perf_counter() - t0
 
 
-def _loss_gradient(model, layout: Layout, x: torch.Tensor, ids: torch.Tensor, device) -> torch.Tensor:
-    """dLoss/dx for the last layer's output x [b, s, hidden]: the summed next-token cross-entropy, in row chunks."""
+def _loss_gradients(model, layout: Layout, xs: list[torch.Tensor], batches: list[torch.Tensor], device):
+    """dLoss/dx for each batch of the last layer's outputs x [b, s, hidden]: the summed next-token cross-entropy,
+    in chunks of positions; the final norm and the head are on the device once for all batches."""
     norm, head = layout.part(model, "norm"), layout.part(model, "head")
     homes = [next(m.parameters()).device for m in (norm, head)]
     norm.to(device), head.to(device)
+    grads = []
     try:
-        grad = torch.zeros_like(x)
-        rows = max(1, LOSS_ROWS // x.shape[0])
-        for a in range(0, x.shape[1] - 1, rows):  # the last position has no next token
-            b = min(a + rows, x.shape[1] - 1)
-            part = x[:, a:b].detach().requires_grad_(True)
-            with torch.enable_grad():
-                logits = head(norm(part)).float()
-                loss = F.cross_entropy(logits.flatten(0, 1), ids[:, a + 1 : b + 1].flatten(), reduction="sum")
-                (grad[:, a:b],) = torch.autograd.grad(loss, part)
+        for x, ids in zip(xs, batches):
+            ids, grad = ids.to(device), torch.zeros_like(x)
+            rows = max(1, LOSS_ROWS // x.shape[0])
+            for a in range(0, x.shape[1] - 1, rows):  # the last position has no next token
+                b = min(a + rows, x.shape[1] - 1)
+                part = x[:, a:b].detach().requires_grad_(True)
+                with torch.enable_grad():
+                    logits = head(norm(part)).float()
+                    loss = F.cross_entropy(logits.flatten(0, 1), ids[:, a + 1 : b + 1].flatten(), reduction="sum")
+                    (grad[:, a:b],) = torch.autograd.grad(loss, part)
+            grads.append(grad)
     finally:
         norm.to(homes[0]), head.to(homes[1])
-    return grad
+    return grads
 
 
 def _layer_backward(forward, layout: Layout, layer, x: torch.Tensor, g: torch.Tensor, roles: tuple[str, ...]):
