@@ -247,7 +247,8 @@ def prune_options(build: bool):
     "--max-memory",
     default=None,
     metavar="SIZE",
-    help="Cap on calibration activations kept in memory, e.g. 8GiB; beyond it they stay on disk (same result).",
+    help="Cap on calibration activations (and the Fisher's inputs and curvatures) kept in memory, e.g. 8GiB; "
+    "beyond it they stay on disk (same result).",
 )
 @click.option(
     "--nproc",
@@ -627,7 +628,7 @@ _BUILD_FLAGS = {
     "--max-memory",
     default=None,
     metavar="SIZE",
-    help="Cap on calibration activations kept in memory while pruning, e.g. 8GiB.",
+    help="Cap on calibration activations (and the Fisher's) kept in memory while pruning, e.g. 8GiB.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @prune_options(build=True)

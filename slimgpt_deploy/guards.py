@@ -31,6 +31,9 @@ OBS_HESSIAN_COPIES = 4
 # ... and in units of the projection W [hidden, w] in the Hessian dtype: the method's working
 # copy, the original (kept for the reconstruction error), dW and dW @ H.
 OBS_WEIGHT_COPIES = 4
+# The output-space Fisher (`--fisher-samples`, prune/fisher.py): one G [hidden, hidden] in float32 per pruned
+# projection (o_proj and down_proj), at most two per layer.
+FISHER_ROLES = 2
 _UNITS = {
     "": 1,
     "b": 1,
@@ -76,6 +79,8 @@ class JobSize:
     max_attn_width: int  # largest q_heads * head_dim over the layers (o_proj's inputs)
     max_ffn: int
     ratio: float  # share of decoder parameters removed
+    layers: int = 0  # decoder layers
+    fisher_samples: int = 0  # --fisher-samples (0: no Fisher pass)
 
 
 @dataclass(frozen=True)
@@ -97,15 +102,24 @@ def estimate_prune(job: JobSize, *, weights_loaded: bool = False, max_memory: in
         + ACTIVATION_COPIES x activations (nsamples * seqlen * hidden * dtype bytes)
           -- or two batches' worth when they live on disk
         + HESSIAN_COPIES x (H of o_proj + H of down_proj)
-        + MLP_TEMPORARIES x one batch's FFN activations (float32).
+        + MLP_TEMPORARIES x one batch's FFN activations (float32)
+        + with --fisher-samples F: the curvatures G (FISHER_ROLES x layers x hidden^2 x 4, kept through
+          the prune), and the Fisher pass's inputs (layers x F x seqlen x hidden x dtype bytes) beyond the
+          prune's own activations, Hessians and slim copy (the pass ends before the prune starts).
+    The activations (and the Fisher's inputs and G) move to disk when they exceed `max_memory`; then
+    two batches and one layer's G stay in memory.
     Disk = slim checkpoint (dense minus the removed decoder share)
          + resume state: slim decoder layers + two activation copies (the old and new
-           boundary, at a commit) + calibration ids, + one more copy (h) when on disk.
+           boundary, at a commit) + calibration ids, + one more copy (h) when on disk,
+           + the Fisher's inputs and G when on disk.
     """
     weights = job.params * job.dtype_bytes
     slim_decoder = int(job.decoder_params * (1 - job.ratio)) * job.dtype_bytes
     acts = job.nsamples * job.seqlen * job.hidden * job.dtype_bytes
-    on_disk = max_memory is not None and ACTIVATION_COPIES * acts > max_memory
+    layer_G = FISHER_ROLES * job.hidden**2 * 4 if job.fisher_samples else 0
+    fisher_inputs = job.layers * job.fisher_samples * job.seqlen * job.hidden * job.dtype_bytes
+    fisher = job.layers * layer_G + fisher_inputs
+    on_disk = max_memory is not None and ACTIVATION_COPIES * acts + fisher > max_memory
     batch_tokens = min(job.batch_size, job.nsamples) * job.seqlen
     batch_acts = batch_tokens * job.hidden * job.dtype_bytes
     parts = {
@@ -115,8 +129,13 @@ def estimate_prune(job: JobSize, *, weights_loaded: bool = False, max_memory: in
         "Hessians": HESSIAN_COPIES * (job.max_attn_width**2 + job.max_ffn**2) * job.hessian_bytes,
         "MLP temporaries": MLP_TEMPORARIES * batch_tokens * job.max_ffn * 4,
     }
+    if job.fisher_samples:
+        prune_phase = sum(parts.values()) - parts["weights"]
+        fisher_batch = min(job.batch_size, job.fisher_samples) * job.seqlen * job.hidden * job.dtype_bytes
+        parts["Fisher curvatures"] = layer_G if on_disk else job.layers * layer_G
+        parts["Fisher inputs"] = max(0, (2 * fisher_batch if on_disk else fisher_inputs) - prune_phase)
     checkpoint = weights - int(job.decoder_params * job.ratio) * job.dtype_bytes
-    state = slim_decoder + (3 if on_disk else 2) * acts + job.nsamples * job.seqlen * 8
+    state = slim_decoder + (3 if on_disk else 2) * acts + job.nsamples * job.seqlen * 8 + (fisher if on_disk else 0)
     return Estimate(
         ram_bytes=sum(parts.values()),
         disk_bytes=checkpoint + state,
@@ -175,6 +194,8 @@ def job_size(model_config, prune_config) -> JobSize:
         max_attn_width=max(s.q_heads * s.head_dim for s in shapes),
         max_ffn=max(s.ffn for s in shapes),
         ratio=ratio,
+        layers=len(shapes),
+        fisher_samples=prune_config.fisher_samples,
     )
 
 

@@ -84,11 +84,11 @@ def describe_difference(old: dict, new: dict) -> str:
     return "; ".join(parts) or "another state format"
 
 
-def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
 
 
-def _load(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     # clone: a fresh, allocator-aligned tensor, so kernels take the same paths as in an uninterrupted run
     return {k: v.clone() for k, v in load_file(str(path)).items()}
 
@@ -131,7 +131,7 @@ class Batches:
         if self.directory is None:
             self._tensors.append(self.home.keep(x) if self.home is not None else x)
         else:
-            atomic_write(self._file(self._n), lambda tmp: _save({"x": x}, tmp))
+            atomic_write(self._file(self._n), lambda tmp: save_tensors({"x": x}, tmp))
             self._n += 1
 
     def __len__(self) -> int:
@@ -142,13 +142,13 @@ class Batches:
             yield from self._tensors
         else:
             for j in range(self._n):
-                yield _load(self._file(j))["x"]
+                yield load_tensors(self._file(j))["x"]
 
     def write_to(self, directory: Path) -> None:
         """Save every batch into the (new) `directory`."""
         directory.mkdir(parents=True)
         for j, x in enumerate(self):
-            atomic_write(directory / f"{j:05d}.safetensors", lambda tmp: _save({"x": x}, tmp))
+            atomic_write(directory / f"{j:05d}.safetensors", lambda tmp: save_tensors({"x": x}, tmp))
 
     def move_to(self, directory: Path) -> None:
         """Rename this disk-backed store's directory to `directory` (replacing a stale one)."""
@@ -230,11 +230,11 @@ class ResumeState:
 
     def calibration_ids(self) -> torch.Tensor | None:
         path = self.directory / CALIB_FILE
-        return _load(path)["input_ids"] if self.calibration is not None and path.is_file() else None
+        return load_tensors(path)["input_ids"] if self.calibration is not None and path.is_file() else None
 
     def layer_weights(self, i: int) -> dict[str, torch.Tensor]:
         assert i < self.finished, (i, self.finished)
-        return _load(self.directory / f"layer-{i:05d}.safetensors")
+        return load_tensors(self.directory / f"layer-{i:05d}.safetensors")
 
     def inputs(self, in_memory: bool, home: Home | None = None) -> Batches:
         """The input activations of the first unfinished layer (finished > 0)."""
@@ -254,7 +254,7 @@ class ResumeState:
     def save_calibration(self, input_ids: torch.Tensor, record: dict) -> None:
         """Keep the calibration ids and their record; the state now has something worth resuming."""
         with self._writing():
-            atomic_write(self.directory / CALIB_FILE, lambda tmp: _save({"input_ids": input_ids}, tmp))
+            atomic_write(self.directory / CALIB_FILE, lambda tmp: save_tensors({"input_ids": input_ids}, tmp))
             self.calibration = record
             self._write_meta()
 
@@ -266,7 +266,7 @@ class ResumeState:
         """
         assert i == self.finished, (i, self.finished)
         with self._writing():
-            atomic_write(self.directory / f"layer-{i:05d}.safetensors", lambda tmp: _save(weights, tmp))
+            atomic_write(self.directory / f"layer-{i:05d}.safetensors", lambda tmp: save_tensors(weights, tmp))
             if outputs is not None:
                 final = self.directory / f"xs-{i + 1:05d}"
                 if outputs.directory is not None and outputs.directory.parent == self.directory:

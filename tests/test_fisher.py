@@ -10,7 +10,7 @@ from slimgpt_deploy.errors import BadInputError
 from slimgpt_deploy.families import layout_of
 from slimgpt_deploy.prune import engine
 from slimgpt_deploy.prune.engine import LayerwisePruner
-from slimgpt_deploy.prune.fisher import OutputWeight, output_fisher
+from slimgpt_deploy.prune.fisher import Curvatures, OutputWeight, output_fisher
 from slimgpt_deploy.prune.methods import METHODS, LayerStats
 from slimgpt_deploy.prune.obs import accumulate_hessian, obs_remove
 
@@ -76,6 +76,29 @@ def test_layer_by_layer_fisher_equals_one_whole_model_backward(model):
             torch.testing.assert_close(got[i][role], want[i][role], rtol=1e-4, atol=1e-7)
 
 
+def test_on_disk_the_fisher_is_the_same_and_leaves_nothing(model, tmp_path):
+    """--max-memory: the pass's inputs and G live in files, one layer's G in memory; the prune is unchanged."""
+    ids, kept = _ids(8, 32), []
+    config = PruneConfig(ratio=0.4, nsamples=8, seqlen=32, head_share=1.0, fisher_samples=4, batch_size=4)
+    pruner = LayerwisePruner(model, config)
+    real = engine.output_fisher
+
+    def spy(*args, directory=None, **kw):
+        store, seconds = real(*args, directory=directory, **kw)
+        kept.append(sorted(p.name for p in directory.iterdir()))  # the inputs are gone, G is on disk
+        return store, seconds
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "output_fisher", spy)
+        mp.setattr(engine.tempfile, "tempdir", str(tmp_path))
+        disk = pruner.run(ids, offload=True)
+    memory = LayerwisePruner(model, config).run(ids)
+    assert kept == [["G-00000.safetensors", "G-00001.safetensors", "G-00002.safetensors"]]
+    assert not list(tmp_path.iterdir()) and not pruner.fisher[0]  # dropped with the activations
+    for (name, a), b in zip(memory.model.state_dict().items(), disk.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def _problem(seed=0, out=6, width=10, n=64):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(width, n, generator=g)
@@ -118,7 +141,7 @@ def test_an_identity_fisher_gives_slimgpt_decisions(model, monkeypatch):
     monkeypatch.setattr(
         engine,
         "output_fisher",
-        lambda model, *a, **k: ([{r: torch.eye(model.config.hidden_size) for r in ROLES} for _ in range(3)], 0.1),
+        lambda model, *a, **k: (Curvatures.of([{r: torch.eye(model.config.hidden_size) for r in ROLES}] * 3), 0.1),
     )
     config = PruneConfig(ratio=0.4, nsamples=8, seqlen=32, head_share=1.0, fisher_samples=4)
     got = LayerwisePruner(model, config).run(ids)

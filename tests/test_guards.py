@@ -1,11 +1,14 @@
 """Resource guards: the estimate's formula (pure), size parsing, and refusals with numbers."""
 
+import dataclasses
+
 import pytest
 
 from slimgpt_deploy.config import PruneConfig
 from slimgpt_deploy.errors import BadInputError, ResourceError
 from slimgpt_deploy.guards import (
     ACTIVATION_COPIES,
+    FISHER_ROLES,
     HESSIAN_COPIES,
     MLP_TEMPORARIES,
     JobSize,
@@ -57,6 +60,24 @@ def test_max_memory_moves_activations_to_disk():
     assert tight.activations_on_disk
     assert tight.parts["activations"] == ACTIVATION_COPIES * 2 * 5 * 20 * 8 * 4  # two batches
     assert tight.disk_bytes == roomy.disk_bytes + acts  # the post-attention copy on disk too
+
+
+def test_the_fisher_pass_is_estimated_and_moves_to_disk_with_the_activations():
+    job = dataclasses.replace(JOB, layers=32, fisher_samples=6)
+    e, base = estimate_prune(job), estimate_prune(dataclasses.replace(job, fisher_samples=0))
+    G = 32 * FISHER_ROLES * 8 * 8 * 4  # every layer's, in float32, kept through the prune
+    inputs = 32 * 6 * 20 * 8 * 4  # every layer's dense inputs in the pass, which ends before the prune starts
+    assert e.parts["Fisher curvatures"] == G
+    assert e.parts["Fisher inputs"] == inputs - (base.ram_bytes - base.parts["weights"]) > 0  # beyond the prune's
+    assert e.ram_bytes == base.ram_bytes + G + e.parts["Fisher inputs"] and e.disk_bytes == base.disk_bytes
+    # under --max-memory they go to disk with the activations: two batches and one layer's G in memory
+    acts = 10 * 20 * 8 * 4
+    assert not estimate_prune(job, max_memory=ACTIVATION_COPIES * acts + G + inputs).activations_on_disk
+    tight = estimate_prune(job, max_memory=ACTIVATION_COPIES * acts + G + inputs - 1)
+    assert tight.activations_on_disk
+    assert tight.parts["Fisher curvatures"] == FISHER_ROLES * 8 * 8 * 4 and tight.parts["Fisher inputs"] == 0
+    no_fisher = estimate_prune(dataclasses.replace(job, fisher_samples=0), max_memory=1)
+    assert tight.disk_bytes == no_fisher.disk_bytes + G + inputs
 
 
 def test_job_size_from_a_config(tiny_model_dir_factory):

@@ -240,7 +240,16 @@ class _Job:
 def per_rank(config):
     """The config with this group's share of the samples (for memory estimates); `config` in one process."""
     size = world_size() if active() else env_world_size()
-    return config if size <= 1 else dataclasses.replace(config, nsamples=math.ceil(config.nsamples / size))
+    return config if size <= 1 else _share(config, size)
+
+
+def _share(config, size: int):
+    """`config` with one of `size` processes' share of the calibration and Fisher samples."""
+    return dataclasses.replace(
+        config,
+        nsamples=math.ceil(config.nsamples / size),
+        fisher_samples=math.ceil(config.fisher_samples / size),
+    )
 
 
 def check_nproc(nproc: int, config, *, resume: bool = False) -> None:
@@ -270,7 +279,7 @@ def check_memory(nproc: int, model: str, config, *, max_memory: int | None) -> N
     from ..guards import available_ram, check_fits, estimate_prune, job_size
     from ..sources import model_config
 
-    share = dataclasses.replace(config, nsamples=math.ceil(config.nsamples / nproc))
+    share = _share(config, nproc)
     one = estimate_prune(job_size(model_config(model), share), max_memory=max_memory)
     total = dataclasses.replace(
         one, ram_bytes=nproc * one.ram_bytes, parts={f"{nproc} x {k}": v for k, v in one.parts.items()}

@@ -42,7 +42,7 @@ from ..modeling import LayerConfigView, SlimGPTDecoderLayer
 from ..resume import Batches, Home, ResumeState
 from ..shrink import LayerCut, assemble, check_shapes, make_slim_config, shrink_layer
 from .distributed import from_rank0, reduce_hessian, shard
-from .fisher import OutputWeight, output_fisher
+from .fisher import Curvatures, OutputWeight, output_fisher
 from .methods import METHODS, HeadUnits, LayerStats
 from .obs import accumulate_hessian
 from .schedule import PER_GROUP, LayerPlan, achieved_share, layer_ratios, plan_layers
@@ -211,7 +211,7 @@ class LayerwisePruner:
         self.hdtype = config.torch_hessian_dtype
         self.method = METHODS[config.method]
         self.layout = layout_of(model.config)
-        self.fisher: list[dict[str, torch.Tensor]] | None = None  # per layer {role: G}, measured by run()
+        self.fisher: Curvatures | None = None  # per layer {role: G}, measured by run(), dropped at its end
 
     def plans(self) -> tuple[list[LayerShape], list[LayerPlan]]:
         shapes = layer_shapes(self.model.config)
@@ -284,6 +284,7 @@ class LayerwisePruner:
                     [_pruned_roles(shape, plan) for shape, plan in zip(shapes, plans)],
                     device=self.device,
                     batch_size=cfg.batch_size,
+                    directory=root / "fisher" if offload else None,  # with the activations, under --max-memory
                 )
             if start == len(plans):
                 xs = None
@@ -311,6 +312,8 @@ class LayerwisePruner:
             if xs is not None:
                 xs.drop()
         finally:
+            if self.fisher is not None:
+                self.fisher.drop()
             if work is not None:
                 work.cleanup()
         slim = assemble(model, new_layers, slim_config, layout)

@@ -15,19 +15,26 @@ device at a time (every layer's input kept on the host from one forward pass, th
 recomputed under autograd from the top down). On calibration text sampled from the model itself (`self`),
 the labels are draws from the model's own distribution, so this empirical Fisher is the model's Fisher.
 G is normalised to mean diagonal 1 and damped by FISHER_DAMP (its scale changes no decision).
+
+Host memory: every layer's dense inputs for the pass (layers x samples x seqlen x hidden x dtype bytes),
+then G, hidden^2 x 4 bytes per pruned projection, kept through the prune (70B, 16 x 2048: 43 GB each).
+With a `directory` (the prune's `--max-memory` offload) both live there, one layer's at a time in memory.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..layout import Layout
+from ..resume import Batches, load_tensors, save_tensors
 from .distributed import reduce_hessian
 
 # Of G's mean diagonal: 0.01 and 0.1 measured on SmolLM2 at 20% (benchmarks/results/self_calibration.md rows (19)).
@@ -56,6 +63,52 @@ class OutputWeight:
         return torch.linalg.solve_triangular(self.R, W.to(self.R.dtype), upper=True).to(W.dtype)
 
 
+class Curvatures:
+    """Per decoder layer, {role: G}: in memory, or one safetensors file per layer in `directory`."""
+
+    def __init__(self, layers: int, directory: Path | None = None):
+        self.directory = directory
+        self._layers: list[dict[str, torch.Tensor]] = [{} for _ in range(layers)]
+        self._last: tuple[int, dict[str, torch.Tensor]] | None = None  # the layer read last, for its other role
+        if directory is not None:
+            if directory.exists():  # a killed run's
+                shutil.rmtree(directory)
+            directory.mkdir(parents=True)
+
+    @classmethod
+    def of(cls, layers: list[dict[str, torch.Tensor]]) -> Curvatures:
+        store = cls(len(layers))
+        store._layers = list(layers)
+        return store
+
+    def _file(self, i: int) -> Path:
+        return self.directory / f"G-{i:05d}.safetensors"
+
+    def put(self, i: int, fishers: dict[str, torch.Tensor]) -> None:
+        if self.directory is None:
+            self._layers[i] = fishers
+        elif fishers:
+            save_tensors(fishers, self._file(i))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if self.directory is None:
+            return self._layers[i]
+        if self._last is None or self._last[0] != i:
+            self._last = (i, load_tensors(self._file(i)) if self._file(i).exists() else {})
+        return self._last[1]
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return (self[i] for i in range(len(self)))
+
+    def drop(self) -> None:
+        self._layers, self._last = [{} for _ in self._layers], None
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
 def output_fisher(
     model: nn.Module,
     layout: Layout,
@@ -65,31 +118,35 @@ def output_fisher(
     *,
     device: torch.device,
     batch_size: int,
-) -> tuple[list[dict[str, torch.Tensor]], float]:
+    directory: Path | None = None,
+) -> tuple[Curvatures, float]:
     """Per decoder layer, {role: G [hidden, hidden]} (float32, on the host) for that layer's `roles`; and the seconds.
 
     `forward(layer, x)` is a dense decoder layer's output on inputs x (the engine's own block functions,
     so G is measured on exactly the computation that is pruned). `roles[i]`: the projections whose units
     layer i's plan removes (none for a layer left dense): G costs hidden^2 x 4 bytes of host memory each.
     G is the mean of g g^T over the positions that have a next token, summed over the ranks of a
-    distributed prune (every rank passes its share).
+    distributed prune (every rank passes its share). With `directory`, the layers' inputs and G are kept
+    there (in memory otherwise); `Curvatures.drop` deletes them.
     """
     t0 = time.perf_counter()
     layers = layout.part(model, "layers")
     embed = layout.part(model, "embed")
     batches = list(input_ids.split(batch_size))
+    fishers = Curvatures(len(layers), directory)
     with torch.no_grad():
         xs = [embed(ids.to(embed.weight.device)).to(device) for ids in batches]
-        inputs: list[list[torch.Tensor] | None] = []
-        for layer in layers:
+        inputs: list[Batches] = []
+        for i, layer in enumerate(layers):
             layer.to(device)
-            inputs.append([x.to("cpu") for x in xs])
+            inputs.append(_store(directory, i))
+            for x in xs:
+                inputs[i].append(x.to("cpu"))
             xs = [forward(layer, x) for x in xs]
             layer.to("cpu")
     grads = _loss_gradients(model, layout, xs, batches, device)
     xs = None
     width = model.config.hidden_size
-    fishers: list[dict[str, torch.Tensor]] = [{} for _ in layers]
     n = sum(ids[:, 1:].numel() for ids in batches)
     for i in reversed(range(len(layers))):
         layer = layers[i].to(device)
@@ -102,9 +159,18 @@ def output_fisher(
                     sums[role].addmm_(g_out.T, g_out)
         finally:
             layer.to("cpu")
-        inputs[i] = None
-        fishers[i] = {role: reduce_hessian(G / n, n)[0].cpu() for role, G in sums.items()}
+        inputs[i].drop()
+        fishers.put(i, {role: reduce_hessian(G / n, n)[0].cpu() for role, G in sums.items()})
     return fishers, time.perf_counter() - t0
+
+
+def _store(directory: Path | None, i: int) -> Batches:
+    """Where layer i's inputs wait for the backward pass: in memory, or a folder of `directory`."""
+    if directory is None:
+        return Batches()
+    path = directory / f"x-{i:05d}"
+    path.mkdir()
+    return Batches(path)
 
 
 def _loss_gradients(model, layout: Layout, xs: list[torch.Tensor], batches: list[torch.Tensor], device):
