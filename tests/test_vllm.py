@@ -264,27 +264,22 @@ def test_serve_answers_openai_api_and_shuts_down(uneven_slim_dir):
             raise
     out = proc.stdout.read()
     assert f"http://127.0.0.1:{port}/v1" in out.replace("\n", "")
-    # Greedy text from the server equals transformers' (the torch back end) for the same prompt.
-    torch_text = _cli(
-        "generate",
-        str(uneven_slim_dir),
-        "--backend",
-        "torch",
-        "--prompt",
-        "the cat sat",
-        "--max-new-tokens",
-        "6",
-        "--json",
-    )
-    assert json.loads(torch_text.stdout)[0]["completion"].strip() == completion["choices"][0]["text"].strip()
+    # Greedy text from the server equals transformers' (the torch back end, in this process) for the same prompt.
+    torch_text = _torch_generate(uneven_slim_dir, "--prompt", "the cat sat", "--max-new-tokens", "6")
+    assert torch_text[0]["completion"].strip() == completion["choices"][0]["text"].strip()
+
+
+def _torch_generate(model_dir: Path, *args: str) -> list[dict]:
+    """`generate --backend torch --json` in this process (vLLM is the back end under test, in its own)."""
+    result = CliRunner().invoke(main, ["generate", str(model_dir), "--backend", "torch", "--json", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
 
 
 def test_generate_with_vllm_backend_matches_torch(uneven_slim_dir):
     prompts = ["the cat sat on", "a big red dog"]
-    args = [str(uneven_slim_dir), "--max-new-tokens", "8", "--json"] + [a for p in prompts for a in ("--prompt", p)]
-    got = _cli("generate", "--backend", "vllm", *args)
+    args = ["--max-new-tokens", "8"] + [a for p in prompts for a in ("--prompt", p)]
+    got = _cli("generate", str(uneven_slim_dir), "--backend", "vllm", "--json", *args)
     assert got.returncode == 0, got.stderr[-3000:]
-    want = _cli("generate", "--backend", "torch", *args)
-    assert [c["completion"].strip() for c in json.loads(got.stdout)] == [
-        c["completion"].strip() for c in json.loads(want.stdout)
-    ]
+    want = _torch_generate(uneven_slim_dir, *args)
+    assert [c["completion"].strip() for c in json.loads(got.stdout)] == [c["completion"].strip() for c in want]
