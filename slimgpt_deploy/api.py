@@ -99,7 +99,14 @@ def prune_to_checkpoint(
     check_output_dir(out, force)
     t0 = time.perf_counter()
     model_cfg = model.model.config if isinstance(model, LoadedModel) else model_config(model)
-    estimate = check_resources(model, distributed.per_rank(config), out=out, max_memory=max_memory, model_cfg=model_cfg)
+    estimate = check_resources(
+        model,
+        distributed.per_rank(config),
+        out=out,
+        max_memory=max_memory,
+        model_cfg=model_cfg,
+        resumable=not distributed.active(),  # a rank of --nproc keeps no resume state
+    )
     if distributed.active():  # one rank of `--nproc` / torchrun: no resume state, rank 0 writes
         return _prune_rank(
             model,
@@ -161,13 +168,22 @@ def _prune_rank(model, out: Path, config: PruneConfig, *, force, on_layer, resum
 
 
 def check_resources(
-    model: str | LoadedModel, config: PruneConfig, *, out: Path | None, max_memory: int | None, model_cfg=None
+    model: str | LoadedModel,
+    config: PruneConfig,
+    *,
+    out: Path | None,
+    max_memory: int | None,
+    model_cfg=None,
+    resumable: bool = False,
 ) -> Estimate:
     """Estimate the prune's peak memory (and disk under `out`) and refuse it if it cannot fit."""
     if model_cfg is None:
         model_cfg = model.model.config if isinstance(model, LoadedModel) else model_config(model)
     estimate = estimate_prune(
-        job_size(model_cfg, config), weights_loaded=isinstance(model, LoadedModel), max_memory=max_memory
+        job_size(model_cfg, config),
+        weights_loaded=isinstance(model, LoadedModel),
+        max_memory=max_memory,
+        resumable=resumable,
     )
     where = existing_parent(out) if out is not None else None
     check_fits(estimate, available_ram=available_ram(), free_disk=free_disk(where) if where else None, where=where)

@@ -95,7 +95,9 @@ class Estimate:
         return asdict(self)
 
 
-def estimate_prune(job: JobSize, *, weights_loaded: bool = False, max_memory: int | None = None) -> Estimate:
+def estimate_prune(
+    job: JobSize, *, weights_loaded: bool = False, max_memory: int | None = None, resumable: bool = False
+) -> Estimate:
     """Peak RAM and disk of a layer-wise prune (pure).
 
     RAM = dense weights (unless already loaded) + slim decoder copy
@@ -107,19 +109,19 @@ def estimate_prune(job: JobSize, *, weights_loaded: bool = False, max_memory: in
           the prune), and the Fisher pass's inputs (layers x F x seqlen x hidden x dtype bytes) beyond the
           prune's own activations, Hessians and slim copy (the pass ends before the prune starts).
     The activations (and the Fisher's inputs and G) move to disk when they exceed `max_memory`; then
-    two batches and one layer's G stay in memory.
+    two batches and one layer's G stay in memory. A `resumable` prune (one with resume state) keeps G
+    in its state on disk in any case, so that a resumed prune need not measure it again.
     Disk = slim checkpoint (dense minus the removed decoder share)
          + resume state: slim decoder layers + two activation copies (the old and new
            boundary, at a commit) + calibration ids, + one more copy (h) when on disk,
-           + the Fisher's inputs and G when on disk.
+           + the Fisher's G when on disk or resumable, and its inputs when on disk.
     """
     weights = job.params * job.dtype_bytes
     slim_decoder = int(job.decoder_params * (1 - job.ratio)) * job.dtype_bytes
     acts = job.nsamples * job.seqlen * job.hidden * job.dtype_bytes
     layer_G = FISHER_ROLES * job.hidden**2 * 4 if job.fisher_samples else 0
     fisher_inputs = job.layers * job.fisher_samples * job.seqlen * job.hidden * job.dtype_bytes
-    fisher = job.layers * layer_G + fisher_inputs
-    on_disk = max_memory is not None and ACTIVATION_COPIES * acts + fisher > max_memory
+    on_disk = max_memory is not None and ACTIVATION_COPIES * acts + job.layers * layer_G + fisher_inputs > max_memory
     batch_tokens = min(job.batch_size, job.nsamples) * job.seqlen
     batch_acts = batch_tokens * job.hidden * job.dtype_bytes
     parts = {
@@ -132,10 +134,11 @@ def estimate_prune(job: JobSize, *, weights_loaded: bool = False, max_memory: in
     if job.fisher_samples:
         prune_phase = sum(parts.values()) - parts["weights"]
         fisher_batch = min(job.batch_size, job.fisher_samples) * job.seqlen * job.hidden * job.dtype_bytes
-        parts["Fisher curvatures"] = layer_G if on_disk else job.layers * layer_G
+        parts["Fisher curvatures"] = layer_G if on_disk or resumable else job.layers * layer_G
         parts["Fisher inputs"] = max(0, (2 * fisher_batch if on_disk else fisher_inputs) - prune_phase)
     checkpoint = weights - int(job.decoder_params * job.ratio) * job.dtype_bytes
-    state = slim_decoder + (3 if on_disk else 2) * acts + job.nsamples * job.seqlen * 8 + (fisher if on_disk else 0)
+    state = slim_decoder + (3 if on_disk else 2) * acts + job.nsamples * job.seqlen * 8
+    state += (job.layers * layer_G if on_disk or resumable else 0) + (fisher_inputs if on_disk else 0)
     return Estimate(
         ram_bytes=sum(parts.values()),
         disk_bytes=checkpoint + state,

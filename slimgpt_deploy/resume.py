@@ -7,6 +7,8 @@ A state directory (by default a hidden sibling of the output, `.NAME.resume`):
     calib.safetensors        the calibration token ids (self-sampled text is not regenerated)
     layer-00003.safetensors  finished slim layer 3's weights
     xs-00004/                layer 4's input activations, one safetensors file per batch
+    fisher/                  with --fisher-samples: each layer's G (prune/fisher.Curvatures),
+                             read back once its complete.json is written
 
 Every file is written under a temporary name, flushed to disk and renamed into
 place (os.replace); state.json, which says how many layers are finished, is
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 CALIB_FILE = "calib.safetensors"
+FISHER_DIR = "fisher"
 FORMAT = "slimgpt-deploy-resume/1"
 PARTIAL = ".partial"
 
@@ -219,7 +222,7 @@ class ResumeState:
 
     def _clean(self) -> None:
         """Remove what a killed run wrote past the last commit (partial files, later layers)."""
-        keep = {STATE_FILE, CALIB_FILE, f"xs-{self.finished:05d}"} | {
+        keep = {STATE_FILE, CALIB_FILE, FISHER_DIR, f"xs-{self.finished:05d}"} | {
             f"layer-{i:05d}.safetensors" for i in range(self.finished)
         }
         for path in self.directory.iterdir():

@@ -1,5 +1,7 @@
 """The output-space Fisher weighting of the OBS objective (prune/fisher.py), on its own and in the engine."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -93,10 +95,41 @@ def test_on_disk_the_fisher_is_the_same_and_leaves_nothing(model, tmp_path):
         mp.setattr(engine.tempfile, "tempdir", str(tmp_path))
         disk = pruner.run(ids, offload=True)
     memory = LayerwisePruner(model, config).run(ids)
-    assert kept == [["G-00000.safetensors", "G-00001.safetensors", "G-00002.safetensors"]]
+    assert kept == [["G-00000.safetensors", "G-00001.safetensors", "G-00002.safetensors", "complete.json"]]
     assert not list(tmp_path.iterdir()) and not pruner.fisher[0]  # dropped with the activations
     for (name, a), b in zip(memory.model.state_dict().items(), disk.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_an_interrupted_prune_resumes_with_the_saved_fisher(tiny_model_dir_factory, tmp_path, monkeypatch):
+    """G waits in the resume state: the resumed prune reads it back instead of measuring it again."""
+    from slimgpt_deploy.api import prune_to_checkpoint
+    from slimgpt_deploy.errors import Interrupted
+    from slimgpt_deploy.resume import default_state_dir
+
+    source = tiny_model_dir_factory("llama", **GQA)
+    config = PruneConfig(ratio=0.4, nsamples=8, seqlen=32, head_share=1.0, fisher_samples=4)
+    prune_to_checkpoint(source, tmp_path / "whole", config)
+
+    def stop_after_layer_0(i, n, rec):
+        if i == 0:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "slim"
+    with pytest.raises(Interrupted):
+        prune_to_checkpoint(source, out, config, on_layer=stop_after_layer_0)
+    saved = default_state_dir(out) / "fisher"
+    assert sorted(p.name for p in saved.iterdir()) == [f"G-{i:05d}.safetensors" for i in range(3)] + ["complete.json"]
+    measured_s = json.loads((saved / "complete.json").read_text())["seconds"]
+
+    def measure_again(*a, **k):
+        raise AssertionError("the Fisher was measured again")
+
+    monkeypatch.setattr(engine, "output_fisher", measure_again)
+    resumed = prune_to_checkpoint(source, out, config, resume=True)
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert resumed.record["fisher_seconds"] == round(measured_s, 3) > 0  # the interrupted run's pass
+    assert not default_state_dir(out).exists()
 
 
 def _problem(seed=0, out=6, width=10, n=64):

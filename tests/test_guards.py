@@ -70,6 +70,10 @@ def test_the_fisher_pass_is_estimated_and_moves_to_disk_with_the_activations():
     assert e.parts["Fisher curvatures"] == G
     assert e.parts["Fisher inputs"] == inputs - (base.ram_bytes - base.parts["weights"]) > 0  # beyond the prune's
     assert e.ram_bytes == base.ram_bytes + G + e.parts["Fisher inputs"] and e.disk_bytes == base.disk_bytes
+    # with resume state, G waits there for a resumed prune: one layer's in memory
+    resumable = estimate_prune(job, resumable=True)
+    assert resumable.parts["Fisher curvatures"] == FISHER_ROLES * 8 * 8 * 4
+    assert resumable.disk_bytes == e.disk_bytes + G
     # under --max-memory they go to disk with the activations: two batches and one layer's G in memory
     acts = 10 * 20 * 8 * 4
     assert not estimate_prune(job, max_memory=ACTIVATION_COPIES * acts + G + inputs).activations_on_disk

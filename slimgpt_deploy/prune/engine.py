@@ -39,7 +39,7 @@ from ..families import layer_shapes, layout_of
 from ..guards import ACTIVATION_COPIES, free_memory, layer_device_peak
 from ..layout import HESSIAN_OF, SLIM, LayerShape, Layout
 from ..modeling import LayerConfigView, SlimGPTDecoderLayer
-from ..resume import Batches, Home, ResumeState
+from ..resume import FISHER_DIR, Batches, Home, ResumeState
 from ..shrink import LayerCut, assemble, check_shapes, make_slim_config, shrink_layer
 from .distributed import from_rank0, reduce_hessian, shard
 from .fisher import Curvatures, OutputWeight, output_fisher
@@ -275,7 +275,13 @@ class LayerwisePruner:
             pos = layout.part(model, "rotary")(torch.empty(0, dtype=dtype, device=self.device), position_ids)
             mask = _causal_mask(seqlen, dtype, self.device)
             fisher_s = 0.0
-            if cfg.fisher_samples and start < len(plans):
+            # G beside the activations: in the resume state (read back on resume) or under --max-memory on disk
+            fisher_dir = root / FISHER_DIR if root is not None else None
+            resumed = start > 0 and fisher_dir is not None and cfg.fisher_samples
+            saved = Curvatures.saved(fisher_dir, len(plans)) if resumed else None
+            if saved is not None:
+                self.fisher, fisher_s = saved
+            elif cfg.fisher_samples and start < len(plans):
                 self.fisher, fisher_s = output_fisher(
                     model,
                     layout,
@@ -284,7 +290,8 @@ class LayerwisePruner:
                     [_pruned_roles(shape, plan) for shape, plan in zip(shapes, plans)],
                     device=self.device,
                     batch_size=cfg.batch_size,
-                    directory=root / "fisher" if offload else None,  # with the activations, under --max-memory
+                    directory=fisher_dir,
+                    inputs_on_disk=offload,
                 )
             if start == len(plans):
                 xs = None
@@ -311,9 +318,9 @@ class LayerwisePruner:
                     on_layer(i, len(plans), rec)
             if xs is not None:
                 xs.drop()
-        finally:
             if self.fisher is not None:
-                self.fisher.drop()
+                self.fisher.drop()  # kept on an interruption: a resumed prune reads it back
+        finally:
             if work is not None:
                 work.cleanup()
         slim = assemble(model, new_layers, slim_config, layout)

@@ -23,6 +23,7 @@ With a `directory` (the prune's `--max-memory` offload) both live there, one lay
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -33,12 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic import atomic_write, write_json
 from ..layout import Layout
 from ..resume import Batches, load_tensors, save_tensors
 from .distributed import reduce_hessian
 
 # Of G's mean diagonal: 0.01 and 0.1 measured on SmolLM2 at 20% (benchmarks/results/self_calibration.md rows (19)).
 FISHER_DAMP = 0.01
+COMPLETE = "complete.json"  # in a Curvatures folder: every layer's G is written
 LOSS_ROWS = 1024  # positions whose vocabulary-wide logits are formed at once (128k vocabularies: 0.5 GB in float32)
 
 
@@ -64,14 +67,18 @@ class OutputWeight:
 
 
 class Curvatures:
-    """Per decoder layer, {role: G}: in memory, or one safetensors file per layer in `directory`."""
+    """Per decoder layer, {role: G}: in memory, or one safetensors file per layer in `directory`.
 
-    def __init__(self, layers: int, directory: Path | None = None):
+    On disk, `finish` marks the set complete (with the pass's seconds), so that a resumed prune reads
+    it back (`saved`) instead of measuring it again.
+    """
+
+    def __init__(self, layers: int, directory: Path | None = None, *, fresh: bool = True):
         self.directory = directory
         self._layers: list[dict[str, torch.Tensor]] = [{} for _ in range(layers)]
         self._last: tuple[int, dict[str, torch.Tensor]] | None = None  # the layer read last, for its other role
-        if directory is not None:
-            if directory.exists():  # a killed run's
+        if directory is not None and fresh:
+            if directory.exists():  # an unfinished run's
                 shutil.rmtree(directory)
             directory.mkdir(parents=True)
 
@@ -81,6 +88,15 @@ class Curvatures:
         store._layers = list(layers)
         return store
 
+    @classmethod
+    def saved(cls, directory: Path, layers: int) -> tuple[Curvatures, float] | None:
+        """The complete set an interrupted prune left in `directory`, and the seconds its pass took; else None."""
+        marker = directory / COMPLETE
+        if not marker.is_file():
+            return None
+        done = json.loads(marker.read_text())
+        return (cls(layers, directory, fresh=False), done["seconds"]) if done["layers"] == layers else None
+
     def _file(self, i: int) -> Path:
         return self.directory / f"G-{i:05d}.safetensors"
 
@@ -88,7 +104,11 @@ class Curvatures:
         if self.directory is None:
             self._layers[i] = fishers
         elif fishers:
-            save_tensors(fishers, self._file(i))
+            atomic_write(self._file(i), lambda tmp: save_tensors(fishers, tmp))
+
+    def finish(self, seconds: float) -> None:
+        if self.directory is not None:
+            write_json(self.directory / COMPLETE, {"layers": len(self), "seconds": seconds})
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if self.directory is None:
@@ -119,6 +139,7 @@ def output_fisher(
     device: torch.device,
     batch_size: int,
     directory: Path | None = None,
+    inputs_on_disk: bool = False,
 ) -> tuple[Curvatures, float]:
     """Per decoder layer, {role: G [hidden, hidden]} (float32, on the host) for that layer's `roles`; and the seconds.
 
@@ -126,8 +147,8 @@ def output_fisher(
     so G is measured on exactly the computation that is pruned). `roles[i]`: the projections whose units
     layer i's plan removes (none for a layer left dense): G costs hidden^2 x 4 bytes of host memory each.
     G is the mean of g g^T over the positions that have a next token, summed over the ranks of a
-    distributed prune (every rank passes its share). With `directory`, the layers' inputs and G are kept
-    there (in memory otherwise); `Curvatures.drop` deletes them.
+    distributed prune (every rank passes its share). With `directory`, G is kept there (in memory
+    otherwise), and with `inputs_on_disk` the layers' inputs too; `Curvatures.drop` deletes them.
     """
     t0 = time.perf_counter()
     layers = layout.part(model, "layers")
@@ -139,7 +160,7 @@ def output_fisher(
         inputs: list[Batches] = []
         for i, layer in enumerate(layers):
             layer.to(device)
-            inputs.append(_store(directory, i))
+            inputs.append(_store(directory if inputs_on_disk else None, i))
             for x in xs:
                 inputs[i].append(x.to("cpu"))
             xs = [forward(layer, x) for x in xs]
@@ -161,7 +182,9 @@ def output_fisher(
             layer.to("cpu")
         inputs[i].drop()
         fishers.put(i, {role: reduce_hessian(G / n, n)[0].cpu() for role, G in sums.items()})
-    return fishers, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    fishers.finish(seconds)
+    return fishers, seconds
 
 
 def _store(directory: Path | None, i: int) -> Batches:
