@@ -123,6 +123,23 @@ def test_nan_weights_are_named(tiny_model_dir_factory):
         _prune(model, ratio=0.2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_finds_every_nan_and_inf(dtype):
+    from slimgpt_deploy.prune.engine import all_finite
+
+    t = torch.randn(7, 9).to(dtype)
+    assert all_finite(t) and all_finite(torch.empty(0, 9, dtype=dtype))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for at in ((0, 0), (3, 4), (6, 8)):
+            u = t.clone()
+            u[at] = bad
+            assert not all_finite(u), (bad, at)
+    both = t.clone()
+    both[1, 1], both[2, 2] = float("inf"), float("nan")
+    assert not all_finite(both)
+    assert all_finite(torch.full((3,), torch.finfo(dtype).max, dtype=dtype))  # large is not infinite
+
+
 @pytest.mark.parametrize("family", ["qwen2", "mistral"])
 def test_other_families_prune_and_keep_their_biases(tiny_model_dir_factory, family):
     model = _load(tiny_model_dir_factory(family, **GQA))
