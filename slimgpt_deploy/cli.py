@@ -1028,9 +1028,24 @@ def generate(model, backend, prompts, max_new_tokens, temperature, top_p, seed, 
     default=None,
     help="KV-cache budget in GiB (default on CPU: 1; on GPU: vLLM's memory share).",
 )
+@click.option(
+    "--enforce-eager",
+    is_flag=True,
+    help="Skip vLLM's torch.compile (and CUDA graphs on GPUs): a faster start, possibly slower decoding.",
+)
 @click.option("--dry-run", is_flag=True, help="Check the model and print the vLLM command instead of running it.")
 def serve(
-    model, host, port, api_key, served_model_name, max_model_len, dtype, tensor_parallel_size, kv_cache_gb, dry_run
+    model,
+    host,
+    port,
+    api_key,
+    served_model_name,
+    max_model_len,
+    dtype,
+    tensor_parallel_size,
+    kv_cache_gb,
+    enforce_eager,
+    dry_run,
 ):
     """Serve MODEL (a slim checkpoint or a vLLM export) with vLLM's OpenAI-compatible server."""
 
@@ -1047,7 +1062,7 @@ def serve(
             max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size,
             kv_cache_bytes=int(kv_cache_gb * (1 << 30)) if kv_cache_gb else None,
-            enforce_eager=False,
+            enforce_eager=enforce_eager,  # vLLM's default: compiled, with CUDA graphs on GPUs
         )
         cmd = serve_command(model, host=host, port=port, options=options, served_model_name=served_model_name)
         if dry_run:

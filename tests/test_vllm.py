@@ -167,6 +167,9 @@ def test_tp_size_that_shapes_do_not_divide_is_refused(uneven_slim_dir):
     assert "layer 0" in result.output and "--tp-size 3" in result.output
     ok = CliRunner().invoke(main, ["serve", str(uneven_slim_dir), "--tensor-parallel-size", "2", "--dry-run"])
     assert ok.exit_code == 0 and "--tensor-parallel-size 2" in ok.output
+    assert "--enforce-eager" not in ok.output  # served compiled, as vLLM serves by default
+    eager = CliRunner().invoke(main, ["serve", str(uneven_slim_dir), "--enforce-eager", "--dry-run"])
+    assert eager.exit_code == 0 and eager.output.rstrip().endswith("--enforce-eager")
 
 
 def test_missing_vllm_says_which_extra_to_install(uneven_slim_dir, monkeypatch, tmp_path):
