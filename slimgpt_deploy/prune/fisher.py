@@ -18,7 +18,8 @@ G is normalised to mean diagonal 1 and damped by FISHER_DAMP (its scale changes 
 
 Host memory: every layer's dense inputs for the pass (layers x samples x seqlen x hidden x dtype bytes),
 then G, hidden^2 x 4 bytes per pruned projection, kept through the prune (70B, 16 x 2048: 43 GB each).
-With a `directory` (the prune's `--max-memory` offload) both live there, one layer's at a time in memory.
+With a `directory` (a prune's resume state, or its `--max-memory` offload) G lives there, one layer's in
+memory at a time, and under `--max-memory` the inputs too.
 """
 
 from __future__ import annotations
