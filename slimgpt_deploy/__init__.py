@@ -1,14 +1,17 @@
 """slimgpt-deploy: SlimGPT structured pruning and deployment of LLaMA-family models.
 
-Importing the package registers the slim model type with transformers, so
-slim checkpoints load with `AutoModelForCausalLM.from_pretrained(dir)`.
+Importing the package registers the slim model type with transformers (at once if transformers
+is imported, else when it is: _registration.py), so slim checkpoints load with
+`AutoModelForCausalLM.from_pretrained(dir)`.
 """
 
 from __future__ import annotations
 
-from . import modeling  # noqa: F401  (registers the `slimgpt` model type)
+from ._registration import register_with_transformers
 from ._version import __version__
 from .config import PruneConfig
+
+register_with_transformers()  # the `slimgpt` model type, once transformers is imported
 
 
 def __getattr__(name):

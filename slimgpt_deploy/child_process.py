@@ -12,10 +12,10 @@ Child side, `main(fn)`: reads the job, writes `fn(job)` (a dict) to the job's `o
 
 Each run is its own process, so its peak memory is its own and a runtime that aborts (vLLM,
 llama.cpp) cannot take the parent with it. The child gets the package without running its
-`__init__`, which imports transformers to register the slim model type: 4-5 s and ~0.5 GiB of
-resident memory that an ONNX Runtime or llama.cpp measurement must not carry (a deployed edge app
-has neither). A child module that loads slim checkpoints through transformers imports
-`slimgpt_deploy.modeling` itself (sources.py and the vLLM plugin do).
+`__init__`, which imports torch (PruneConfig's dtypes): ~2 s and ~0.2 GiB of resident memory that
+an ONNX Runtime or llama.cpp measurement must not carry (a deployed edge app has neither). A child
+module that loads slim checkpoints through transformers imports `slimgpt_deploy.modeling` itself
+(sources.py and the vLLM plugin do), which registers the slim model type at once.
 """
 
 from __future__ import annotations

@@ -63,6 +63,16 @@ class LayerShape:
         )
 
 
+def heads_aligned(q: int, kv: int, multiple: int) -> bool:
+    """Whether q query and kv KV heads shard over `multiple` ranks (vLLM's tensor-parallel rule).
+
+    Query heads split evenly; KV heads split evenly or, when fewer than the
+    ranks, each is replicated on a whole number of ranks.
+    """
+    kv_ok = kv % multiple == 0 if kv >= multiple else multiple % kv == 0
+    return q % multiple == 0 and kv_ok
+
+
 @dataclass(frozen=True)
 class Projection:
     """How pruning cuts one projection ([out, in] weight)."""

@@ -117,6 +117,28 @@ print("ok", type(m).__module__)
     assert 'AutoTokenizer.from_pretrained("PATH", trust_remote_code=False)' in card
 
 
+def test_the_package_registers_when_transformers_is_imported_and_the_cli_does_not_import_it(slim_dir):
+    # In a fresh interpreter: the CLI module starts without transformers (its Auto classes cost ~3 s);
+    # a lookup of transformers' spec (an "is the extra installed" check) does not use up the hook;
+    # the first `import transformers` registers the slim model type, so no remote code is needed.
+    _, out, _ = slim_dir
+    code = f"""
+import importlib.util, sys
+import slimgpt_deploy.cli
+assert "transformers" not in sys.modules, "the CLI imported transformers"
+assert importlib.util.find_spec("transformers") is not None
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(out)!r})
+assert type(m).__module__ == "slimgpt_deploy.modeling.modeling_slimgpt", type(m).__module__
+print("ok")
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    assert "Do you wish to run the custom code" not in proc.stdout + proc.stderr
+
+
 def test_generate_runs_on_the_slim_model(slim_dir):
     _, out, _ = slim_dir
     model = AutoModelForCausalLM.from_pretrained(out).eval()

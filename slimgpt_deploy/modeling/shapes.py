@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 from ..families import layer_shape
-from ..layout import SLIM
+from ..layout import SLIM, heads_aligned
 from .configuration_slimgpt import SlimGPTConfig
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
@@ -43,16 +43,6 @@ def shape_mismatch(config: SlimGPTConfig, name: str, shape: tuple[int, ...]) -> 
             f"(q_heads={q}, kv_heads={kv}, ffn={f}) imply {list(expected)}"
         )
     return None
-
-
-def heads_aligned(q: int, kv: int, multiple: int) -> bool:
-    """Whether q query and kv KV heads shard over `multiple` ranks (vLLM's tensor-parallel rule).
-
-    Query heads split evenly; KV heads split evenly or, when fewer than the
-    ranks, each is replicated on a whole number of ranks.
-    """
-    kv_ok = kv % multiple == 0 if kv >= multiple else multiple % kv == 0
-    return q % multiple == 0 and kv_ok
 
 
 def tp_problem(config: SlimGPTConfig, tp: int) -> str | None:

@@ -15,8 +15,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import BadInputError
-from ..layout import LayerShape
-from ..modeling.shapes import heads_aligned
+from ..layout import LayerShape, heads_aligned
 
 MAX_LAYER_RATIO = 0.95
 R_MIN_OVER_R_MAX = 0.25
