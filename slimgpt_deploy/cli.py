@@ -458,8 +458,11 @@ def recover(slim_dir, teacher, out, eval_text, eval_seqlen, eval_max_tokens, res
     _run(go)
 
 
-class _step_progress:
-    """A rich progress bar over recovery steps, with the last loss and ETA."""
+class _Progress:
+    """A rich progress bar with elapsed time, ETA and the last step's figures (`info`); entered, it gives
+    `update`, which each subclass defines for its own callback."""
+
+    label = ""
 
     def __init__(self, console):
         self.console = console
@@ -475,7 +478,7 @@ class _step_progress:
         )
 
         self.progress = Progress(
-            TextColumn("[bold]recovering"),
+            TextColumn(f"[bold]{self.label}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
@@ -488,15 +491,21 @@ class _step_progress:
         self.task = None
         return self.update
 
+    def __exit__(self, *exc):
+        self.progress.stop()
+        return False
+
+
+class _step_progress(_Progress):
+    """Over recovery steps, with the last loss."""
+
+    label = "recovering"
+
     def update(self, step: int, steps: int, parts: dict) -> None:
         if self.task is None:
             self.task = self.progress.add_task("recover", total=steps, completed=step - 1, info="")
         info = f"loss {parts['loss']:.4f} (KL {parts['kl']:.4f}) lr {parts['lr']:.2e}"
         self.progress.update(self.task, completed=step, info=info)
-
-    def __exit__(self, *exc):
-        self.progress.stop()
-        return False
 
 
 def _alignment(head_multiple: int | None, ffn_multiple: int | None, tp_size: int | None) -> dict:
@@ -507,36 +516,10 @@ def _alignment(head_multiple: int | None, ffn_multiple: int | None, tp_size: int
     return {"head_multiple": math.lcm(heads, tp), "ffn_multiple": math.lcm(ffn, tp)}
 
 
-class _layer_progress:
-    """A rich progress bar over decoder layers, showing the last layer's reconstruction errors."""
+class _layer_progress(_Progress):
+    """Over decoder layers, with the last layer's shape and reconstruction errors."""
 
-    def __init__(self, console):
-        self.console = console
-
-    def __enter__(self):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("[bold]pruning"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
-            console=self.console,
-            transient=False,
-        )
-        self.progress.start()
-        self.task = None
-        return self.update
+    label = "pruning"
 
     def update(self, i: int, n: int, rec: dict) -> None:
         if self.task is None:
@@ -546,10 +529,6 @@ class _layer_progress:
             f"err attn {rec['attn_rel_error']:.3f} mlp {rec['mlp_rel_error']:.3f}"
         )
         self.progress.update(self.task, completed=i + 1, info=info)
-
-    def __exit__(self, *exc):
-        self.progress.stop()
-        return False
 
 
 # build flag -> dotted option (see build/options.py); every flag defaults to None = "not given",
