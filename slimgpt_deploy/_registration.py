@@ -10,18 +10,21 @@ imported, and otherwise right after the first `import transformers` finishes, wh
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.util
 import sys
 from collections.abc import Callable
 
 TRANSFORMERS = "transformers"
+MODELING = f"{__package__}.modeling"
 
 
 def _register() -> None:
-    from .modeling import register  # importing slimgpt_deploy.modeling registers (and it is idempotent)
-
-    register()
+    # Importing slimgpt_deploy.modeling registers. Found in sys.modules, it has registered, or it is the
+    # importer of transformers that brought us here and registers once its own imports are done.
+    if MODELING not in sys.modules:
+        importlib.import_module(MODELING)
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

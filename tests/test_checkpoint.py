@@ -132,11 +132,20 @@ m = AutoModelForCausalLM.from_pretrained({str(out)!r})
 assert type(m).__module__ == "slimgpt_deploy.modeling.modeling_slimgpt", type(m).__module__
 print("ok")
 """
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL
-    )
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
-    assert "Do you wish to run the custom code" not in proc.stdout + proc.stderr
+    # and where slimgpt_deploy.modeling is what imports transformers first (the vLLM plugin, sources.py)
+    first = f"""
+import slimgpt_deploy.modeling
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(out)!r})
+assert type(m).__module__ == "slimgpt_deploy.modeling.modeling_slimgpt", type(m).__module__
+print("ok")
+"""
+    for source in (code, first):
+        proc = subprocess.run(
+            [sys.executable, "-c", source], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL
+        )
+        assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+        assert "Do you wish to run the custom code" not in proc.stdout + proc.stderr
 
 
 def test_generate_runs_on_the_slim_model(slim_dir):
