@@ -130,12 +130,11 @@ def child(model: str, out: str, mode: str) -> None:
 
 
 def measure(name: str, model_dir: Path, mode: str = "eager") -> dict:
-    from slimgpt_deploy.serving.vllm_backend import CPU_COMPILED_ENV, on_cpu
+    from slimgpt_deploy.serving.vllm_backend import EngineOptions
 
     out = RESULTS / f".vllm-{name}.json"
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
-    if mode == "compiled" and on_cpu():
-        env = {**CPU_COMPILED_ENV, **env}  # as `serve` starts it
+    env = EngineOptions(enforce_eager=mode == "eager").env(env)  # compiled as `serve` starts it
     t0 = time.perf_counter()
     subprocess.run(
         [sys.executable, __file__, "--child", str(model_dir), str(out), "--mode", mode],

@@ -122,6 +122,7 @@ def estimate_prune(
     layer_G = FISHER_ROLES * job.hidden**2 * 4 if job.fisher_samples else 0
     fisher_inputs = job.layers * job.fisher_samples * job.seqlen * job.hidden * job.dtype_bytes
     on_disk = max_memory is not None and ACTIVATION_COPIES * acts + job.layers * layer_G + fisher_inputs > max_memory
+    G_on_disk = on_disk or resumable
     batch_tokens = min(job.batch_size, job.nsamples) * job.seqlen
     batch_acts = batch_tokens * job.hidden * job.dtype_bytes
     parts = {
@@ -134,11 +135,11 @@ def estimate_prune(
     if job.fisher_samples:
         prune_phase = sum(parts.values()) - parts["weights"]
         fisher_batch = min(job.batch_size, job.fisher_samples) * job.seqlen * job.hidden * job.dtype_bytes
-        parts["Fisher curvatures"] = layer_G if on_disk or resumable else job.layers * layer_G
+        parts["Fisher curvatures"] = layer_G if G_on_disk else job.layers * layer_G
         parts["Fisher inputs"] = max(0, (2 * fisher_batch if on_disk else fisher_inputs) - prune_phase)
     checkpoint = weights - int(job.decoder_params * job.ratio) * job.dtype_bytes
     state = slim_decoder + (3 if on_disk else 2) * acts + job.nsamples * job.seqlen * 8
-    state += (job.layers * layer_G if on_disk or resumable else 0) + (fisher_inputs if on_disk else 0)
+    state += (job.layers * layer_G if G_on_disk else 0) + (fisher_inputs if on_disk else 0)
     return Estimate(
         ram_bytes=sum(parts.values()),
         disk_bytes=checkpoint + state,

@@ -101,8 +101,10 @@ def test_on_disk_the_fisher_is_the_same_and_leaves_nothing(model, tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_an_interrupted_prune_resumes_with_the_saved_fisher(tiny_model_dir_factory, tmp_path, monkeypatch):
-    """G waits in the resume state: the resumed prune reads it back instead of measuring it again."""
+@pytest.mark.parametrize("stop", ["after-layer-0", "before-layer-0"])
+def test_an_interrupted_prune_resumes_with_the_saved_fisher(tiny_model_dir_factory, tmp_path, monkeypatch, stop):
+    """G waits in the resume state: the resumed prune reads it back instead of measuring it again,
+    also when no layer was finished (interrupted right after the Fisher pass)."""
     from slimgpt_deploy.api import prune_to_checkpoint
     from slimgpt_deploy.errors import Interrupted
     from slimgpt_deploy.resume import default_state_dir
@@ -115,9 +117,18 @@ def test_an_interrupted_prune_resumes_with_the_saved_fisher(tiny_model_dir_facto
         if i == 0:
             raise KeyboardInterrupt
 
+    measure = engine.output_fisher
+
+    def stop_after_the_pass(*a, **k):
+        measure(*a, **k)
+        raise KeyboardInterrupt
+
     out = tmp_path / "slim"
-    with pytest.raises(Interrupted):
+    with monkeypatch.context() as m, pytest.raises(Interrupted):
+        if stop == "before-layer-0":
+            m.setattr(engine, "output_fisher", stop_after_the_pass)
         prune_to_checkpoint(source, out, config, on_layer=stop_after_layer_0)
+    assert json.loads((default_state_dir(out) / "state.json").read_text())["finished"] == (stop == "after-layer-0")
     saved = default_state_dir(out) / "fisher"
     assert sorted(p.name for p in saved.iterdir()) == [f"G-{i:05d}.safetensors" for i in range(3)] + ["complete.json"]
     measured_s = json.loads((saved / "complete.json").read_text())["seconds"]

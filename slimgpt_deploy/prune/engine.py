@@ -285,9 +285,10 @@ class LayerwisePruner:
             mask = _causal_mask(seqlen, dtype, self.device)
             fisher_s = 0.0
             if cfg.fisher_samples and start < len(plans):
-                # G beside the activations: in the resume state (read back on resume), or on disk under --max-memory
+                # G beside the activations: in the resume state (read back on resume; a fresh state starts
+                # empty), or on disk under --max-memory
                 fisher_dir = root / FISHER_DIR if root is not None else None
-                saved = Curvatures.saved(fisher_dir, len(plans)) if start > 0 and fisher_dir is not None else None
+                saved = Curvatures.saved(fisher_dir, len(plans)) if fisher_dir is not None else None
                 self.fisher, fisher_s = saved or output_fisher(
                     model,
                     layout,
