@@ -18,14 +18,13 @@ import pytest
 import torch
 import torch.multiprocessing as tmp
 from click.testing import CliRunner
+from dist_collectives import collectives
 from safetensors.torch import load_file, save_file
 
 from slimgpt_deploy.api import prune_to_checkpoint
 from slimgpt_deploy.cli import main
 from slimgpt_deploy.config import PruneConfig
 from slimgpt_deploy.prune import distributed
-from slimgpt_deploy.prune.methods import Decision
-from slimgpt_deploy.prune.obs import accumulate_hessian
 
 SHAPE = dict(num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2, intermediate_size=128)
 OPTIONS = dict(
@@ -69,41 +68,8 @@ def _cli(*args, **kw):
 # ---------------------------------------------------------------- the collectives, 2 gloo processes
 
 
-def _collectives(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    with distributed.process_group(PruneConfig(device="cpu")):
-        assert distributed.active() and distributed.world_size() == world and distributed.rank() == rank
-        X = torch.randn(7, 5, 16, generator=torch.Generator().manual_seed(0))  # 7 samples, 5 tokens, 16 inputs
-        # every rank's share is contiguous, and together they are all the samples, in order
-        mine = distributed.shard(X)
-        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-        torch.distributed.all_gather(sizes, torch.tensor([len(mine)]))
-        start = sum(int(s) for s in sizes[:rank])
-        assert torch.equal(mine, X[start : start + len(mine)]), "shard is not this rank's contiguous part"
-        assert sum(int(s) for s in sizes) == len(X)
-        # the summed Hessian equals one process's running mean over all samples (batches of 2)
-        H, n = torch.zeros(16, 16), 0
-        for b in range(0, len(mine), 2):
-            H, n = accumulate_hessian(H, n, mine[b : b + 2])
-        H, n = distributed.reduce_hessian(H, n)
-        H1, n1 = torch.zeros(16, 16), 0
-        for b in range(0, len(X), 3):
-            H1, n1 = accumulate_hessian(H1, n1, X[b : b + 3])
-        assert n == n1 == 35, (n, n1)
-        assert torch.allclose(H, H1, rtol=1e-5, atol=1e-6), (H - H1).abs().max()
-        assert torch.allclose(H, 2 / 35 * X.reshape(-1, 16).T @ X.reshape(-1, 16), rtol=1e-5, atol=1e-6)
-        # a decision made on rank 0 reaches every rank exactly; a rank's own would differ
-        g = torch.Generator().manual_seed(100 + rank)
-        d = distributed.from_rank0(lambda: Decision([rank, 3], torch.randn(4, 6, generator=g), 0.01 * (rank + 1)))
-        assert d.removed == [0, 3] and d.damping == 0.01
-        assert torch.equal(d.W, torch.randn(4, 6, generator=torch.Generator().manual_seed(100)))
-        ids = distributed.from_rank0(lambda: {"ids": torch.full((2, 3), rank)})
-        assert torch.equal(ids["ids"], torch.zeros(2, 3, dtype=torch.int64))
-
-
 def test_collectives_match_one_process():
-    tmp.spawn(_collectives, args=(2, distributed.free_port()), nprocs=2, join=True)
+    tmp.spawn(collectives, args=(2, distributed.free_port()), nprocs=2, join=True)
 
 
 def test_hooks_are_identities_in_one_process():
