@@ -129,13 +129,15 @@ def run_recipes() -> dict:
     return {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "rounds": ROUNDS, "rows": rows}
 
 
-def markdown_recipes(r: dict) -> str:
+def _header(r: dict, title: str, flags: str = "") -> list[str]:
     m = r["machine"]
+    command = f".venv/bin/python benchmarks/venv_install.py{flags}"
+    return [f"# {title}", "", f"{r['date']}, {m['cpu']}, {m['cores']} cores. `{command}`.", ""]
+
+
+def markdown_recipes(r: dict) -> str:
     lines = [
-        "# Installing the venv: two recipes, the whole install",
-        "",
-        f"{r['date']}, {m['cpu']}, {m['cores']} cores. `.venv/bin/python benchmarks/venv_install.py --recipes`.",
-        "",
+        *_header(r, "Installing the venv: two recipes, the whole install", " --recipes"),
         f"Venv creation to the embedded model's wheel, {r['rounds']} rounds in alternating order, uv's cache warm "
         "(as on a machine that installed before); the two recipes install the same packages when the last column "
         "says yes.",
@@ -162,12 +164,8 @@ def run() -> dict:
 
 
 def markdown(r: dict) -> str:
-    m = r["machine"]
     lines = [
-        "# Installing the venv: pip or uv, and uv's bytecode",
-        "",
-        f"{r['date']}, {m['cpu']}, {m['cores']} cores. `.venv/bin/python benchmarks/venv_install.py`.",
-        "",
+        *_header(r, "Installing the venv: pip or uv, and uv's bytecode"),
         "Each venv as `make venv` makes it; only the installer of llama.cpp and the extras differs. Import time: "
         "`python -c 'import slimgpt_deploy.cli'` with PYTHONDONTWRITEBYTECODE=1, median of 3 after a warm-up.",
         "",
