@@ -10,6 +10,14 @@ Three ways to start a child that will run ONNX Runtime (each a fresh process, me
 and the CLI's own start, which every command pays before it does anything:
   cli --help     `slimgpt-deploy --help`;
   cli import     `import slimgpt_deploy.cli`, with its peak RSS and heavy imports.
+and what other processes of the tool and its tests pay to start (where `make test` spends most of its CPU:
+results/test_cpu.md):
+  torch          `import torch`;
+  transformers   torch and transformers' Llama model class (a bench torch child, a prune rank, the reference);
+  scikit-learn   `import sklearn.metrics`, which transformers' generation utilities import when scikit-learn
+                 is installed (lm-eval installs it);
+  prune API      `import slimgpt_deploy.api` (every prune process, `--nproc` rank or launcher);
+  vllm           `from vllm import LLM` (every vLLM child, before its engine starts).
 Peak RSS is the child's VmHWM. Run it on an otherwise idle machine.
 
     PYTHONPATH=CHECKOUT .venv/bin/python benchmarks/child_import.py --out NAME
@@ -52,6 +60,11 @@ def commands(probe: Path) -> dict[str, list[str]]:
         "bootstrap": python_command(str(probe)),
         "cli --help": [str(Path(sys.executable).with_name("slimgpt-deploy")), "--help"],
         "cli import": [sys.executable, "-c", "import slimgpt_deploy.cli\n" + REPORT],
+        "torch": [sys.executable, "-c", "import torch\n" + REPORT],
+        "transformers": [sys.executable, "-c", "import torch\nfrom transformers import LlamaForCausalLM\n" + REPORT],
+        "scikit-learn": [sys.executable, "-c", "import sklearn.metrics\n" + REPORT],
+        "prune API": [sys.executable, "-c", "import slimgpt_deploy.api\n" + REPORT],
+        "vllm": [sys.executable, "-c", "from vllm import LLM\n" + REPORT],
     }
 
 
@@ -72,7 +85,7 @@ def measure(cmd: list[str], cwd: Path) -> dict:
 
 def markdown(r: dict) -> str:
     lines = [
-        "# A bench child's start-up: imports before it measures",
+        "# Process start-up: what a bench child, the CLI and the other processes import before any work",
         "",
         f"{r['date']}, {r['machine']['cpu']}, {r['machine']['cores']} cores, load average {r['load_average']}. "
         f"`{r['command']}`; median of {RUNS} fresh processes each. Package: {r['package']}.",
