@@ -221,6 +221,19 @@ def run_build(
     )
     notify = on_stage or (lambda name, status, seconds: None)
     runs: list[StageRun] = []
+    from ..reference import shared_references
+
+    with shared_references():  # the verify stages decode the same reference once
+        _run_stages(out, options, ctx, state, runs, notify, force)
+    gate = gate_result(out, options)
+    if gate is not None:
+        state["gate"] = gate
+        _save_state(out, state)
+    return BuildResult(out=out, stages=runs, state=state, gate=gate)
+
+
+def _run_stages(out: Path, options: BuildOptions, ctx: BuildContext, state: dict, runs: list, notify, force: bool):
+    """Run (or find cached) each selected stage in order, appending a StageRun to `runs` for each."""
     for stage in STAGES:
         if stage not in options.stages:
             continue
@@ -282,11 +295,6 @@ def run_build(
         _save_state(out, state)
         runs.append(StageRun(stage, status, seconds, summary, reason))
         notify(stage, status, seconds)
-    gate = gate_result(out, options)
-    if gate is not None:
-        state["gate"] = gate
-        _save_state(out, state)
-    return BuildResult(out=out, stages=runs, state=state, gate=gate)
 
 
 def gate_result(out: Path, options: BuildOptions) -> dict | None:
