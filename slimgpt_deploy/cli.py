@@ -16,7 +16,8 @@ import click
 
 from slimgpt_deploy.bench import BACKENDS as BENCH_BACKENDS
 from slimgpt_deploy.bench import BenchOptions
-from slimgpt_deploy.build.options import GENAI_WEIGHTS, PRESETS, BenchSection
+from slimgpt_deploy.bench.options import GENAI_WEIGHTS, GGUF_TYPES
+from slimgpt_deploy.build.options import PRESETS, BenchSection
 from slimgpt_deploy.build.stages import STAGES
 from slimgpt_deploy.config import DTYPES, GQA_MODES, HESSIAN_DTYPES, METHODS, SCHEDULES, PruneConfig
 from slimgpt_deploy.exporters import DTYPES as EXPORT_DTYPES
@@ -1119,6 +1120,20 @@ def serve(
     "--quality-seqlen", type=int, default=BenchOptions.quality_seqlen, show_default=True, help="Perplexity/KL window."
 )
 @click.option(
+    "--gguf-type",
+    type=click.Choice(GGUF_TYPES),
+    default=BenchOptions.gguf_type,
+    show_default=True,
+    help="GGUF file type llama.cpp measures, dense and pruned alike.",
+)
+@click.option(
+    "--genai-weights",
+    type=click.Choice(GENAI_WEIGHTS),
+    default=BenchOptions.genai_weights,
+    show_default=True,
+    help="Weights ONNX Runtime GenAI measures, dense and pruned alike.",
+)
+@click.option(
     "--work-dir",
     type=click.Path(path_type=Path),
     default=None,
@@ -1139,6 +1154,8 @@ def bench(
     threads,
     quality_tokens,
     quality_seqlen,
+    gguf_type,
+    genai_weights,
     work_dir,
     out,
     as_json,
@@ -1161,6 +1178,8 @@ def bench(
             text=text_path,
             quality_tokens=quality_tokens,
             quality_seqlen=quality_seqlen,
+            gguf_type=gguf_type,
+            genai_weights=genai_weights,
         )
         names = [b.strip() for b in backends.split(",") if b.strip()] if backends is not None else list(BACKENDS)
         console = _console()

@@ -180,38 +180,71 @@ def test_torch_and_onnx_give_the_whole_schema_with_consistent_ratios(
     assert q["kl"] > 0 and 0 <= q["top1"] <= 1
 
 
-# back end -> (the module it needs, the export it measures in work_dir/<format>/<role>, that export's weight bytes)
+# back end -> (the module it needs, its export format, the bench option of the type it measures, that type's exporter
+# arguments, an export's weight bytes)
 EXPORT_BACKENDS = {
-    "llamacpp": ("llama_cpp_py_sync", "gguf", lambda d: (d / "model-f32.gguf").stat().st_size),
-    "genai": ("onnxruntime_genai", "genai", lambda d: sum(p.stat().st_size for p in d.glob("model.onnx*"))),
+    "llamacpp": (
+        "llama_cpp_py_sync",
+        "gguf",
+        {"gguf_type": "f32"},
+        {"quantize": "f32"},
+        lambda d: (d / "model-f32.gguf").stat().st_size,
+    ),
+    "genai": (
+        "onnxruntime_genai",
+        "genai",
+        {"genai_weights": "int8"},
+        {"dtype": "fp32", "quantize": "int8"},
+        lambda d: sum(p.stat().st_size for p in d.glob("model.onnx*")),
+    ),
 }
 
 
 @pytest.mark.parametrize("backend", list(EXPORT_BACKENDS))
-def test_export_backed_back_ends_measure_f32_exports_of_both_models(
+def test_export_backed_back_ends_measure_given_exports_and_export_the_rest_alike(
     backend, uneven_slim_bpe_dir, tiny_options, tmp_path, monkeypatch
 ):
-    """llama.cpp (f32 GGUF) and ONNX Runtime GenAI (fp32 folder) as bench back ends: exports made in the work dir,
-    the same schema, the ratio of the exports' weight bytes as the ideal, children without torch."""
-    module, fmt, weight_bytes = EXPORT_BACKENDS[backend]
+    """llama.cpp (an f32 GGUF) and ONNX Runtime GenAI (an int8 folder) as bench back ends: the pruned model's export
+    given (as `build` gives its own), the dense one made in the work dir of the same type; the same schema, the ratio
+    of the exports' weight bytes as the ideal, children without torch."""
+    from dataclasses import replace
+
+    from slimgpt_deploy.exporters import get_exporter
+
+    module, fmt, option, kwargs, weight_bytes = EXPORT_BACKENDS[backend]
     pytest.importorskip(module)
     _probe_imports(backend, tmp_path, monkeypatch)
     dense = save_tiny_model(
         tmp_path / "dense", hidden_size=128, num_hidden_layers=3, tokenizer=build_bpe_tokenizer(), vocab_size=320
     )
-    r = run_bench(dense, uneven_slim_bpe_dir, [backend], options=tiny_options, work_dir=tmp_path / "w")
+    given = get_exporter(fmt)(uneven_slim_bpe_dir, tmp_path / "given", force=True, verify=False, **kwargs)
+    options = replace(tiny_options, **option)
+    r = run_bench(
+        dense,
+        uneven_slim_bpe_dir,
+        [backend],
+        options=options,
+        work_dir=tmp_path / "w",
+        exports={backend: {"pruned": tmp_path / "given"}},
+    )
     e = r["backends"][backend]
     assert e["status"] == "ok", e
     for role in ("dense", "pruned"):
-        _check_m(e[role], tiny_options)
+        _check_m(e[role], options)
         _check_light_child(e[role])
-        assert e[role]["weight_bytes"] == weight_bytes(tmp_path / "w" / fmt / role)
+    assert e["pruned"]["weight_bytes"] == weight_bytes(tmp_path / "given")
+    assert not (tmp_path / "w" / fmt / "pruned").exists()  # the given export is measured, not redone
+    made = json.loads((tmp_path / "w" / fmt / "dense" / "export.json").read_text())
+    assert e["dense"]["weight_bytes"] == weight_bytes(tmp_path / "w" / fmt / "dense")
+    type_key = "type" if fmt == "gguf" else "weights"
+    assert made[type_key] == given[type_key] == next(iter(option.values()))  # both models of the same type
     if backend == "genai":
-        assert (tmp_path / "w" / "genai" / "pruned" / "genai_config.json").is_file()
+        assert (tmp_path / "w" / "genai" / "dense" / "genai_config.json").is_file()
     assert e["ratios"]["ideal_decode_speedup"] == pytest.approx(
         e["dense"]["weight_bytes"] / e["pruned"]["weight_bytes"]
     )
     assert e["ratios"]["ideal_decode_speedup"] > 1
+    assert r["options"][next(iter(option))] == next(iter(option.values()))
 
 
 def test_markdown_tables_show_both_models_per_back_end(torch_onnx_result):
@@ -222,6 +255,10 @@ def test_markdown_tables_show_both_models_per_back_end(torch_onnx_result):
     assert "| dense |" in md and "| pruned |" in md and "prefill 16 ms" in md and "decode b2 ms/step" in md
     assert "- vllm: skipped" in md
     assert "perplexity" in md
+    assert "Protocol: float32;" in md
+    options = {**torch_onnx_result["options"], "backends": ["torch", "llamacpp", "genai"], "gguf_type": "q8_0"}
+    md = markdown({**torch_onnx_result, "options": options})  # what a build that ships q8_0 and int8 measures
+    assert "Protocol: float32 (llamacpp q8_0 GGUF, genai fp32 weights);" in md
 
 
 def test_explicit_missing_back_end_raises_before_any_work(
@@ -288,6 +325,8 @@ def test_options_validate_themselves(text_file, tmp_path):
         (dict(threads=0), "threads"),
         (dict(quality_tokens=100, quality_seqlen=512), "quality_tokens"),
         (dict(text=tmp_path / "missing.txt"), "does not exist"),
+        (dict(gguf_type="q3_k"), "GGUF type 'q3_k'.*q8_0"),
+        (dict(genai_weights="int4"), "GenAI weights 'int4'.*int8"),
     ]:
         with pytest.raises(BadInputError, match=words):
             BenchOptions(**bad)

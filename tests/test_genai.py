@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 from conftest import LLAMA3_ROPE, SHARP, build_bpe_tokenizer, randomize_biases, save_tiny_model
 
-from slimgpt_deploy.build.options import GENAI_WEIGHTS
+from slimgpt_deploy.bench.options import GENAI_WEIGHTS
 from slimgpt_deploy.cli import main
 from slimgpt_deploy.errors import BadInputError, VerificationError
 from slimgpt_deploy.exporters import QUANTIZE, genai

@@ -326,7 +326,7 @@ def test_build_options_switch_the_recover_stage():
         assert on.stages == tuple(s for s in STAGES if s != "eval") and on.recover.enabled  # eval: off unless asked
         assert stage_inputs("export-onnx", on) == (("recover",), ()) and stage_inputs("bench", on) == (
             ("recover",),
-            ("export-onnx",),
+            ("export-onnx", "export-gguf", "export-genai"),
         )
     assert (
         build_options({"recover.steps": 5, "recover.full": True}, {"recover.enabled": True}).recover.config.steps == 5

@@ -82,15 +82,17 @@ def run_bench(
     options: BenchOptions = BenchOptions(),
     explicit: bool = True,
     work_dir: Path,
-    onnx_dirs: Mapping[str, Path] | None = None,
+    exports: Mapping[str, Mapping[str, Path]] | None = None,
     log: Callable[[str], None] = logger.info,
 ) -> dict:
     """Measure `dense` and `pruned` on each back end; returns a JSON-able result dict.
 
     Sources: whatever `slimgpt_deploy.sources.load_model` accepts; a source that is not a
     directory is saved once as safetensors under `work_dir/models/<dense|pruned>`.
-    `onnx_dirs`: existing fp32 ONNX exports {"dense": DIR, "pruned": DIR} (either or both); the
-    others are exported (unverified) into `work_dir/onnx/<dense|pruned>`, reused when complete.
+    `exports`: existing exports of what an export-backed back end measures (onnx: fp32 ONNX, llamacpp:
+    a GGUF of `options.gguf_type`, genai: a GenAI folder of `options.genai_weights`), as
+    {back end: {"dense": DIR, "pruned": DIR}} (either role or both); the others are exported
+    (unverified) into `work_dir/<format>/<dense|pruned>`, reused when complete.
     A back end that is not installed raises MissingExtraError when `explicit`, else is
     reported {"status": "skipped", "reason": ...}; one that fails while running is
     reported {"status": "failed", "reason": <its last error line>}. Raises only for bad input.
@@ -108,8 +110,9 @@ def run_bench(
             raise BadInputError(f"unknown bench back end {name!r}; choose from: {', '.join(BACKENDS)}")
     work_dir = Path(work_dir)
     entries: dict[str, dict] = {}
+    exports = dict(exports or {})
     for name in names:
-        exporting = not onnx_dirs or set(onnx_dirs) != {"dense", "pruned"}
+        exporting = set(exports.get(name, {})) != {"dense", "pruned"}
         needs = REQUIRES[name] + (ONNX_EXPORT_REQUIRES if name == "onnx" and exporting else ())
         problem = missing_extra(needs)
         if problem is not None:
@@ -117,15 +120,18 @@ def run_bench(
                 raise problem
             logger.warning("skipping the %s back end: %s", name, problem)
             entries[name] = {"status": "skipped", "reason": str(problem)}
-    if onnx_dirs is not None:
-        if not set(onnx_dirs) <= {"dense", "pruned"}:
+    for name, given in exports.items():
+        if name not in BACKEND_EXPORTS or not set(given) <= {"dense", "pruned"}:
             raise BadInputError(
-                f"onnx_dirs maps 'dense' and/or 'pruned' to export directories, got {sorted(onnx_dirs)}"
+                f"exports maps {', '.join(BACKEND_EXPORTS)} to 'dense' and/or 'pruned' export directories, "
+                f"got {name!r}: {sorted(given)}"
             )
-        for role, d in onnx_dirs.items():
+        fmt = BACKEND_EXPORTS[name]
+        for role, d in given.items():
             if not Path(d).is_dir():
                 raise BadInputError(
-                    f"the {role} ONNX export {d} does not exist; export it with `slimgpt-deploy export --format onnx`"
+                    f"the {role} {fmt.upper()} export {d} does not exist; "
+                    f"export it with `slimgpt-deploy export --format {fmt}`"
                 )
 
     sources = {"dense": str(dense), "pruned": str(pruned)}
@@ -140,7 +146,7 @@ def run_bench(
     for name in names:
         if name in entries:
             continue
-        entries[name] = _bench_backend(name, dirs, models, options, work_dir, onnx_dirs, log)
+        entries[name] = _bench_backend(name, dirs, models, options, work_dir, exports.get(name), log)
     log(f"bench finished in {time.perf_counter() - start:.0f} s")
     return {
         "machine": machine(),
@@ -179,24 +185,29 @@ def _find_spec(module: str):
         return None
 
 
-# back end -> (export format, exporter arguments, what the export.json of a reusable export says for a checkpoint)
-BACKEND_EXPORTS: dict[str, tuple[str, dict, Callable[[Path], dict]]] = {
-    "onnx": (
-        "onnx",
-        {"dtype": "fp32", "quantize": None},
-        lambda c: {"checkpoint": str(c), "dtype": "fp32", "quantize": None},
-    ),
-    "llamacpp": ("gguf", {"quantize": "f32"}, lambda c: {"source": str(c), "type": "f32"}),
-    "genai": ("genai", {"dtype": "fp32", "quantize": None}, lambda c: {"source": str(c), "weights": "fp32"}),
-}
+# back end -> the export format it measures
+BACKEND_EXPORTS: dict[str, str] = {"onnx": "onnx", "llamacpp": "gguf", "genai": "genai"}
 
 
-def _export_dirs(name: str, dirs: Mapping[str, Path], work_dir: Path, given: Mapping[str, Path] | None, log):
+def backend_export(name: str, options: BenchOptions) -> tuple[dict, Callable[[Path], dict]]:
+    """(exporter arguments, what the export.json of a reusable export says for a checkpoint) of back end `name`."""
+    if name == "onnx":
+        return {"dtype": "fp32", "quantize": None}, lambda c: {"checkpoint": str(c), "dtype": "fp32", "quantize": None}
+    if name == "llamacpp":
+        t = options.gguf_type
+        return {"quantize": t}, lambda c: {"source": str(c), "type": t}
+    w = options.genai_weights  # int8 is quantized from the fp32 graph, as `export --format genai --quantize int8`
+    kwargs = {"dtype": "fp32", "quantize": "int8"} if w == "int8" else {"dtype": w, "quantize": None}
+    return kwargs, lambda c: {"source": str(c), "weights": w}
+
+
+def _export_dirs(name: str, dirs, options: BenchOptions, work_dir: Path, given: Mapping[str, Path] | None, log):
     """The back end's exports of each model: `given`, a complete earlier one, or one made now (unverified:
     the bench measures, `export` verifies) in work_dir/<format>/<role>."""
     from ..exporters import get_exporter
 
-    fmt, kwargs, expected = BACKEND_EXPORTS[name]
+    fmt = BACKEND_EXPORTS[name]
+    kwargs, expected = backend_export(name, options)
     given = given or {}
     out = {}
     for role, checkpoint in dirs.items():
@@ -216,15 +227,13 @@ def _export_dirs(name: str, dirs: Mapping[str, Path], work_dir: Path, given: Map
     return out
 
 
-def _bench_backend(name, dirs, models, options, work_dir, onnx_dirs, log) -> dict:
+def _bench_backend(name, dirs, models, options, work_dir, given, log) -> dict:
     """Dense then pruned, each in its own child; {"status": "failed", ...} on the first failure."""
     from .measure import ratios
 
-    what = BACKEND_EXPORTS[name][0] if name in BACKEND_EXPORTS else None
+    what = BACKEND_EXPORTS.get(name)
     try:
-        run_dirs = (
-            _export_dirs(name, dirs, work_dir, onnx_dirs if name == "onnx" else None, log) if what else dict(dirs)
-        )
+        run_dirs = _export_dirs(name, dirs, options, work_dir, given, log) if what else dict(dirs)
     except SlimGPTError as err:
         return _failed(name, f"{what} export failed: {err}", log)
     except Exception as err:  # an exporter bug must not lose the other back ends' results

@@ -7,8 +7,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..errors import BadInputError
+from ..exporters import DTYPES, QUANTIZE
 
 SAMPLE_TEXT = Path(__file__).with_name("sample.txt")
+GGUF_TYPES = QUANTIZE["gguf"]
+GENAI_WEIGHTS = (*DTYPES["genai"], *QUANTIZE["genai"])  # exporters/genai.WEIGHTS (a test checks)
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,8 @@ class BenchOptions:
     text: Path | None = None  # perplexity text; None: the built-in sample (SAMPLE_TEXT)
     quality_tokens: int = 4096  # tokens of text used for quality
     quality_seqlen: int = 512  # perplexity / KL window
+    gguf_type: str = "f32"  # the GGUF file type the llamacpp back end measures, dense and pruned alike
+    genai_weights: str = "fp32"  # the weights the genai back end measures (fp32, fp16 or int8), both models
 
     def __post_init__(self):
         object.__setattr__(self, "prompt_lens", tuple(int(n) for n in self.prompt_lens))
@@ -41,6 +46,14 @@ class BenchOptions:
                 raise BadInputError(f"{name} is {getattr(self, name)}; give at least {low}")
         if self.threads is not None and self.threads < 1:
             raise BadInputError(f"threads is {self.threads}; give at least 1 (or leave it unset for all cores)")
+        if self.gguf_type not in GGUF_TYPES:
+            raise BadInputError(
+                f"unknown GGUF type {self.gguf_type!r} to bench; choose one of: {', '.join(GGUF_TYPES)}"
+            )
+        if self.genai_weights not in GENAI_WEIGHTS:
+            raise BadInputError(
+                f"unknown GenAI weights {self.genai_weights!r} to bench; choose one of: {', '.join(GENAI_WEIGHTS)}"
+            )
         if self.quality_tokens < self.quality_seqlen:
             raise BadInputError(
                 f"quality_tokens ({self.quality_tokens}) is shorter than one window of quality_seqlen "

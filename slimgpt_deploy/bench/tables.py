@@ -32,11 +32,14 @@ def _setup(result: Mapping) -> list[str]:
     m, v, o = result["machine"], result["versions"], result["options"]
     runtimes = ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "onnxruntime", "vllm", "llama_cpp") if k in v)
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
+    types = {"llamacpp": f"{o.get('gguf_type', 'f32')} GGUF", "genai": f"{o.get('genai_weights', 'fp32')} weights"}
+    measured = [f"{name} {types[name]}" for name in o.get("backends", ()) if name in types]
+    weights = f"float32 ({', '.join(measured)})" if measured else "float32"
     return [
         "# Dense vs pruned: latency, memory, quality",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB{gpu}; {m['platform']}. {runtimes}.",
-        f"Protocol: float32; prefill = time to first token at batch 1; decode = ms per step after a "
+        f"Protocol: {weights}; prefill = time to first token at batch 1; decode = ms per step after a "
         f"{min(o['prompt_lens'])}-token prompt, {o['decode_tokens']} steps; medians of {o['repeats']} runs "
         f"(min-max) after {o['warmups']} warm-up(s); threads {o['threads'] or 'all'}; each model in its own process "
         "(peak RSS is that process's). Ideal decode speed-up = dense / pruned weight bytes read per token.",

@@ -29,15 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from ..bench import BACKENDS, BenchOptions
+from ..bench.options import GENAI_WEIGHTS, GGUF_TYPES
 from ..config import PruneConfig
 from ..errors import BadInputError, first_line
-from ..exporters import DTYPES, QUANTIZE
+from ..exporters import DTYPES
 from ..recover import RecoverConfig
 from .gate import Condition, check_measurable, parse_gate
 from .stages import STAGE, STAGES, TABLE
 
-GGUF_TYPES = QUANTIZE["gguf"]
-GENAI_WEIGHTS = (*DTYPES["genai"], *QUANTIZE["genai"])  # exporters/genai.WEIGHTS (a test checks)
 # In the default stages only when switched on: recover by recover.enabled, eval by an eval option or a gate.
 OPTIONAL_STAGES = tuple(s.name for s in TABLE if s.optional)
 DEFAULT_STAGES = tuple(s for s in STAGES if s not in OPTIONAL_STAGES)

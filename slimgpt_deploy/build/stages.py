@@ -176,20 +176,25 @@ def verify_genai(ctx: BuildContext) -> dict:
 def bench(ctx: BuildContext) -> dict:
     from ..bench import BenchOptions, run_bench
 
-    b = ctx.options.bench
-    options = BenchOptions.from_dict(b.to_dict())  # the measuring options, without the back-end choice
-    # The build's own ONNX export is reused when it is what bench measures (fp32, not quantized).
-    onnx_dir, o = ctx.path("export-onnx"), ctx.options
-    reuse = (onnx_dir / "export.json").exists() and o.onnx_dtype == "fp32" and o.onnx_quantize is None and o.onnx_fuse
-    onnx_dirs = {"pruned": onnx_dir} if reuse else None
+    b, o = ctx.options.bench, ctx.options
+    # The measuring options, without the back-end choice. llama.cpp and GenAI measure the types the build
+    # ships (dense exported alike), so the build's own exports of the pruned model are measured, not redone.
+    options = BenchOptions.from_dict({**b.to_dict(), "gguf_type": o.gguf_type, "genai_weights": o.genai_weights})
+    # The ONNX export is reused when it is what bench measures (fp32, not quantized, fused).
+    shipped = {"onnx": o.onnx_dtype == "fp32" and o.onnx_quantize is None and o.onnx_fuse, "gguf": True, "genai": True}
+    exports = {
+        backend: {"pruned": ctx.path(f"export-{fmt}")}
+        for backend, fmt in (("onnx", "onnx"), ("llamacpp", "gguf"), ("genai", "genai"))
+        if shipped[fmt] and (ctx.path(f"export-{fmt}") / "export.json").exists()
+    }
     result = run_bench(
-        ctx.options.model,
+        o.model,
         ctx.checkpoint,
         list(b.backends),
         options=options,
         explicit=b.explicit,
         work_dir=ctx.work / "bench",
-        onnx_dirs=onnx_dirs,
+        exports=exports,
         log=ctx.log,
     )
     write_json(ctx.path("bench"), result)
@@ -404,8 +409,14 @@ TABLE: tuple[Stage, ...] = (
         "bench/bench.json",
         "dense vs pruned on each back end",
         needs=("prune",),
-        uses=("export-onnx",),
-        options=lambda o: {"model": o.model, **o.bench.to_dict(), "explicit": o.bench.explicit},
+        uses=("export-onnx", "export-gguf", "export-genai"),  # measured when they are what it measures
+        options=lambda o: {
+            "model": o.model,
+            **o.bench.to_dict(),
+            "explicit": o.bench.explicit,
+            "gguf_type": o.gguf_type,
+            "genai_weights": o.genai_weights,
+        },
         source=True,
         reads_checkpoint=True,
     ),
