@@ -212,7 +212,7 @@ def write_tiny_gguf(model, path):
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_gguf_file_loads_dense_with_same_logits(tmp_path, tied):
+def test_gguf_file_loads_dense_with_same_logits(tmp_path, tied, monkeypatch):
     config = AutoConfig.for_model(
         "llama",
         vocab_size=len(GGUF_TOKENS),
@@ -229,7 +229,12 @@ def test_gguf_file_loads_dense_with_same_logits(tmp_path, tied):
     original = AutoModelForCausalLM.from_config(config).eval()
     path = write_tiny_gguf(original, tmp_path / "tiny.gguf")
 
+    parsed, reader = [], gguf.GGUFReader
+    counting = lambda *a, **k: parsed.append(a[0]) or reader(*a, **k)  # noqa: E731
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
     loaded = load_model(str(path))
+    assert len(parsed) == 1  # config, weights and tokenizer: one parse (three without the cache)
+    assert gguf.GGUFReader is counting and not hasattr(gguf.get_tensor_name_map, "cache_info")  # restored
     assert (loaded.kind, loaded.local_dir) == ("gguf", None)
     model = loaded.model
     assert not hasattr(model.config, "quantization_config") and getattr(model, "hf_quantizer", None) is None
