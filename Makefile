@@ -13,7 +13,7 @@ FIND_LINKS := $(foreach d,$(PIP_FIND_LINKS),--find-links $(d))
 STAMP  := $(VENV)/.installed
 OUT    ?= slimgpt-build
 PYTEST_PARALLEL ?= -n 2 --dist loadfile --no-loadscope-reorder
-DEMO_FLAGS := --nsamples 32 --seqlen 256 --bench-prompt-lens 128 --bench-batch-sizes 1,4 --bench-repeats 2 \
+DEMO_FLAGS := --nsamples 32 --seqlen 256 --bench-prompt-lens 128 --bench-batch-sizes 1 --bench-repeats 2 \
               --bench-decode-tokens 16 --backends torch,onnx,llamacpp,genai
 
 .PHONY: venv demo test test-fast lint clean

@@ -1,12 +1,15 @@
 """End-to-end build time: `slimgpt-deploy build` on the embedded default model, stage by stage.
 
     .venv/bin/python benchmarks/build_time.py            # writes benchmarks/results/build.{json,md}
+    .venv/bin/python benchmarks/build_time.py --fresh-cache   # as on a new machine: the model converted first
     .venv/bin/python benchmarks/build_time.py -- --ratio 0.3   # other flags for `build`
 
-Runs the same command as `make demo` (DEMO_FLAGS; a fresh build directory, so no stage is skipped),
-measures the wall time of the whole process, and takes each stage's time from the build's
-own build.json. The headline numbers of the report (verification, decode speed-ups,
-perplexity) are copied beside the times. Run it on an otherwise idle machine.
+Runs the same command as `make demo` (the Makefile's DEMO_FLAGS, read from it; a fresh build directory,
+so no stage is skipped), measures the wall time of the whole process, and takes each stage's time from
+the build's own build.json. With --fresh-cache the embedded model's converted copy is made again in an
+empty cache (SLIMGPT_DEPLOY_CACHE), inside the prune stage, as on a machine that never ran the tool.
+The headline numbers of the report (verification, decode speed-ups, perplexity) are copied beside the
+times. Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,10 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 OUT = ROOT / "build" / "bench" / "build-time"
 TARGET_S = 600
-DEMO_FLAGS = (  # as in the Makefile's demo target
-    "--nsamples 32 --seqlen 256 --bench-prompt-lens 128 --bench-batch-sizes 1,4 --bench-repeats 2 "
-    "--bench-decode-tokens 16 --backends torch,onnx,llamacpp,genai"
-).split()
+
+
+def demo_flags() -> list[str]:
+    """The Makefile's DEMO_FLAGS (what `make demo` passes to `build`), continuation lines joined."""
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    match = re.search(r"^DEMO_FLAGS\s*:?=\s*(.*)$", text, flags=re.MULTILINE)
+    if match is None:
+        sys.exit("no DEMO_FLAGS line in the Makefile")
+    return match.group(1).split()
 
 
 def machine() -> dict:
@@ -45,12 +55,15 @@ def machine() -> dict:
     }
 
 
-def run(extra: list[str]) -> dict:
+def run(extra: list[str], fresh_cache: bool) -> dict:
     shutil.rmtree(OUT, ignore_errors=True)
-    cmd = [str(ROOT / ".venv" / "bin" / "slimgpt-deploy"), "build", "--out", str(OUT), "--json", *(extra or DEMO_FLAGS)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    wall = time.perf_counter() - t0
+    flags = extra or demo_flags()
+    cmd = [str(ROOT / ".venv" / "bin" / "slimgpt-deploy"), "build", "--out", str(OUT), "--json", *flags]
+    with tempfile.TemporaryDirectory(prefix="slimgpt-cache-") as cache:
+        env = {**os.environ, "SLIMGPT_DEPLOY_CACHE": cache} if fresh_cache else None
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        wall = time.perf_counter() - t0
     summary = json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {}
     state = json.loads((OUT / "build.json").read_text())
     report = (
@@ -59,6 +72,7 @@ def run(extra: list[str]) -> dict:
     bench = report.get("bench") or {}
     return {
         "command": " ".join(["slimgpt-deploy", *cmd[1:]]),
+        "fresh_cache": fresh_cache,
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
         "exit_code": proc.returncode,
@@ -97,7 +111,10 @@ def markdown(r: dict) -> str:
         "",
         f"Machine: {m['platform']}, {m['cores']} cores, {m['ram_gib']} GiB, torch {m['torch']} "
         f"({m['torch_threads']} threads). Date: {r['date']}.",
-        f"Command: `.venv/bin/python benchmarks/build_time.py` (runs `{r['command']}` in a fresh directory).",
+        f"Command: `.venv/bin/python benchmarks/build_time.py{' --fresh-cache' if r.get('fresh_cache') else ''}` "
+        f"(runs `{r['command']}` in a fresh directory"
+        + ("; the embedded model converted again into an empty cache, inside prune" if r.get("fresh_cache") else "")
+        + ").",
         "",
         f"Whole build: **{r['wall_seconds']:.0f} s** (exit code {r['exit_code']}); "
         f"target {r['target_seconds']} s: {met}.",
@@ -138,8 +155,9 @@ def markdown(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("extra", nargs="*", help="extra flags for `slimgpt-deploy build` (after --)")
+    parser.add_argument("--fresh-cache", action="store_true", help="convert the embedded model again (empty cache)")
     args = parser.parse_args()
-    result = run(args.extra)
+    result = run(args.extra, args.fresh_cache)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "build.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / "build.md").write_text(markdown(result))
