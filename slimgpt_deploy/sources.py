@@ -392,7 +392,7 @@ def _gguf_read_once() -> Iterator[None]:
     49k-token vocabulary, read one memmap slice at a time) and rebuilds gguf's tensor-name map for
     every tensor (~400 times). It imports both names from the `gguf` module at each call, so
     a cached reader and a memoized map, set there for the block, serve every call: the embedded
-    model converts in about a third of the time, to the same bytes. Without those names (another
+    model converts in half the time, to the same bytes (benchmarks/embedded_conversion.py). Without those names (another
     gguf version), nothing is changed.
     """
     import gguf
