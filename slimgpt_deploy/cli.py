@@ -1064,6 +1064,17 @@ def serve(
     _run(go)
 
 
+def _measured_types(f):
+    """--gguf-type and --genai-weights: the type the export-backed back ends measure (BenchOptions' fields)."""
+    for flag, choices, default, what in (
+        ("--genai-weights", GENAI_WEIGHTS, BenchOptions.genai_weights, "Weights ONNX Runtime GenAI"),
+        ("--gguf-type", GGUF_TYPES, BenchOptions.gguf_type, "GGUF file type llama.cpp"),
+    ):  # applied bottom up: --gguf-type is listed first
+        help_text = f"{what} measures, dense and pruned alike."
+        f = click.option(flag, type=click.Choice(choices), default=default, show_default=True, help=help_text)(f)
+    return f
+
+
 @main.command()
 @click.argument("dense")
 @click.argument("pruned")
@@ -1119,20 +1130,7 @@ def serve(
 @click.option(
     "--quality-seqlen", type=int, default=BenchOptions.quality_seqlen, show_default=True, help="Perplexity/KL window."
 )
-@click.option(
-    "--gguf-type",
-    type=click.Choice(GGUF_TYPES),
-    default=BenchOptions.gguf_type,
-    show_default=True,
-    help="GGUF file type llama.cpp measures, dense and pruned alike.",
-)
-@click.option(
-    "--genai-weights",
-    type=click.Choice(GENAI_WEIGHTS),
-    default=BenchOptions.genai_weights,
-    show_default=True,
-    help="Weights ONNX Runtime GenAI measures, dense and pruned alike.",
-)
+@_measured_types
 @click.option(
     "--work-dir",
     type=click.Path(path_type=Path),

@@ -304,11 +304,14 @@ def test_cli_bench_torch_prints_json_and_writes_out(dense_dir, uneven_slim_dir, 
             str(text_file),
             "--out",
             str(out),
+            "--gguf-type",
+            "q8_0",
             *TINY_CLI,
         ],
     )
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
+    assert (printed["options"]["gguf_type"], printed["options"]["genai_weights"]) == ("q8_0", "fp32")
     assert printed == json.loads(out.read_text())
     assert list(printed["backends"]) == ["torch"] and printed["backends"]["torch"]["status"] == "ok"
     assert printed["options"]["prompt_lens"] == [16, 32]
