@@ -57,6 +57,13 @@ DTYPES: dict[str, tuple[str, ...]] = {
 }
 
 
+def genai_export_args(weights: str) -> dict:
+    """The GenAI exporter's arguments for a weights choice (fp32, fp16, int8): int8 is quantized from the fp32 graph."""
+    if weights in QUANTIZE["genai"]:
+        return {"dtype": "fp32", "quantize": weights}
+    return {"dtype": weights, "quantize": None}
+
+
 def get_verifier(fmt: str) -> Callable[..., dict]:
     from ..extras import resolve
 

@@ -390,10 +390,10 @@ def _gguf_read_once() -> Iterator[None]:
     Loading a model and its tokenizer from a GGUF file, transformers parses the whole file for the
     config, again for the weights and again for the tokenizer (6-9 s each on 2 cores for SmolLM2's
     49k-token vocabulary, read one memmap slice at a time) and rebuilds gguf's tensor-name map for
-    every tensor (~400 times). It imports both names from the `gguf` module at each call, so
-    a cached reader and a memoized map, set there for the block, serve every call: the embedded
-    model converts in half the time, to the same bytes (benchmarks/embedded_conversion.py). Without those names (another
-    gguf version), nothing is changed.
+    every tensor (~400 times). It imports both names from the `gguf` module at each call, so a
+    cached reader and a memoized map, set there for the block, serve every call: the embedded model
+    converts in half the time, to the same bytes (benchmarks/embedded_conversion.py). Without those
+    names (another gguf version), nothing is changed.
     """
     import gguf
 

@@ -196,9 +196,10 @@ def backend_export(name: str, options: BenchOptions) -> tuple[dict, Callable[[Pa
     if name == "llamacpp":
         t = options.gguf_type
         return {"quantize": t}, lambda c: {"source": str(c), "type": t}
-    w = options.genai_weights  # int8 is quantized from the fp32 graph, as `export --format genai --quantize int8`
-    kwargs = {"dtype": "fp32", "quantize": "int8"} if w == "int8" else {"dtype": w, "quantize": None}
-    return kwargs, lambda c: {"source": str(c), "weights": w}
+    from ..exporters import genai_export_args
+
+    w = options.genai_weights
+    return genai_export_args(w), lambda c: {"source": str(c), "weights": w}
 
 
 def _export_dirs(name: str, dirs, options: BenchOptions, work_dir: Path, given: Mapping[str, Path] | None, log):

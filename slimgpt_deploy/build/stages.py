@@ -137,8 +137,9 @@ def export_gguf(ctx: BuildContext) -> dict:
 
 
 def export_genai(ctx: BuildContext) -> dict:
-    w = ctx.options.genai_weights
-    return _export("genai", ctx, dtype="fp32" if w == "int8" else w, quantize="int8" if w == "int8" else None)
+    from ..exporters import genai_export_args
+
+    return _export("genai", ctx, **genai_export_args(ctx.options.genai_weights))
 
 
 def _verify(fmt: str, ctx: BuildContext) -> dict:
@@ -174,7 +175,7 @@ def verify_genai(ctx: BuildContext) -> dict:
 
 
 def bench(ctx: BuildContext) -> dict:
-    from ..bench import BenchOptions, run_bench
+    from ..bench import BACKEND_EXPORTS, BenchOptions, run_bench
 
     b, o = ctx.options.bench, ctx.options
     # The measuring options, without the back-end choice. llama.cpp and GenAI measure the types the build
@@ -184,7 +185,7 @@ def bench(ctx: BuildContext) -> dict:
     shipped = {"onnx": o.onnx_dtype == "fp32" and o.onnx_quantize is None and o.onnx_fuse, "gguf": True, "genai": True}
     exports = {
         backend: {"pruned": ctx.path(f"export-{fmt}")}
-        for backend, fmt in (("onnx", "onnx"), ("llamacpp", "gguf"), ("genai", "genai"))
+        for backend, fmt in BACKEND_EXPORTS.items()
         if shipped[fmt] and (ctx.path(f"export-{fmt}") / "export.json").exists()
     }
     result = run_bench(
