@@ -274,6 +274,17 @@ def test_explicit_missing_back_end_raises_before_any_work(
     assert "slimgpt-deploy[vllm" in result.output and len(result.output.strip().splitlines()) == 1
 
 
+def test_given_exports_are_checked_before_any_work(dense_dir, uneven_slim_dir, tiny_options, tmp_path):
+    for exports, words in (
+        ({"torch": {"pruned": tmp_path}}, "exports maps onnx, llamacpp, genai.*'torch'"),
+        ({"onnx": {"teacher": tmp_path}}, r"'dense' and/or 'pruned'.*\['teacher'\]"),
+        ({"llamacpp": {"pruned": tmp_path / "gone"}}, "pruned GGUF export .*gone does not exist.*--format gguf"),
+    ):
+        with pytest.raises(BadInputError, match=words):
+            run_bench(dense_dir, uneven_slim_dir, ["torch"], work_dir=tmp_path / "w", exports=exports)
+        assert not (tmp_path / "w").exists()
+
+
 def test_unknown_back_end_is_bad_input_naming_it(dense_dir, uneven_slim_dir, tmp_path):
     with pytest.raises(BadInputError, match="'tpu'.*torch, onnx, vllm"):
         run_bench(dense_dir, uneven_slim_dir, ["tpu"], work_dir=tmp_path)
