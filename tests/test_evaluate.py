@@ -14,6 +14,7 @@ from slimgpt_deploy.errors import BadInputError
 from slimgpt_deploy.evaluate import (
     FidelityResult,
     PerplexityResult,
+    compare,
     fidelity,
     load_text,
     perplexity,
@@ -122,6 +123,23 @@ def test_fidelity_matches_hand_computation(model, other, ids):
     assert res.tokens == 32
     assert res.kl == pytest.approx(kl, rel=1e-4)
     assert res.top1 == pytest.approx(top1)
+
+
+def test_compare_gives_what_perplexity_and_fidelity_give_from_one_pass_of_each_model(model, other, ids):
+    calls = {"model": 0, "other": 0}
+    hooks = [
+        m.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+        for name, m in (("model", model), ("other", other))
+    ]
+    try:
+        both = compare(other, model, ids, seqlen=16, batch_size=2)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == {"model": 3, "other": 3}  # 6 windows of 16 in batches of 2, each model once per batch
+    assert both.fidelity == fidelity(other, model, ids, seqlen=16, batch_size=2)
+    assert both.model == perplexity(other, ids, seqlen=16, batch_size=2)  # the same floats, not approximately
+    assert both.reference == perplexity(model, ids, seqlen=16, batch_size=2)
 
 
 # ---------------------------------------------------------------------------- text

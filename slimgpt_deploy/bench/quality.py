@@ -3,7 +3,7 @@
 On the first `quality_tokens` tokens of the text (tokenized once by the dense model's
 tokenizer, cut into windows of `quality_seqlen`): perplexity of both models, and
 KL(P_dense || P_pruned) with top-1 agreement per token, averaged
-(slimgpt_deploy.evaluate.perplexity / fidelity).
+(slimgpt_deploy.evaluate.compare: the numbers of perplexity and fidelity, one forward pass of each model per window).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 def measure(dense: Path, pruned: Path, options) -> dict:
     import torch
 
-    from ..evaluate import fidelity, load_text, perplexity, text_to_ids
+    from ..evaluate import compare, load_text, text_to_ids
     from ..sources import load_model
 
     if options.threads:
@@ -23,15 +23,13 @@ def measure(dense: Path, pruned: Path, options) -> dict:
     ref = load_model(str(dense), dtype=torch.float32, device=device)
     ids = text_to_ids(ref.tokenizer, load_text(options.text_file))[: options.quality_tokens]
     seqlen = options.quality_seqlen
-    dense_ppl = perplexity(ref.model, ids, seqlen=seqlen)
     model = load_model(str(pruned), dtype=torch.float32, device=device).model
-    pruned_ppl = perplexity(model, ids, seqlen=seqlen)
-    fid = fidelity(model, ref.model, ids, seqlen=seqlen)
+    both = compare(model, ref.model, ids, seqlen=seqlen)
     return {
-        "tokens": fid.tokens,
+        "tokens": both.fidelity.tokens,
         "seqlen": seqlen,
-        "dense": {"perplexity": dense_ppl.ppl},
-        "pruned": {"perplexity": pruned_ppl.ppl},
-        "kl": fid.kl,
-        "top1": fid.top1,
+        "dense": {"perplexity": both.reference.ppl},
+        "pruned": {"perplexity": both.model.ppl},
+        "kl": both.fidelity.kl,
+        "top1": both.fidelity.top1,
     }
