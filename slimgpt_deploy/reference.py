@@ -32,7 +32,7 @@ _shared: dict[tuple, Greedy] | None = None
 
 
 @contextlib.contextmanager
-def shared_references() -> Iterator[None]:
+def shared_references(store: dict | None = None) -> Iterator[None]:
     """Within this block, a greedy reference is computed once per checkpoint, dtype, prompt and length.
 
     A build verifies four exports of one checkpoint against the same transformers reference; each
@@ -40,9 +40,12 @@ def shared_references() -> Iterator[None]:
     (about 3 s a prompt for SmolLM2-135M on 2 cores). Only models loaded from a local directory are
     shared, keyed by that directory's weight and config files (name, size, modification time), so a
     checkpoint rewritten inside the block (prune, then recover) is decoded again.
+    `store`: the dict that holds them, kept by the caller across blocks (the test suite's exports of
+    one checkpoint); by default a block joins the enclosing one's, else starts its own.
     """
     global _shared
-    outer, _shared = _shared, {} if _shared is None else _shared
+    outer = _shared
+    _shared = store if store is not None else {} if outer is None else outer
     try:
         yield
     finally:

@@ -7,6 +7,8 @@ on CPU in well under a second per model without any download.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -265,6 +267,15 @@ def shared_across_workers(tmp_path_factory, name: str, make: Callable[[Path], No
         if not path.exists():
             make(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_references() -> Callable[[], contextlib.AbstractContextManager]:
+    """`with smollm2_references():` around an export of `smollm2_slim_dir`: its transformers greedy reference
+    (the same 4 prompts x 32 tokens for vLLM, GGUF, ONNX and GenAI) is decoded once per worker, not per test."""
+    from slimgpt_deploy.reference import shared_references
+
+    return functools.partial(shared_references, {})
 
 
 @pytest.fixture(scope="session")

@@ -199,9 +199,10 @@ def test_wrong_rope_layout_is_caught(uneven_slim_bpe_dir, tmp_path, monkeypatch)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("weights", ["fp32", "int8"])
-def test_pruned_smollm2(weights, smollm2_slim_dir, tmp_path):
+def test_pruned_smollm2(weights, smollm2_slim_dir, smollm2_references, tmp_path):
     """Pruned SmolLM2 (heads differ per layer) in GenAI: its real tokenizer, the weights' bounds."""
-    summary = genai.export(smollm2_slim_dir, tmp_path / weights, quantize="int8" if weights == "int8" else None)
+    with smollm2_references():
+        summary = genai.export(smollm2_slim_dir, tmp_path / weights, quantize="int8" if weights == "int8" else None)
     v = summary["verification"]
     assert v["passed"] and v["checks"]["tokenizer_equal"], v["failures"]
     config = json.loads((smollm2_slim_dir / "config.json").read_text())

@@ -209,9 +209,10 @@ def test_llama3_rope_factors_matter(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ftype", ["f32", "q8_0"])
-def test_pruned_smollm2(ftype, smollm2_slim_dir, tmp_path):
+def test_pruned_smollm2(ftype, smollm2_slim_dir, smollm2_references, tmp_path):
     """Pruned SmolLM2 (heads differ per layer) in llama.cpp: its real tokenizer and the type's bounds."""
-    summary = gguf.export(smollm2_slim_dir, tmp_path / ftype, quantize=ftype)
+    with smollm2_references():
+        summary = gguf.export(smollm2_slim_dir, tmp_path / ftype, quantize=ftype)
     v = summary["verification"]
     assert v["passed"] and v["tokenizer_equal"], v["failures"]
     # transformers' tokenizer for the embedded GGUF model is plain GPT-2 byte-level BPE (no digit split).

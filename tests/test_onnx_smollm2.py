@@ -41,9 +41,10 @@ TEXT = (
 
 
 @pytest.fixture(scope="module")
-def smollm2_onnx(smollm2_slim_dir, tmp_path_factory) -> Path:
+def smollm2_onnx(smollm2_slim_dir, smollm2_references, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("onnx-smollm2") / "fp32"
-    onnx_export.export(smollm2_slim_dir, out)  # verified inside: raises if ORT and PyTorch disagree
+    with smollm2_references():
+        onnx_export.export(smollm2_slim_dir, out)  # verified inside: raises if ORT and PyTorch disagree
     return out
 
 

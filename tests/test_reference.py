@@ -68,3 +68,15 @@ def test_models_not_loaded_from_a_directory_are_never_shared(tiny_model_dir_fact
         greedy_reference(model, PROMPTS[:1], 3)
         greedy_reference(model, PROMPTS[:1], 3)
     assert calls.calls == 2 * (1 + 3)
+
+
+def test_a_store_keeps_references_across_blocks(tiny_model_dir_factory):
+    model, _ = load_reference(tiny_model_dir_factory("llama", seed=8), torch.float32)
+    calls, store = _Counter(model), {}
+    with shared_references(store):
+        first = greedy_reference(model, PROMPTS[:1], 3)
+    with shared_references():
+        greedy_reference(model, PROMPTS[:1], 3)  # a block without the store decodes again
+    with shared_references(store):
+        again = greedy_reference(model, PROMPTS[:1], 3)
+    assert calls.calls == 2 * (1 + 3) and again[0] is first[0] and len(store) == 1

@@ -73,11 +73,12 @@ def test_export_uneven_checkpoint_verifies_against_transformers(uneven_slim_dir,
     assert not list(tmp_path.glob(".vllm.partial-*"))
 
 
-def test_pruned_smollm2_matches_transformers_in_vllm(smollm2_slim_dir):
+def test_pruned_smollm2_matches_transformers_in_vllm(smollm2_slim_dir, smollm2_references):
     """20%-pruned SmolLM2 (per-layer shapes under GQA): 4 prompts x 32 greedy tokens, top-5 log-probs."""
     config = json.loads((smollm2_slim_dir / "config.json").read_text())
     assert len(set(config["intermediate_size_per_layer"])) > 1 and len(set(config["num_attention_heads_per_layer"])) > 1
-    report = verify_dir(smollm2_slim_dir, "float32")
+    with smollm2_references():
+        report = verify_dir(smollm2_slim_dir, "float32")
     assert report["passed"], report["failures"]
     assert len(report["prompts"]) == 4
     exact = [p for p in report["prompts"] if p["tokens_equal"]]
