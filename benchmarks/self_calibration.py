@@ -164,6 +164,17 @@ for seqlen in (1024, 2048):
         seqlen=seqlen,
     )
 
+# (21) Shorter calibration sequences for the same number of tokens: more openings (each sets its own genre), the
+# opposite direction of (12), on the default prune (heads kept, damping 0.01).
+_variant("heads0-512", "(21) the default prune (as nospecial-heads0), rerun beside the rows below", "nospecial-heads0")
+for seqlen in (256, 128):
+    _variant(
+        f"heads0-{seqlen}",
+        f"(21) heads kept, sequences of {seqlen} tokens (the same tokens: N x 512 / {seqlen} of them)",
+        "nospecial-heads0",
+        seqlen=seqlen,
+    )
+
 # (13) Open each sample with the document separator instead of BOS: SmolLM2-Instruct's BOS is `<|im_start|>`, which
 # opens a chat turn; after `<|endoftext|>` (how pretraining documents are packed) it writes a new document.
 _variant(
@@ -494,6 +505,13 @@ the `nospecial` row gave 34.57 on 2026-11-29 and 34.21 today):
   head share 0.5 26.04 / 50.74 -> 26.35 / 46.43. The loss's curvature, measured on the calibration text, keeps
   output directions that the layer objective on that text alone would trade away; pruning for a domain with
   data of it, `--fisher-samples 16` costs a minute (60-63 s here) and keeps more of what lies outside it.
+- **(21) Shorter samples do not help either** (2026-12-07, a 2-core AMD EPYC with AVX-512, the three rows run one
+  after another on the same machine; the base row `heads0-512` is the default prune, `nospecial-heads0`, rerun there:
+  28.63 / 17.95, as on the 2026-12-01 machine). The same 32,768 sampled tokens as 128 x 256 give
+  29.56 / 18.19 and as 256 x 128 30.24 / 18.73: more openings (each sets its own genre) cost the positions past
+  128 or 256 that the evaluation windows are made of, and both corpora get worse as the samples get shorter. With
+  (12) (32 x 1024: 28.98 / 18.10 with damping 0.001) this puts the sampler's default length, 512, at the best
+  measured. Sampling took 191-211 s and pruning 114-126 s per row on this machine.
 - **The target (<= 26.0 on WikiText-2 with no data) is not met**: the best data-free row is 27.83 (`--dense-last 2`,
   seed 1); with seed 0, 28.70 on this machine (27.98 with the last 4 dense and damping 0.001 on the machine of
   2026-12-06 morning). No lever measured moves WikiText-2 perplexity by more than 0.9 without a cost on the Python
@@ -636,7 +654,7 @@ def markdown(results: dict) -> str:
         "# Data-free (`self`) calibration: SmolLM2-135M at 20%",
         "",
         f"Machine: {m['platform']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); "
-        f"shared with other jobs while measured (load average {m['load_avg'][0]:.1f}), so seconds are noisy; "
+        f"load average {m['load_avg'][0]:.1f} when the last row ended (its own threads count), so seconds are noisy; "
         "perplexities are deterministic. "
         f"Date: {results['date']}. (The machine of the latest run; earlier rows ran on other 2-core machines of "
         "this kind, where the same row moves by up to ~0.4.)",
