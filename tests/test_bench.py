@@ -11,6 +11,7 @@ import json
 import math
 import random
 import sys
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -207,8 +208,6 @@ def test_export_backed_back_ends_measure_given_exports_and_export_the_rest_alike
     """llama.cpp (an f32 GGUF) and ONNX Runtime GenAI (an int8 folder) as bench back ends: the pruned model's export
     given (as `build` gives its own), the dense one made in the work dir of the same type; the same schema, the ratio
     of the exports' weight bytes as the ideal, children without torch."""
-    from dataclasses import replace
-
     from slimgpt_deploy.exporters import get_exporter
 
     module, fmt, option, kwargs, weight_bytes = EXPORT_BACKENDS[backend]
@@ -384,7 +383,8 @@ def test_ratios_and_stats_arithmetic():
 
 
 def test_a_failing_back_end_is_reported_not_raised(dense_dir, uneven_slim_dir, tiny_options, tmp_path, monkeypatch):
-    monkeypatch.setitem(BACKENDS, "torch", "slimgpt_deploy.bench.no_such_module:measure")  # the child crashes
+    crash = replace(BACKENDS["torch"], measure="slimgpt_deploy.bench.no_such_module:measure")
+    monkeypatch.setitem(BACKENDS, "torch", crash)  # the child crashes
     _no_quality(monkeypatch)
     r = run_bench(dense_dir, uneven_slim_dir, ["torch"], options=tiny_options, work_dir=tmp_path)
     e = r["backends"]["torch"]
@@ -405,12 +405,12 @@ def measure(model, options):
 def _probe_imports(backend: str, tmp_path, monkeypatch) -> None:
     """Run `backend`'s real measure through a module that also reports whether the child imported torch or
     transformers (the child imports the package without its __init__: child_process.BOOTSTRAP)."""
-    module, function = BACKENDS[backend].split(":")
+    module, function = BACKENDS[backend].measure.split(":")
     probe = tmp_path / "probe"
     probe.mkdir()
     (probe / f"probe_{backend}.py").write_text(PROBE.format(module=module, function=function))
     monkeypatch.setenv("PYTHONPATH", str(probe))
-    monkeypatch.setitem(BACKENDS, backend, f"probe_{backend}:measure")
+    monkeypatch.setitem(BACKENDS, backend, replace(BACKENDS[backend], measure=f"probe_{backend}:measure"))
 
 
 def _check_light_child(m: dict) -> None:
@@ -451,3 +451,26 @@ def test_vllm_back_end_on_the_tiny_models(dense_dir, uneven_slim_dir, text_file,
     for role in ("dense", "pruned"):
         _check_m(e[role], options)
     assert e["ratios"]["ideal_decode_speedup"] > 1 and r["versions"].get("vllm")
+
+
+def test_every_back_end_row_names_what_exists():
+    """A back end is one `BACKENDS` row: its child's measure module, the export format it measures, its runtime."""
+    from slimgpt_deploy.exporters import EXPORTERS
+
+    for name, backend in BACKENDS.items():
+        module = backend.measure.split(":")[0]
+        assert importlib.util.find_spec(module) is not None, name
+        if backend.export is not None:
+            assert backend.export.format in EXPORTERS, name
+            options = BenchOptions()
+            assert isinstance(backend.export.args(options), dict)
+            assert set(backend.export.expected(options, "ckpt")) <= {
+                "checkpoint",
+                "source",
+                "dtype",
+                "quantize",
+                "type",
+                "weights",
+            }
+    assert [n for n, b in BACKENDS.items() if b.export] == ["onnx", "llamacpp", "genai"]
+    assert BACKENDS["llamacpp"].unset_env == ("OMP_WAIT_POLICY",)

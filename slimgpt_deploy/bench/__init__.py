@@ -24,6 +24,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BadInputError, SlimGPTError, first_line
@@ -33,8 +34,9 @@ from .options import SAMPLE_TEXT, BenchOptions
 
 __all__ = [
     "BACKENDS",
+    "Backend",
+    "MeasuredExport",
     "MODEL_MARKER",
-    "REQUIRES",
     "RUN_DTYPE_BYTES",
     "SAMPLE_TEXT",
     "BenchOptions",
@@ -49,28 +51,83 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# back end -> "module:function" measuring one model in the child process: fn(model_dir, options) -> partial M
-BACKENDS: dict[str, str] = {
-    "torch": "slimgpt_deploy.bench.torch_backend:measure",
-    "onnx": "slimgpt_deploy.bench.onnx_backend:measure",
-    "vllm": "slimgpt_deploy.bench.vllm_backend:measure",
-    "llamacpp": "slimgpt_deploy.bench.llamacpp_backend:measure",
-    "genai": "slimgpt_deploy.bench.genai_backend:measure",
+
+@dataclass(frozen=True)
+class MeasuredExport:
+    """The export an export-backed back end measures: how to make it, when an earlier one is reusable, its size."""
+
+    format: str  # exporters' format name
+    args: Callable[[BenchOptions], dict]  # exporter keyword arguments for these options
+    # what the export.json of a reusable export says, for (options, source checkpoint)
+    expected: Callable[[BenchOptions, Path], dict]
+    weight_bytes: Callable[[Path], int]  # the bytes of weights the back end reads, from the export's directory
+    requires: tuple[str, ...] = ()  # import names needed only to make it here (a given export needs none)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One bench back end, the only place it is listed: the child's measurement, the runtime it needs, what it
+    measures (the checkpoint, or an export), and the environment variables its child runs without."""
+
+    measure: str  # "module:function" measuring one model in the child: fn(model_dir, options) -> partial M
+    requires: tuple[str, ...] = ()  # import names, checked in the parent before any child starts
+    export: MeasuredExport | None = None  # None: the checkpoint itself
+    unset_env: tuple[str, ...] = ()
+
+
+def _onnx_bytes(d: Path) -> int:
+    from ..exporters.onnx import dir_model_bytes
+
+    return dir_model_bytes(d)
+
+
+def _gguf_bytes(d: Path) -> int:
+    from ..serving.llamacpp_runner import find_gguf
+
+    return find_gguf(d).stat().st_size
+
+
+def _genai_args(options: BenchOptions) -> dict:
+    from ..exporters import genai_export_args
+
+    return genai_export_args(options.genai_weights)
+
+
+BACKENDS: dict[str, Backend] = {
+    "torch": Backend("slimgpt_deploy.bench.torch_backend:measure"),
+    "onnx": Backend(
+        "slimgpt_deploy.bench.onnx_backend:measure",
+        ("onnxruntime",),
+        MeasuredExport(
+            "onnx",
+            lambda o: {"dtype": "fp32", "quantize": None},
+            lambda o, c: {"checkpoint": str(c), "dtype": "fp32", "quantize": None},
+            _onnx_bytes,
+            requires=("onnx",),
+        ),
+    ),
+    "vllm": Backend("slimgpt_deploy.bench.vllm_backend:measure", ("vllm",)),
+    # llama.cpp's OpenMP threads meet at a barrier after every op; OMP_WAIT_POLICY=PASSIVE (make test sets it for
+    # its parallel processes) puts them to sleep there, and decode ran 3.6x slower (q8_0 SmolLM2 at 20%, 2 threads:
+    # 36.6 vs 131.7 tokens/s): its child runs without it.
+    "llamacpp": Backend(
+        "slimgpt_deploy.bench.llamacpp_backend:measure",
+        ("llama_cpp_py_sync",),
+        MeasuredExport(
+            "gguf",
+            lambda o: {"quantize": o.gguf_type},
+            lambda o, c: {"source": str(c), "type": o.gguf_type},
+            _gguf_bytes,
+        ),
+        unset_env=("OMP_WAIT_POLICY",),
+    ),
+    "genai": Backend(
+        "slimgpt_deploy.bench.genai_backend:measure",
+        ("onnxruntime_genai",),
+        MeasuredExport("genai", _genai_args, lambda o, c: {"source": str(c), "weights": o.genai_weights}, _onnx_bytes),
+    ),
 }
-# back end -> import names it needs (checked in the parent, before any child starts)
-REQUIRES: dict[str, tuple[str, ...]] = {
-    "torch": (),
-    "onnx": ("onnxruntime",),
-    "vllm": ("vllm",),
-    "llamacpp": ("llama_cpp_py_sync",),
-    "genai": ("onnxruntime_genai",),
-}
-ONNX_EXPORT_REQUIRES = ("onnx",)  # only when the ONNX models must be exported here
 QUALITY = "slimgpt_deploy.bench.quality:measure"
-# Per back end: variables its child runs without. llama.cpp's OpenMP threads meet at a barrier after
-# every op; OMP_WAIT_POLICY=PASSIVE (make test sets it for its parallel processes) puts them to sleep
-# there, and decode ran 3.6x slower (q8_0 SmolLM2 at 20%, 2 threads: 36.6 vs 131.7 tokens/s).
-CHILD_ENV_UNSET = {"llamacpp": ("OMP_WAIT_POLICY",)}
 CHILD_TIMEOUT_S = 3 * 3600
 
 
@@ -112,21 +169,23 @@ def run_bench(
     entries: dict[str, dict] = {}
     exports = dict(exports or {})
     for name in names:
-        exporting = set(exports.get(name, {})) != {"dense", "pruned"}
-        needs = REQUIRES[name] + (ONNX_EXPORT_REQUIRES if name == "onnx" and exporting else ())
+        backend = BACKENDS[name]
+        exporting = backend.export is not None and set(exports.get(name, {})) != {"dense", "pruned"}
+        needs = backend.requires + (backend.export.requires if exporting else ())
         problem = missing_extra(needs)
         if problem is not None:
             if explicit:
                 raise problem
             logger.warning("skipping the %s back end: %s", name, problem)
             entries[name] = {"status": "skipped", "reason": str(problem)}
+    export_backed = [n for n, b in BACKENDS.items() if b.export is not None]
     for name, given in exports.items():
-        if name not in BACKEND_EXPORTS or not set(given) <= {"dense", "pruned"}:
+        if name not in export_backed or not set(given) <= {"dense", "pruned"}:
             raise BadInputError(
-                f"exports maps {', '.join(BACKEND_EXPORTS)} to 'dense' and/or 'pruned' export directories, "
+                f"exports maps {', '.join(export_backed)} to 'dense' and/or 'pruned' export directories, "
                 f"got {name!r}: {sorted(given)}"
             )
-        fmt = BACKEND_EXPORTS[name]
+        fmt = BACKENDS[name].export.format
         for role, d in given.items():
             if not Path(d).is_dir():
                 raise BadInputError(
@@ -185,30 +244,13 @@ def _find_spec(module: str):
         return None
 
 
-# back end -> the export format it measures
-BACKEND_EXPORTS: dict[str, str] = {"onnx": "onnx", "llamacpp": "gguf", "genai": "genai"}
-
-
-def backend_export(name: str, options: BenchOptions) -> tuple[dict, Callable[[Path], dict]]:
-    """(exporter arguments, what the export.json of a reusable export says for a checkpoint) of back end `name`."""
-    if name == "onnx":
-        return {"dtype": "fp32", "quantize": None}, lambda c: {"checkpoint": str(c), "dtype": "fp32", "quantize": None}
-    if name == "llamacpp":
-        t = options.gguf_type
-        return {"quantize": t}, lambda c: {"source": str(c), "type": t}
-    from ..exporters import genai_export_args
-
-    w = options.genai_weights
-    return genai_export_args(w), lambda c: {"source": str(c), "weights": w}
-
-
 def _export_dirs(name: str, dirs, options: BenchOptions, work_dir: Path, given: Mapping[str, Path] | None, log):
     """The back end's exports of each model: `given`, a complete earlier one, or one made now (unverified:
     the bench measures, `export` verifies) in work_dir/<format>/<role>."""
     from ..exporters import get_exporter
 
-    fmt = BACKEND_EXPORTS[name]
-    kwargs, expected = backend_export(name, options)
+    export = BACKENDS[name].export
+    fmt, kwargs = export.format, export.args(options)
     given = given or {}
     out = {}
     for role, checkpoint in dirs.items():
@@ -219,7 +261,7 @@ def _export_dirs(name: str, dirs, options: BenchOptions, work_dir: Path, given: 
         summary = target / "export.json"
         if summary.is_file():
             s = json.loads(summary.read_text())
-            if all(s.get(k) == v for k, v in expected(checkpoint).items()):
+            if all(s.get(k) == v for k, v in export.expected(options, checkpoint).items()):
                 out[role] = target
                 continue
         log(f"exporting the {role} model to {fmt.upper()} ({kwargs}) in {target}")
@@ -232,9 +274,10 @@ def _bench_backend(name, dirs, models, options, work_dir, given, log) -> dict:
     """Dense then pruned, each in its own child; {"status": "failed", ...} on the first failure."""
     from .measure import ratios
 
-    what = BACKEND_EXPORTS.get(name)
+    export = BACKENDS[name].export
+    what = export.format if export else None
     try:
-        run_dirs = _export_dirs(name, dirs, options, work_dir, given, log) if what else dict(dirs)
+        run_dirs = _export_dirs(name, dirs, options, work_dir, given, log) if export else dict(dirs)
     except SlimGPTError as err:
         return _failed(name, f"{what} export failed: {err}", log)
     except Exception as err:  # an exporter bug must not lose the other back ends' results
@@ -246,7 +289,7 @@ def _bench_backend(name, dirs, models, options, work_dir, given, log) -> dict:
             {
                 "task": "backend",
                 "backend": name,
-                "entry": BACKENDS[name],
+                "entry": BACKENDS[name].measure,
                 "model": str(run_dirs[role]),
                 "options": options.to_dict(),
             },
@@ -254,16 +297,7 @@ def _bench_backend(name, dirs, models, options, work_dir, given, log) -> dict:
         )
         if not ok:
             return _failed(name, f"{role} model: {result}", log)
-        if name in ("onnx", "genai"):
-            from ..exporters.onnx import dir_model_bytes
-
-            weight_bytes = dir_model_bytes(run_dirs[role])
-        elif name == "llamacpp":
-            from ..serving.llamacpp_runner import find_gguf
-
-            weight_bytes = find_gguf(run_dirs[role]).stat().st_size
-        else:
-            weight_bytes = models[role]["weight_bytes"]
+        weight_bytes = export.weight_bytes(run_dirs[role]) if export else models[role]["weight_bytes"]
         entry[role] = {**result, "weight_bytes": weight_bytes, "kv_bytes_per_token": models[role]["kv_bytes_per_token"]}
         b1 = next(iter(result["decode_ms_per_token"].values()))["median"]
         log(
@@ -312,7 +346,8 @@ def run_child(job: dict, stem: Path, timeout: float = CHILD_TIMEOUT_S) -> tuple[
     from ..child_process import ChildFailed, run
 
     try:
-        unset = CHILD_ENV_UNSET.get(job.get("backend"), ())
+        backend = BACKENDS.get(job.get("backend", ""))
+        unset = backend.unset_env if backend else ()
         return True, run("slimgpt_deploy.bench.child", job, stem, timeout=timeout, unset=unset)
     except ChildFailed as err:
         return False, str(err)

@@ -2,7 +2,7 @@
 
 JOB: {"task": "backend", "backend": NAME, "entry": "module:function", "model": DIR, "options": {...}, "out": FILE}
   or {"task": "quality", "entry": "module:function", "dense": DIR, "pruned": DIR, "options": {...}, "out": FILE}.
-"entry" is the parent's registry entry (BACKENDS[NAME] or QUALITY), resolved here.
+"entry" is the parent's registry entry (BACKENDS[NAME].measure or QUALITY), resolved here.
 Writes FILE: the measurement plus this process's peak RSS (and CUDA peak), or
 {"error": message, "exit_code": code} for a typed error. Anything else is a crash:
 a traceback on stderr and a non-zero exit, which the parent reports by its last line.
@@ -19,7 +19,7 @@ from .measure import peak_rss_bytes
 
 
 def _backend(job: dict, options: BenchOptions) -> dict:
-    registry = {job["backend"]: job.get("entry") or BACKENDS[job["backend"]]}
+    registry = {job["backend"]: job.get("entry") or BACKENDS[job["backend"]].measure}
     return resolve(registry, job["backend"], "bench back end")(Path(job["model"]), options)
 
 

@@ -317,12 +317,12 @@ def _check_inputs(out: Path, stage: str, options: BuildOptions) -> None:
 
 def _check_extras(options: BuildOptions) -> None:
     """Refuse, before any work, a stage or a named bench back end whose runtime is not installed."""
-    from ..bench import REQUIRES as BENCH_REQUIRES
+    from ..bench import BACKENDS as BENCH_BACKENDS
     from ..bench import missing_extra
 
     needs = [m for stage in options.stages for m in STAGE[stage].requires]
     if "bench" in options.stages and options.bench.explicit:  # unnamed back ends are skipped by bench instead
-        needs += [m for backend in options.bench.backends for m in BENCH_REQUIRES[backend]]
+        needs += [m for backend in options.bench.backends for m in BENCH_BACKENDS[backend].requires]
     problem = missing_extra(list(dict.fromkeys(needs)))
     if problem is not None:
         raise problem

@@ -175,7 +175,7 @@ def verify_genai(ctx: BuildContext) -> dict:
 
 
 def bench(ctx: BuildContext) -> dict:
-    from ..bench import BACKEND_EXPORTS, BenchOptions, run_bench
+    from ..bench import BACKENDS, BenchOptions, run_bench
 
     b, o = ctx.options.bench, ctx.options
     # The measuring options, without the back-end choice. llama.cpp and GenAI measure the types the build
@@ -183,9 +183,10 @@ def bench(ctx: BuildContext) -> dict:
     options = BenchOptions.from_dict({**b.to_dict(), "gguf_type": o.gguf_type, "genai_weights": o.genai_weights})
     # The ONNX export is reused when it is what bench measures (fp32, not quantized, fused).
     shipped = {"onnx": o.onnx_dtype == "fp32" and o.onnx_quantize is None and o.onnx_fuse, "gguf": True, "genai": True}
+    formats = {name: b.export.format for name, b in BACKENDS.items() if b.export is not None}
     exports = {
         backend: {"pruned": ctx.path(f"export-{fmt}")}
-        for backend, fmt in BACKEND_EXPORTS.items()
+        for backend, fmt in formats.items()
         if shipped[fmt] and (ctx.path(f"export-{fmt}") / "export.json").exists()
     }
     result = run_bench(
