@@ -81,6 +81,19 @@ def test_hooks_are_identities_in_one_process():
     assert not distributed.active() and distributed.world_size() == 1 and distributed.is_main()
 
 
+def test_ranks_fork_from_a_preloaded_server_where_there_is_one():
+    import multiprocessing
+
+    ctx = distributed._rank_context(multiprocessing)
+    assert ctx.get_start_method() == ("forkserver" if sys.platform != "win32" else "spawn")
+
+    class WithoutForkserver:  # Windows: no forkserver, so every rank is spawned
+        get_all_start_methods = staticmethod(lambda: ["spawn"])
+        get_context = staticmethod(multiprocessing.get_context)
+
+    assert distributed._rank_context(WithoutForkserver).get_start_method() == "spawn"
+
+
 # ---------------------------------------------------------------- the whole prune
 
 
@@ -185,8 +198,9 @@ def test_a_failing_rank_ends_all_with_its_message_and_code(tiny_model_dir_factor
     assert time.monotonic() - t0 < TIMEOUT_S / 2
 
 
-def _children(pid: int) -> list[int]:
-    found = []
+def _ranks(launcher: int) -> list[int]:
+    """The launcher's ranks: forked by its forkserver (a child of the launcher), or spawned by the launcher."""
+    procs = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -194,10 +208,12 @@ def _children(pid: int) -> list[int]:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == pid and b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
-                found.append(int(entry.name))
-    return sorted(found)
+            procs[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmdline)
+    servers = {p for p, (ppid, cmd) in procs.items() if ppid == launcher and b"forkserver" in cmd}
+    spawned = {p for p, (ppid, cmd) in procs.items() if ppid == launcher and b"spawn_main" in cmd}
+    return sorted(
+        p for p, (ppid, cmd) in procs.items() if ppid in servers or (p in spawned and b"resource_tracker" not in cmd)
+    )
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks through /proc")
@@ -211,10 +227,10 @@ def test_a_killed_rank_ends_the_others_without_a_hang(model_dir, tmp_path):
     )
     try:
         deadline = time.monotonic() + TIMEOUT_S
-        while len(ranks := _children(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        while len(ranks := _ranks(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert len(ranks) == 2, "the launcher did not start two ranks"
-        time.sleep(1.0)
+        # at once: forked from a server that has imported the pruner, the ranks prune this model in about a second
         os.kill(ranks[-1], signal.SIGKILL)  # e.g. the out-of-memory killer
         _, stderr = proc.communicate(timeout=60)  # the survivor does not wait for its process-group timeout
     finally:

@@ -16,10 +16,11 @@ Every rank then runs its own samples through the pruned layer to feed the next o
 and only rank 0 writes the checkpoint.
 
 Outside a process group (WORLD_SIZE unset or 1) every hook is the identity, so the
-single-process engine is unchanged. `launch` is the `--nproc` launcher: it spawns N
-processes on a free localhost port (NCCL with one GPU per rank when the device is
-CUDA, else gloo), streams rank 0's progress back and ends every rank on the first
-failure with that rank's one-line message and exit code.
+single-process engine is unchanged. `launch` is the `--nproc` launcher: it starts N
+processes (forked from a server that has imported the pruner) on a free localhost port
+(NCCL with one GPU per rank when the device is CUDA, else gloo), streams rank 0's
+progress back and ends every rank on the first failure with that rank's one-line
+message and exit code.
 """
 
 from __future__ import annotations
@@ -314,7 +315,7 @@ def launch(
     check_memory(nproc, str(model), config, max_memory=max_memory)
     threads = max(1, (os.cpu_count() or 1) // nproc) if backend_for(config.device) == "gloo" else None
     job = _Job(str(model), Path(out), config, force, max_memory, logging.getLogger().getEffectiveLevel(), threads)
-    ctx = mp.get_context("spawn")  # CUDA and torch's thread pools do not survive fork
+    ctx = _rank_context(mp)
     events = ctx.Queue()
     port = free_port()
     procs = [
@@ -328,6 +329,21 @@ def launch(
         _stop(procs)
         events.close()
         events.join_thread()
+
+
+def _rank_context(mp):
+    """Where the ranks start: forked from a server that has imported the pruner, else spawned.
+
+    A fresh interpreter spends ~5 s importing torch and transformers (6 s on this 2-core CPU), once
+    per rank. The forkserver imports them once and forks every rank from that state; it never runs
+    a tensor op, so no CUDA context and no torch or OpenMP thread pool exists to break in a fork.
+    Where there is no forkserver (Windows), every rank is spawned.
+    """
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["slimgpt_deploy.api"])
+    return ctx
 
 
 def _supervise(procs, events, on_layer) -> dict:
