@@ -12,11 +12,15 @@ import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+# torch, transformers and tokenizers are imported where they are used: pytest-xdist's controller
+# process loads this file too, and runs no test (the imports cost it ~6 s before any worker starts).
 
 # The test files that take longest, first (each file's test time in make test, --durations=0, 2026-12-05).
 # `make test` runs the files on two pytest-xdist workers (`--dist loadfile --no-loadscope-reorder`), which
@@ -59,6 +63,9 @@ TINY_WORDS = "the a cat dog sat on mat and ran to park big small red blue".split
 
 def build_tiny_tokenizer(vocab_size: int = TINY_SIZES["vocab_size"]) -> PreTrainedTokenizerFast:
     """A whitespace word-level tokenizer: <unk>=0, <s>=1, </s>=2, then words; no pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     tokens = ["<unk>", "<s>", "</s>"] + TINY_WORDS
     tokens += [f"w{i}" for i in range(vocab_size - len(tokens))]
     backend = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
@@ -81,6 +88,9 @@ def build_bpe_tokenizer(vocab_size: int = 300, split: str | None = None) -> PreT
     The pre-tokenizer is GPT-2's (`split` None) or a regex split followed by byte-level mapping
     (how Llama 3 and Qwen2 tokenizers are built). What GGUF's llama.cpp tokenizer can carry.
     """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     backend = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
     backend.pre_tokenizer = (
@@ -105,6 +115,9 @@ def build_spm_tokenizer(vocab_size: int = 400, metaspace: bool = False) -> PreTr
     Llama 2's layout (a normalizer prepends "▁" and replaces spaces), or with `metaspace` the newer
     one (a Metaspace pre-tokenizer, as Mistral's). Ids: <unk> 0, <s> 1, </s> 2, then the 256 byte tokens.
     """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
     backend = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
     if metaspace:
         backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
@@ -137,6 +150,9 @@ SHARP = {"initializer_range": 0.1}
 
 def randomize_biases(directory: Path, seed: int = 1) -> None:
     """Give a saved model's biases values (they start at zero, where a misplaced bias goes unnoticed)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(directory)
     with torch.no_grad():
@@ -159,6 +175,9 @@ def save_tiny_model(
     word-level one (its vocabulary must fit the config's vocab_size).
     Llama models tie their embeddings by default, like SmolLM2.
     """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     fields = dict(TINY_SIZES, bos_token_id=1, eos_token_id=2)
     if model_type == "llama":
         fields["tie_word_embeddings"] = True
@@ -202,6 +221,9 @@ def save_uneven_slim(directory: Path, seed: int = 0, tokenizer: PreTrainedTokeni
     layer 2 4 query / 2 KV heads but a much narrower FFN (8).
     With `tokenizer` (e.g. build_bpe_tokenizer()), the vocabulary is 320 and that tokenizer is saved.
     """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     from slimgpt_deploy.checkpoint import save_checkpoint
     from slimgpt_deploy.prune.schedule import LayerPlan
     from slimgpt_deploy.shrink import LayerCut, assemble, make_slim_config, shrink_layer

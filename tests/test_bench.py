@@ -213,6 +213,7 @@ def test_export_backed_back_ends_measure_given_exports_and_export_the_rest_alike
     module, fmt, option, kwargs, weight_bytes = EXPORT_BACKENDS[backend]
     pytest.importorskip(module)
     _probe_imports(backend, tmp_path, monkeypatch)
+    _no_quality(monkeypatch)
     dense = save_tiny_model(
         tmp_path / "dense", hidden_size=128, num_hidden_layers=3, tokenizer=build_bpe_tokenizer(), vocab_size=320
     )
@@ -298,7 +299,8 @@ def _no_quality(monkeypatch) -> None:
     monkeypatch.setattr(bench, "_quality", lambda *a, **k: {"status": "skipped", "reason": "not measured in this test"})
 
 
-def test_cli_bench_torch_prints_json_and_writes_out(dense_dir, uneven_slim_dir, text_file, tmp_path, monkeypatch):
+def test_cli_bench_prints_json_and_writes_out(dense_dir, uneven_slim_dir, text_file, tmp_path, monkeypatch):
+    # ONNX: its children import neither torch nor transformers, so the CLI is checked at the lowest cost
     _no_quality(monkeypatch)
     out = tmp_path / "res" / "bench.json"
     result = CliRunner().invoke(
@@ -308,7 +310,7 @@ def test_cli_bench_torch_prints_json_and_writes_out(dense_dir, uneven_slim_dir, 
             str(dense_dir),
             str(uneven_slim_dir),
             "--backends",
-            "torch",
+            "onnx",
             "--json",
             "--text",
             str(text_file),
@@ -323,9 +325,9 @@ def test_cli_bench_torch_prints_json_and_writes_out(dense_dir, uneven_slim_dir, 
     printed = json.loads(result.stdout)
     assert (printed["options"]["gguf_type"], printed["options"]["genai_weights"]) == ("q8_0", "fp32")
     assert printed == json.loads(out.read_text())
-    assert list(printed["backends"]) == ["torch"] and printed["backends"]["torch"]["status"] == "ok"
+    assert list(printed["backends"]) == ["onnx"] and printed["backends"]["onnx"]["status"] == "ok"
     assert printed["options"]["prompt_lens"] == [16, 32]
-    assert "| torch | pruned |" in result.stderr
+    assert "| onnx | pruned |" in result.stderr
     assert not list(out.parent.glob(".*partial*"))
 
 
@@ -432,6 +434,7 @@ def test_an_onnx_measurement_carries_neither_torch_nor_transformers(
         _check_light_child(e[role])
 
 
+@pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 def test_vllm_back_end_on_the_tiny_models(dense_dir, uneven_slim_dir, text_file, tmp_path, monkeypatch):
     _no_quality(monkeypatch)

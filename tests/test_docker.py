@@ -50,6 +50,7 @@ def test_the_images_plugin_check_passes_here():
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.vllm  # imports vLLM: 12 s on 2 cores
 def test_plugin_imports_with_only_what_the_vllm_image_has():
     code = (
         "import sys\n"

@@ -26,6 +26,8 @@ from safetensors.torch import load_file, save_file
 from slimgpt_deploy.cli import main
 from slimgpt_deploy.exporters.vllm import TOLERANCES, Tolerance, compare_greedy, verify_dir
 
+pytestmark = pytest.mark.vllm
+
 VENV_BIN = Path(sys.executable).parent
 
 
