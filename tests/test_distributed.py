@@ -81,17 +81,20 @@ def test_hooks_are_identities_in_one_process():
     assert not distributed.active() and distributed.world_size() == 1 and distributed.is_main()
 
 
-def test_ranks_fork_from_a_preloaded_server_where_there_is_one():
+def test_cpu_ranks_fork_from_a_preloaded_server_and_cuda_ranks_are_spawned():
     import multiprocessing
 
-    ctx = distributed._rank_context(multiprocessing)
-    assert ctx.get_start_method() == ("forkserver" if sys.platform != "win32" else "spawn")
+    forkserver = "forkserver" in multiprocessing.get_all_start_methods()
+    assert distributed._rank_context(multiprocessing, "gloo").get_start_method() == (
+        "forkserver" if forkserver else "spawn"
+    )
+    assert distributed._rank_context(multiprocessing, "nccl").get_start_method() == "spawn"
 
     class WithoutForkserver:  # Windows: no forkserver, so every rank is spawned
         get_all_start_methods = staticmethod(lambda: ["spawn"])
         get_context = staticmethod(multiprocessing.get_context)
 
-    assert distributed._rank_context(WithoutForkserver).get_start_method() == "spawn"
+    assert distributed._rank_context(WithoutForkserver, "gloo").get_start_method() == "spawn"
 
 
 # ---------------------------------------------------------------- the whole prune

@@ -17,10 +17,10 @@ and only rank 0 writes the checkpoint.
 
 Outside a process group (WORLD_SIZE unset or 1) every hook is the identity, so the
 single-process engine is unchanged. `launch` is the `--nproc` launcher: it starts N
-processes (forked from a server that has imported the pruner) on a free localhost port
-(NCCL with one GPU per rank when the device is CUDA, else gloo), streams rank 0's
-progress back and ends every rank on the first failure with that rank's one-line
-message and exit code.
+processes on a free localhost port (NCCL with one GPU per rank when the device is CUDA,
+each spawned; else gloo, each forked from a server that has imported the pruner),
+streams rank 0's progress back and ends every rank on the first failure with that
+rank's one-line message and exit code.
 """
 
 from __future__ import annotations
@@ -315,7 +315,7 @@ def launch(
     check_memory(nproc, str(model), config, max_memory=max_memory)
     threads = max(1, (os.cpu_count() or 1) // nproc) if backend_for(config.device) == "gloo" else None
     job = _Job(str(model), Path(out), config, force, max_memory, logging.getLogger().getEffectiveLevel(), threads)
-    ctx = _rank_context(mp)
+    ctx = _rank_context(mp, backend_for(config.device))
     events = ctx.Queue()
     port = free_port()
     procs = [
@@ -331,15 +331,17 @@ def launch(
         events.join_thread()
 
 
-def _rank_context(mp):
-    """Where the ranks start: forked from a server that has imported the pruner, else spawned.
+def _rank_context(mp, backend: str):
+    """Where the ranks start: on CPU (gloo) forked from a server that has imported the pruner, else spawned.
 
-    A fresh interpreter spends ~5 s importing torch and transformers (6 s on this 2-core CPU), once
-    per rank. The forkserver imports them once and forks every rank from that state; it never runs
-    a tensor op, so no CUDA context and no torch or OpenMP thread pool exists to break in a fork.
-    Where there is no forkserver (Windows), every rank is spawned.
+    A fresh interpreter spends ~5 s importing torch and transformers (6 s on the 2-core test CPU), once
+    per rank. The forkserver imports them once and forks every rank from that state; it runs no tensor
+    op, so no torch or OpenMP thread pool exists to break in a fork. CUDA ranks (NCCL) are spawned: a
+    CUDA driver initialised by anything in that import (none seen on the CPU build) would not survive the
+    fork, and next to pruning a model that needs GPUs the imports cost nothing. Where there is no
+    forkserver (Windows), every rank is spawned.
     """
-    if "forkserver" not in mp.get_all_start_methods():
+    if backend != "gloo" or "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["slimgpt_deploy.api"])
