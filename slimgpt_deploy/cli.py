@@ -312,7 +312,6 @@ def prune(
             options["head_share"] = head_share
         options.update(_alignment(head_multiple, ffn_multiple, tp_size))
         config = PruneConfig(**options)
-        from .api import prune_to_checkpoint
         from .atomic import check_output_dir
         from .guards import parse_size
 
@@ -328,6 +327,7 @@ def prune(
         else:
             from contextlib import nullcontext
 
+            from .api import prune_to_checkpoint  # not above: with --nproc only the ranks need it
             from .prune.distributed import is_main, process_group
 
             with process_group(config) as config:  # joins torchrun's group when WORLD_SIZE > 1

@@ -59,10 +59,10 @@ def _prune_args(model, out, *extra):
     ]
 
 
-def _cli(*args, **kw):
-    return subprocess.run(
-        [_bin("slimgpt-deploy"), *args], env=ENV, capture_output=True, text=True, timeout=TIMEOUT_S, **kw
-    )
+def _invoke(*args):
+    """The CLI in this process: its ranks fork from this test process's forkserver, which the first launch starts
+    (one import of the pruner) and the later ones reuse. The killed-rank and torchrun tests run separate processes."""
+    return CliRunner().invoke(main, list(args))
 
 
 # ---------------------------------------------------------------- the collectives, 2 gloo processes
@@ -116,8 +116,8 @@ def single(model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def nproc2(model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("nproc") / "slim"
-    run = _cli(*_prune_args(model_dir, out, "--nproc", "2", "--json"))
-    assert run.returncode == 0, run.stderr
+    run = _invoke(*_prune_args(model_dir, out, "--nproc", "2", "--json"))
+    assert run.exit_code == 0, run.output
     return out, run
 
 
@@ -157,8 +157,8 @@ def test_nproc_2_with_the_output_fisher_matches_one_process(model_dir, tmp_path)
     single = tmp_path / "single" / "slim"
     prune_to_checkpoint(str(model_dir), single, PruneConfig(**OPTIONS, fisher_samples=5))
     out = tmp_path / "nproc" / "slim"
-    run = _cli(*_prune_args(model_dir, out, "--nproc", "2", "--fisher-samples", "5"))
-    assert run.returncode == 0, run.stderr
+    run = _invoke(*_prune_args(model_dir, out, "--nproc", "2", "--fisher-samples", "5"))
+    assert run.exit_code == 0, run.output
     _same_prune(single, out)
     assert json.loads((out / "slimgpt.json").read_text())["prune"]["fisher_samples"] == 5
 
@@ -192,8 +192,8 @@ def test_a_failing_rank_ends_all_with_its_message_and_code(tiny_model_dir_factor
     weights["model.layers.2.mlp.up_proj.weight"][1, 2] = float("nan")
     save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
     t0 = time.monotonic()
-    run = _cli(*_prune_args(path, tmp_path / "slim", "--nproc", "2"))
-    assert run.returncode == 4, run.stderr  # NumericalError's code
+    run = _invoke(*_prune_args(path, tmp_path / "slim", "--nproc", "2"))
+    assert run.exit_code == 4, run.output  # NumericalError's code
     lines = [ln for ln in run.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "NaN/Inf in the weights of layer 2" in lines[0] and "of 2)" in lines[0], run.stderr
     assert "Traceback" not in run.stderr

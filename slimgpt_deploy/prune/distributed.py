@@ -236,6 +236,7 @@ class _Job:
     max_memory: int | None
     log_level: int
     threads: int | None
+    env: dict[str, str]  # the launcher's environment when it starts the ranks (a forkserver's may be older)
 
 
 def per_rank(config):
@@ -312,10 +313,15 @@ def launch(
 
     check_nproc(nproc, config)
     check_output_dir(Path(out), force)
+    ctx = _rank_context(mp, backend_for(config.device))
+    if ctx.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()  # the server imports the pruner while this process checks the memory
     check_memory(nproc, str(model), config, max_memory=max_memory)
     threads = max(1, (os.cpu_count() or 1) // nproc) if backend_for(config.device) == "gloo" else None
-    job = _Job(str(model), Path(out), config, force, max_memory, logging.getLogger().getEffectiveLevel(), threads)
-    ctx = _rank_context(mp, backend_for(config.device))
+    level = logging.getLogger().getEffectiveLevel()
+    job = _Job(str(model), Path(out), config, force, max_memory, level, threads, dict(os.environ))
     events = ctx.Queue()
     port = free_port()
     procs = [
@@ -413,6 +419,10 @@ def _stop(procs) -> None:
 
 def _worker(r: int, nproc: int, port: int, job: _Job, events) -> None:
     """One rank of `launch`: join the group, prune, report to the launcher; exit with the error's code."""
+    # A forked rank has the environment its server started with; what the launcher has now is what counts
+    # (settings read at import, e.g. HF_HUB_OFFLINE, are the server's: the first launch of the process).
+    os.environ.clear()
+    os.environ.update(job.env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
