@@ -201,6 +201,19 @@ def test_a_failing_rank_ends_all_with_its_message_and_code(tiny_model_dir_factor
     assert time.monotonic() - t0 < TIMEOUT_S / 2
 
 
+def test_ranks_see_the_launchers_environment_not_the_forkservers(model_dir, tmp_path, monkeypatch):
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    if distributed._rank_context(multiprocessing, "gloo").get_start_method() == "forkserver":
+        forkserver.ensure_running()  # started (or already running) before the variable is set
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")  # read by each rank when it joins the group
+    run = _invoke(*_prune_args(model_dir, tmp_path / "slim", "--nproc", "2"))
+    assert run.exit_code == 2, run.output
+    assert f"{distributed.TIMEOUT_ENV}='soon' is not a number of seconds" in run.output, run.output
+    assert not (tmp_path / "slim").exists()
+
+
 def _ranks(launcher: int) -> list[int]:
     """The launcher's ranks: forked by its forkserver (a child of the launcher), or spawned by the launcher."""
     procs = {}
