@@ -175,6 +175,16 @@ for seqlen in (256, 128):
         seqlen=seqlen,
     )
 
+# (22) The levers that each helped a little, together: heads kept, damping 0.001 (7'), the last 2 layers dense (18)
+# and the output-space Fisher of 16 samples (19), against the default prune on the same samples and machine
+# (`heads0-512`, rerun in (21)). Does what each gave add up?
+_variant(
+    "heads0-levers",
+    "(22) heads kept, damping 0.001, the last 2 layers dense, the output-space Fisher of 16 samples",
+    "nospecial-heads0",
+    prune={"head_share": 0.0, "percdamp": 0.001, "dense_last": 2, "fisher_samples": 16},
+)
+
 # (13) Open each sample with the document separator instead of BOS: SmolLM2-Instruct's BOS is `<|im_start|>`, which
 # opens a chat turn; after `<|endoftext|>` (how pretraining documents are packed) it writes a new document.
 _variant(
@@ -512,10 +522,16 @@ the `nospecial` row gave 34.57 on 2026-11-29 and 34.21 today):
   128 or 256 that the evaluation windows are made of, and both corpora get worse as the samples get shorter. With
   (12) (32 x 1024: 28.98 / 18.10 with damping 0.001) this puts the sampler's default length, 512, at the best
   measured. Sampling took 191-211 s and pruning 114-126 s per row on this machine.
+- **(22) The small levers do not add up** (2026-12-07, the AVX-512 AMD EPYC of (21), the same cached samples as
+  `heads0-512`). Heads kept, damping 0.001, the last 2 layers dense and the output-space Fisher of 16 samples
+  together (`heads0-levers`): 28.07 / 17.30 against 28.63 / 17.95 for the default prune, -0.56 / -0.65: about what
+  the last 2 layers dense gave alone on the machine of (18) (-0.73 / -0.70 on seed 0), not the sum of the four
+  (alone, each moved WikiText-2 by +0.15 to -0.98 against its own base row, on other machines and seeds). Why they
+  overlap was not measured. The prune took 176 s, 51 s of it the Fisher.
 - **The target (<= 26.0 on WikiText-2 with no data) is not met**: the best data-free row is 27.83 (`--dense-last 2`,
-  seed 1); with seed 0, 28.70 on this machine (27.98 with the last 4 dense and damping 0.001 on the machine of
-  2026-12-06 morning). No lever measured moves WikiText-2 perplexity by more than 0.9 without a cost on the Python
-  docs.
+  seed 1); with seed 0, 28.07 with every small lever together (22), 28.70 with the last 2 layers dense on the
+  machine of (18) (27.98 with the last 4 dense and damping 0.001 on the machine of 2026-12-06 morning). No lever
+  measured moves WikiText-2 perplexity by more than 0.9 without a cost on the Python docs.
 """
 
 
