@@ -81,20 +81,21 @@ def test_hooks_are_identities_in_one_process():
     assert not distributed.active() and distributed.world_size() == 1 and distributed.is_main()
 
 
-def test_cpu_ranks_fork_from_a_preloaded_server_and_cuda_ranks_are_spawned():
+def test_cpu_ranks_fork_from_a_preloaded_server_on_linux_and_cuda_ranks_are_spawned(monkeypatch):
     import multiprocessing
 
-    forkserver = "forkserver" in multiprocessing.get_all_start_methods()
-    assert distributed._rank_context(multiprocessing, "gloo").get_start_method() == (
-        "forkserver" if forkserver else "spawn"
-    )
+    linux = sys.platform.startswith("linux")  # elsewhere spawned: no forkserver (Windows), fork-unsafe (macOS)
+    assert distributed._rank_context(multiprocessing, "gloo").get_start_method() == ("forkserver" if linux else "spawn")
     assert distributed._rank_context(multiprocessing, "nccl").get_start_method() == "spawn"
 
-    class WithoutForkserver:  # Windows: no forkserver, so every rank is spawned
+    class WithoutForkserver:  # a platform without a forkserver: every rank is spawned
         get_all_start_methods = staticmethod(lambda: ["spawn"])
         get_context = staticmethod(multiprocessing.get_context)
 
     assert distributed._rank_context(WithoutForkserver, "gloo").get_start_method() == "spawn"
+    if linux:
+        monkeypatch.setattr(sys, "platform", "darwin")
+        assert distributed._rank_context(multiprocessing, "gloo").get_start_method() == "spawn"
 
 
 # ---------------------------------------------------------------- the whole prune

@@ -18,7 +18,7 @@ and only rank 0 writes the checkpoint.
 Outside a process group (WORLD_SIZE unset or 1) every hook is the identity, so the
 single-process engine is unchanged. `launch` is the `--nproc` launcher: it starts N
 processes on a free localhost port (NCCL with one GPU per rank when the device is CUDA,
-each spawned; else gloo, each forked from a server that has imported the pruner),
+each spawned; else gloo, on Linux each forked from a server that has imported the pruner),
 streams rank 0's progress back and ends every rank on the first failure with that
 rank's one-line message and exit code.
 """
@@ -344,10 +344,11 @@ def _rank_context(mp, backend: str):
     per rank. The forkserver imports them once and forks every rank from that state; it runs no tensor
     op, so no torch or OpenMP thread pool exists to break in a fork. CUDA ranks (NCCL) are spawned: a
     CUDA driver initialised by anything in that import (none seen on the CPU build) would not survive the
-    fork, and next to pruning a model that needs GPUs the imports cost nothing. Where there is no
-    forkserver (Windows), every rank is spawned.
+    fork, and next to pruning a model that needs GPUs the imports cost nothing. Outside Linux every
+    rank is spawned: Windows has no forkserver, and macOS's system frameworks (loaded with torch) are not
+    safe to fork, which is why Python spawns there by default.
     """
-    if backend != "gloo" or "forkserver" not in mp.get_all_start_methods():
+    if backend != "gloo" or not sys.platform.startswith("linux") or "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["slimgpt_deploy.api"])
