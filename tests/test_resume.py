@@ -1,18 +1,21 @@
 """Resumable pruning: a prune killed after layer k (SIGKILL, Ctrl-C, SIGTERM) and resumed gives
 the same model.safetensors bytes as an uninterrupted one; resume state from other options is refused.
 
-The kill is exact: a subprocess runs the Python API with an `on_layer` callback that
+The kill is exact: a child process runs the Python API with an `on_layer` callback that
 SIGKILLs its own process after layer k (the engine commits the layer before calling it),
-or kills it inside the commit, before the state file says the layer is finished.
+or kills it inside the commit, before the state file says the layer is finished. The
+children fork from a server that has imported the pruner once for all of them.
 """
 
 import hashlib
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -34,32 +37,48 @@ OPTIONS = [
     "1.0",
 ]  # calibration: self-sampled; heads cut
 
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    from pathlib import Path
+
+def _prune_then_kill(src: str, out: str, k: int, where: str) -> None:
+    """Prune, and SIGKILL this process after layer k (`after-layer`: the engine has committed it) or inside layer
+    k's commit (`mid-commit`: its weights and outputs written, state.json not yet)."""
     from slimgpt_deploy.api import prune_to_checkpoint
     from slimgpt_deploy.config import PruneConfig
     from slimgpt_deploy.resume import ResumeState
-
-    src, out, k, where = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 
     def after_layer(i, n, rec):
         if where == "after-layer" and i == k:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    if where == "mid-commit":  # layer k's weights and outputs are written, state.json not yet
+    if where == "mid-commit":  # this process only: it is killed before it could undo the patch
         write_meta = ResumeState._write_meta
+
         def killing_write_meta(self):
             if self.finished == k + 1:
                 os.kill(os.getpid(), signal.SIGKILL)
             write_meta(self)
+
         ResumeState._write_meta = killing_write_meta
 
     prune_to_checkpoint(
-        src, out, PruneConfig(ratio=0.3, nsamples=8, seqlen=32, seed=3, head_share=1.0), on_layer=after_layer
+        src, Path(out), PruneConfig(ratio=0.3, nsamples=8, seqlen=32, seed=3, head_share=1.0), on_layer=after_layer
     )
     raise SystemExit("not killed")
-""")
+
+
+def _killed(*args) -> int | None:
+    """The exit code of `_prune_then_kill(*args)` in a child process: forked from this test process's forkserver,
+    which imports the pruner once for every kill (a fresh interpreter per kill spent ~6 s importing it)."""
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(["slimgpt_deploy.api"])
+    child = ctx.Process(target=_prune_then_kill, args=args)
+    child.start()
+    child.join(300)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+    return child.exitcode
 
 
 def _invoke(*args):
@@ -99,15 +118,7 @@ def reference(model, tmp_path_factory):
 )
 def test_sigkill_after_layer_k_then_resume_is_bit_identical(model, reference, tmp_path, k, where, resume_extra):
     out = tmp_path / "slim"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(
-        [sys.executable, "-c", KILLER, str(model), str(out), str(k), where],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert _killed(str(model), str(out), k, where) == -signal.SIGKILL  # else its traceback is on the test's stderr
     state = default_state_dir(out)
     assert not out.exists()  # nothing that looks like an output
     assert not list(tmp_path.glob(".slim.partial-*"))
