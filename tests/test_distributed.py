@@ -85,17 +85,17 @@ def test_cpu_ranks_fork_from_a_preloaded_server_on_linux_and_cuda_ranks_are_spaw
     import multiprocessing
 
     linux = sys.platform.startswith("linux")  # elsewhere spawned: no forkserver (Windows), fork-unsafe (macOS)
-    assert distributed._rank_context(multiprocessing, "gloo").get_start_method() == ("forkserver" if linux else "spawn")
-    assert distributed._rank_context(multiprocessing, "nccl").get_start_method() == "spawn"
+    assert distributed.rank_context("gloo").get_start_method() == ("forkserver" if linux else "spawn")
+    assert distributed.rank_context("nccl").get_start_method() == "spawn"
 
     class WithoutForkserver:  # a platform without a forkserver: every rank is spawned
         get_all_start_methods = staticmethod(lambda: ["spawn"])
         get_context = staticmethod(multiprocessing.get_context)
 
-    assert distributed._rank_context(WithoutForkserver, "gloo").get_start_method() == "spawn"
+    assert distributed.rank_context("gloo", WithoutForkserver).get_start_method() == "spawn"
     if linux:
         monkeypatch.setattr(sys, "platform", "darwin")
-        assert distributed._rank_context(multiprocessing, "gloo").get_start_method() == "spawn"
+        assert distributed.rank_context("gloo").get_start_method() == "spawn"
 
 
 # ---------------------------------------------------------------- the whole prune
@@ -203,10 +203,9 @@ def test_a_failing_rank_ends_all_with_its_message_and_code(tiny_model_dir_factor
 
 
 def test_ranks_see_the_launchers_environment_not_the_forkservers(model_dir, tmp_path, monkeypatch):
-    import multiprocessing
     from multiprocessing import forkserver
 
-    if distributed._rank_context(multiprocessing, "gloo").get_start_method() == "forkserver":
+    if distributed.rank_context("gloo").get_start_method() == "forkserver":
         forkserver.ensure_running()  # started (or already running) before the variable is set
     monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")  # read by each rank when it joins the group
     run = _invoke(*_prune_args(model_dir, tmp_path / "slim", "--nproc", "2"))

@@ -9,7 +9,6 @@ children fork from a server that has imported the pruner once for all of them.
 
 import hashlib
 import json
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from slimgpt_deploy.cli import main
+from slimgpt_deploy.prune import distributed
 from slimgpt_deploy.resume import default_state_dir
 
 GQA = dict(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, intermediate_size=128)
@@ -66,13 +66,10 @@ def _prune_then_kill(src: str, out: str, k: int, where: str) -> None:
 
 
 def _killed(*args) -> int | None:
-    """The exit code of `_prune_then_kill(*args)` in a child process: forked from this test process's forkserver,
-    which imports the pruner once for every kill (a fresh interpreter per kill spent ~6 s importing it)."""
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    ctx = multiprocessing.get_context(method)
-    if method == "forkserver":
-        ctx.set_forkserver_preload(["slimgpt_deploy.api"])
-    child = ctx.Process(target=_prune_then_kill, args=args)
+    """The exit code of `_prune_then_kill(*args)` in a child process started as `--nproc` starts a CPU rank: on Linux
+    forked from this test process's forkserver, which imports the pruner once for every kill (a fresh interpreter per
+    kill spent ~6 s importing it)."""
+    child = distributed.rank_context("gloo").Process(target=_prune_then_kill, args=args)
     child.start()
     child.join(300)
     if child.exitcode is None:

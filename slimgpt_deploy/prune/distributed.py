@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import multiprocessing
 import os
 import queue as queue_mod
 import signal
@@ -307,19 +308,18 @@ def launch(
     Raises RankFailed with the failing rank's one-line message and exit code (every other
     rank is ended); Interrupted on Ctrl-C/SIGTERM (the ranks are ended too).
     """
-    import multiprocessing as mp
-
     from ..atomic import check_output_dir
 
     check_nproc(nproc, config)
     check_output_dir(Path(out), force)
-    ctx = _rank_context(mp, backend_for(config.device))
+    backend = backend_for(config.device)
+    ctx = rank_context(backend)
     if ctx.get_start_method() == "forkserver":
         from multiprocessing import forkserver
 
         forkserver.ensure_running()  # the server imports the pruner while this process checks the memory
     check_memory(nproc, str(model), config, max_memory=max_memory)
-    threads = max(1, (os.cpu_count() or 1) // nproc) if backend_for(config.device) == "gloo" else None
+    threads = max(1, (os.cpu_count() or 1) // nproc) if backend == "gloo" else None
     level = logging.getLogger().getEffectiveLevel()
     job = _Job(str(model), Path(out), config, force, max_memory, level, threads, dict(os.environ))
     events = ctx.Queue()
@@ -337,8 +337,9 @@ def launch(
         events.join_thread()
 
 
-def _rank_context(mp, backend: str):
-    """Where the ranks start: on CPU (gloo) forked from a server that has imported the pruner, else spawned.
+def rank_context(backend: str, mp=multiprocessing):
+    """Where a process that runs the pruner starts (the ranks of `launch`; tests that kill a prune): on CPU (gloo)
+    forked from a server that has imported the pruner, else spawned. `mp`: the multiprocessing module (or a stand-in).
 
     A fresh interpreter spends ~5 s importing torch and transformers (6 s on the 2-core test CPU), once
     per rank. The forkserver imports them once and forks every rank from that state; it runs no tensor
