@@ -39,7 +39,7 @@ def measure() -> dict:
     import self_calibration as sc
     import torch
 
-    from slimgpt_deploy.prune.methods import METHODS, LayerStats
+    from slimgpt_deploy.prune.methods import METHODS, SLIMGPT, LayerStats
     from slimgpt_deploy.prune.obs import accumulate_hessian
     from slimgpt_deploy.sources import load_model
 
@@ -93,7 +93,7 @@ def measure() -> dict:
             kl = {}
             for share in SHARES:
                 stats = LayerStats(W=mlp.down_proj.weight.clone(), H=H, percdamp=0.01, unit_norms=tied)
-                decision = METHODS["slimgpt"].ffn(stats, round(share * ffn), 0.25)
+                decision = METHODS[SLIMGPT].ffn(stats, round(share * ffn), 0.25)
                 mlp.down_proj.weight.copy_(decision.W)
                 mlp.gate_proj.weight[decision.removed] = 0
                 mlp.up_proj.weight[decision.removed] = 0

@@ -1,6 +1,6 @@
 """Peak memory of one FFN OBS step, measured with the profiler's memory timeline (CPU).
 
-Runs METHODS["slimgpt"].ffn (damping, inverse, Dynamic Group Size loop) on a random problem of
+Runs METHODS[SLIMGPT].ffn (damping, inverse, Dynamic Group Size loop) on a random problem of
 `--width` FFN channels and `--hidden` rows, and reports the largest sum of live tensors it
 allocated, in units of the step's Hessian H ([width, width] float32), beside the guards formula.
 The caller's H and W are not counted in "new"; the formula counts them.
@@ -41,13 +41,13 @@ def peak_new_bytes(fn) -> int:
 
 def measure(hidden: int, width: int) -> dict:
     import slimgpt_deploy
-    from slimgpt_deploy.prune.methods import METHODS, LayerStats
+    from slimgpt_deploy.prune.methods import METHODS, SLIMGPT, LayerStats
     from slimgpt_deploy.prune.obs import accumulate_hessian
 
     g = torch.Generator().manual_seed(0)
     H, _ = accumulate_hessian(torch.zeros(width, width), 0, torch.randn(4 * width, width, generator=g))
     stats = LayerStats(W=torch.randn(hidden, width, generator=g), H=H, percdamp=0.01, unit_norms=torch.zeros(width))
-    new = peak_new_bytes(lambda: METHODS["slimgpt"].ffn(stats, width // 2, 0.25))
+    new = peak_new_bytes(lambda: METHODS[SLIMGPT].ffn(stats, width // 2, 0.25))
     h_bytes, w_bytes = width * width * 4, hidden * width * 4
     row = {
         "engine": str(Path(slimgpt_deploy.__file__).parent),

@@ -40,6 +40,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
 from quality import DATA, EVAL_TOKENS, MODEL, NSAMPLES, RESULTS, SEQLEN, WINDOWS, machine  # noqa: E402
 
+from slimgpt_deploy.prune.methods import SLIMGPT  # noqa: E402
+from slimgpt_deploy.prune.schedule import PER_GROUP  # noqa: E402
+
 SHARE = 0.2  # share of decoder parameters to remove, for every run
 TIMEOUT_S = 1200  # per run (prune + both perplexities); a run cut by it is recorded as such
 TRACE_TIMEOUT_S = 120  # the unpatched graph build is only shown not to finish within this
@@ -74,7 +77,7 @@ NEEDS_GRADIENTS = {"taylor": True, "magnitude": False}
 
 RUNS = [
     {"name": "dense", "method": "dense"},
-    {"name": "slimgpt-log-pg-20", "method": "slimgpt", "schedule": "log", "gqa_mode": "per-group"},
+    {"name": "slimgpt-log-pg-20", "method": SLIMGPT, "schedule": "log", "gqa_mode": PER_GROUP},
     {"name": "tp-taylor-ffn", "method": "torch-pruning", **asdict(TPSetting("taylor", prune_heads=False))},
     {"name": "tp-taylor-heads", "method": "torch-pruning", **asdict(TPSetting("taylor", prune_heads=True))},
     {"name": "tp-magnitude-ffn", "method": "torch-pruning", **asdict(TPSetting("magnitude", prune_heads=False))},
@@ -325,10 +328,10 @@ def one(spec: dict) -> dict:
         row.update(sync_config(model), ratio_achieved_decoder=round(1 - decoder_params(model) / dense_decoder, 4))
         row["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         return row
-    if spec["method"] == "slimgpt":
+    if spec["method"] == SLIMGPT:
         config = PruneConfig(
             ratio=SHARE,
-            method="slimgpt",
+            method=SLIMGPT,
             schedule=spec["schedule"],
             gqa_mode=spec["gqa_mode"],
             calib=calib_spec,
@@ -428,7 +431,7 @@ def markdown(results: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
-        removes = {"dense": "—", "slimgpt": "heads + FFN (per layer)", "tp-unpatched": "heads + FFN, no eval"}
+        removes = {"dense": "—", SLIMGPT: "heads + FFN (per layer)", "tp-unpatched": "heads + FFN, no eval"}
         what = removes.get(
             r["method"], "heads + FFN (uniform)" if r.get("query_heads_cut_per_kv_group") else "FFN (uniform)"
         )

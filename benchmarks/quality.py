@@ -23,6 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+from slimgpt_deploy.prune.methods import METHODS, SLIMGPT
+from slimgpt_deploy.prune.schedule import KV_GROUP, PER_GROUP
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -33,7 +36,7 @@ NSAMPLES, SEQLEN = 64, 512
 
 
 def _run(
-    name, method="slimgpt", ratio=0.2, schedule="log", gqa="per-group", calib="wiki", nsamples=NSAMPLES, seqlen=SEQLEN
+    name, method=SLIMGPT, ratio=0.2, schedule="log", gqa=PER_GROUP, calib="wiki", nsamples=NSAMPLES, seqlen=SEQLEN
 ):
     return {
         "name": name,
@@ -52,9 +55,9 @@ for r in (0.2, 0.3, 0.5):
     pct = int(r * 100)
     RUNS.append(_run(f"slimgpt-log-pg-{pct}", ratio=r) | ({"time_dense": True} if r == 0.2 else {}))
     if r == 0.2:
-        RUNS.append(_run("slimgpt-log-kv-20", gqa="kv-group"))
+        RUNS.append(_run("slimgpt-log-kv-20", gqa=KV_GROUP))
         RUNS.append(_run("slimgpt-uniform-pg-20", schedule="uniform"))
-    for method in ("slimgpt-nocomp", "wanda-sp", "magnitude"):
+    for method in (m for m in METHODS if m != SLIMGPT):  # the ablation and the baselines
         RUNS.append(_run(f"{method}-log-pg-{pct}", method=method, ratio=r))
 RUNS.append(_run("slimgpt-log-pg-20-self", calib="self"))
 RUNS.append(_run("slimgpt-log-pg-20-128x2048", nsamples=128, seqlen=2048) | {"time_dense": True})

@@ -290,11 +290,11 @@ def fit_cost_model(points: list[dict]) -> CostModel:
 def removed_per_layer(shape: dict, ratio: float = RATIO) -> list[tuple[int, int, int]]:
     """(query heads removed, FFN channels removed, heads per KV group removed) of every layer, as the engine
     plans them."""
-    from slimgpt_deploy.prune.schedule import LayerShape, layer_ratios, plan_layers
+    from slimgpt_deploy.prune.schedule import PER_GROUP, LayerShape, layer_ratios, plan_layers
 
     g = LayerGeometry.of(shape)
     shapes = [LayerShape(g.q_heads, g.kv_heads, g.ffn, g.head_dim, g.hidden)] * shape["num_hidden_layers"]
-    plans = plan_layers(shapes, layer_ratios("log", ratio, [s.params() for s in shapes]), "per-group")
+    plans = plan_layers(shapes, layer_ratios("log", ratio, [s.params() for s in shapes]), PER_GROUP)
     return [(g.q_heads - p.q_heads, g.ffn - p.ffn, (g.q_heads - p.q_heads) // g.kv_heads) for p in plans]
 
 

@@ -33,6 +33,9 @@ import sys
 import time
 from pathlib import Path
 
+from slimgpt_deploy.prune.methods import SLIMGPT
+from slimgpt_deploy.prune.schedule import PER_GROUP
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -50,9 +53,9 @@ NOT_SAMPLING = ("prune", "file", "seqlen", "seed")
 # rows were measured with), so a rerun of a row measures what the row says; the head-share rows set their own.
 PRUNE_BASE = {
     "ratio": RATIO,
-    "method": "slimgpt",
+    "method": SLIMGPT,
     "schedule": "log",
-    "gqa_mode": "per-group",
+    "gqa_mode": PER_GROUP,
     "calib": "self",
     "head_share": 1.0,
     "dense_last": 0,

@@ -58,7 +58,7 @@ import torch
 from slimgpt_deploy.atomic import atomic_output_dir, check_output_dir
 from slimgpt_deploy.checkpoint import read_config, safetensors_files, validate_checkpoint
 from slimgpt_deploy.errors import BadInputError, CheckpointError, VerificationError
-from slimgpt_deploy.families import layout_of
+from slimgpt_deploy.families import SLIM_MODEL_TYPE, layout_of
 from slimgpt_deploy.serving.llamacpp_runner import find_gguf
 
 FORMAT = "gguf"
@@ -130,7 +130,7 @@ def export(
     ftype = resolve_type(dtype, quantize)
     config = read_config(checkpoint)
     safetensors_files(checkpoint)
-    if config.get("model_type") == "slimgpt":
+    if config.get("model_type") == SLIM_MODEL_TYPE:
         validate_checkpoint(checkpoint)
     check_output_dir(out, force)
     # every refusal (tokenizer, RoPE, shapes) before any writing

@@ -30,6 +30,7 @@ import torch
 from slimgpt_deploy.atomic import atomic_output_dir, check_output_dir
 from slimgpt_deploy.checkpoint import read_config, safetensors_files, validate_checkpoint
 from slimgpt_deploy.errors import BadInputError, VerificationError
+from slimgpt_deploy.families import SLIM_MODEL_TYPE
 
 FORMAT = "vllm"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -78,7 +79,7 @@ def export(
     if dtype not in DTYPES:
         raise BadInputError(f"--dtype {dtype!r} is not supported for vLLM; choose one of: {', '.join(DTYPES)}")
     safetensors_files(checkpoint)
-    if config.get("model_type") == "slimgpt":
+    if config.get("model_type") == SLIM_MODEL_TYPE:
         validate_checkpoint(checkpoint)
     check_output_dir(out, force)
     if verify:

@@ -170,10 +170,11 @@ def check_servable(model: Path, tensor_parallel_size: int = 1) -> dict:
     """
     from slimgpt_deploy.checkpoint import read_config, safetensors_files, validate_checkpoint
     from slimgpt_deploy.errors import BadInputError
+    from slimgpt_deploy.families import SLIM_MODEL_TYPE
 
     config = read_config(model)
     safetensors_files(model)
-    if config.get("model_type") == "slimgpt":
+    if config.get("model_type") == SLIM_MODEL_TYPE:
         from slimgpt_deploy.modeling import SlimGPTConfig
         from slimgpt_deploy.modeling.shapes import tp_problem
 

@@ -242,7 +242,7 @@ def expected_tensor_shapes(config) -> tuple[dict[str, tuple[int, ...]], dict[str
     """
     import dataclasses
 
-    from .families import layer_shapes, layout_of
+    from .families import SLIM_MODEL_TYPE, layer_shapes, layout_of
 
     layout = layout_of(config)
     h, vocab = config.hidden_size, config.vocab_size
@@ -251,7 +251,7 @@ def expected_tensor_shapes(config) -> tuple[dict[str, tuple[int, ...]], dict[str
     (optional if config.tie_word_embeddings else required)[f"{layout.head}.weight"] = (vocab, h)
     for i, s in enumerate(layer_shapes(config)):
         prefix = layout.layer_prefix(i)
-        if config.model_type != "slimgpt":  # dense: o's bias is the loader's business
+        if config.model_type != SLIM_MODEL_TYPE:  # dense: o's bias is the loader's business
             optional[prefix + layout.tensor("o", "bias")] = (h,)
             s = dataclasses.replace(s, o_bias=False)
         required |= {prefix + k: v for k, v in layout.tensor_shapes(s).items()}

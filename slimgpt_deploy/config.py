@@ -8,6 +8,7 @@ import torch
 
 from .errors import BadInputError
 from .prune.methods import METHODS as PRUNE_METHODS
+from .prune.methods import SLIMGPT
 from .prune.schedule import DEFAULT_HEAD_SHARE, GQA_MODES, PER_GROUP, SCHEDULES
 
 METHODS = tuple(PRUNE_METHODS)  # the registry that implements them
@@ -37,7 +38,7 @@ class PruneConfig:
     """Everything that decides a pruning result (and so its fingerprint)."""
 
     ratio: float = 0.2
-    method: str = "slimgpt"
+    method: str = SLIMGPT
     schedule: str = "log"
     layer_ratios: tuple[float, ...] | None = None
     # The last N decoder layers are left dense; the schedule spreads the same parameter share over the others

@@ -91,11 +91,14 @@ class Family:
     layout: Layout = LLAMA
 
 
+# The model_type of a slim checkpoint; modeling/configuration_slimgpt.py spells it too (that file is copied into
+# every checkpoint and imports only transformers).
+SLIM_MODEL_TYPE = "slimgpt"
 FAMILIES: dict[str, Family] = {
     "llama": Family("Llama", _llama),
     "mistral": Family("Mistral", _mistral),
     "qwen2": Family("Qwen2", _qwen2),
-    "slimgpt": Family("SlimGPT checkpoint", _slimgpt),
+    SLIM_MODEL_TYPE: Family("SlimGPT checkpoint", _slimgpt),
 }
 SUPPORTED_MODEL_TYPES: dict[str, str] = {model_type: family.name for model_type, family in FAMILIES.items()}
 

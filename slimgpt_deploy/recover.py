@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from .atomic import atomic_write, check_output_dir, fsync_dir, write_error
 from .config import resolve_device
 from .errors import BadInputError, CheckpointError, Interrupted
+from .families import SLIM_MODEL_TYPE
 from .layout import SLIM
 from .resume import default_state_dir as resume_state_dir
 from .resume import fingerprint
@@ -411,7 +412,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, names: list[str], tensors:
 def check_pair(student, teacher, student_path: str, teacher_src: str) -> None:
     """Refuse a teacher that cannot teach this student (other vocabulary or hidden size)."""
     s, t = student.config, teacher.config
-    if s.model_type != "slimgpt":
+    if s.model_type != SLIM_MODEL_TYPE:
         raise CheckpointError(
             f"{student_path} is not a slim checkpoint (model type {s.model_type!r}); "
             "give the --out of `slimgpt-deploy prune`"

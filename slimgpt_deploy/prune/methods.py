@@ -150,8 +150,9 @@ class Method:
     weighs_outputs: bool = False  # takes LayerStats.output_weight into account (`--fisher-samples`)
 
 
+SLIMGPT = "slimgpt"  # the default method (PruneConfig.method)
 METHODS: dict[str, Method] = {
-    "slimgpt": Method(_obs_heads(True), _obs_ffn(True), weighs_outputs=True),
+    SLIMGPT: Method(_obs_heads(True), _obs_ffn(True), weighs_outputs=True),
     "slimgpt-nocomp": Method(_obs_heads(False), _obs_ffn(False), weighs_outputs=True),
     "magnitude": Method(_score_heads(magnitude_score), _score_ffn(magnitude_score)),
     "wanda-sp": Method(_score_heads(wanda_score), _score_ffn(wanda_score)),
