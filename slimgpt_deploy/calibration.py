@@ -29,7 +29,7 @@ Sources (``get_calibration(spec, ...)``; :data:`SOURCES` maps a kind to its load
 
   Defaults: masking special tokens is on because the chat model otherwise opens new chat
   turns mid-text. The other knobs (no BOS, a greedy opening, over-generation, temperature
-  and top-p) are off / unchanged until measured: benchmarks/self_calibration.py compares them
+  and top-p, no repeated n-grams) are off / unchanged until measured: benchmarks/self_calibration.py compares them
   (SmolLM2-135M, SlimGPT 20%, 64 x 512, WikiText-2 and Python-docs perplexity), but one
   64 x 512 variant did not finish on the shared 2-core machine (one batch of 32 x 512 took
   35 min to sample), so no variant is measured yet (before this change: 32.62 on WikiText-2,
@@ -138,6 +138,8 @@ class SelfSampling:
     ``bos`` opens each sample with the tokenizer's BOS, or ``open_with`` names the token that opens
     it instead (e.g. a document separator such as SmolLM2's ``<|endoftext|>``, after which the model
     writes a new document rather than the chat turn its BOS ``<|im_start|>`` begins).
+    ``no_repeat_ngram`` = n > 0 never samples a token that would repeat an n-gram the sample already
+    holds (the loops a small model falls into over long samples); 0: off.
     """
 
     temperature: float = 1.0
@@ -147,13 +149,19 @@ class SelfSampling:
     mask_special: bool = True
     bos: bool = True
     open_with: str | None = None
+    no_repeat_ngram: int = 0
 
     def __post_init__(self) -> None:
         assert self.temperature > 0 and 0.0 <= self.top_p <= 1.0, (self.temperature, self.top_p)
         assert self.greedy_opening >= 0 and self.overgenerate >= 1.0, (self.greedy_opening, self.overgenerate)
+        assert self.no_repeat_ngram == 0 or self.no_repeat_ngram >= 2, self.no_repeat_ngram
 
     def describe(self) -> dict:
-        return dataclasses.asdict(self)
+        # no_repeat_ngram is named only when on: records (and fingerprints) from before it existed stay the same.
+        fields = dataclasses.asdict(self)
+        if not self.no_repeat_ngram:
+            del fields["no_repeat_ngram"]
+        return fields
 
 
 SELF_SAMPLING = SelfSampling()
@@ -274,17 +282,52 @@ def _sample_batch(
     pieces = [prefix.to(device)]
     step = pieces[0]  # [b, k] for the prefill, then [b, 1]
     nll = torch.zeros(prefix.shape[0], dtype=torch.float64, device=device)  # [b]
+    ngrams = _NgramBan(sampling.no_repeat_ngram, prefix) if sampling.no_repeat_ngram else None
     for t in range(seqlen - prefix.shape[1]):
         out = model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1, :vocab].float()  # [b, vocab], on the device
         logits[:, banned] = float("-inf")
+        scored = logits  # the sample's NLL is the model's, before any n-gram ban
+        if ngrams is not None:
+            logits = ngrams.apply(logits.clone())
         u = torch.cat([torch.rand(1, generator=g) for g in generators])  # [b], host
         top_p = 0.0 if t < sampling.greedy_opening else sampling.top_p
         step = sample_top_p(logits, u, top_p=top_p, temperature=sampling.temperature)[:, None]  # [b, 1]
-        nll -= (logits.gather(-1, step) - torch.logsumexp(logits, dim=-1, keepdim=True))[:, 0]
+        nll -= (scored.gather(-1, step) - torch.logsumexp(scored, dim=-1, keepdim=True))[:, 0]
+        if ngrams is not None:
+            ngrams.append(step[:, 0].tolist())
         pieces.append(step)
     ids = torch.cat(pieces, dim=1).cpu()  # [b, seqlen]
     return ids, (nll / max(seqlen - prefix.shape[1], 1)).cpu()
+
+
+class _NgramBan:
+    """The tokens that would repeat one of its n-grams, per sample (``SelfSampling.no_repeat_ngram``), on the host."""
+
+    def __init__(self, n: int, prefix: torch.Tensor):
+        self.n = n
+        self.seqs = prefix.tolist()  # [b][k]
+        self.next: list[dict[tuple[int, ...], set[int]]] = [{} for _ in self.seqs]  # (n-1)-gram -> next tokens
+        for seq, table in zip(self.seqs, self.next):
+            for j in range(len(seq) - n + 1):
+                table.setdefault(tuple(seq[j : j + n - 1]), set()).add(seq[j + n - 1])
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """-inf on each row's banned tokens, unless that would leave the row nothing to sample."""
+        for i, (seq, table) in enumerate(zip(self.seqs, self.next)):
+            ban = table.get(tuple(seq[len(seq) - self.n + 1 :]))
+            if ban:
+                idx = torch.tensor(sorted(ban), device=logits.device)
+                row = logits[i].index_fill(0, idx, float("-inf"))
+                if bool(torch.isfinite(row).any()):
+                    logits[i] = row
+        return logits
+
+    def append(self, tokens: list[int]) -> None:
+        for seq, table, tok in zip(self.seqs, self.next, tokens):
+            seq.append(tok)
+            if len(seq) >= self.n:
+                table.setdefault(tuple(seq[-self.n : -1]), set()).add(tok)
 
 
 class _PreallocatedLayer(DynamicLayer):
