@@ -37,17 +37,18 @@ def _install_bias_column() -> None:
 
     import slimgpt_deploy.prune.engine as eng
     import slimgpt_deploy.prune.methods as meth
-    from slimgpt_deploy.prune.obs import batched_greedy_pruning, dgs_group_size, inverse_hessian, obs_remove_
+    from slimgpt_deploy.prune.obs import (
+        accumulate_hessian,
+        batched_greedy_pruning,
+        dgs_group_size,
+        inverse_hessian,
+        obs_remove_,
+    )
 
     biases: dict[int, torch.Tensor] = {}  # id(the decision's weight) -> its bias
 
     def accumulate(H, n, X):  # obs.accumulate_hessian over [x, 1]
-        X = X.reshape(-1, X.shape[-1]).to(H.dtype)
-        X = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype, device=X.device)], dim=1)
-        m = X.shape[0]
-        H = H * (n / (n + m))
-        n = n + m
-        return H.addmm_(X.T * math.sqrt(2.0 / n), X * math.sqrt(2.0 / n)), n
+        return accumulate_hessian(H, n, torch.cat([X, torch.ones_like(X[..., :1])], dim=-1))
 
     class WithConstant(eng.InputHessian):
         def __init__(self, projection, width, dtype, device):

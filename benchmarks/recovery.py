@@ -274,8 +274,8 @@ def markdown(data: dict) -> str:
         "bf16 without AMX (2026-12-07, `bf16-lora-220x384-avx512bf16`, a 2-core AMD EPYC with AVX512-BF16, "
         "`--precision bf16` forced: `auto` takes fp32 there): the same recipe recovers as much (28.63 -> 26.93, "
         "16.7%) but takes 1490 s (data 484 s, training 1007 s) against 800 s on the AMX Xeon, over the 15-minute "
-        "budget, peak RSS 12 GiB. Bare bf16 matmuls of the model's shapes ran 2.3-3.4x the float32 ones on that "
-        "CPU (an ad hoc script, not committed), but the whole recovery did not come near the AMX time; the float32 "
+        "budget, peak RSS 12 GiB. Bare bf16 matmuls of the model's shapes ran 2.2-2.6x the float32 ones on that "
+        "CPU (benchmarks/results/bf16_matmul.md), but the whole recovery did not come near the AMX time; the float32 "
         "run on the same machine, which would say whether `auto` should take bf16 there, was not made (time). "
         "`fast_bf16` stays AMX-only.",
         "",
