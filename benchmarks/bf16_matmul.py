@@ -10,11 +10,11 @@ tiles or AVX512-BF16 (torch's probes). A whole recovery is more than its matmuls
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
+from onnx_bench import _timed  # a sibling script (benchmarks/ is on sys.path when run as a file)
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 SHAPES = ((1024, 576, 1536), (1024, 1536, 576), (1024, 576, 49152))  # [tokens, in] x [in, out]: up, down, lm_head
@@ -22,14 +22,7 @@ THREADS, WARMUP, REPEATS = 2, 3, 7
 
 
 def _median_s(fn) -> float:
-    for _ in range(WARMUP):
-        fn()
-    times = []
-    for _ in range(REPEATS):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return _timed(fn, REPEATS, WARMUP)  # onnx_bench's: median of `REPEATS` after `WARMUP`
 
 
 def run() -> dict:
