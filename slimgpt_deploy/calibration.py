@@ -55,6 +55,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -82,6 +83,10 @@ class CalibrationSet:
     input_ids: torch.Tensor  # [nsamples, seqlen] int64, on the CPU
     source: str  # "self", "file:/abs/path.txt", "hf:allenai/c4"
     seed: int
+    # `self` with logits_topk=k only: the sampling model's k most likely next tokens at every position, their
+    # log-probabilities ([nsamples, seqlen, k] float32, at temperature 1, normalised over the whole vocabulary)
+    # and ids ([nsamples, seqlen, k] int32), from the sampling pass itself (see sample_self); None otherwise
+    next_topk: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         assert self.input_ids.dim() == 2 and self.input_ids.dtype == torch.int64, self.input_ids.shape
@@ -117,13 +122,23 @@ class _Request:
     device: torch.device | None = None  # where `self` samples (the prune's compute device)
     sampling: SelfSampling | None = None  # `self` only; None: SELF_SAMPLING
     self_batch: int | None = None  # `self` only: most sequences decoded together; None: SELF_MAX_BATCH_SIZE
+    logits_topk: int = 0  # `self` only: keep the sampler's top-k next-token log-probs (CalibrationSet.next_topk)
 
     def generator(self) -> torch.Generator:
         return torch.Generator(device="cpu").manual_seed(self.seed)
 
 
-# A loader turns the spec's argument into [nsamples, seqlen] int64 ids and a source description.
-Loader = Callable[[str, _Request], tuple[torch.Tensor, str]]
+class Loaded(NamedTuple):
+    """What a loader returns: ``[nsamples, seqlen]`` int64 ids, a source description, and (``self`` only,
+    when asked) the sampler's top-k next-token log-probs (:attr:`CalibrationSet.next_topk`)."""
+
+    ids: torch.Tensor
+    source: str
+    next_topk: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+# A loader turns the spec's argument into what it read or sampled.
+Loader = Callable[[str, _Request], Loaded]
 
 
 # ---------------------------------------------------------------------------- self
@@ -266,11 +281,17 @@ def _sample_batch(
     generators: list[torch.Generator],
     sampling: SelfSampling,
     banned: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    topk: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Continue ``prefix`` ``[b, k]`` to ``[b, seqlen]`` with a KV cache, one token a step, on the model's device.
 
-    Returns the ids ``[b, seqlen]`` (moved to the host once, at the end) and each sample's mean
-    negative log-likelihood of its sampled tokens ``[b]`` under the untempered model. Sample i
+    Returns the ids ``[b, seqlen]`` (moved to the host once, at the end), each sample's mean
+    negative log-likelihood of its sampled tokens ``[b]`` under the untempered model, and, when
+    ``topk`` > 0, the model's ``topk`` most likely next tokens at every position: their
+    log-probabilities (``[b, seqlen, topk]`` float32, at temperature 1 over the whole vocabulary,
+    before any ban or mask) and ids (int32). The prefill keeps the logits of every prefix position,
+    each step the new one's, and one more step after the last sampled token gives the last
+    position's. Sample i
     draws its uniforms from ``generators[i]`` alone (on the host, moved as one ``[b]`` tensor a
     step), so the batch size (a memory knob) changes what is sampled only through the rounding of the
     model's matmuls (see the module doc). ``banned`` ids
@@ -283,8 +304,12 @@ def _sample_batch(
     step = pieces[0]  # [b, k] for the prefill, then [b, 1]
     nll = torch.zeros(prefix.shape[0], dtype=torch.float64, device=device)  # [b]
     ngrams = _NgramBan(sampling.no_repeat_ngram, prefix) if sampling.no_repeat_ngram else None
+    top = _NextTopk(prefix.shape[0], seqlen, topk, device) if topk else None
     for t in range(seqlen - prefix.shape[1]):
-        out = model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        keep = step.shape[1] if top is not None else 1  # the prefill's every position when the top-k is kept
+        out = model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=keep)
+        if top is not None:
+            top.add(out.logits)
         logits = out.logits[:, -1, :vocab].float()  # [b, vocab], on the device
         logits[:, banned] = float("-inf")
         scored = logits  # the sample's NLL is the model's, before any n-gram ban
@@ -297,8 +322,30 @@ def _sample_batch(
         if ngrams is not None:
             ngrams.append(step[:, 0].tolist())
         pieces.append(step)
+    if top is not None:  # the distribution after the last sampled token
+        top.add(model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits)
     ids = torch.cat(pieces, dim=1).cpu()  # [b, seqlen]
-    return ids, (nll / max(seqlen - prefix.shape[1], 1)).cpu()
+    return ids, (nll / max(seqlen - prefix.shape[1], 1)).cpu(), None if top is None else top.result()
+
+
+class _NextTopk:
+    """The top-k next-token log-probs of :func:`_sample_batch`, filled position by position on the sampling device."""
+
+    def __init__(self, batch: int, seqlen: int, k: int, device: torch.device):
+        self.k, self.filled = k, 0
+        self.values = torch.empty(batch, seqlen, k, dtype=torch.float32, device=device)
+        self.ids = torch.empty(batch, seqlen, k, dtype=torch.int32, device=device)
+
+    def add(self, logits: torch.Tensor) -> None:
+        """logits ``[b, n, V]``: the next positions' (``n`` of them)."""
+        values, ids = torch.log_softmax(logits.float(), dim=-1).topk(min(self.k, logits.shape[-1]), dim=-1)
+        stop = self.filled + logits.shape[1]
+        self.values[:, self.filled : stop], self.ids[:, self.filled : stop] = values, ids.to(torch.int32)
+        self.filled = stop
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.filled == self.values.shape[1], (self.filled, self.values.shape)
+        return self.values.cpu(), self.ids.cpu()
 
 
 class _NgramBan:
@@ -424,11 +471,18 @@ class SelfPool:
     input_ids: torch.Tensor  # [m, seqlen] int64, host
     nll: torch.Tensor  # [m] float64: mean -log p of each sample's sampled tokens (self-perplexity = exp)
     opening: int  # tokens before the sampled ones (BOS + random + greedy), left out of the repeat check
+    # when asked (sample_self's logits_topk): the model's top-k next-token log-probs and ids, [m, seqlen, k] each
+    next_topk: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def select(self, nsamples: int) -> torch.Tensor:
         """The ``nsamples`` best (:func:`keep_best`) in pool order -> ``[nsamples, seqlen]``."""
+        return self.input_ids[self.keep(nsamples)]
+
+    def keep(self, nsamples: int) -> torch.Tensor:
+        """Indices (ascending) of the ``nsamples`` best samples: :func:`keep_best`, or the first ones when the pool
+        holds no more."""
         if nsamples >= self.input_ids.shape[0]:
-            return self.input_ids[:nsamples]
+            return torch.arange(min(nsamples, self.input_ids.shape[0]))
         distinct = torch.tensor(
             [distinct_ngram_share(row[self.opening :]) for row in self.input_ids]
         )  # [m], host like the ids
@@ -441,7 +495,7 @@ class SelfPool:
             float(self.nll[keep].min().exp()),
             float(self.nll[keep].max().exp()),
         )
-        return self.input_ids[keep]
+        return keep
 
 
 def sample_self(
@@ -454,8 +508,16 @@ def sample_self(
     sampling: SelfSampling,
     device: torch.device | None = None,
     max_batch: int | None = None,
+    logits_topk: int = 0,
 ) -> SelfPool:
     """Sample ``count`` sequences of ``seqlen`` tokens from ``model`` (on ``device`` when it fits there).
+
+    ``logits_topk`` = k > 0 also keeps, from the same pass, the model's k most likely next tokens and
+    their log-probabilities at every position of every sample (:attr:`SelfPool.next_topk`): what a
+    distillation from this model on this text needs of the teacher (recover.py), without running it
+    again. The prefill then keeps
+    every prefix position's logits, which may change a sample's first draw by rounding, as the batch
+    size can.
 
     Sample i opens with BOS (when ``sampling.bos`` and the tokenizer has one) and a random
     non-special token drawn from its own generator, seeded from ``seed`` and i; that generator
@@ -487,6 +549,8 @@ def sample_self(
     home = model_device(model)
     ids = torch.empty(count, seqlen, dtype=torch.int64)
     nll = torch.empty(count, dtype=torch.float64)
+    k = min(logits_topk, int(model.config.vocab_size))
+    next_topk = (torch.empty(count, seqlen, k), torch.empty(count, seqlen, k, dtype=torch.int32)) if k else None
     if target is not None:  # outside inference mode: moved weights must stay ordinary tensors
         model.to(target)
     try:
@@ -495,9 +559,11 @@ def sample_self(
             nbatches = -(-count // batch)
             for b, start in enumerate(range(0, count, batch)):
                 stop = min(start + batch, count)
-                ids[start:stop], nll[start:stop] = _sample_batch(
-                    model, prefix[start:stop], seqlen, vocab, generators[start:stop], sampling, banned
+                ids[start:stop], nll[start:stop], top = _sample_batch(
+                    model, prefix[start:stop], seqlen, vocab, generators[start:stop], sampling, banned, k
                 )
+                if top is not None:
+                    next_topk[0][start:stop], next_topk[1][start:stop] = top
                 logger.info(
                     "self-calibration: sampled batch %d/%d (%d x %d tokens on %s)",
                     b + 1,
@@ -509,10 +575,10 @@ def sample_self(
     finally:
         if target is not None:
             model.to(home)
-    return SelfPool(input_ids=ids, nll=nll, opening=opening)
+    return SelfPool(input_ids=ids, nll=nll, opening=opening, next_topk=next_topk)
 
 
-def _from_self(_arg: str, req: _Request) -> tuple[torch.Tensor, str]:
+def _from_self(_arg: str, req: _Request) -> Loaded:
     """Text sampled from the model itself (LLM-Pruner's data-free calibration), the worst of an
     over-generated pool dropped."""
     sampling = req.sampling or SELF_SAMPLING
@@ -525,8 +591,11 @@ def _from_self(_arg: str, req: _Request) -> tuple[torch.Tensor, str]:
         sampling=sampling,
         device=req.device,
         max_batch=req.self_batch,
+        logits_topk=req.logits_topk,
     )
-    return pool.select(req.nsamples), "self"
+    keep = pool.keep(req.nsamples)
+    next_topk = None if pool.next_topk is None else (pool.next_topk[0][keep], pool.next_topk[1][keep])
+    return Loaded(pool.input_ids[keep], "self", next_topk)
 
 
 # ---------------------------------------------------------------------------- text
@@ -588,7 +657,7 @@ def _sample_windows(ids: torch.Tensor, req: _Request, what: str) -> torch.Tensor
     return windows[pick].clone()  # [nsamples, seqlen]
 
 
-def _from_file(arg: str, req: _Request) -> tuple[torch.Tensor, str]:
+def _from_file(arg: str, req: _Request) -> Loaded:
     path = Path(arg).expanduser()
     if not path.exists():
         raise CalibrationError(
@@ -602,13 +671,13 @@ def _from_file(arg: str, req: _Request) -> tuple[torch.Tensor, str]:
             f'or one {{"text": ...}} object per line (.jsonl)'
         )
     ids = text_to_ids(req.tokenizer, reader(path))
-    return _sample_windows(ids, req, str(path)), f"file:{path.resolve()}"
+    return Loaded(_sample_windows(ids, req, str(path)), f"file:{path.resolve()}")
 
 
 # ---------------------------------------------------------------------------- hub
 
 
-def _from_hub(name: str, req: _Request) -> tuple[torch.Tensor, str]:
+def _from_hub(name: str, req: _Request) -> Loaded:
     try:
         import datasets
     except ImportError as e:
@@ -640,7 +709,7 @@ def _from_hub(name: str, req: _Request) -> tuple[torch.Tensor, str]:
             f"{type(e).__name__}: {detail}); pass a local .txt/.jsonl file or 'self'"
         ) from e
     ids = text_to_ids(req.tokenizer, TEXT_JOINER.join(texts))
-    return _sample_windows(ids, req, f"from dataset '{name}'"), f"hf:{name}"
+    return Loaded(_sample_windows(ids, req, f"from dataset '{name}'"), f"hf:{name}")
 
 
 # ---------------------------------------------------------------------------- entry
@@ -681,6 +750,7 @@ def get_calibration(
     device: str | torch.device | None = None,
     sampling: SelfSampling | None = None,
     self_batch: int | None = None,
+    logits_topk: int = 0,
 ) -> CalibrationSet:
     """Build ``nsamples`` x ``seqlen`` calibration token ids from ``spec`` (see the module doc).
 
@@ -688,6 +758,8 @@ def get_calibration(
     back) when the model fits in its free memory, else where the model is. ``sampling``
     overrides :data:`SELF_SAMPLING` for ``self``, and ``self_batch`` the most sequences it decodes
     together (:data:`SELF_MAX_BATCH_SIZE`; fewer when the device's free memory is short).
+    ``logits_topk`` = k > 0: ``self`` also returns the sampling model's top-k next-token log-probs
+    (:attr:`CalibrationSet.next_topk`, from the sampling pass); other sources ignore it (None).
     """
     spec = spec.strip()
     if not spec:
@@ -715,8 +787,9 @@ def get_calibration(
         device=None if device is None else torch.device(device),
         sampling=sampling,
         self_batch=self_batch,
+        logits_topk=logits_topk,
     )
-    ids, source = SOURCES[kind](arg, req)
+    ids, source, next_topk = SOURCES[kind](arg, req)
     assert ids.shape == (nsamples, seqlen) and ids.dtype == torch.int64, (ids.shape, ids.dtype)
     assert int(ids.max()) < int(model.config.vocab_size), "loaders check token ids against the vocabulary"
-    return CalibrationSet(input_ids=ids, source=source, seed=seed)
+    return CalibrationSet(input_ids=ids, source=source, seed=seed, next_topk=next_topk)

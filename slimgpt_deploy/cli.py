@@ -369,7 +369,8 @@ _RECOVER_FLAGS = (
         "--teacher-topk",
         {"type": int},
         "teacher_topk",
-        "Cache the teacher's top-k log-probs once instead of rerunning it each epoch (0: off).",
+        "Train on the teacher's top-k log-probs, cached once, instead of running it at every step (0: off); "
+        "with `self` data they come from the sampling pass itself.",
     ),
     ("--save-every", {"type": int}, "save_every", "Steps between resume-state saves."),
     ("--seed", {"type": int}, "seed", "Seed of the data and its order."),

@@ -39,7 +39,10 @@ optimizer's moments, the step, the loss history and the training ids are written
 directory (``state.json`` replaced last); ``resume`` continues from there and ends with the
 same weights as an uninterrupted run. The teacher's top-k log-probabilities may be cached
 (``teacher_topk``): computed once per training sequence and stored in the state directory,
-later epochs (and resumed runs) then skip the teacher's forward pass.
+later epochs (and resumed runs) then skip the teacher's forward pass. With ``self`` data they
+come from the sampling pass itself (the logits the teacher drew each token from, kept by
+calibration.sample_self), so the teacher never runs again after sampling; other data needs one
+teacher pass over the training sequences.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ FORMAT = "slimgpt-deploy-recover/1"
 WARMUP_FRACTION = 0.05  # linear warm-up over this share of the steps, then cosine decay to 0
 GRAD_CLIP = 1.0
 PRECISIONS = ("auto", "bf16", "fp32")
+TAIL_EXACT_BELOW = 1e-3  # a student tail mass below this is summed over the tail itself (kl_and_grad)
 KL_CHUNK_ROWS = 16  # rows of the vocabulary-wide loss at once (kl_and_grad): 3 MB of float32 each at V = 49k
 # Sequences the teacher samples together for `self` data (None: calibration's default). On the 2-core CPU
 # (bf16 weights, 256 tokens) 128 at a time sampled 1.35x the tokens/s of 32.
@@ -181,8 +185,9 @@ def distill_loss(
     """The distillation loss of one batch and its parts (floats, for logging).
 
     student_logits: ``[B, S, V]``. teacher: its logits ``[B, S, V']`` (V' >= V is cut to V),
-    or a cached top-k ``(logprobs [B, S, k], ids [B, S, k])`` at ``temperature``, renormalised
-    over the k kept tokens (the tail is dropped). input_ids: ``[B, S]`` for the LM loss.
+    or a cached top-k ``(logprobs [B, S, k], ids [B, S, k])`` at ``temperature``: the KL is then
+    that of the two distributions with the tail (every other token) merged into one outcome
+    (:func:`kl_and_grad`). input_ids: ``[B, S]`` for the LM loss.
 
         kl = T^2 * mean_{b,s} sum_v P_t(v) (log P_t(v) - log P_s(v)),   P = softmax(logits / T)
         lm = mean_{b, s < S-1} -log P_s(x_{s+1})   (at T = 1)
@@ -235,9 +240,18 @@ def kl_and_grad(
     """``T^2 * mean_rows KL(P_t || P_s)`` of tempered distributions and its gradient with respect to ``z``.
 
     z: the student's logits ``[N, V]``; teacher: its logits ``[N, V']`` or its top-k
-    ``(log-probs [N, k], ids [N, k])``, renormalised over the k. The gradient is
-    ``T / N * (Q - P)`` (Q the student's tempered softmax, P the teacher's, zero outside the
-    top-k), formed :data:`KL_CHUNK_ROWS` rows at a time: the float32 ``[N, V]`` temporaries of
+    ``(log-probs [N, k], ids [N, k])``. With the top-k, the KL is that of the two distributions
+    coarsened to k + 1 outcomes, the k tokens and the tail (the rest merged into one):
+
+        KL = sum_{i in K} p_i log(p_i / q_i) + r_p log(r_p / r_q),   r = 1 - sum_{i in K} (tail mass)
+
+    an exact KL, zero only when the student matches the k probabilities and the tail's mass.
+    (Renormalising P over the k instead, as this did before 2026-12-07, inflates the teacher's
+    head by 1 / (1 - r_p) and drives the student's tail to zero: on SmolLM2 with k = 128 that
+    recovered nothing, benchmarks/results/recovery.md.) The gradient is ``T / N * (Q - P~)``, Q the
+    student's tempered softmax and P~ the teacher's P on the k, the student's own tail shape
+    rescaled to the teacher's tail mass (``q_j r_p / r_q``) elsewhere; with full teacher logits
+    ``T / N * (Q - P)``. It is formed :data:`KL_CHUNK_ROWS` rows at a time: the float32 ``[N, V]`` temporaries of
     the plain autograd formula (two log-softmaxes, the exp, the product and their backward)
     never exist, and the rows in flight stay in cache. Returns (float32 scalar, gradient in
     z's dtype). On the 2-core CPU, 1024 x 49152 bf16 logits: 0.24 s instead of 0.58 s.
@@ -249,11 +263,19 @@ def kl_and_grad(
         rows = slice(a, a + KL_CHUNK_ROWS)
         log_q = F.log_softmax(_tempered(z[rows], temperature), dim=-1)  # [r, V]
         if isinstance(teacher, tuple):
-            lp = teacher[0][rows].to(LOSS_DTYPE)  # [r, k]
-            log_p = lp - torch.logsumexp(lp, dim=-1, keepdim=True)  # renormalised over the k
-            p, top = log_p.exp(), teacher[1][rows].long()
-            total += (p * (log_p - log_q.gather(-1, top))).sum(dtype=torch.float64)
-            grad[rows] = log_q.exp_().scatter_add_(-1, top, -p)
+            log_p, top = teacher[0][rows].to(LOSS_DTYPE), teacher[1][rows].long()  # [r, k] each
+            p, log_q_top = log_p.exp(), log_q.gather(-1, top)
+            total += (p * (log_p - log_q_top)).sum(dtype=torch.float64)
+            if top.shape[-1] < vocab:  # the tail, one outcome: r_p log(r_p / r_q)
+                q_top = log_q_top.exp()
+                rest_p = (1.0 - p.sum(-1)).clamp_min(0.0)  # [r]
+                log_rest_q = _log_tail_mass(log_q, top, q_top)
+                log_ratio = torch.where(rest_p > 0, rest_p.clamp_min(1e-30).log() - log_rest_q, 0.0)
+                total += (rest_p * log_ratio).sum(dtype=torch.float64)
+                q = log_q.exp_().mul_((1.0 - log_ratio.exp() * (rest_p > 0))[:, None])  # tail: q_j (1 - r_p / r_q)
+                grad[rows] = q.scatter_(-1, top, q_top - p)  # the k: q_i - p_i
+            else:
+                grad[rows] = log_q.exp_().scatter_add_(-1, top, -p)
         else:
             log_p = F.log_softmax(_tempered(teacher[rows, :vocab], temperature), dim=-1)  # [r, V]
             p = log_p.exp()
@@ -261,6 +283,20 @@ def kl_and_grad(
             grad[rows] = log_q.exp_().sub_(p)
     grad.mul_(temperature / n)
     return (total * (temperature**2 / n)).to(LOSS_DTYPE), grad
+
+
+def _log_tail_mass(log_q: torch.Tensor, top: torch.Tensor, q_top: torch.Tensor) -> torch.Tensor:
+    """``log r_q`` per row: the log of the student's mass outside the top-k ids ``top`` ``[r, k]``.
+
+    ``1 - sum(q_top)`` in float64 where that is well above float32's rounding of the k terms
+    (:data:`TAIL_EXACT_BELOW`), else a log-sum-exp over the tail itself (no cancellation), for those rows only.
+    """
+    rest = 1.0 - q_top.sum(-1, dtype=torch.float64)  # [r]
+    out = rest.clamp_min(1e-300).log().to(log_q.dtype)
+    small = (rest < TAIL_EXACT_BELOW).nonzero()[:, 0]
+    if small.numel():
+        out[small] = torch.logsumexp(log_q[small].scatter(-1, top[small], float("-inf")), dim=-1)
+    return out
 
 
 def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -523,6 +559,7 @@ def recover(
         # ---- data: training + held-out sequences, from the teacher (self) or a text
         t0, c0 = time.perf_counter(), time.process_time()
         stored = state.load("data") if state is not None and state.meta else None
+        sampled_cache = None  # the teacher's top-k from its own sampling pass (`self` data with teacher_topk)
         if stored is not None:
             train_ids, held_ids = stored["train"], stored["heldout"]
             data_record = state.meta["data"]
@@ -537,8 +574,15 @@ def recover(
                     seed=config.seed,
                     device=config.device,
                     self_batch=SELF_BATCH.get(torch.device(config.device).type),
+                    # the sampler's log-probs are at temperature 1: another T needs a teacher pass
+                    logits_topk=config.teacher_topk if config.temperature == 1.0 else 0,
                 )
             train_ids, held_ids = calib.input_ids[: config.nsamples], calib.input_ids[config.nsamples :]
+            if calib.next_topk is not None:
+                sampled_cache = {
+                    "logprobs": calib.next_topk[0][: config.nsamples],
+                    "ids": calib.next_topk[1][: config.nsamples],
+                }
             data_record = {**calib.describe(), "train_sequences": config.nsamples, "heldout_sequences": config.heldout}
             if state is not None:
                 state.save("data", {"train": train_ids, "heldout": held_ids})
@@ -558,12 +602,13 @@ def recover(
         seconds["eval_before"] = round(time.perf_counter() - t0, 3)
 
         # ---- teacher cache (top-k log-probs of every training sequence)
-        cache = None
+        cache, cache_source = None, None
         if config.teacher_topk:
             t0, c0 = time.perf_counter(), time.process_time()
             cache = state.load("teacher") if state is not None and state.meta else None
             if cache is None:
-                cache = _teacher_cache(working, train_ids, config)
+                cache = sampled_cache if sampled_cache is not None else _teacher_cache(working, train_ids, config)
+                cache_source = "the sampling pass" if sampled_cache is not None else "a teacher forward pass"
                 if state is not None:
                     state.save("teacher", cache)
             seconds["teacher_cache"] = round(time.perf_counter() - t0, 3)
@@ -673,6 +718,8 @@ def recover(
             "data": data_record,
             "steps": config.steps,
             "tokens": config.steps * config.batch_size * config.seqlen,
+            # where the teacher's top-k came from (None: no cache, or a resumed run's stored one)
+            "teacher_topk_from": cache_source,
             "seconds": seconds,
             "cpu_seconds": cpu,  # process CPU time (all threads): on a shared machine, wall time alone misleads
             "threads": torch.get_num_threads(),

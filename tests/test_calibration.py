@@ -154,6 +154,25 @@ def test_self_samples_do_not_depend_on_batch_size(model, tok, monkeypatch):
     torch.testing.assert_close(pool.nll[:3], first.nll)  # batched float sums differ in the last bits
 
 
+def test_self_logits_topk_are_the_models_next_token_topk_over_the_kept_samples(model, tok):
+    """logits_topk keeps, from the sampling pass, the model's top-k next-token log-probs at every position (the
+    prefill's, each step's and the one after the last token), aligned with the samples kept after over-generation:
+    a full forward pass over the returned ids gives the same."""
+    sampling = SelfSampling(overgenerate=1.5)  # 6 sampled, 4 kept
+    calib = get_calibration("self", model, tok, nsamples=4, seqlen=16, seed=3, sampling=sampling, logits_topk=5)
+    values, ids = calib.next_topk
+    assert values.shape == ids.shape == (4, 16, 5) and values.dtype == torch.float32 and ids.dtype == torch.int32
+    with torch.no_grad():
+        full = torch.log_softmax(model(input_ids=calib.input_ids).logits.float(), dim=-1)  # [4, 16, V]
+    torch.testing.assert_close(values, full.topk(5, dim=-1).values, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(full.gather(-1, ids.long()), values, rtol=1e-4, atol=1e-4)  # near-ties may swap ids
+    plain = get_calibration("self", model, tok, nsamples=4, seqlen=16, seed=3, sampling=sampling)
+    assert plain.next_topk is None
+    assert get_calibration("self", model, tok, nsamples=4, seqlen=16, seed=3, sampling=sampling).describe() == (
+        calib.describe()
+    )
+
+
 def test_self_greedy_opening(model, tok):
     """After BOS and the random token, ``greedy_opening`` tokens are the argmax; sampling follows."""
     ids = get_calibration(

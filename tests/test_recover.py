@@ -85,10 +85,22 @@ def test_distill_loss_is_the_kl_of_the_tempered_distributions():
         expected = T**2 * (p * (p.log() - q.log())).sum(-1).mean()
         loss, parts = distill_loss(s, t, ids, temperature=T)
         assert torch.allclose(loss, expected, atol=1e-6) and math.isclose(parts["kl"], float(expected), rel_tol=1e-5)
-    # the cached top-k form with k = V is the same KL; with the LM term the CE is added
+    # the cached top-k form with k = V is the same KL; with k < V it is zero for a student that matches the
+    # k probabilities and the tail's mass (not only the k's ratios); with the LM term the CE is added
     loss_k, _ = distill_loss(s, teacher_topk(t, 11, 1.0), ids)
     loss_full, _ = distill_loss(s, t, ids)
     assert torch.allclose(loss_k, loss_full, atol=1e-6)
+    top = teacher_topk(t, 4, 1.0)
+    same_head = t.clone().scatter_(-1, top[1].long(), top[0].exp().log() + torch.logsumexp(t, -1, keepdim=True))
+    tail = torch.ones_like(t, dtype=torch.bool).scatter_(-1, top[1].long(), False)
+    reshaped = torch.where(tail, same_head + torch.randn(t.shape, generator=g), same_head)  # tail reshuffled
+    rescale = torch.logsumexp(t.masked_fill(~tail, -torch.inf), -1, keepdim=True) - torch.logsumexp(
+        reshaped.masked_fill(~tail, -torch.inf), -1, keepdim=True
+    )
+    student = torch.where(tail, reshaped + rescale, same_head)  # the tail's shape changed, its mass kept
+    assert float(distill_loss(student, top, ids)[0]) == pytest.approx(0.0, abs=1e-5)
+    assert float(distill_loss(student * 1.5, top, ids)[0]) > 1e-3
+    assert float(distill_loss(torch.softmax(t, -1).log().scatter(-1, top[1].long(), top[0]), top, ids)[0]) < 1e-5
     lm = F.cross_entropy(s[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1))
     loss_lm, parts = distill_loss(s, t, ids, lm_weight=0.5)
     assert torch.allclose(loss_lm, loss_full + 0.5 * lm, atol=1e-6) and "lm" in parts
@@ -97,28 +109,37 @@ def test_distill_loss_is_the_kl_of_the_tempered_distributions():
 
 @pytest.mark.parametrize("T", [1.0, 2.0])
 @pytest.mark.parametrize("rows", [3, 16], ids=["chunks-of-3", "one-chunk"])
-def test_the_chunked_kl_gradient_is_autograds_of_the_plain_formula(monkeypatch, T, rows):
-    """kl_and_grad forms the gradient T (Q - P) / N itself: it must be autograd's of the plain formula."""
+@pytest.mark.parametrize("sharp", [1.0, 25.0], ids=["soft", "sharp"])
+def test_the_chunked_kl_gradient_is_autograds_of_the_plain_formula(monkeypatch, T, rows, sharp):
+    """kl_and_grad forms the gradient T (Q - P) / N itself: it must be autograd's of the plain formula. A sharp
+    student leaves a tail mass too small for 1 - sum(top-k) (the exact log-sum-exp branch)."""
     monkeypatch.setattr(recover_module, "KL_CHUNK_ROWS", rows)
     g = torch.Generator().manual_seed(1)
     s, t = torch.randn(2, 5, 11, generator=g, dtype=torch.float64), torch.randn(2, 5, 11, generator=g)
+    s = sharp * s
     ids = torch.randint(11, (2, 5), generator=g)
-    top = teacher_topk(t, 4, T)  # a real truncation: the tail is dropped and P renormalised
+    top = teacher_topk(t, 4, T)  # a real truncation: the other 7 tokens are the tail, one outcome
     for teacher in (t, top):
         a = s.clone().requires_grad_(True)
         loss, _ = distill_loss(a, teacher, ids, temperature=T)
         (0.5 * loss).backward()
         b = s.clone().requires_grad_(True)
         log_q = F.log_softmax(b / T, -1)
-        if isinstance(teacher, tuple):
-            log_p = teacher[0].double() - torch.logsumexp(teacher[0].double(), -1, keepdim=True)
-            plain = (log_p.exp() * (log_p - log_q.gather(-1, teacher[1].long()))).sum(-1).mean()
+        if isinstance(teacher, tuple):  # KL over the k tokens and the tail merged into one outcome
+            log_p, ids_k = teacher[0].double(), teacher[1].long()
+            rest_p = 1 - log_p.exp().sum(-1)
+            log_rest_q = torch.logsumexp(log_q.scatter(-1, ids_k, -torch.inf), -1)
+            tail = rest_p * (rest_p.log() - log_rest_q)
+            plain = ((log_p.exp() * (log_p - log_q.gather(-1, ids_k))).sum(-1) + tail).mean()
         else:
             log_p = F.log_softmax(t.double() / T, -1)
             plain = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
         (0.5 * T**2 * plain).backward()
         assert float(loss.detach()) == pytest.approx(float(T**2 * plain.detach()), rel=1e-5)
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    if sharp > 1:  # the exact branch ran
+        q_top = F.softmax(s / T, -1).gather(-1, top[1].long())
+        assert (1 - q_top.sum(-1) < recover_module.TAIL_EXACT_BELOW).any()
 
 
 def test_hidden_loss_is_the_per_position_normalised_error_of_each_layer():
@@ -147,6 +168,33 @@ def test_hidden_weight_adds_the_layer_term_and_trains(pair, text, tmp_path):
     assert rec["options"]["hidden_weight"] == 2.0
     with pytest.raises(BadInputError, match="--hidden-weight"):
         RecoverConfig(hidden_weight=1.0, teacher_topk=8)
+
+
+def test_self_data_takes_the_teacher_topk_from_its_sampling_pass(pair, text, monkeypatch):
+    """With `self` data the teacher's top-k comes from the logits it sampled the text from: the teacher does not
+    run again, the loss is the one a teacher pass over the sampled ids gives, and the record says which."""
+    from slimgpt_deploy.calibration import get_calibration
+    from slimgpt_deploy.recover import kl_and_grad
+    from slimgpt_deploy.sources import load_model
+
+    dense, slim = pair
+    config = RecoverConfig(**{**SMALL, "steps": 2}, teacher_topk=8)
+    teacher = load_model(str(dense))
+    calib = get_calibration("self", teacher.model, teacher.tokenizer, nsamples=6, seqlen=32, seed=0, logits_topk=8)
+    sampled = {"logprobs": calib.next_topk[0], "ids": calib.next_topk[1]}
+    forward = recover_module._teacher_cache(teacher.model, calib.input_ids, config)
+    z = torch.randn(6 * 32, teacher.model.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    as_rows = [(c["logprobs"].flatten(0, 1), c["ids"].flatten(0, 1)) for c in (sampled, forward)]
+    (kl_s, grad_s), (kl_f, grad_f) = (kl_and_grad(z, c, config.temperature) for c in as_rows)
+    torch.testing.assert_close(kl_s, kl_f, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad_s, grad_f, rtol=1e-3, atol=1e-7)
+
+    monkeypatch.setattr(recover_module, "_teacher_cache", lambda *a: pytest.fail("the teacher ran a second pass"))
+    rec = recover(slim, str(dense), config).record["recovery"]
+    assert rec["teacher_topk_from"] == "the sampling pass" and rec["seconds"]["teacher_cache"] < 1.0
+    monkeypatch.undo()
+    rec = recover(slim, str(dense), RecoverConfig(**{**SMALL, "steps": 2}, teacher_topk=8, data=str(text)))
+    assert rec.record["recovery"]["teacher_topk_from"] == "a teacher forward pass"
 
 
 def test_schedule_and_batch_order():
