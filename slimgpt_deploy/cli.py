@@ -379,7 +379,7 @@ _RECOVER_FLAGS = (
         {"type": click.Choice(PRECISIONS)},
         "precision",
         "Matmul precision of teacher and student: bf16 autocast (float32 weights, moments and loss) or fp32; "
-        "auto takes bf16 on a GPU that supports it or a CPU with AMX.",
+        "auto takes bf16 on a GPU that supports it or a CPU with AMX or AVX512-BF16.",
     ),
     ("--device", {}, "device", "Where teacher and student train: auto, cpu or cuda[:N]."),
 )

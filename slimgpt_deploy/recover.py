@@ -29,9 +29,11 @@ Precision: ``bf16`` runs every matmul of the teacher and the student (and the sa
 ``self`` data) under bfloat16 autocast, with float32 master weights, optimizer moments and
 loss; ``fp32`` runs them in float32. ``auto`` (the default) takes ``bf16`` where the device
 multiplies bfloat16 in hardware (a CUDA GPU that supports it; a CPU with AMX tiles, where a
-bfloat16 matmul measured 10x a float32 one) and ``fp32`` elsewhere, and the record states
-which. Before/after evaluations always run in float32. ``device``: where teacher and student
-train (``auto``: the GPU when CUDA is available); the saved checkpoint is written from the host.
+bfloat16 matmul measured 10x a float32 one, or with AVX512-BF16, where the default recovery ran
+1.63x faster than in float32, no worse, on a 2-core AMD EPYC: benchmarks/results/recovery.md) and
+``fp32`` elsewhere, and the record states which. Before/after evaluations always run in float32.
+``device``: where teacher and student train (``auto``: the GPU when CUDA is available); the saved
+checkpoint is written from the host.
 
 Deterministic on one machine: the data and its order come from ``seed`` (no global RNG during
 training: no dropout). Resumable: every ``save_every`` steps the trainable weights, the
@@ -85,12 +87,16 @@ KL_CHUNK_ROWS = 16  # rows of the vocabulary-wide loss at once (kl_and_grad): 3 
 SELF_BATCH = {"cpu": 128}
 
 
+# torch's CPU probes (private: absent in some builds) for bfloat16 matmuls in hardware: AMX tiles (Intel Sapphire
+# Rapids on), or AVX512-BF16's dot products (Intel Cooper Lake, AMD Zen 4 on).
+BF16_CPU_PROBES = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+
+
 def fast_bf16(device: torch.device) -> bool:
-    """True where bfloat16 matmuls run in hardware: a CUDA GPU that supports them, or a CPU with AMX tiles."""
+    """True where bfloat16 matmuls run in hardware: a CUDA GPU that supports them, a CPU with AMX or AVX512-BF16."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: absent in some torch builds
-    return bool(amx()) if amx is not None else False
+    return any(bool(probe()) for name in BF16_CPU_PROBES if (probe := getattr(torch.cpu, name, None)) is not None)
 
 
 @dataclass(frozen=True)
@@ -613,6 +619,7 @@ def recover(
                     state.save("teacher", cache)
             seconds["teacher_cache"] = round(time.perf_counter() - t0, 3)
             cpu["teacher_cache"] = round(time.process_time() - c0, 3)
+            working = sampled_cache = None  # training never runs it: its bfloat16 copy (under bf16) is freed
 
         # ---- the trainable model, optimizer, and (on resume) their saved state
         model, params = _trainable(student, config)
