@@ -198,15 +198,15 @@ def main() -> None:
     (RESULTS / "recovery.md").write_text(markdown(data))
 
 
+FULL_TARGETS = "full logits, teacher run at every step"
+
+
 def teacher_targets(rec: dict) -> str:
     """What the student was trained to match, in words (recover.kl_and_grad)."""
     k = rec["options"].get("teacher_topk")
     if not k:
         return FULL_TARGETS
     return f"top-{k} log-probs from {rec.get('teacher_topk_from') or 'a resumed state'}, the tail as one outcome"
-
-
-FULL_TARGETS = "full logits, teacher run at every step"
 
 
 def markdown(data: dict) -> str:
@@ -304,7 +304,8 @@ def markdown(data: dict) -> str:
         "no teacher forward pass; 1417 against 1684 CPU s), sampling 539 s against 484 s (the sampler also keeps "
         "the top-k; the same sampling took 552 s in the renormalised run, so most of the difference is the "
         "machine), the whole recovery 1440 s against 1490 s, and the process's peak RSS 4.1 GiB against 12.3 GiB. "
-        "That run's tail term summed the student's tail with a log-sum-exp over the vocabulary (0.34 s a step); "
+        "That run's tail term summed the student's tail with a log-sum-exp over the vocabulary (0.34 s a step "
+        "in an ad-hoc timing before it was replaced, not in a committed script); "
         "the shipped one takes 1 - sum(top-k) in float64 (benchmarks/results/kl_loss.md). Off by default: the "
         "default recipe was chosen on the AMX Xeon, where it has not run.",
         "",

@@ -338,7 +338,7 @@ class _NextTopk:
 
     def add(self, logits: torch.Tensor) -> None:
         """logits ``[b, n, V]``: the next positions' (``n`` of them)."""
-        values, ids = torch.log_softmax(logits.float(), dim=-1).topk(min(self.k, logits.shape[-1]), dim=-1)
+        values, ids = torch.log_softmax(logits.float(), dim=-1).topk(self.k, dim=-1)  # k <= V: sample_self
         stop = self.filled + logits.shape[1]
         self.values[:, self.filled : stop], self.ids[:, self.filled : stop] = values, ids.to(torch.int32)
         self.filled = stop
@@ -482,7 +482,7 @@ class SelfPool:
         """Indices (ascending) of the ``nsamples`` best samples: :func:`keep_best`, or the first ones when the pool
         holds no more."""
         if nsamples >= self.input_ids.shape[0]:
-            return torch.arange(min(nsamples, self.input_ids.shape[0]))
+            return torch.arange(self.input_ids.shape[0])  # host, like the ids it indexes
         distinct = torch.tensor(
             [distinct_ngram_share(row[self.opening :]) for row in self.input_ids]
         )  # [m], host like the ids
@@ -550,6 +550,7 @@ def sample_self(
     ids = torch.empty(count, seqlen, dtype=torch.int64)
     nll = torch.empty(count, dtype=torch.float64)
     k = min(logits_topk, int(model.config.vocab_size))
+    # on the host, like ids and nll: each batch's top-k arrive there from the sampling device
     next_topk = (torch.empty(count, seqlen, k), torch.empty(count, seqlen, k, dtype=torch.int32)) if k else None
     if target is not None:  # outside inference mode: moved weights must stay ordinary tensors
         model.to(target)
