@@ -550,6 +550,12 @@ def recover(
     teacher_m = load_model(teacher, device=config.device)
     student_m = load_model(str(student_dir), device=config.device)
     check_pair(student_m.model, teacher_m.model, str(student_dir), teacher)
+    vocab = int(teacher_m.model.config.vocab_size)
+    if config.teacher_topk > vocab:
+        raise BadInputError(
+            f"recover --teacher-topk {config.teacher_topk} exceeds the teacher's vocabulary of {vocab}; "
+            f"give --teacher-topk <= {vocab} (128 measured, benchmarks/results/recovery.md)"
+        )
     ids_eval = text_to_ids(student_m.tokenizer, load_text(eval_text)) if eval_text is not None else None
     record = read_record(student_dir) if (student_dir / "slimgpt.json").is_file() else {}
     for stale in ("verification", "build_report"):  # about the input checkpoint's build, not this one

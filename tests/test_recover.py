@@ -355,6 +355,11 @@ def test_bad_input_is_refused_with_one_line_and_nothing_written(pair, tiny_model
         "--hidden-weight",
         "--teacher-topk 0",
     )
+    assert_refused(  # before any work (with file data topk failed in the teacher pass, after sampling and evaluation)
+        _cli(slim, "--teacher", dense, "--out", out, "--teacher-topk", "100000"),
+        "--teacher-topk 100000 exceeds",
+        "vocabulary",
+    )
     assert_refused(
         _cli(slim, "--teacher", dense, "--out", out, "--data", tmp_path / "missing.txt"),
         "missing.txt",
