@@ -25,7 +25,8 @@ Sources (``get_calibration(spec, ...)``; :data:`SOURCES` maps a kind to its load
   draws its random numbers from (seed, i) alone, whatever the batch size or the number of
   samples; the batch size changes only the rounding of the model's matmuls, which can tip a
   near-tie (SmolLM2, 32 x 128 tokens: 1-2 of the 32 samples differ between batches of 8, 16,
-  32 and 128). The KV cache is written in place (:func:`preallocated_cache`).
+  32 and 128). The KV cache is written in place (:func:`preallocated_cache`); under bfloat16 on CPU (recover's
+  sampling) attention reads it without expanding it per query head (grouped_attention.py: 1.65x ``sdpa``).
 
   Defaults: masking special tokens is on because the chat model otherwise opens new chat
   turns mid-text. The other knobs (no BOS, a greedy opening, over-generation, temperature
@@ -62,6 +63,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from slimgpt_deploy.errors import BadInputError, CalibrationError, first_line
 from slimgpt_deploy.evaluate import eval_mode, load_text, model_device, text_to_ids
+from slimgpt_deploy.grouped_attention import grouped_attention
 from slimgpt_deploy.guards import FREE_MEMORY, free_memory  # noqa: F401  (FREE_MEMORY: the probes, by device type)
 
 logger = logging.getLogger(__name__)
@@ -555,7 +557,7 @@ def sample_self(
     if target is not None:  # outside inference mode: moved weights must stay ordinary tensors
         model.to(target)
     try:
-        with torch.inference_mode(), eval_mode(model):
+        with torch.inference_mode(), eval_mode(model), grouped_attention(model):
             batch = _self_batch_size(model, seqlen, vocab, max_batch)
             nbatches = -(-count // batch)
             for b, start in enumerate(range(0, count, batch)):
