@@ -319,6 +319,18 @@ def markdown(data: dict) -> str:
         "(recover.fast_bf16) now takes bf16 where torch's probe finds AVX512-BF16 as well as AMX. Sampling costs "
         "about the same in both precisions there (556 s in fp32, 484-552 s in the three bf16 runs).",
         "",
+        "A faster sampler (2026-12-07, the same AVX-512 EPYC, bf16, `--teacher-topk 128` from the sampling pass). "
+        "Under bfloat16 the sampler now runs grouped_attention.py instead of `sdpa` (1.65x on 128 x 256 tokens, "
+        "benchmarks/results/self_sampling.md). `bf16-lora-220x384-topk128tail-sampled-grouped-avx512bf16`: data "
+        "327 s against 539 s for the same settings before, the whole recovery 1134 s against 1440 s (training "
+        "807 s against 901 s: the machine). The result moved with the text: the sampled tokens differ from the "
+        "sdpa run's (bfloat16 rounding tips the draws), and the same recipe gives 27.13 (14.8%) against 26.93 "
+        "(16.7%), held-out KL 0.435 -> 0.370 on its own held-out text. One seed each, so about 0.2 of perplexity "
+        "(2 points of share) is what another sample of the training text moves this recipe. 576 sequences instead "
+        "of 384 at the same 220 steps (`bf16-lora-220x576-...`: data 429 s, 1248 s in all) gives 27.20 (14.1%): "
+        "more distinct text at the same number of steps does not help here, so at this budget the steps, not the "
+        "data, bound the recovery. Still over 15 minutes on this CPU (1134 s) and short of both targets.",
+        "",
     ]
     return "\n".join(lines)
 

@@ -204,7 +204,8 @@ def sample_top_p(logits: torch.Tensor, u: torch.Tensor, *, top_p: float, tempera
     rows = torch.arange(probs.shape[0], device=device)  # rows whose nucleus is not found yet
     k = vocab if top_p >= 1.0 else min(SELF_TOPK_START, vocab)
     while rows.numel():
-        top_probs, top_ids = probs[rows].topk(k, dim=-1)  # [r, k], descending
+        rest = probs if rows.numel() == probs.shape[0] else probs[rows]  # no [B, V] copy while every row is left
+        top_probs, top_ids = rest.topk(k, dim=-1)  # [r, k], descending
         before = top_probs.cumsum(dim=-1) - top_probs  # [r, k]: mass of the more likely tokens
         done = before[:, -1] + top_probs[:, -1] >= top_p if k < vocab else torch.ones_like(rows, dtype=torch.bool)
         picks[rows[done]] = _draw(top_probs[done], top_ids[done], before[done], u[rows[done]], top_p)
