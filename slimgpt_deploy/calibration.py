@@ -331,6 +331,14 @@ def _sample_batch(
     return ids, (nll / max(seqlen - prefix.shape[1], 1)).cpu(), None if top is None else top.result()
 
 
+def topk_logprobs(logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[..., V]`` logits -> the ``k`` largest log-probs at ``temperature`` ``[..., k]`` float32 (normalised over
+    the whole vocabulary) and their ids ``[..., k]`` int32: a teacher's targets for recover's top-k loss."""
+    x = logits.float()
+    values, ids = torch.log_softmax(x if temperature == 1.0 else x / temperature, dim=-1).topk(k, dim=-1)
+    return values, ids.to(torch.int32)
+
+
 class _NextTopk:
     """The top-k next-token log-probs of :func:`_sample_batch`, filled position by position on the sampling device."""
 
@@ -341,9 +349,9 @@ class _NextTopk:
 
     def add(self, logits: torch.Tensor) -> None:
         """logits ``[b, n, V]``: the next positions' (``n`` of them)."""
-        values, ids = torch.log_softmax(logits.float(), dim=-1).topk(self.k, dim=-1)  # k <= V: sample_self
+        values, ids = topk_logprobs(logits, self.k)  # k <= V: sample_self
         stop = self.filled + logits.shape[1]
-        self.values[:, self.filled : stop], self.ids[:, self.filled : stop] = values, ids.to(torch.int32)
+        self.values[:, self.filled : stop], self.ids[:, self.filled : stop] = values, ids
         self.filled = stop
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,9 +47,10 @@ def grouped_attention_forward(
     """query ``[b, H, q, d]``, key/value ``[b, KV, L, d]``, mask ``[b, 1, q, L]`` (additive) -> ``[b, q, H, d]``."""
     b, heads, q, d = query.shape
     kv, length = key.shape[1], key.shape[2]
-    rows = heads // kv * q  # one KV head's query heads x positions
+    group = heads // kv  # query heads per KV head
+    rows = group * q  # one KV head's query heads x positions
     scores = torch.bmm(query.reshape(b * kv, rows, d), key.flatten(0, 1).transpose(1, 2))  # [b*KV, G*q, L]
-    scores = scores.view(b, kv, heads // kv, q, length) * scaling
+    scores = scores.view(b, kv, group, q, length) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, None, :, :length]
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)

@@ -306,11 +306,11 @@ def _log_tail_mass(log_q: torch.Tensor, top: torch.Tensor, q_top: torch.Tensor) 
 
 
 def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, S, V]`` logits -> the top-k log-probs at ``temperature`` ``[B, S, k]`` float32 and ids ``[B, S, k]``
-    int32."""
-    lp = F.log_softmax(teacher_logits.to(LOSS_DTYPE) / temperature, dim=-1)
-    values, ids = lp.topk(k, dim=-1)
-    return values, ids.to(torch.int32)
+    """calibration.topk_logprobs, the targets the sampler keeps too (imported here: calibration loads transformers,
+    which the CLI's start does not)."""
+    from .calibration import topk_logprobs
+
+    return topk_logprobs(teacher_logits, k, temperature)
 
 
 def lr_at(step: int, steps: int, lr: float) -> float:
