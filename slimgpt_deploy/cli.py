@@ -369,8 +369,9 @@ _RECOVER_FLAGS = (
         "--teacher-topk",
         {"type": int},
         "teacher_topk",
-        "Train on the teacher's top-k log-probs, cached once, instead of running it at every step (0: off); "
-        "with `self` data they come from the sampling pass itself.",
+        "Train on the teacher's top-k log-probs, cached once, instead of running it at every step; with `self` "
+        "data they come from the sampling pass itself. 0: the full logits, the teacher run at every step "
+        "[128; 0 with --hidden-weight].",
     ),
     ("--save-every", {"type": int}, "save_every", "Steps between resume-state saves."),
     ("--seed", {"type": int}, "seed", "Seed of the data and its order."),

@@ -197,6 +197,18 @@ def test_self_data_takes_the_teacher_topk_from_its_sampling_pass(pair, text, mon
     assert rec.record["recovery"]["teacher_topk_from"] == "a teacher forward pass"
 
 
+def test_the_default_teacher_topk_is_decided_by_the_vocabulary_and_the_layer_term():
+    """Unset: TEACHER_TOPK, at most the vocabulary, and 0 (the full logits) with --hidden-weight, whose layer term
+    needs the teacher at every step; a given value is kept, and one above the vocabulary refused."""
+    assert RecoverConfig().for_vocabulary(49152).teacher_topk == recover_module.TEACHER_TOPK == 128
+    assert RecoverConfig().for_vocabulary(100).teacher_topk == 100
+    assert RecoverConfig(hidden_weight=1.0).for_vocabulary(49152).teacher_topk == 0
+    assert RecoverConfig(teacher_topk=0).for_vocabulary(49152).teacher_topk == 0
+    assert RecoverConfig(teacher_topk=32).for_vocabulary(49152).teacher_topk == 32
+    with pytest.raises(BadInputError, match="--teacher-topk 200 exceeds the teacher's vocabulary of 100"):
+        RecoverConfig(teacher_topk=200).for_vocabulary(100)
+
+
 def test_schedule_and_batch_order():
     lrs = [lr_at(i, 100, 1.0) for i in range(100)]
     assert lrs[0] < lrs[4] == pytest.approx(1.0) and lrs[-1] < 0.01 and max(lrs) <= 1.0
@@ -214,7 +226,10 @@ def test_schedule_and_batch_order():
 def test_recovery_lowers_the_loss_improves_fidelity_and_keeps_every_shape(pair, text, tmp_path, full):
     dense, slim = pair
     out = tmp_path / "rec"
-    config = RecoverConfig(**{**SMALL, "nsamples": 32}, data=str(text), full=full, lr=3e-3 if full else 1e-2)
+    # LoRA with the default teacher top-k (here the whole vocabulary of 128, cached once); full weights with the
+    # teacher's logits at every step (--teacher-topk 0)
+    options = {**SMALL, "nsamples": 32, "teacher_topk": 0 if full else None}
+    config = RecoverConfig(**options, data=str(text), full=full, lr=3e-3 if full else 1e-2)
     result = recover_to_checkpoint(slim, str(dense), out, config)
     rec = result.record["recovery"]
     assert rec["loss"]["mean_last_tenth"]["kl"] < 0.8 * rec["loss"]["mean_first_tenth"]["kl"], rec["loss"]
