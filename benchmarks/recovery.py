@@ -19,8 +19,9 @@ on every projection, 220 steps x 4 x 256 tokens over 384 sequences sampled from 
 where the CPU multiplies bf16 in hardware (AMX or AVX512-BF16), else fp32; `bf16-lora-220x384` took 800 s here. Before,
 the script had its own (full decoder weights unless `--lora`, 96 steps over 128 sequences, sized from the
 first probe's ~77 training tokens per CPU-second): to rerun a row from then as recorded, add `--full` to a
-command without `--lora`, and `--steps 96` / `--nsamples 128` where it names neither. Run it with
-OMP_WAIT_POLICY=PASSIVE on a shared machine.
+command without `--lora`, and `--steps 96` / `--nsamples 128` where it names neither. Since 2026-12-08
+the rows run with OMP_WAIT_POLICY unset, as the CLI runs unless the environment sets it (PASSIVE, which
+`make test` sets, took a training step from 3.1 to 3.75 s here); each row records its policy.
 """
 
 from __future__ import annotations
@@ -334,6 +335,27 @@ def markdown(data: dict) -> str:
         "KL before, 0.435, so the same sampled text) gives 27.14 (14.7%, held-out KL -> 0.367) against 27.13 "
         "(0.370) at 1e-3: the learning rate is not what holds LoRA back either (that run's 1035 s, training "
         "709 s, is the machine running faster that half hour).",
+        "",
+        "Steps, sequences and the wait policy (2026-12-08, the same AVX-512 EPYC, bf16, top-128 from the sampling "
+        "pass). The same tokens in twice the steps of half the length (`bf16-lora-440x4x128-...`: 440 x 4 x 128 "
+        "over 768 sequences of 128) gives 26.87 (17.4%, the best share in this table) but takes 1332 s: a step of "
+        "512 tokens took 2.3 s against 3.7 s for 1,024, not half. The default recipe rerun with OMP_WAIT_POLICY "
+        "unset (`...-omp-default-...`, what the CLI runs with unless the environment sets it) gives the same "
+        "27.13 (the arithmetic does not depend on how idle threads wait) in 1022 s (data 338 s + training 684 s) "
+        "against 1134 s (327 + 807) with PASSIVE: alternating A/B runs of one training step measured 3.1 s "
+        "against 3.75 s, but in whole runs the gain is within this machine's drift (the PASSIVE lr 2e-3 run "
+        "trained in 709 s). Fewer sampled sequences to fit the budget (`bf16-lora-220x256-...`, 256 instead of "
+        "384, each seen 3.4 times) brings the recovery under 15 minutes, 877 s (data 191 s, training 686 s), "
+        "but recovers less: 27.55 (10.6%), beyond the 0.2 spread of another sample of the text, so the default "
+        "stays at 384. Where a step's time goes (benchmarks/results/recovery_profile.md, torch profiler): "
+        "in training the matmuls take 45% of the operators' time at about 290 GFLOP/s (the bare bf16 matmul of "
+        "the FFN's shape ran 420 GFLOP/s, bf16_matmul.md), the attention kernels (sdpa's CPU flash attention "
+        "and its backward) 17%, casts and copies 13%; in sampling the matmuls 45% and the vocabulary-wide "
+        "top-k / softmax of the nucleus search and the teacher's top-128 29%. So a perfect implementation of "
+        "everything but the matmuls would about halve the time, no more: on this CPU the 15-minute budget buys "
+        "about 220 steps of 1,024 tokens, and more recovery needs more steps (a faster device) or a better use "
+        "of them. Since this reading `--teacher-topk 128` is the default (RecoverConfig.teacher_topk, "
+        "recover.TEACHER_TOPK): it recovered as much as the full logits on the same text, in less memory.",
         "",
     ]
     return "\n".join(lines)
