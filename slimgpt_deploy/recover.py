@@ -42,9 +42,9 @@ directory (``state.json`` replaced last); ``resume`` continues from there and en
 same weights as an uninterrupted run. The teacher's top-k log-probabilities are cached
 (``teacher_topk``, :data:`TEACHER_TOPK` by default): computed once per training sequence and
 stored in the state directory, later epochs (and resumed runs) then skip the teacher's forward
-pass. With ``self`` data they come from the sampling pass itself (the logits the teacher drew each token from, kept by
-calibration.sample_self), so the teacher never runs again after sampling; other data needs one
-teacher pass over the training sequences.
+pass. With ``self`` data they come from the sampling pass itself (the logits the teacher drew
+each token from, kept by calibration.sample_self), so the teacher never runs again after
+sampling; other data needs one teacher pass over the training sequences.
 """
 
 from __future__ import annotations
