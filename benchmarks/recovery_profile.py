@@ -24,10 +24,10 @@ import os
 import time
 from pathlib import Path
 
+import results_io
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 SLIM = ROOT / "build" / "recovery" / "slim-self-20-64x512"
 THREADS = 2
 TRAIN_SHAPE = (4, 256)  # batch x tokens of one training step (RecoverConfig's)
@@ -181,14 +181,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the committed .json")
     args = parser.parse_args()
-    if args.markdown_only:
-        result = json.loads((RESULTS / "recovery_profile.json").read_text())
-    else:
-        result = run(args.repeats)
-        (RESULTS / "recovery_profile.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
-    (RESULTS / "recovery_profile.md").write_text(text)
-    print(text)
+    result = results_io.load_or_run("recovery_profile", args.markdown_only, lambda: run(args.repeats))
+    results_io.publish("recovery_profile", result, markdown)
 
 
 if __name__ == "__main__":

@@ -16,15 +16,13 @@ between the implementations and can tip a near-tie).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
+import results_io
 import torch
 
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 SETTINGS = {  # name: (weights dtype, autocast bf16, batch, seqlen)
     "recover": (torch.bfloat16, True, 128, 256),
     "prune": (torch.float32, False, 32, 512),
@@ -119,16 +117,8 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=None, help="override both settings' length (a quick probe)")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the committed .json")
     args = parser.parse_args()
-    if args.markdown_only:
-        result = json.loads((RESULTS / "self_sampling.json").read_text())
-    else:
-        result = run(args.seqlen)
-        if args.seqlen is None:
-            (RESULTS / "self_sampling.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
-    if args.seqlen is None:
-        (RESULTS / "self_sampling.md").write_text(text)
-    print(text)
+    result = results_io.load_or_run("self_sampling", args.markdown_only, lambda: run(args.seqlen))
+    results_io.publish("self_sampling", result, markdown, save=args.seqlen is None)  # a --seqlen probe is not kept
 
 
 if __name__ == "__main__":
