@@ -14,9 +14,11 @@ sampled from the dense model: no dataset); its time is the data sampling + teach
 training, wall and process CPU time, with the machine's load average beside them (the machine
 is shared). Results: benchmarks/results/recovery.json (one entry per --name) and recovery.md.
 
-Defaults are RecoverConfig's, what `recover` and `build --recover` run (since 2026-12-06): LoRA r 8
-on every projection, 220 steps x 4 x 256 tokens over 384 sequences sampled from the dense model, bf16
-where the CPU multiplies bf16 in hardware (AMX or AVX512-BF16), else fp32; `bf16-lora-220x384` took 800 s here. Before,
+Defaults are RecoverConfig's, what `recover` and `build --recover` run: since 2026-12-08 LoRA r 8 on every
+projection, 330 steps x 4 x 128 tokens over 512 sequences sampled from the dense model, the teacher's top-128
+from the sampling pass, bf16 where the CPU multiplies bf16 in hardware (AMX or AVX512-BF16), else fp32
+(`bf16-lora-330x4x128-n512-...`, 715 s); from 2026-12-06, 220 steps x 4 x 256 over 384 with the full logits
+(add `--steps 220 --seqlen 256 --nsamples 384 --teacher-topk 0` to rerun those rows). Before,
 the script had its own (full decoder weights unless `--lora`, 96 steps over 128 sequences, sized from the
 first probe's ~77 training tokens per CPU-second): to rerun a row from then as recorded, add `--full` to a
 command without `--lora`, and `--steps 96` / `--nsamples 128` where it names neither. Since 2026-12-08
@@ -356,6 +358,11 @@ def markdown(data: dict) -> str:
         "about 220 steps of 1,024 tokens, and more recovery needs more steps (a faster device) or a better use "
         "of them. Since this reading `--teacher-topk 128` is the default (RecoverConfig.teacher_topk, "
         "recover.TEACHER_TOPK): it recovered as much as the full logits on the same text, in less memory.",
+        "",
+        "A budget recipe (2026-12-08, the same machine, OMP_WAIT_POLICY unset): 330 steps of 4 x 128 over 512 "
+        "sequences (`bf16-lora-330x4x128-n512-...`) gives 27.07 (15.4%) in 715 s (data 182 s, training 533 s: "
+        "1.6 s a step, the machine in a fast half hour), against 27.13 (14.8%) in 1022 s for the 220 x 4 x 256 "
+        "recipe: as much recovery, within the 15-minute budget. RecoverConfig's defaults are now this recipe.",
         "",
     ]
     return "\n".join(lines)

@@ -109,12 +109,14 @@ class RecoverConfig:
     """Everything that decides a recovery result (and so the resume fingerprint)."""
 
     data: str = "self"  # 'self' (sampled from the teacher), a .txt/.jsonl file, or a dataset name
-    # 220 x 4 x 256 tokens over 384 sampled sequences: the measured recipe (benchmarks/results/recovery.md),
-    # 13-14 min on a 2-core AMX CPU; fewer sequences overfit (128 seen 7.5 times: held-out KL stalls)
-    steps: int = 220
+    # 330 x 4 x 128 tokens over 512 sampled sequences: the measured recipe (benchmarks/results/recovery.md): on a
+    # 2-core AVX512-BF16 CPU 28.63 -> 27.07 in 715 s, against 27.13 in 1022 s for 220 x 4 x 256 over 384 (the
+    # default until 2026-12-08): at a fixed budget more, shorter steps recover more; fewer sequences overfit (128
+    # seen 7.5 times: held-out KL stalls; 256 of 256 tokens: 27.55)
+    steps: int = 330
     batch_size: int = 4
-    seqlen: int = 256
-    nsamples: int = 384  # training sequences (the data is cycled when steps * batch_size exceeds it)
+    seqlen: int = 128
+    nsamples: int = 512  # training sequences (the data is cycled when steps * batch_size exceeds it)
     heldout: int = 8  # held-out sequences of the same data, for fidelity before/after
     full: bool = False  # train the full decoder weights instead of LoRA adapters
     rank: int = 8
