@@ -4,16 +4,17 @@
 
 The two phases of the default recovery (recover.RecoverConfig) on SmolLM2-135M at 20%, under bf16 autocast:
 
-- `train`: one optimizer step of the LoRA student (r 8 on every projection) on 4 x 256 tokens with the teacher's
-  top-128 targets, as recover's loop runs it (forward, recover.distill_loss, backward, AdamW);
-- `sample`: the bfloat16 teacher sampling 128 sequences token by token with calibration's sampler
-  (`_sample_batch` with the top-128 kept, grouped_attention.py), 64 steps after a 1-token prompt.
+- `train`: one optimizer step of the LoRA student (r 8 on every projection) on RecoverConfig's batch (4 x 128
+  tokens) with the teacher's top-k targets (recover.TEACHER_TOPK), as recover's loop runs it (forward,
+  recover.distill_loss, backward, AdamW);
+- `sample`: the bfloat16 teacher sampling recover.SELF_BATCH (128) sequences token by token with calibration's
+  sampler (`_sample_batch` with the top-k kept, grouped_attention.py), 64 steps after a 1-token prompt.
 
 Each operator's own CPU time is put in one bucket: matmuls (mm/bmm/addmm), the attention kernels, casts and
 copies, the vocabulary-wide top-k / softmax / log-softmax, and the rest (element-wise ops, norms, bookkeeping).
 The matmuls' rate (GFLOP/s, from the profiler's FLOP count) says how close a phase is to the machine: what is
 left outside the matmuls is what a faster implementation could still take. The starting checkpoint is the one
-benchmarks/recovery.py makes (build/recovery/slim-self-20-64x512); run that first.
+benchmarks/recovery.py makes (build/recovery/slim-self-20-64x512), made here if it is missing.
 """
 
 from __future__ import annotations
@@ -27,12 +28,8 @@ from pathlib import Path
 import results_io
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SLIM = ROOT / "build" / "recovery" / "slim-self-20-64x512"
 THREADS = 2
-TRAIN_SHAPE = (4, 256)  # batch x tokens of one training step (RecoverConfig's)
-SAMPLE_SHAPE = (128, 64)  # sequences x decode steps (recover's CPU batch)
-TOPK = 128
+SAMPLE_STEPS = 64  # decode steps profiled per sampling run
 # operator -> bucket, by name (the first match wins); everything else is "other"
 BUCKETS = (
     ("matmul", ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")),
@@ -84,16 +81,16 @@ def _profiled(fn, repeats: int, steps: int = 1) -> dict:
 def profile_train(student_dir: Path, teacher, repeats: int) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from slimgpt_deploy.recover import RecoverConfig, _trainable, distill_loss, teacher_topk
+    from slimgpt_deploy.recover import TEACHER_TOPK, RecoverConfig, _trainable, distill_loss, teacher_topk
 
     config = RecoverConfig(precision="bf16")
     student = AutoModelForCausalLM.from_pretrained(student_dir, trust_remote_code=True, dtype=torch.float32)
     model, params = _trainable(student, config)
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.learning_rate)
-    batch, seqlen = TRAIN_SHAPE
+    batch, seqlen = config.batch_size, config.seqlen
     ids = torch.randint(0, student.config.vocab_size, (batch, seqlen), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode(), config.autocast():
-        target = teacher_topk(teacher(input_ids=ids, use_cache=False).logits, TOPK, 1.0)
+        target = teacher_topk(teacher(input_ids=ids, use_cache=False).logits, TEACHER_TOPK, 1.0)
     model.train()
 
     def step():
@@ -108,37 +105,36 @@ def profile_train(student_dir: Path, teacher, repeats: int) -> dict:
 
 
 def profile_sample(teacher, tokenizer, repeats: int) -> dict:
-    from slimgpt_deploy.calibration import SELF_SAMPLING, _sample_batch, _special_ids
-    from slimgpt_deploy.grouped_attention import grouped_attention
+    from self_sampling import sampler_inputs
 
-    batch, steps = SAMPLE_SHAPE
-    vocab = teacher.config.vocab_size
-    gens = [torch.Generator().manual_seed(1000 + i) for i in range(batch)]
-    prefix = torch.stack([torch.randint(3, vocab, (1,), generator=g) for g in gens])  # [b, 1]
-    banned = torch.tensor(_special_ids(tokenizer, vocab))
+    from slimgpt_deploy.calibration import SELF_SAMPLING, _sample_batch
+    from slimgpt_deploy.grouped_attention import grouped_attention
+    from slimgpt_deploy.recover import SELF_BATCH, TEACHER_TOPK
+
+    batch, vocab = SELF_BATCH["cpu"], teacher.config.vocab_size
+    gens, prefix, banned = sampler_inputs(tokenizer, vocab, batch)
 
     def run():
-        _sample_batch(teacher, prefix, steps + 1, vocab, gens, SELF_SAMPLING, banned, topk=TOPK)
+        _sample_batch(teacher, prefix, SAMPLE_STEPS + 1, vocab, gens, SELF_SAMPLING, banned, topk=TEACHER_TOPK)
 
     with grouped_attention(teacher), torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        result = _profiled(run, repeats, steps)
+        result = _profiled(run, repeats, SAMPLE_STEPS)
     return {"phase": "sample", "shape": f"{batch} sequences, one decode step", **result}
 
 
 def run(repeats: int) -> dict:
+    from recovery import slim_checkpoint
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import slimgpt_deploy  # noqa: F401  (registers the slim model)
     from slimgpt_deploy.bench.environment import machine
     from slimgpt_deploy.sources import embedded_model_dir
 
-    if not (SLIM / "config.json").is_file():
-        raise SystemExit(f"error: {SLIM} is missing; run `.venv/bin/python benchmarks/recovery.py` first (it makes it)")
     torch.set_num_threads(THREADS)
     directory = embedded_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     teacher = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval().to(torch.bfloat16)
-    rows = [profile_train(SLIM, teacher, repeats), profile_sample(teacher, tokenizer, repeats)]
+    rows = [profile_train(slim_checkpoint(), teacher, repeats), profile_sample(teacher, tokenizer, repeats)]
     for row in rows:
         print(json.dumps(row), flush=True)
     return {

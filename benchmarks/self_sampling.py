@@ -31,15 +31,23 @@ IMPLEMENTATIONS = ("sdpa", "eager", "grouped")
 THREADS = 2
 
 
+def sampler_inputs(tokenizer, vocab: int, batch: int):
+    """(per-sample generators, ``[b, 1]`` one-token prompts, banned special ids): one batch's inputs of
+    calibration's ``_sample_batch``, seeded (1000 + i for sample i)."""
+    from slimgpt_deploy.calibration import _special_ids
+
+    gens = [torch.Generator().manual_seed(1000 + i) for i in range(batch)]
+    prefix = torch.stack([torch.randint(3, vocab, (1,), generator=g) for g in gens])  # [b, 1]
+    return gens, prefix, torch.tensor(_special_ids(tokenizer, vocab))
+
+
 def _sample(model, setting: str, seqlen_override: int | None):
-    from slimgpt_deploy.calibration import SELF_SAMPLING, _sample_batch, _special_ids
+    from slimgpt_deploy.calibration import SELF_SAMPLING, _sample_batch
 
     _, bf16, batch, seqlen = SETTINGS[setting]
     seqlen = seqlen_override or seqlen
     vocab = model.config.vocab_size
-    gens = [torch.Generator().manual_seed(1000 + i) for i in range(batch)]
-    prefix = torch.stack([torch.randint(3, vocab, (1,), generator=g) for g in gens])  # [b, 1]
-    banned = torch.tensor(_special_ids(_sample.tokenizer, vocab))
+    gens, prefix, banned = sampler_inputs(_sample.tokenizer, vocab, batch)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
     start = time.perf_counter()
     with torch.inference_mode(), autocast:

@@ -22,7 +22,7 @@ from slimgpt_deploy.build.stages import STAGES
 from slimgpt_deploy.config import DTYPES, GQA_MODES, HESSIAN_DTYPES, METHODS, SCHEDULES, PruneConfig
 from slimgpt_deploy.exporters import DTYPES as EXPORT_DTYPES
 from slimgpt_deploy.exporters import EXPORTERS, QUANTIZE
-from slimgpt_deploy.recover import PRECISIONS, RecoverConfig
+from slimgpt_deploy.recover import PRECISIONS, TEACHER_TOPK, RecoverConfig
 from slimgpt_deploy.serving import BACKENDS as GENERATE_BACKENDS
 
 EXIT_INTERNAL = 1
@@ -371,7 +371,7 @@ _RECOVER_FLAGS = (
         "teacher_topk",
         "Train on the teacher's top-k log-probs, cached once, instead of running it at every step; with `self` "
         "data they come from the sampling pass itself. 0: the full logits, the teacher run at every step "
-        "[128; 0 with --hidden-weight].",
+        f"[{TEACHER_TOPK}; 0 with --hidden-weight].",
     ),
     ("--save-every", {"type": int}, "save_every", "Steps between resume-state saves."),
     ("--seed", {"type": int}, "seed", "Seed of the data and its order."),
