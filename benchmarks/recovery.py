@@ -23,7 +23,8 @@ the script had its own (full decoder weights unless `--lora`, 96 steps over 128 
 first probe's ~77 training tokens per CPU-second): to rerun a row from then as recorded, add `--full` to a
 command without `--lora`, and `--steps 96` / `--nsamples 128` where it names neither. Since 2026-12-08
 the rows run with OMP_WAIT_POLICY unset, as the CLI runs unless the environment sets it (PASSIVE, which
-`make test` sets, took a training step from 3.1 to 3.75 s here); each row records its policy.
+`make test` sets, was slower in ad-hoc A/B timings of a training step, not committed); each row records
+its policy.
 """
 
 from __future__ import annotations
@@ -344,8 +345,9 @@ def markdown(data: dict) -> str:
         "512 tokens took 2.3 s against 3.7 s for 1,024, not half. The default recipe rerun with OMP_WAIT_POLICY "
         "unset (`...-omp-default-...`, what the CLI runs with unless the environment sets it) gives the same "
         "27.13 (the arithmetic does not depend on how idle threads wait) in 1022 s (data 338 s + training 684 s) "
-        "against 1134 s (327 + 807) with PASSIVE: alternating A/B runs of one training step measured 3.1 s "
-        "against 3.75 s, but in whole runs the gain is within this machine's drift (the PASSIVE lr 2e-3 run "
+        "against 1134 s (327 + 807) with PASSIVE (ad-hoc alternating A/B timings of one training step, not "
+        "committed, had unset about 17% faster), but in whole runs the gain is within this machine's drift "
+        "(the PASSIVE lr 2e-3 run "
         "trained in 709 s). Fewer sampled sequences to fit the budget (`bf16-lora-220x256-...`, 256 instead of "
         "384, each seen 3.4 times) brings the recovery under 15 minutes, 877 s (data 191 s, training 686 s), "
         "but recovers less: 27.55 (10.6%), beyond the 0.2 spread of another sample of the text, so the default "
