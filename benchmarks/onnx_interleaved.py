@@ -2,6 +2,11 @@
 
     .venv/bin/python benchmarks/onnx_interleaved.py              # writes benchmarks/results/onnx_interleaved.{json,md}
     .venv/bin/python benchmarks/onnx_interleaved.py --markdown   # rewrite the .md from the .json
+    .venv/bin/python benchmarks/onnx_interleaved.py --shape smollm2-360m   # a larger shape, random weights
+
+`--shape NAME` (a shape of benchmarks/scale.py with SmolLM2's vocabulary) times random-weight checkpoints of
+that shape instead, dense and pruned to SlimGPT's per-layer shapes (benchmarks/shaped_models.py): the same
+question on a larger model (only the in-place cache is timed there: the sessions of both bindings would not fit).
 
 benchmarks/onnx_bench.py measures each (model, runtime) once, one after another, in its own subprocess
 (for its peak RSS); a 2-core machine shared with other tenants drifts by more than the effect over such a
@@ -17,6 +22,8 @@ every export that allows it is also timed with the cache passed as a graph that 
 past/present pair per step, `OnnxDecoder(..., in_place=False)`), in the same rounds: the effect of the in-place
 cache alone.
 Runs before that timed the opset-23 Attention graph, whose cache is always concatenated.
+Since 2026-12-08 the same rounds also time each checkpoint's `export --format genai` folder through ONNX Runtime
+GenAI's own generator (cache `GenAI generator`; benchmarks/onnx_bench.py's protocol, made there when missing).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import json
 import os
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,19 +45,31 @@ WEIGHTS = ("fp32", "int8")
 PROMPT, STEPS, ROUNDS = 128, 16, 7
 TARGET = 0.95
 IN_PLACE, CONCATENATED = "in place", "concatenated"
+GENAI = "GenAI generator"  # `export --format genai` through ONNX Runtime GenAI's own generator (since 2026-12-08)
 OLD_CACHE = "concatenated (opset-23 Attention graph)"  # rows of runs before 2026-12-06
 
 
-def models() -> list[tuple[str, Path, dict[str, Path]]]:
-    """(name, checkpoint, {weights: export dir}) for dense and each ratio, made by onnx_bench when missing."""
+SMOLLM2 = "SmolLM2-135M, pruned by SlimGPT on WikiText-2 valid (benchmarks/onnx_bench.py)"  # runs without "model"
+
+
+def models(shape: str | None = None) -> list[tuple[str, Path, dict[str, Path], dict[str, Path]]]:
+    """(name, checkpoint, {weights: ONNX export dir}, {weights: GenAI export dir}) for dense and each ratio, made
+    by onnx_bench when missing; `shape`: random-weight checkpoints of that shape (shaped_models), not SmolLM2."""
     import onnx_bench as ob
 
+    if shape is None:
+        checkpoints = [("dense", ob.dense_dir())] + [(f"slim-{int(r * 100)}", ob.ensure_pruned(r)) for r in RATIOS]
+    else:
+        import shaped_models
+
+        checkpoints = [("dense", shaped_models.dense(shape))]
+        checkpoints += [(f"slim-{int(r * 100)}", shaped_models.pruned(shape, r)) for r in RATIOS]
     out = []
-    for name, checkpoint in [("dense", ob.dense_dir())] + [
-        (f"slim-{int(r * 100)}", ob.ensure_pruned(r)) for r in RATIOS
-    ]:
-        fp32 = ob.ensure_export(checkpoint, name)
-        out.append((name, Path(checkpoint), {"fp32": fp32, "int8": ob.ensure_quantized(fp32, name, "int8")}))
+    for name, checkpoint in checkpoints:
+        label = name if shape is None else f"{shape}-{name}"
+        fp32 = ob.ensure_export(checkpoint, label)
+        onnx = {"fp32": fp32, "int8": ob.ensure_quantized(fp32, label, "int8")}
+        out.append((name, Path(checkpoint), onnx, {w: ob.ensure_genai(checkpoint, label, w) for w in WEIGHTS}))
     return out
 
 
@@ -64,26 +84,46 @@ def decode_ms(decoder, prompt: list[int]) -> tuple[float, float]:
     return 1e3 * (stamps[-1] - stamps[0]) / STEPS, 1e3 * statistics.median(np.diff(stamps))
 
 
-def run(threads: int) -> dict:
+def genai_decode_ms(runtime, prompt: list[int]) -> tuple[float, float]:
+    """`decode_ms` through ONNX Runtime GenAI's generator (as benchmarks/onnx_bench.py drives it): a new generator,
+    the prompt appended, then 1 + STEPS greedy generate_next_token steps; first token to last / STEPS."""
+    gen = runtime.generator(1, PROMPT + 1 + STEPS, do_sample=False, min_length=PROMPT + 1 + STEPS)
+    gen.append_tokens(np.asarray([prompt], dtype=np.int32))
+    stamps: list[float] = []
+    for _ in range(1 + STEPS):
+        gen.generate_next_token()
+        stamps.append(time.perf_counter())
+    return 1e3 * (stamps[-1] - stamps[0]) / STEPS, 1e3 * statistics.median(np.diff(stamps))
+
+
+SHAPED = "random weights, dense and pruned to SlimGPT's per-layer shapes (benchmarks/shaped_models.py)"
+
+
+def run(threads: int, shape: str | None = None) -> dict:
     from slimgpt_deploy.bench.environment import machine
     from slimgpt_deploy.bench.measure import random_prompt_ids
     from slimgpt_deploy.checkpoint import weight_bytes_per_token
+    from slimgpt_deploy.serving.genai_runner import GenAIModel
     from slimgpt_deploy.serving.onnx_runner import OnnxDecoder
 
-    decoders, wbytes = {}, {}
-    for name, checkpoint, exports in models():
+    timers, wbytes, vocab = {}, {}, 0  # (model, weights, cache) -> prompt -> (mean, median) ms
+    for name, checkpoint, exports, genai in models(shape):
         wbytes[name] = weight_bytes_per_token(checkpoint)
         for weights, directory in exports.items():
             decoder = OnnxDecoder(directory, threads=threads)
-            decoders[(name, weights, IN_PLACE if decoder.in_place else CONCATENATED)] = decoder
-            if decoder.in_place:
-                decoders[(name, weights, CONCATENATED)] = OnnxDecoder(directory, threads=threads, in_place=False)
-    keys, samples = list(decoders), {k: [] for k in decoders}
-    prompts = random_prompt_ids(2 + ROUNDS, PROMPT, next(iter(decoders.values())).spec.vocab_size)
+            vocab = decoder.spec.vocab_size
+            timers[(name, weights, IN_PLACE if decoder.in_place else CONCATENATED)] = partial(decode_ms, decoder)
+            if decoder.in_place and shape is None:  # the in-place question, answered on SmolLM2 (memory)
+                concatenated = OnnxDecoder(directory, threads=threads, in_place=False)
+                timers[(name, weights, CONCATENATED)] = partial(decode_ms, concatenated)
+        for weights, directory in genai.items():
+            timers[(name, weights, GENAI)] = partial(genai_decode_ms, GenAIModel(directory, threads=threads))
+    keys, samples = list(timers), {k: [] for k in timers}
+    prompts = random_prompt_ids(2 + ROUNDS, PROMPT, vocab)
     load_start, t_start = os.getloadavg()[0], time.perf_counter()
     for r in range(2 + ROUNDS):  # two warm-up rounds first (allocations, pre-packing); each round a new prompt
         for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
-            ms = decode_ms(decoders[k], prompts[r])
+            ms = timers[k](prompts[r])
             if r >= 2:
                 samples[k].append(ms)
     rows = []
@@ -109,6 +149,8 @@ def run(threads: int) -> dict:
             "load_average_end": os.getloadavg()[0],
         },
         "date": time.strftime("%Y-%m-%d"),
+        "model": SMOLLM2 if shape is None else f"{shape}: {SHAPED}",
+        "command": "benchmarks/onnx_interleaved.py" + ("" if shape is None else f" --shape {shape}"),
         "seconds": round(time.perf_counter() - t_start, 1),
         "protocol": {"prompt": PROMPT, "steps": STEPS, "rounds": ROUNDS, "warmup_rounds": 2},
         "rows": rows,
@@ -123,13 +165,21 @@ def markdown(r: dict, number: int = 1) -> str:
         "",
         f"{r['date']}, {m['cpu']}, {m['threads']} threads of {m['cores']} cores, onnxruntime {m['onnxruntime']}, "
         f"load average {m['load_average_start']:.2f} at the start and {m['load_average_end']:.2f} at the end; "
-        f"{r['seconds']:.0f} s. `.venv/bin/python benchmarks/onnx_interleaved.py`.",
+        f"{r['seconds']:.0f} s. `.venv/bin/python {r.get('command', 'benchmarks/onnx_interleaved.py')}`.",
+        "",
+        f"Model: {r.get('model', SMOLLM2)}.",
         "",
         f"Protocol: batch 1, a {PROMPT}-token random prompt (a new one each round), one generate_ids of "
         f"{1 + STEPS} tokens; per round the mean ms per step from the first generated token to the last (as the "
         f"bench's ONNX back end times it) and the median step; {ROUNDS} rounds (after 2 warm-up rounds), each timing "
         "every cell once in an order rotated by one per round; the figure is the median over rounds. Ideal: dense "
-        "weight bytes per token / pruned.",
+        "weight bytes per token / pruned."
+        + (
+            f" Cache `{GENAI}`: the `export --format genai` folder of the same checkpoint through ONNX Runtime "
+            "GenAI's generator (a new generator per round, the prompt appended, then the same steps)."
+            if any(row.get("cache") == GENAI for row in r["rows"])
+            else ""
+        ),
         "",
         "| model | weights | cache | ideal | mean: ms/token | speed-up | of ideal | median step: ms | speed-up | "
         "of ideal |",
@@ -150,16 +200,26 @@ def markdown(r: dict, number: int = 1) -> str:
             + ", ".join(f"{k[0]} {k[1]} {by[k]['mean']['decode_ms'] / c['mean']['decode_ms']:.2f}" for k, c in pairs)
             + "."
         )
-    pruned = [row for row in r["rows"] if row["model"] != "dense" and row.get("cache", OLD_CACHE) != CONCATENATED]
-    for stat in ("mean", "median_step"):
-        missed = [
-            f"{x['model']} {x['weights']} ({x[stat]['of_ideal']:.2f})" for x in pruned if x[stat]["of_ideal"] < TARGET
+    for runtime, label in (("runner", "the runner's own cache binding"), (GENAI, "ONNX Runtime GenAI")):
+        pruned = [
+            row
+            for row in r["rows"]
+            if row["model"] != "dense"
+            and (row.get("cache") == GENAI) == (runtime == GENAI)
+            and row.get("cache", OLD_CACHE) != CONCATENATED
         ]
-        lines.append(
-            f"\nTarget (issue 13), pruned speed-up >= {TARGET} x the ideal, by the {stat.replace('_', ' ')} "
-            "(the runner's own cache binding): "
-            + (f"missed by {', '.join(missed)}." if missed else "met in every cell.")
-        )
+        if not pruned:
+            continue
+        for stat in ("mean", "median_step"):
+            missed = [
+                f"{x['model']} {x['weights']} ({x[stat]['of_ideal']:.2f})"
+                for x in pruned
+                if x[stat]["of_ideal"] < TARGET
+            ]
+            lines.append(
+                f"\nTarget (issue 13), pruned speed-up >= {TARGET} x the ideal, by the {stat.replace('_', ' ')} "
+                f"({label}): " + (f"missed by {', '.join(missed)}." if missed else "met in every cell.")
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -167,11 +227,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--markdown", action="store_true", help="only rewrite the .md from the .json")
+    parser.add_argument("--shape", help="a shape of benchmarks/scale.py, random weights (default: SmolLM2-135M)")
     args = parser.parse_args()
     path = RESULTS / "onnx_interleaved.json"
     runs = json.loads(path.read_text())["runs"] if path.is_file() else []
     if not args.markdown:
-        runs.append(run(args.threads))  # every run is kept: run-to-run spread is part of the answer
+        runs.append(run(args.threads, args.shape))  # every run is kept: run-to-run spread is part of the answer
         path.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
     (RESULTS / "onnx_interleaved.md").write_text("\n".join(markdown(r, i + 1) for i, r in enumerate(runs)))
 
