@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/onnx_profile.py              # writes benchmarks/results/onnx_profile.{json,md}
     .venv/bin/python benchmarks/onnx_profile.py --markdown   # rewrite the .md from the .json
+    .venv/bin/python benchmarks/onnx_profile.py --shape smollm2-360m   # onnx_profile-smollm2-360m.{json,md}
 
 Why: pruned decode falls short of the weight-bytes ideal most for int8 at 50% (onnx_interleaved.md), and a
 cost that does not shrink with the weights would explain it. Same exports as onnx_bench (build/bench/onnx,
@@ -10,7 +11,10 @@ one) under ONNX Runtime's profiler: a 128-token random prompt, then STEPS greedy
 from the profile, per decode step, the session run time (`model_run`), the kernels' time summed by op type
 and their node counts. Profiling adds time to every node, so absolute times are above onnx_bench's; the
 split between what shrinks with pruning (the MatMuls) and what does not (the rest, and the framework time
-between kernels) is the point.
+between kernels) is the point. Since 2026-12-08 each MatMul node's median kernel time is kept too and fitted
+against its weight's parameter count (time = fixed + parameters / rate, the output head apart): how much of a
+step is a per-node cost that pruning cannot shrink. `--shape NAME` profiles random-weight checkpoints of a
+benchmarks/scale.py shape (benchmarks/shaped_models.py) instead of SmolLM2-135M.
 """
 
 from __future__ import annotations
@@ -58,20 +62,64 @@ def profile(directory: Path) -> dict:
     runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"][-STEPS:]
     start = runs[0]["ts"]
     kernel_us, nodes = collections.Counter(), collections.Counter()
+    matmul_us = collections.defaultdict(list)  # per MatMul node: its kernel us in each step
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
-            kernel_us[e["args"].get("op_name", "?")] += e["dur"]
-            nodes[e["args"].get("op_name", "?")] += 1
+            op = e["args"].get("op_name", "?")
+            kernel_us[op] += e["dur"]
+            nodes[op] += 1
+            if op in MATMULS:
+                matmul_us[e["name"].removesuffix("_kernel_time")].append(e["dur"])
     return {
         "step_ms": round(1e3 * float(np.mean(np.diff(stamps))), 3),
         "model_run_ms": round(sum(r["dur"] for r in runs) / STEPS / 1e3, 3),
         "kernel_ms": {op: round(us / STEPS / 1e3, 4) for op, us in kernel_us.most_common()},
         "nodes": {op: n // STEPS for op, n in nodes.items()},
         "in_place_cache": decoder.in_place,
+        # every MatMul node: [name, median us over the steps] (a thread's occasional stall is not the node's
+        # cost), slowest first; run() adds the weight's parameter count
+        "matmul_nodes": sorted(
+            ([name, round(float(np.median(us)), 2)] for name, us in matmul_us.items()), key=lambda n: -n[1]
+        ),
     }
 
 
-def run() -> dict:
+def node_parameters(checkpoint: Path, nodes: list[list]) -> list[list]:
+    """[name, us, parameters of its weight]: the node `X/MatMul...` multiplies by the checkpoint's `X.weight`
+    (`lm_head` by the embedding where they are tied); a packed `...self_attn.qkv_proj` by q_proj, k_proj and v_proj
+    stacked, `...mlp.gate_up` by gate_proj and up_proj (exports since 2026-12-08)."""
+    from slimgpt_deploy.checkpoint import read_config, read_safetensors_header, safetensors_files
+
+    numel = {}
+    for file in safetensors_files(checkpoint):
+        for name, info in read_safetensors_header(file).items():
+            if name != "__metadata__":
+                numel[name] = int(np.prod(info["shape"]))
+    if read_config(checkpoint).get("tie_word_embeddings"):
+        numel.setdefault("lm_head.weight", numel["model.embed_tokens.weight"])
+    packed = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+
+    def parameters(name: str) -> int:
+        parent, _, last = name.split("/")[0].rpartition(".")
+        parts = [f"{parent}.{part}" if parent else part for part in packed.get(last, (last,))]
+        return sum(numel[f"{part}.weight"] for part in parts)
+
+    return [[name, us, parameters(name)] for name, us in nodes]
+
+
+def checkpoint_of(name: str, shape: str | None) -> Path:
+    """SmolLM2-135M dense or pruned (onnx_bench's), or with `shape` the random-weight checkpoints of shaped_models."""
+    import onnx_bench as ob
+
+    ratio = None if name == "dense" else int(name.split("-")[1]) / 100
+    if shape is None:
+        return ob.dense_dir() if ratio is None else ob.ensure_pruned(ratio)
+    import shaped_models
+
+    return shaped_models.dense(shape) if ratio is None else shaped_models.pruned(shape, ratio)
+
+
+def run(shape: str | None = None) -> dict:
     import onnx_bench as ob
 
     from slimgpt_deploy.bench.environment import machine
@@ -79,12 +127,14 @@ def run() -> dict:
 
     rows, t0, load = [], time.perf_counter(), os.getloadavg()[0]
     for name in MODELS:
-        checkpoint = ob.dense_dir() if name == "dense" else ob.ensure_pruned(int(name.split("-")[1]) / 100)
-        fp32 = ob.ensure_export(checkpoint, name)
-        exports = {"fp32": fp32, "int8": ob.ensure_quantized(fp32, name, "int8")}
+        checkpoint = checkpoint_of(name, shape)
+        label = name if shape is None else f"{shape}-{name}"
+        fp32 = ob.ensure_export(checkpoint, label)
+        exports = {"fp32": fp32, "int8": ob.ensure_quantized(fp32, label, "int8")}
         for weights in WEIGHTS:
             row = {"model": name, "weights": weights, "weight_bytes_per_token": weight_bytes_per_token(checkpoint)}
             rows.append(row | profile(exports[weights]))
+            rows[-1]["matmul_nodes"] = node_parameters(checkpoint, rows[-1]["matmul_nodes"])
             print(json.dumps(rows[-1]), flush=True)
     return {
         "machine": {**machine(), "threads": THREADS, "onnxruntime": __import__("onnxruntime").__version__},
@@ -92,6 +142,11 @@ def run() -> dict:
         "load_average_start": load,
         "seconds": round(time.perf_counter() - t0, 1),
         "protocol": {"prompt": PROMPT, "steps": STEPS},
+        "model": "SmolLM2-135M, pruned by SlimGPT on WikiText-2 valid (benchmarks/onnx_bench.py)"
+        if shape is None
+        else f"the {shape} shape with random weights, dense and pruned to SlimGPT's per-layer shapes "
+        "(benchmarks/shaped_models.py)",
+        "command": "benchmarks/onnx_profile.py" + ("" if shape is None else f" --shape {shape}"),
         "rows": rows,
     }
 
@@ -103,15 +158,40 @@ def split(row: dict) -> dict:
     return {"matmul": matmul, "other": other, "framework": row["model_run_ms"] - matmul - other}
 
 
+def matmul_fit(row: dict) -> dict:
+    """Per decode step, from each MatMul node's kernel time and weight bytes: the decoder's MatMuls fitted as
+    us = fixed + parameters / rate (least squares), and the output head (the largest weight) apart."""
+    nodes = row["matmul_nodes"]
+    head = max(nodes, key=lambda n: n[2])
+    rest = [n for n in nodes if n is not head]
+    x, y = np.array([n[2] for n in rest], dtype=float), np.array([n[1] for n in rest])
+    (fixed, per_byte), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], axis=1), y, rcond=None)
+    residual = y - fixed - per_byte * x
+    return {
+        "nodes": len(rest),
+        "decoder_ms": float(y.sum()) / 1e3,
+        "decoder_m": float(x.sum()) / 1e6,
+        "fixed_us": float(fixed),
+        "gp_s": 1e-3 / float(per_byte),  # parameters per us -> G parameters / s
+        "r2": 1.0 - float(residual @ residual) / float(((y - y.mean()) @ (y - y.mean()))),
+        "fixed_ms": float(fixed) * len(rest) / 1e3,
+        "head_ms": head[1] / 1e3,
+        "head_m": head[2] / 1e6,
+        "head_gp_s": head[2] / head[1] / 1e3,
+    }
+
+
 def markdown(r: dict) -> str:
     m = r["machine"]
     by = {(x["model"], x["weights"]): x for x in r["rows"]}
     lines = [
-        "# Where a decode step goes in ONNX Runtime (SmolLM2-135M, dense vs 50% pruned)",
+        "# Where a decode step goes in ONNX Runtime (dense vs 50% pruned)",
+        "",
+        f"Model: {r.get('model', 'SmolLM2-135M, pruned by SlimGPT on WikiText-2 valid (benchmarks/onnx_bench.py)')}.",
         "",
         f"{r['date']}, {m['cpu']}, {m['threads']} threads of {m['cores']} cores, onnxruntime {m['onnxruntime']}, "
         f"load average {r['load_average_start']:.2f} at the start; {r['seconds']:.0f} s. "
-        "`.venv/bin/python benchmarks/onnx_profile.py`.",
+        f"`.venv/bin/python {r.get('command', 'benchmarks/onnx_profile.py')}`.",
         "",
         f"Protocol: the runner (in-place cache), batch 1, a {PROMPT}-token random prompt, then {STEPS} greedy decode "
         "steps under ONNX Runtime's profiler; per step, kernel time by op type and the session run time. The "
@@ -149,17 +229,37 @@ def markdown(r: dict) -> str:
     for x in r["rows"]:
         cells = [f"{x['kernel_ms'].get(op, 0):.2f} ({x['nodes'].get(op, 0)})" for op in ops]
         lines.append(f"| {x['model']} | {x['weights']} | " + " | ".join(cells) + " |")
+    if all("matmul_nodes" in x for x in r["rows"]):
+        lines += [
+            "",
+            "Each MatMul node's kernel time against its weight's parameter count, per step: the decoder's MatMuls "
+            "fitted as time = fixed + parameters / rate, the output head apart (rates in G parameters/s: x 4 for "
+            "GB/s in fp32, x ~1.13 in int8 with its block scales):",
+            "",
+            "| model | weights | decoder MatMuls | their M params | their ms | fixed us / node | rate G/s | fit R^2 | "
+            "fixed part ms | head M params | head ms | head G/s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for x in r["rows"]:
+            f = matmul_fit(x)
+            lines.append(
+                f"| {x['model']} | {x['weights']} | {f['nodes']} | {f['decoder_m']:.1f} | {f['decoder_ms']:.2f} | "
+                f"{f['fixed_us']:.1f} | {f['gp_s']:.2f} | {f['r2']:.3f} | {f['fixed_ms']:.2f} | {f['head_m']:.1f} | "
+                f"{f['head_ms']:.2f} | {f['head_gp_s']:.2f} |"
+            )
     return "\n".join(lines + ["", *r.get("notes", [])]) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true", help="only rewrite the .md from the .json")
+    parser.add_argument("--shape", help="a shape of benchmarks/scale.py (random weights) instead of SmolLM2-135M")
     args = parser.parse_args()
-    path = RESULTS / "onnx_profile.json"
+    stem = "onnx_profile" if args.shape is None else f"onnx_profile-{args.shape}"
+    path = RESULTS / f"{stem}.json"
     if not args.markdown:
-        path.write_text(json.dumps(run(), indent=2) + "\n")
-    (RESULTS / "onnx_profile.md").write_text(markdown(json.loads(path.read_text())))
+        path.write_text(json.dumps(run(args.shape), indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(json.loads(path.read_text())))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ model builder gives a Llama, but from each layer's own shapes: a layer is
 SimplifiedLayerNormalization -> one packed QKV MatMul (q_i + 2 kv_i heads) ->
 `com.microsoft.GroupQueryAttention` (num_heads q_i, kv_num_heads kv_i, RoPE inside from
 cos/sin caches, the KV cache in and out) -> o_proj -> SkipSimplifiedLayerNormalization
-(residual add and norm in one op) -> gate/up MatMuls, SiLU, down. Each layer's
+(residual add and norm in one op) -> one gate/up MatMul, SiLU, down. Each layer's
 past_key_values.{i}.key / value input (and present.{i} output) has that layer's KV-head
 count as a static dimension: GenAI (>= 0.15) sizes its cache from it. ONNX Runtime's model
 builder cannot write such a graph (it takes one head count for every layer).
@@ -295,9 +295,8 @@ def write_graph(model, plan: Plan, directory: Path, dtype: torch.dtype) -> None:
             domain="com.microsoft",
             epsilon=plan.eps,
         )
-        gate = g.linear(h, L.proj(layer, "gate"), f"{p}.{L.projections['gate']}")
+        gate, up = g.packed_linear(h, [L.proj(layer, "gate"), L.proj(layer, "up")], f"{p}.{L.mlp}.gate_up")
         silu = g.node("Mul", [gate, g.node("Sigmoid", [gate], f"{p}/mlp/Sigmoid")[0]], f"{p}/mlp/SiLU")[0]
-        up = g.linear(h, L.proj(layer, "up"), f"{p}.{L.projections['up']}")
         down = L.proj(layer, "down")
         pending = g.linear(g.node("Mul", [silu, up], f"{p}/mlp/Mul")[0], down, f"{p}.{L.projections['down']}")
     final = g.node(

@@ -16,7 +16,8 @@ transformers). It replaced `torch.onnx.export(dynamo=True)` over ExportDecoder, 
 ~50 s on SmolLM2-135M here; the written graph takes a few seconds and has the same I/O.
 Fused by default (ONNX RotaryEmbedding, ONNX Runtime's GroupQueryAttention with an in-place
 cache and (Skip)SimplifiedLayerNormalization); `fuse=False` (`--no-fuse`) writes standard
-opset-18 ONNX ops only.
+opset-18 ONNX ops only. In both forms q/k/v and gate/up are one MatMul each, split after
+(`Graph.packed_linear`): four weight MatMuls a layer instead of seven.
 
 int8 (`--quantize int8`): weight-only 8-bit blocks (MatMulNBits, symmetric, block 32,
 accuracy_level 4), lm_head untied first. ONNX Runtime's dynamic quantization

@@ -94,6 +94,20 @@ class Graph:
             y = self.op("Add", [y, self.weight(f"{name}.bias", module.bias)], f"{name}/Add")
         return y
 
+    def packed_linear(self, x: str, modules: list, name: str) -> list[str]:
+        """`linear` for several torch Linears of the same input in one MatMul over their stacked weights, split back
+        into one output per Linear. A decode step's MatMul nodes each cost a fixed time that a pruned weight does not
+        shrink, most in int8's MatMulNBits: one node for q/k/v and one for gate/up instead of five made int8 decode
+        ~10% faster here (benchmarks/results/onnx_pack.md). MatMulNBits quantizes each output column on its own, so
+        the int8 weights are the ones the separate MatMuls would get."""
+        weight = torch.cat([m.weight for m in modules]).T  # [in, sum of outs]
+        y = self.op("MatMul", [x, self.weight(f"{name}.weight", weight)], f"{name}/MatMul")
+        if any(m.bias is not None for m in modules):
+            bias = torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in modules])
+            y = self.op("Add", [y, self.weight(f"{name}.bias", bias)], f"{name}/Add")
+        sizes = self.int64(f"{name}.split", [m.out_features for m in modules])
+        return self.node("Split", [y, sizes], f"{name}/Split", outputs=len(modules), axis=-1)
+
     def drop_unused(self) -> None:
         """Remove the initializers no node reads (shared constants one form of the graph does not use)."""
         used = {name for node in self.nodes for name in node.input}
@@ -211,7 +225,8 @@ def write_decoder(model, dtype: torch.dtype, *, fuse: bool, attention: bool | No
             h = norms.first(x, w_in, f"{p}/{layout.attention_norm}")
         else:
             h, x = norms.after_add(x, pending, w_in, f"{p}/{layout.attention_norm}")
-        projected = {role: g.linear(h, layout.proj(layer, role), f"{p}.{layout.projections[role]}") for role in "qkv"}
+        qkv = g.packed_linear(h, [layout.proj(layer, role) for role in "qkv"], f"{p}.{layout.attention}.qkv_proj")
+        projected = dict(zip("qkv", qkv))
         ctx = attend(g, projected, rope, mask, i, (q_heads, kv, head_dim), p)
         o = g.linear(ctx, layout.proj(layer, "o"), f"{p}.{layout.projections['o']}")
         w_post = g.weight(f"{p}.{layout.mlp_norm}.weight", layout.part(layer, "mlp_norm").weight)
@@ -388,10 +403,9 @@ def _attention(g: Graph, projected: dict, rope, mask: str, i: int, shape, p: str
 
 
 def _mlp(g: Graph, layout, layer, h: str, p: str) -> str:
-    """down(silu(gate(h)) * up(h))."""
-    gate = g.linear(h, layout.proj(layer, "gate"), f"{p}.{layout.projections['gate']}")
+    """down(silu(gate(h)) * up(h)), gate and up in one MatMul."""
+    gate, up = g.packed_linear(h, [layout.proj(layer, "gate"), layout.proj(layer, "up")], f"{p}.{layout.mlp}.gate_up")
     silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{p}/mlp/Sigmoid")], f"{p}/mlp/SiLU")
-    up = g.linear(h, layout.proj(layer, "up"), f"{p}.{layout.projections['up']}")
     return g.linear(
         g.op("Mul", [silu, up], f"{p}/mlp/Mul"), layout.proj(layer, "down"), f"{p}.{layout.projections['down']}"
     )

@@ -183,7 +183,7 @@ def test_int8_quantization_of_an_export(uneven_onnx, uneven_slim_dir, tmp_path):
     assert summary["weights"].startswith("int8 weight-only")
     model = onnx.load(tmp_path / "int8" / "model.onnx", load_external_data=False)
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("MatMulNBits") == 3 * 7 + 1  # every projection and the untied lm_head
+    assert ops.count("MatMulNBits") == 3 * 4 + 1  # q/k/v, o, gate/up and down of each layer; the untied lm_head
     result = onnx_export.verify(tmp_path / "int8", uneven_slim_dir)
     assert result["passed"], result["failures"]
     assert result["checks"]["kl"] < 1e-3 and result["checks"]["top1"] >= 0.95
@@ -196,7 +196,7 @@ def test_dynamic_int8_quantizes_the_written_graph(uneven_onnx, uneven_slim_dir, 
 
     onnx_export.quantize_dir(uneven_onnx, tmp_path / "dyn", method="int8-dynamic")
     ops = [n.op_type for n in onnx.load(tmp_path / "dyn" / "model.onnx", load_external_data=False).graph.node]
-    assert ops.count("MatMulInteger") == 3 * 7 + 1 and "MatMul" not in ops
+    assert ops.count("MatMulInteger") == 3 * 4 + 1 and "MatMul" not in ops  # q/k/v, o, gate/up, down; lm_head
     result = onnx_export.verify(tmp_path / "dyn", uneven_slim_dir)
     assert result["checks"]["positions"] > 0 and 0.0 <= result["checks"]["top1"] <= 1.0  # it ran; no quality bound
 
@@ -234,6 +234,32 @@ def test_untie_transposed_weights_makes_lm_head_quantizable():
     assert [n.op_type for n in model.graph.node] == ["MatMul"]
     stored = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     np.testing.assert_array_equal(stored["E.T"], w.T)
+
+
+def test_packed_linear_equals_the_separate_linears():
+    """Graph.packed_linear: q/k/v (or gate/up) in one MatMul and a Split give each Linear's own output, a bias
+    where only some of the Linears have one included (zeros for the others), in fp32 through ONNX Runtime."""
+    import onnx
+    import onnxruntime as ort
+
+    from slimgpt_deploy.exporters.onnx_graph import Graph
+
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(6, 4, bias=True), torch.nn.Linear(6, 2, bias=False), torch.nn.Linear(6, 3)]
+    g = Graph(torch.float32)
+    outs = g.packed_linear("x", linears, "layer.qkv_proj")
+    assert [n.op_type for n in g.nodes] == ["MatMul", "Add", "Split"]
+    value = lambda name, shape: onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)  # noqa: E731
+    graph = onnx.helper.make_graph(
+        g.nodes, "g", [value("x", [2, 6])], [value(o, None) for o in outs], initializer=g.inits
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    x = torch.randn(2, 6)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x.numpy()})
+    for linear, y in zip(linears, got):
+        np.testing.assert_allclose(y, linear(x).detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
 # --- bad input ---------------------------------------------------------------------------------
