@@ -220,6 +220,8 @@ def markdown(r: dict, number: int = 1) -> str:
                 f"\nTarget (issue 13), pruned speed-up >= {TARGET} x the ideal, by the {stat.replace('_', ' ')} "
                 f"({label}): " + (f"missed by {', '.join(missed)}." if missed else "met in every cell.")
             )
+    if r.get("note"):  # a reading added after the run (the JSON's "note")
+        lines.append(f"\n{r['note']}")
     return "\n".join(lines) + "\n"
 
 
