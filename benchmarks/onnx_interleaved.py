@@ -100,7 +100,6 @@ SHAPED = "random weights, dense and pruned to SlimGPT's per-layer shapes (benchm
 
 
 def run(threads: int, shape: str | None = None) -> dict:
-    from slimgpt_deploy.bench.environment import machine
     from slimgpt_deploy.bench.measure import random_prompt_ids
     from slimgpt_deploy.checkpoint import weight_bytes_per_token
     from slimgpt_deploy.serving.genai_runner import GenAIModel
@@ -141,19 +140,26 @@ def run(threads: int, shape: str | None = None) -> dict:
             }
         rows.append(row)
     return {
-        "machine": {
-            **machine(),
-            "threads": threads,
-            "onnxruntime": __import__("onnxruntime").__version__,
-            "load_average_start": load_start,
-            "load_average_end": os.getloadavg()[0],
-        },
+        "machine": ort_machine(threads, load_start),
         "date": time.strftime("%Y-%m-%d"),
         "model": SMOLLM2 if shape is None else f"{shape}: {SHAPED}",
         "command": "benchmarks/onnx_interleaved.py" + ("" if shape is None else f" --shape {shape}"),
         "seconds": round(time.perf_counter() - t_start, 1),
         "protocol": {"prompt": PROMPT, "steps": STEPS, "rounds": ROUNDS, "warmup_rounds": 2},
         "rows": rows,
+    }
+
+
+def ort_machine(threads: int, load_start: float) -> dict:
+    """The machine record of a timing run in ONNX Runtime (load average at its start, and now at its end)."""
+    from slimgpt_deploy.bench.environment import machine
+
+    return {
+        **machine(),
+        "threads": threads,
+        "onnxruntime": __import__("onnxruntime").__version__,
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg()[0],
     }
 
 

@@ -118,9 +118,8 @@ def exports(shape: str | None) -> list[tuple[str, Path, dict]]:
 
 
 def run(threads: int, shape: str | None, rounds: int = ROUNDS) -> dict:
-    from onnx_interleaved import PROMPT, STEPS, decode_ms
+    from onnx_interleaved import PROMPT, SHAPED, SMOLLM2, STEPS, decode_ms, ort_machine
 
-    from slimgpt_deploy.bench.environment import machine
     from slimgpt_deploy.bench.measure import random_prompt_ids
     from slimgpt_deploy.checkpoint import weight_bytes_per_token
     from slimgpt_deploy.serving.onnx_runner import OnnxDecoder
@@ -162,18 +161,9 @@ def run(threads: int, shape: str | None, rounds: int = ROUNDS) -> dict:
             }
         )
     return {
-        "machine": {
-            **machine(),
-            "threads": threads,
-            "onnxruntime": __import__("onnxruntime").__version__,
-            "load_average_start": load_start,
-            "load_average_end": os.getloadavg()[0],
-        },
+        "machine": ort_machine(threads, load_start),
         "date": time.strftime("%Y-%m-%d"),
-        "model": "SmolLM2-135M, pruned by SlimGPT on WikiText-2 valid (benchmarks/onnx_bench.py)"
-        if shape is None
-        else f"the {shape} shape with random weights, dense and pruned to SlimGPT's per-layer shapes "
-        "(benchmarks/shaped_models.py)",
+        "model": SMOLLM2 if shape is None else f"{shape}: {SHAPED}",
         "command": "benchmarks/onnx_pack.py"
         + ("" if shape is None else f" --shape {shape}")
         + ("" if rounds == ROUNDS else f" --rounds {rounds}"),
