@@ -248,6 +248,17 @@ def ensure_pruned(ratio: float) -> Path:
     return out
 
 
+def checkpoint_of(name: str, shape: str | None = None) -> Path:
+    """ "dense" or "slim-NN" (NN% pruned): SmolLM2-135M's (dense_dir, ensure_pruned), or with `shape` the
+    random-weight checkpoints of that benchmarks/scale.py shape (benchmarks/shaped_models.py)."""
+    ratio = None if name == "dense" else int(name.split("-")[1]) / 100
+    if shape is None:
+        return dense_dir() if ratio is None else ensure_pruned(ratio)
+    import shaped_models
+
+    return shaped_models.dense(shape) if ratio is None else shaped_models.pruned(shape, ratio)
+
+
 def ensure_export(checkpoint: Path, name: str, fuse: bool = True) -> Path:
     """The fp32 ONNX export (verified); `fuse=False`: the graph without ONNX Runtime's norm fusions."""
     out = WORK / "onnx" / (f"{name}-fp32" if fuse else f"{name}-fp32-nofuse")

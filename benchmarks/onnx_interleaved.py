@@ -57,15 +57,9 @@ def models(shape: str | None = None) -> list[tuple[str, Path, dict[str, Path], d
     by onnx_bench when missing; `shape`: random-weight checkpoints of that shape (shaped_models), not SmolLM2."""
     import onnx_bench as ob
 
-    if shape is None:
-        checkpoints = [("dense", ob.dense_dir())] + [(f"slim-{int(r * 100)}", ob.ensure_pruned(r)) for r in RATIOS]
-    else:
-        import shaped_models
-
-        checkpoints = [("dense", shaped_models.dense(shape))]
-        checkpoints += [(f"slim-{int(r * 100)}", shaped_models.pruned(shape, r)) for r in RATIOS]
     out = []
-    for name, checkpoint in checkpoints:
+    for name in ["dense", *(f"slim-{int(r * 100)}" for r in RATIOS)]:
+        checkpoint = ob.checkpoint_of(name, shape)
         label = name if shape is None else f"{shape}-{name}"
         fp32 = ob.ensure_export(checkpoint, label)
         onnx = {"fp32": fp32, "int8": ob.ensure_quantized(fp32, label, "int8")}

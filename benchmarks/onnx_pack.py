@@ -54,7 +54,7 @@ def unpack(src: Path, dst: Path) -> Path:
     model = onnx.load(src / "model.onnx")
     inits = {t.name: t for t in model.graph.initializer}
     producer = {out: node for node in model.graph.node for out in node.output}
-    replaced, extra_inits, nodes = set(), [], []
+    replaced, extra_inits, separate = set(), [], {}  # separate: id(packed MatMul) -> the nodes replacing it
     for node in model.graph.node:
         if node.op_type != "Split":
             continue
@@ -66,18 +66,19 @@ def unpack(src: Path, dst: Path) -> Path:
         bias = numpy_helper.to_array(inits[chain[1].input[1]]) if len(chain) == 2 else None
         edges = np.cumsum([0, *sizes])
         base = chain[0].name.removesuffix("/MatMul")
+        nodes = separate.setdefault(id(chain[0]), [])
         for k, out in enumerate(node.output):
             name = f"{base}.part{k}"
             extra_inits.append(numpy_helper.from_array(np.ascontiguousarray(weight[:, edges[k] : edges[k + 1]]), name))
             y = out if bias is None else f"{name}/y"
-            nodes.append((chain[0], helper.make_node("MatMul", [chain[0].input[0], name], [y], name=f"{name}/MatMul")))
+            nodes.append(helper.make_node("MatMul", [chain[0].input[0], name], [y], name=f"{name}/MatMul"))
             if bias is not None:
                 extra_inits.append(numpy_helper.from_array(bias[edges[k] : edges[k + 1]].copy(), f"{name}.bias"))
-                nodes.append((chain[0], helper.make_node("Add", [y, f"{name}.bias"], [out], name=f"{name}/Add")))
+                nodes.append(helper.make_node("Add", [y, f"{name}.bias"], [out], name=f"{name}/Add"))
         replaced.update(id(n) for n in (*chain, node))
     new = []
     for node in model.graph.node:
-        new += [n for anchor, n in nodes if anchor is node]  # the separate MatMuls where the packed one was
+        new += separate.get(id(node), [])  # the separate MatMuls where the packed one was
         if id(node) not in replaced:
             new.append(node)
     model.graph.initializer.extend(extra_inits)
@@ -95,8 +96,7 @@ def exports(shape: str | None) -> list[tuple[str, Path, dict]]:
     """(name, checkpoint, {(weights, form): export dir}) for each model."""
     import subprocess
 
-    from onnx_bench import CLI
-    from onnx_profile import checkpoint_of
+    from onnx_bench import CLI, checkpoint_of
 
     from slimgpt_deploy.exporters.onnx import quantize_dir
 

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from onnx_interleaved import SHAPED, SMOLLM2
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -107,18 +108,6 @@ def node_parameters(checkpoint: Path, nodes: list[list]) -> list[list]:
     return [[name, us, parameters(name)] for name, us in nodes]
 
 
-def checkpoint_of(name: str, shape: str | None) -> Path:
-    """SmolLM2-135M dense or pruned (onnx_bench's), or with `shape` the random-weight checkpoints of shaped_models."""
-    import onnx_bench as ob
-
-    ratio = None if name == "dense" else int(name.split("-")[1]) / 100
-    if shape is None:
-        return ob.dense_dir() if ratio is None else ob.ensure_pruned(ratio)
-    import shaped_models
-
-    return shaped_models.dense(shape) if ratio is None else shaped_models.pruned(shape, ratio)
-
-
 def run(shape: str | None = None) -> dict:
     import onnx_bench as ob
 
@@ -127,7 +116,7 @@ def run(shape: str | None = None) -> dict:
 
     rows, t0, load = [], time.perf_counter(), os.getloadavg()[0]
     for name in MODELS:
-        checkpoint = checkpoint_of(name, shape)
+        checkpoint = ob.checkpoint_of(name, shape)
         label = name if shape is None else f"{shape}-{name}"
         fp32 = ob.ensure_export(checkpoint, label)
         exports = {"fp32": fp32, "int8": ob.ensure_quantized(fp32, label, "int8")}
@@ -142,10 +131,7 @@ def run(shape: str | None = None) -> dict:
         "load_average_start": load,
         "seconds": round(time.perf_counter() - t0, 1),
         "protocol": {"prompt": PROMPT, "steps": STEPS},
-        "model": "SmolLM2-135M, pruned by SlimGPT on WikiText-2 valid (benchmarks/onnx_bench.py)"
-        if shape is None
-        else f"the {shape} shape with random weights, dense and pruned to SlimGPT's per-layer shapes "
-        "(benchmarks/shaped_models.py)",
+        "model": SMOLLM2 if shape is None else f"{shape}: {SHAPED}",
         "command": "benchmarks/onnx_profile.py" + ("" if shape is None else f" --shape {shape}"),
         "rows": rows,
     }
@@ -159,20 +145,20 @@ def split(row: dict) -> dict:
 
 
 def matmul_fit(row: dict) -> dict:
-    """Per decode step, from each MatMul node's kernel time and weight bytes: the decoder's MatMuls fitted as
-    us = fixed + parameters / rate (least squares), and the output head (the largest weight) apart."""
+    """Per decode step, from each MatMul node's kernel time and weight's parameter count: the decoder's MatMuls
+    fitted as us = fixed + parameters / rate (least squares), and the output head (the largest weight) apart."""
     nodes = row["matmul_nodes"]
     head = max(nodes, key=lambda n: n[2])
     rest = [n for n in nodes if n is not head]
     x, y = np.array([n[2] for n in rest], dtype=float), np.array([n[1] for n in rest])
-    (fixed, per_byte), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], axis=1), y, rcond=None)
-    residual = y - fixed - per_byte * x
+    (fixed, per_parameter), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], axis=1), y, rcond=None)
+    residual = y - fixed - per_parameter * x
     return {
         "nodes": len(rest),
         "decoder_ms": float(y.sum()) / 1e3,
         "decoder_m": float(x.sum()) / 1e6,
         "fixed_us": float(fixed),
-        "gp_s": 1e-3 / float(per_byte),  # parameters per us -> G parameters / s
+        "gp_s": 1e-3 / float(per_parameter),  # us per parameter -> G parameters / s
         "r2": 1.0 - float(residual @ residual) / float(((y - y.mean()) @ (y - y.mean()))),
         "fixed_ms": float(fixed) * len(rest) / 1e3,
         "head_ms": head[1] / 1e3,
@@ -187,7 +173,7 @@ def markdown(r: dict) -> str:
     lines = [
         "# Where a decode step goes in ONNX Runtime (dense vs 50% pruned)",
         "",
-        f"Model: {r.get('model', 'SmolLM2-135M, pruned by SlimGPT on WikiText-2 valid (benchmarks/onnx_bench.py)')}.",
+        f"Model: {r.get('model', SMOLLM2)}.",
         "",
         f"{r['date']}, {m['cpu']}, {m['threads']} threads of {m['cores']} cores, onnxruntime {m['onnxruntime']}, "
         f"load average {r['load_average_start']:.2f} at the start; {r['seconds']:.0f} s. "

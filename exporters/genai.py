@@ -266,12 +266,8 @@ def write_graph(model, plan: Plan, directory: Path, dtype: torch.dtype) -> None:
                 domain="com.microsoft",
                 epsilon=plan.eps,
             )
-        q_proj, k_proj, v_proj = (L.proj(layer, role) for role in ("q", "k", "v"))
-        w = torch.cat([q_proj.weight, k_proj.weight, v_proj.weight]).T  # [hidden, (q + 2 kv) d]
-        qkv = g.node("MatMul", [h, g.weight(f"{p}.{L.attention}.qkv_proj.weight", w)], f"{p}/qkv_proj/MatMul")[0]
-        if q_proj.bias is not None:
-            b = torch.cat([q_proj.bias, k_proj.bias, v_proj.bias])
-            qkv = g.node("Add", [qkv, g.weight(f"{p}.{L.attention}.qkv_proj.bias", b)], f"{p}/qkv_proj/Add")[0]
+        # [B, S, (q + 2 kv) d]: GroupQueryAttention takes q, k and v packed
+        qkv = g.packed_matmul(h, [L.proj(layer, role) for role in "qkv"], f"{p}.{L.attention}.qkv_proj")
         ctx = g.node(
             "GroupQueryAttention",
             [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total, cos, sin],

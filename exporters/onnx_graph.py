@@ -94,17 +94,22 @@ class Graph:
             y = self.op("Add", [y, self.weight(f"{name}.bias", module.bias)], f"{name}/Add")
         return y
 
-    def packed_linear(self, x: str, modules: list, name: str) -> list[str]:
-        """`linear` for several torch Linears of the same input in one MatMul over their stacked weights, split back
-        into one output per Linear. A decode step's MatMul nodes each cost a fixed time that a pruned weight does not
-        shrink, most in int8's MatMulNBits: one node for q/k/v and one for gate/up instead of five made int8 decode
-        ~10% faster here (benchmarks/results/onnx_pack.md). MatMulNBits quantizes each output column on its own, so
-        the int8 weights are the ones the separate MatMuls would get."""
+    def packed_matmul(self, x: str, modules: list, name: str) -> str:
+        """`linear` for several torch Linears of the same input in one MatMul over their stacked weights (+ their
+        biases stacked, zeros for a Linear without one): the outputs side by side, [..., sum of outs]."""
         weight = torch.cat([m.weight for m in modules]).T  # [in, sum of outs]
         y = self.op("MatMul", [x, self.weight(f"{name}.weight", weight)], f"{name}/MatMul")
         if any(m.bias is not None for m in modules):
             bias = torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in modules])
             y = self.op("Add", [y, self.weight(f"{name}.bias", bias)], f"{name}/Add")
+        return y
+
+    def packed_linear(self, x: str, modules: list, name: str) -> list[str]:
+        """`packed_matmul` split back into one output per Linear. A decode step's MatMul nodes each cost a fixed
+        time that a pruned weight does not shrink, most in int8's MatMulNBits: one node for q/k/v and one for
+        gate/up instead of five made int8 decode ~10% faster here (benchmarks/results/onnx_pack.md). MatMulNBits
+        quantizes each output column on its own, so the int8 weights are the ones the separate MatMuls would get."""
+        y = self.packed_matmul(x, modules, name)
         sizes = self.int64(f"{name}.split", [m.out_features for m in modules])
         return self.node("Split", [y, sizes], f"{name}/Split", outputs=len(modules), axis=-1)
 
