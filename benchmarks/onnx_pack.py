@@ -227,12 +227,13 @@ NOTES: dict[str, list[str]] = {
         "Reading it (2026-12-08, an Intel Xeon with AMX, the machine of every run this day):",
         "",
         "- **int8 decode is 1.05-1.12x faster packed** (dense 1.064x, 20% 1.050x, 50% 1.119x in this 15-round run; "
-        "1.097 / 1.036 / 1.095x and 1.054 / 1.053 / 1.110x in two 7-round runs before it, the same exports): each "
+        "1.097 / 1.036 / 1.095x and 1.054 / 1.053 / 1.110x in two 7-round runs before it on the same exports, whose "
+        "JSON this run overwrote: not committed): each "
         "MatMulNBits node carries a fixed cost (benchmarks/results/onnx_profile.md: ~10 us a node under the "
-        "profiler, against ~2.5 us of weight time for a v_proj of SmolLM2), and packing removes 90 of 211 nodes.",
+        "profiler, against ~5 us of weight time for a v_proj of SmolLM2), and packing removes 90 of 211 nodes.",
         "- **fp32 does not change** beyond the noise: 0.983 / 1.003 / 1.002x here, 0.996 / 0.965 / 1.030x and "
-        "0.947 / 1.003 / 1.019x in the 7-round runs (a 2-core machine shared with other tenants moves a cell by "
-        "~5% between runs). The fp32 MatMul's fixed cost is smaller and its weight time larger.",
+        "0.947 / 1.003 / 1.019x in the uncommitted 7-round runs (a 2-core machine shared with other tenants moves a "
+        "cell by ~5% between runs). The fp32 MatMul's fixed cost is smaller and its weight time larger.",
         "- **The pruned speed-up of int8 moves closer to the ideal at 50%** (0.89 -> 0.93 of it here) because the "
         "pruned model's smaller matrices gain more from losing a node's fixed cost than the dense ones; at 20% the "
         "two forms are within noise (0.97 / 0.95). The 0.95-of-ideal target (issue 13) is met by fp32 and by int8 "
